@@ -1,0 +1,409 @@
+//! The `agentguard.io/v1alpha1` API: `ClusterAgentPolicy` and `AgentPolicy`.
+//!
+//! This is the only place the policy schema lives. Everything that can be checked inside one
+//! object is expressed here (enums, bounds, patterns, CEL `x-kubernetes-validations`), so the API
+//! server refuses a broken policy at `kubectl apply` time. The CRD YAML is generated from these
+//! types (`agentguard crds`) and the committed copy is tested against the generator.
+//!
+//! Nothing here evaluates a policy: [`crate::policy`] compiles these types into its own index.
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of agentguard's resources.
+pub const GROUP: &str = "agentguard.io";
+/// Default label marking a ServiceAccount as an AI agent (value `"true"`).
+pub const AGENT_LABEL: &str = "agentguard.io/agent";
+/// Label marking a Namespace whose every ServiceAccount is an agent (value `"true"`).
+pub const AGENT_NAMESPACE_LABEL: &str = "agentguard.io/agent-namespace";
+/// Annotation a human sets on the target object to approve an agent's operation.
+pub const APPROVE_ANNOTATION: &str = "agentguard.io/approve";
+
+/// Longest approval lifetime any policy may allow.
+pub const MAX_APPROVAL_TTL: &str = "168h";
+
+/// A policy that applies cluster-wide, narrowed by its rules' selectors.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "agentguard.io",
+    version = "v1alpha1",
+    kind = "ClusterAgentPolicy",
+    plural = "clusteragentpolicies",
+    shortname = "cap",
+    category = "agentguard",
+    status = "PolicyStatus",
+    doc = "Guards destructive operations (DELETE, UPDATE) made by AI agents, cluster-wide.",
+    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+pub struct ClusterAgentPolicySpec {
+    #[serde(flatten)]
+    pub policy: PolicySpec,
+}
+
+/// A policy that applies only to objects in its own namespace, so a team can guard its
+/// namespace without cluster-admin rights.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "agentguard.io",
+    version = "v1alpha1",
+    kind = "AgentPolicy",
+    plural = "agentpolicies",
+    namespaced,
+    shortname = "agp",
+    category = "agentguard",
+    status = "PolicyStatus",
+    doc = "Guards destructive operations (DELETE, UPDATE) made by AI agents in this namespace.",
+    validation = Rule::new(
+        "self.spec.rules.all(r, (!has(r.namespaces) || size(r.namespaces) == 0) && !has(r.namespaceSelector))"
+    ).message("an AgentPolicy applies to its own namespace only: rules may not set namespaces or namespaceSelector"),
+    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+pub struct AgentPolicySpec {
+    #[serde(flatten)]
+    pub policy: PolicySpec,
+}
+
+/// The body shared by both policy kinds: who, what, what happens, and approval rules.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "self.action == 'RequireApproval' ? has(self.approval) : !has(self.approval)"
+).message("approval must be set when action is RequireApproval, and only then"))]
+pub struct PolicySpec {
+    /// Who is an agent for this policy. Omitted: every ServiceAccount labelled
+    /// `agentguard.io/agent: "true"` or living in an agent namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<Subjects>,
+
+    /// What the policy guards. The policy matches a request when any rule matches it.
+    #[schemars(length(min = 1, max = 32))]
+    pub rules: Vec<MatchRule>,
+
+    /// What happens to a matching request.
+    pub action: Action,
+
+    /// Enforce the action, or dry-run it: Warn admits with a warning kubectl prints, Audit admits
+    /// silently and only records.
+    #[serde(default)]
+    pub mode: Mode,
+
+    /// Who may approve and for how long an approval lives. Required with RequireApproval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+
+    /// Churn breaker: at most `maxOperations` guarded operations per agent per `window`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn_limit: Option<ChurnLimit>,
+
+    /// Extra text shown to the agent when this policy holds or denies its request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub message: Option<String>,
+}
+
+/// Identities the policy treats as agents.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Subjects {
+    /// ServiceAccounts whose labels match. Defaults to `agentguard.io/agent: "true"`.
+    /// ServiceAccounts in an agent namespace carry that label implicitly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_selector: Option<LabelSelector>,
+    /// Exact usernames (agents authenticating as users, e.g. through OIDC).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 256)))]
+    pub usernames: Vec<String>,
+    /// Any requester in one of these groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 256)))]
+    pub groups: Vec<String>,
+}
+
+/// One set of requests the policy guards. Every field that is set must match.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MatchRule {
+    /// Name shown in denials. Defaults to `rule-<index>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: Option<String>,
+
+    /// Guarded operations. UPDATE covers both REPLACE (PUT) and PATCH.
+    #[schemars(length(min = 1, max = 4))]
+    pub operations: Vec<Operation>,
+
+    /// Guarded resources.
+    #[schemars(length(min = 1, max = 32))]
+    pub resources: Vec<ResourceMatch>,
+
+    /// Object name globs (`*` any run of characters, `?` one character). Empty: any name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 253)))]
+    pub names: Vec<String>,
+
+    /// Namespace globs. Empty: any namespace, and cluster-scoped objects. ClusterAgentPolicy only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 63)))]
+    pub namespaces: Vec<String>,
+
+    /// Labels of the object's namespace (of the Namespace itself when the object is one).
+    /// Cluster-scoped objects other than Namespaces are not filtered by it.
+    /// ClusterAgentPolicy only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+
+    /// Labels of the object (the stored object for DELETE; old or new object for UPDATE, so a
+    /// relabelling cannot take an object out of reach).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_selector: Option<LabelSelector>,
+}
+
+/// An operation a rule guards.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Operation {
+    /// Deleting an object (including each item of a deletecollection).
+    Delete,
+    /// Any update: replace (PUT) or patch.
+    Update,
+    /// An update sent as a full replacement (PUT).
+    Replace,
+    /// An update sent as a patch (JSON, merge, strategic merge or apply).
+    Patch,
+}
+
+/// API groups and resources a rule guards.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceMatch {
+    /// API groups; `""` is the core group, `"*"` any group.
+    #[schemars(length(min = 1, max = 32), inner(length(max = 253)))]
+    pub api_groups: Vec<String>,
+    /// Resources as Kubernetes webhook rules name them: `deployments`, `deployments/scale`,
+    /// `*` (every resource, no subresources), `*/scale`, `*/*` (everything).
+    #[schemars(length(min = 1, max = 32), inner(length(max = 256)))]
+    #[x_kube(validation = Rule::new(
+        "self.all(r, r.matches('^(\\\\*|[a-z0-9][a-z0-9.-]*)(/(\\\\*|[a-z0-9][a-z0-9.-]*))?$'))"
+    ).message("resources are lower-case names, optionally with a subresource: deployments, deployments/scale, *, */scale, */*"))]
+    pub resources: Vec<String>,
+}
+
+/// What happens to a matching request. Precedence: Deny > RequireApproval > Allow.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    /// An explicit exception: admit (only wins when nothing stricter matches).
+    Allow,
+    /// Hold the request until a listed approver annotates the object.
+    RequireApproval,
+    /// Refuse the request.
+    Deny,
+}
+
+/// Whether a policy is enforced or dry-run.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Apply the action.
+    #[default]
+    Enforce,
+    /// Admit, and tell the agent what would have happened (an AdmissionResponse warning).
+    Warn,
+    /// Admit silently; the decision is only logged and counted.
+    Audit,
+}
+
+/// Approval rules of a RequireApproval policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("duration(self.ttl) <= duration(self.maxTtl)").message("ttl must not exceed maxTtl"))]
+#[x_kube(validation = Rule::new("duration(self.maxTtl) <= duration('168h')").message("maxTtl must not exceed 168h"))]
+#[x_kube(validation = Rule::new("duration(self.ttl) >= duration('1m')").message("ttl must be at least 1m"))]
+pub struct Approval {
+    /// Who may approve: only these identities may set `agentguard.io/approve`.
+    pub approvers: Approvers,
+    /// How long an approval lives after it was set, unless it names its own expiry.
+    #[serde(default = "default_ttl")]
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(h|m|s))+$"), length(max = 32))]
+    pub ttl: String,
+    /// The latest expiry an approval may name, counted from when it was set.
+    #[serde(default = "default_max_ttl")]
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(h|m|s))+$"), length(max = 32))]
+    pub max_ttl: String,
+    /// Why approval is needed, shown to the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub reason: Option<String>,
+}
+
+fn default_ttl() -> String {
+    "1h".into()
+}
+
+fn default_max_ttl() -> String {
+    "24h".into()
+}
+
+/// Identities allowed to approve.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.users) + size(self.groups) > 0").message("name at least one approver user or group"))]
+pub struct Approvers {
+    #[serde(default)]
+    #[schemars(length(max = 64), inner(length(max = 256)))]
+    pub users: Vec<String>,
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub groups: Vec<String>,
+}
+
+/// The unusual-churn alarm: a per-agent budget of guarded operations.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChurnLimit {
+    /// Guarded operations one agent may make per window.
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_operations: u32,
+    /// Window length, e.g. `10m`.
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(h|m|s))+$"), length(max = 32))]
+    pub window: String,
+}
+
+/// A Kubernetes label selector, with the operator checked by the schema.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub match_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub match_expressions: Vec<LabelSelectorRequirement>,
+}
+
+/// One `matchExpressions` entry.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "(self.operator == 'In' || self.operator == 'NotIn') ? size(self.values) > 0 : size(self.values) == 0"
+).message("In and NotIn need values; Exists and DoesNotExist take none"))]
+pub struct LabelSelectorRequirement {
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    pub operator: SelectorOperator,
+    #[serde(default)]
+    #[schemars(length(max = 64), inner(length(max = 63)))]
+    pub values: Vec<String>,
+}
+
+/// Label selector operators.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelectorOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// Observed state of a policy.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A status condition (`Ready`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    pub last_transition_time: String,
+}
+
+/// Parses the duration grammar the schema admits (`1h30m`, `90s`): digits followed by `h`, `m`
+/// or `s`, repeated. Returns `None` for anything else.
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in text.chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            'h' | 'm' | 's' if !digits.is_empty() => {
+                let n: u64 = digits.parse().ok()?;
+                let unit = match c {
+                    'h' => 3600,
+                    'm' => 60,
+                    _ => 1,
+                };
+                total = total.checked_add(n.checked_mul(unit)?)?;
+                digits.clear();
+            }
+            _ => return None,
+        }
+    }
+    (digits.is_empty() && !text.is_empty()).then(|| std::time::Duration::from_secs(total))
+}
+
+/// The generated CRDs as one multi-document YAML stream (what `agentguard crds` prints).
+pub fn crds_yaml() -> String {
+    let docs = [ClusterAgentPolicy::crd(), AgentPolicy::crd()];
+    docs.iter()
+        .map(|crd| {
+            // Serialising a CRD built from our own types cannot fail.
+            serde_yaml::to_string(crd).expect("CRD serialises to YAML")
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Where the chart reads the CRDs from (relative to the repository root).
+pub const CRDS_PATH: &str = "charts/agentguard/crds/crds.yaml";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        for bad in ["", "h", "1", "1d", "1.5h", "-1h", "1h 2m"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn committed_crds_match_the_generator() {
+        let committed = include_str!("../charts/agentguard/crds/crds.yaml");
+        assert!(
+            committed == crds_yaml(),
+            "{CRDS_PATH} drifted from the Rust types: run `cargo run -- crds > {CRDS_PATH}`"
+        );
+    }
+}

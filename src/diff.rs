@@ -1,0 +1,275 @@
+//! Field-level change summaries: what an UPDATE would change, shown to the agent and to the human
+//! who approves it, and the digest that binds an approval to exactly that change.
+//!
+//! Pure functions over JSON values. Fields that every write touches (managedFields,
+//! resourceVersion, generation), kubectl's last-applied copy and the approval annotation itself
+//! are not changes an approver needs to see, so they are left out of both summary and digest.
+
+use std::fmt::{self, Write as _};
+
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use crate::api::APPROVE_ANNOTATION;
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+/// Entries shown in a summary; the digest always covers all of them.
+const SHOWN_ENTRIES: usize = 12;
+/// Longest rendering of one value in a summary.
+const SHOWN_VALUE_CHARS: usize = 80;
+
+/// One changed field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldChange {
+    /// Path such as `spec.template.spec.containers[0].image` or `metadata.labels["app"]`.
+    pub path: String,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+    /// Values that must not be shown (Secret data): rendered as `(redacted)`.
+    pub redacted: bool,
+}
+
+/// Everything an UPDATE changes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub fields: Vec<FieldChange>,
+    /// Hex digest naming this exact change, used in `update:<digest>` approvals.
+    pub digest: String,
+}
+
+impl Change {
+    /// Compare the stored object with the object the update would store.
+    pub fn between(old: &Value, new: &Value) -> Self {
+        let secret = old.get("kind").and_then(Value::as_str) == Some("Secret")
+            && old.get("apiVersion").and_then(Value::as_str) == Some("v1");
+        let mut fields = Vec::new();
+        walk(&mut String::new(), Some(old), Some(new), 0, secret, &mut fields);
+        let digest = digest(&fields);
+        Self { fields, digest }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+}
+
+/// `spec.replicas: 3 → 0; …`, bounded in length whatever the change.
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, c) in self.fields.iter().take(SHOWN_ENTRIES).enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {} → {}", c.path, render(&c.old, c.redacted), render(&c.new, c.redacted))?;
+        }
+        let hidden = self.fields.len().saturating_sub(SHOWN_ENTRIES);
+        if hidden > 0 {
+            write!(f, "; … and {hidden} more")?;
+        }
+        Ok(())
+    }
+}
+
+fn render(v: &Option<Value>, redacted: bool) -> String {
+    match v {
+        None => "(absent)".into(),
+        Some(_) if redacted => "(redacted)".into(),
+        Some(Value::String(s)) if !s.is_empty() => truncate(s),
+        Some(other) => truncate(&other.to_string()),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    if s.chars().count() <= SHOWN_VALUE_CHARS {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(SHOWN_VALUE_CHARS - 1).collect();
+    out.push('…');
+    out
+}
+
+fn ignored(path: &str) -> bool {
+    matches!(
+        path,
+        "metadata.managedFields" | "metadata.resourceVersion" | "metadata.generation"
+    ) || path == annotation_path(APPROVE_ANNOTATION)
+        || path == annotation_path(LAST_APPLIED)
+}
+
+fn annotation_path(key: &str) -> String {
+    let mut p = String::from("metadata.annotations");
+    push_key(&mut p, key);
+    p
+}
+
+fn push_key(path: &mut String, key: &str) {
+    let bare = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key);
+    } else {
+        // Writing to a String cannot fail.
+        let _ = write!(path, "[{}]", Value::String(key.to_owned()));
+    }
+}
+
+fn walk(
+    path: &mut String,
+    old: Option<&Value>,
+    new: Option<&Value>,
+    depth: usize,
+    secret: bool,
+    out: &mut Vec<FieldChange>,
+) {
+    if old == new || ignored(path) {
+        return;
+    }
+    let len = path.len();
+    // An object or list that appears or disappears is shown field by field, so that e.g. a
+    // first annotation is seen as that annotation (and the approval is still left out).
+    let empty_object = Value::Object(Default::default());
+    let empty_array = Value::Array(Vec::new());
+    let absent_as_empty = |other: Option<&Value>| match other {
+        Some(Value::Object(m)) if !m.is_empty() => Some(&empty_object),
+        Some(Value::Array(a)) if !a.is_empty() => Some(&empty_array),
+        _ => None,
+    };
+    let (old, new) = match (old, new) {
+        (None, Some(_)) => (absent_as_empty(new).or(old), new),
+        (Some(_), None) => (old, absent_as_empty(old).or(new)),
+        pair => pair,
+    };
+    match (old, new) {
+        (Some(Value::Object(a)), Some(Value::Object(b))) if depth < 32 => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
+            keys.sort();
+            for k in keys {
+                push_key(path, k);
+                walk(path, a.get(k), b.get(k), depth + 1, secret, out);
+                path.truncate(len);
+            }
+        }
+        (Some(Value::Array(a)), Some(Value::Array(b))) if depth < 32 => {
+            for i in 0..a.len().max(b.len()) {
+                let _ = write!(path, "[{i}]");
+                walk(path, a.get(i), b.get(i), depth + 1, secret, out);
+                path.truncate(len);
+            }
+        }
+        _ => {
+            let redacted = secret && (path.starts_with("data") || path.starts_with("stringData"));
+            out.push(FieldChange {
+                path: path.clone(),
+                old: old.cloned(),
+                new: new.cloned(),
+                redacted,
+            });
+        }
+    }
+}
+
+/// SHA-256 over every change, cut to 64 bits: short enough to paste, too long to forge a
+/// different change with the same digest. Redacted old values are left out so the digest
+/// reveals nothing about a Secret the agent could not read.
+fn digest(fields: &[FieldChange]) -> String {
+    let mut h = Sha256::new();
+    for c in fields {
+        h.update(c.path.as_bytes());
+        h.update([0]);
+        if !c.redacted {
+            h.update(c.old.as_ref().map(Value::to_string).unwrap_or_default().as_bytes());
+        }
+        h.update([0]);
+        h.update(c.new.as_ref().map(Value::to_string).unwrap_or_default().as_bytes());
+        h.update([b'\n']);
+    }
+    h.finalize()[..8].iter().fold(String::with_capacity(16), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn deployment(replicas: i64, image: &str) -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "resourceVersion": "10", "generation": 3,
+                         "labels": {"app.kubernetes.io/name": "web"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"replicas": replicas,
+                     "template": {"spec": {"containers": [{"name": "web", "image": image}]}}}
+        })
+    }
+
+    #[test]
+    fn summarises_changed_fields_with_paths() {
+        let change = Change::between(&deployment(3, "nginx:1.27"), &deployment(0, "nginx:1.28"));
+        assert_eq!(
+            change.to_string(),
+            "spec.replicas: 3 → 0; spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28"
+        );
+        assert_eq!(change.digest.len(), 16);
+    }
+
+    #[test]
+    fn bookkeeping_fields_and_the_approval_are_not_changes() {
+        let old = deployment(3, "a");
+        let mut new = old.clone();
+        new["metadata"]["resourceVersion"] = json!("11");
+        new["metadata"]["generation"] = json!(4);
+        new["metadata"]["managedFields"] = json!([{"manager": "kubectl-annotate"}]);
+        new["metadata"]["annotations"] =
+            json!({APPROVE_ANNOTATION: "delete", LAST_APPLIED: "{}"});
+        assert!(Change::between(&old, &new).is_empty());
+    }
+
+    #[test]
+    fn label_keys_with_dots_are_quoted_and_additions_shown() {
+        let old = deployment(3, "a");
+        let mut new = old.clone();
+        new["metadata"]["labels"]["app.kubernetes.io/name"] = json!("api");
+        new["metadata"]["labels"]["tier"] = json!("prod");
+        assert_eq!(
+            Change::between(&old, &new).to_string(),
+            r#"metadata.labels["app.kubernetes.io/name"]: web → api; metadata.labels.tier: (absent) → prod"#
+        );
+    }
+
+    #[test]
+    fn digest_names_the_exact_change() {
+        let base = deployment(3, "a");
+        let a = Change::between(&base, &deployment(0, "a"));
+        let b = Change::between(&base, &deployment(1, "a"));
+        let a_again = Change::between(&base, &deployment(0, "a"));
+        assert_ne!(a.digest, b.digest);
+        assert_eq!(a.digest, a_again.digest);
+        // Same end state from a different start is a different change.
+        assert_ne!(a.digest, Change::between(&deployment(5, "a"), &deployment(0, "a")).digest);
+    }
+
+    #[test]
+    fn secret_values_are_redacted() {
+        let old = json!({"apiVersion": "v1", "kind": "Secret", "data": {"password": "c2VjcmV0"}});
+        let new = json!({"apiVersion": "v1", "kind": "Secret", "data": {"password": "bmV3"}});
+        let change = Change::between(&old, &new);
+        assert_eq!(change.to_string(), "data.password: (redacted) → (redacted)");
+    }
+
+    #[test]
+    fn summary_is_bounded() {
+        let old = json!({"data": (0..100).map(|i| (format!("k{i:03}"), json!("x".repeat(500)))).collect::<serde_json::Map<_, _>>()});
+        let new = json!({"data": (0..100).map(|i| (format!("k{i:03}"), json!("y".repeat(500)))).collect::<serde_json::Map<_, _>>()});
+        let change = Change::between(&old, &new);
+        let text = change.to_string();
+        assert_eq!(change.fields.len(), 100);
+        assert!(text.ends_with("; … and 88 more"), "{text}");
+        assert!(text.chars().count() < 12 * 200, "{} chars", text.chars().count());
+    }
+}

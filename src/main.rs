@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", agentguard::api::crds_yaml());
+}

@@ -1,0 +1,250 @@
+//! What the engine decides, as typed values with stable, actionable messages.
+
+use std::fmt;
+
+use jiff::Timestamp;
+
+use crate::api::{APPROVE_ANNOTATION, Action};
+use crate::approval::Refusal;
+use crate::diff::Change;
+
+/// Which policy object decided.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyId {
+    /// `None` for a ClusterAgentPolicy.
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            None => write!(f, "ClusterAgentPolicy {:?}", self.name),
+            Some(ns) => write!(f, "AgentPolicy {ns}/{:?}", self.name),
+        }
+    }
+}
+
+/// The outcome of one admission review.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// Returned to the client as AdmissionResponse warnings (Warn-mode policies).
+    pub warnings: Vec<String>,
+    /// Audit-mode findings: logged and counted, never shown to the client.
+    pub audits: Vec<String>,
+}
+
+impl Decision {
+    pub fn allow(why: Allowed) -> Self {
+        Self { verdict: Verdict::Allow(why), warnings: Vec::new(), audits: Vec::new() }
+    }
+
+    pub fn deny(denial: Denial) -> Self {
+        Self { verdict: Verdict::Deny(Box::new(denial)), warnings: Vec::new(), audits: Vec::new() }
+    }
+
+    pub fn allowed(&self) -> bool {
+        matches!(self.verdict, Verdict::Allow(_))
+    }
+
+    /// Short label for logs and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match &self.verdict {
+            Verdict::Allow(Allowed::Approved { .. }) => "approved",
+            Verdict::Allow(_) if !self.warnings.is_empty() => "warned",
+            Verdict::Allow(_) => "allowed",
+            Verdict::Deny(d) => match d.reason {
+                Reason::ApprovalRequired { .. } => "held",
+                _ => "denied",
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Allow(Allowed),
+    Deny(Box<Denial>),
+}
+
+/// Why a request was admitted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Allowed {
+    /// The requester is not an agent (and wrote no approval it may not write).
+    NotAgent,
+    /// A human approver wrote a valid approval.
+    ApprovalAccepted,
+    /// The operation is not one agentguard guards (CREATE, CONNECT).
+    NotGuarded,
+    /// An UPDATE that changes nothing but bookkeeping fields.
+    NoChange,
+    /// No enforced policy matched and the unmatched default is Allow.
+    Unmatched,
+    /// An Allow policy matched and nothing stricter did.
+    ByPolicy { policy: PolicyId, rule: String },
+    /// A RequireApproval policy matched and a valid approval covers the request.
+    Approved { policy: PolicyId, rule: String, approval: String, expires: Timestamp },
+}
+
+/// A refusal, with everything the agent and a human need to act on it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Denial {
+    pub reason: Reason,
+    pub requester: String,
+    /// `DELETE`, `UPDATE (patch)`, `UPDATE (replace)`, `CREATE`.
+    pub operation: String,
+    pub target: Target,
+    /// For UPDATE: what the agent tried to change.
+    pub change: Option<Change>,
+}
+
+/// The object a request is about.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Target {
+    /// Resource as kubectl accepts it: `deployments.apps`, `configmaps`.
+    pub resource: String,
+    pub subresource: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Target {
+    /// `kubectl annotate` command that approves `value` on this object.
+    pub fn annotate_command(&self, value: &str) -> String {
+        let ns = if self.namespace.is_empty() || self.resource == "namespaces" {
+            String::new()
+        } else {
+            format!(" -n {}", self.namespace)
+        };
+        format!(
+            "kubectl annotate {} {}{ns} {APPROVE_ANNOTATION}={value} --overwrite",
+            self.resource, self.name
+        )
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.resource)?;
+        if !self.subresource.is_empty() {
+            write!(f, "/{}", self.subresource)?;
+        }
+        write!(f, " {:?}", self.name)?;
+        if !self.namespace.is_empty() && self.resource != "namespaces" {
+            write!(f, " in namespace {:?}", self.namespace)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reason {
+    /// A Deny policy matched.
+    Policy { policy: PolicyId, rule: String, message: Option<String> },
+    /// A RequireApproval policy matched and no valid approval covers the request.
+    ApprovalRequired {
+        policy: PolicyId,
+        rule: String,
+        /// Approvers of every policy that requires approval here, e.g. `users alice; groups sre`.
+        approvers: String,
+        reason: Option<String>,
+        message: Option<String>,
+        refusal: Refusal,
+        /// The annotation value that approves exactly this request.
+        approve_value: String,
+        /// Set when approval cannot be read on this request (e.g. the scale subresource):
+        /// how to make the change in an approvable way instead.
+        unapprovable: Option<String>,
+    },
+    /// A built-in rule (no policy needed) refused it.
+    Builtin { rule: &'static str, detail: String },
+    /// No policy matched and the unmatched default denies.
+    Unmatched,
+}
+
+impl Reason {
+    pub fn policy(&self) -> Option<&PolicyId> {
+        match self {
+            Reason::Policy { policy, .. } | Reason::ApprovalRequired { policy, .. } => Some(policy),
+            _ => None,
+        }
+    }
+
+    pub fn action(&self) -> Action {
+        match self {
+            Reason::ApprovalRequired { .. } => Action::RequireApproval,
+            _ => Action::Deny,
+        }
+    }
+}
+
+impl Denial {
+    /// One line that fits in an AdmissionResponse warning (the API server truncates long ones).
+    pub fn summary(&self) -> String {
+        let what = match &self.reason {
+            Reason::Policy { policy, rule, .. } => format!("{policy}, rule {rule:?}, would deny"),
+            Reason::ApprovalRequired { policy, rule, .. } => {
+                format!("{policy}, rule {rule:?}, would require approval for")
+            }
+            Reason::Builtin { rule, .. } => format!("built-in rule {rule:?} would deny"),
+            Reason::Unmatched => "the unmatched default would deny".into(),
+        };
+        format!("{what} {} of {}", self.operation, self.target)
+    }
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Denial { reason, requester, operation, target, change } = self;
+        write!(f, "agentguard: {operation} of {target} by {requester} ")?;
+        match reason {
+            Reason::Policy { policy, rule, message } => {
+                write!(f, "is denied by {policy}, rule {rule:?}.")?;
+                if let Some(m) = message {
+                    write!(f, " {m}")?;
+                }
+            }
+            Reason::ApprovalRequired {
+                policy,
+                rule,
+                approvers,
+                reason,
+                message,
+                refusal,
+                approve_value,
+                unapprovable,
+            } => {
+                write!(f, "requires approval under {policy}, rule {rule:?}")?;
+                if let Some(r) = reason {
+                    write!(f, " ({r})")?;
+                }
+                write!(f, ": {refusal}.")?;
+                if let Some(m) = message {
+                    write!(f, " {m}")?;
+                }
+                match unapprovable {
+                    Some(how) => write!(f, " {how}")?,
+                    None => write!(
+                        f,
+                        " To approve, an approver ({approvers}) runs: {} — then retry.",
+                        target.annotate_command(approve_value)
+                    )?,
+                }
+            }
+            Reason::Builtin { rule, detail } => {
+                write!(f, "is denied by built-in rule {rule:?}: {detail}")?;
+            }
+            Reason::Unmatched => {
+                write!(
+                    f,
+                    "is denied: no policy allows it and agentguard's default for unmatched agent requests is Deny."
+                )?;
+            }
+        }
+        if let Some(change) = change.as_ref().filter(|c| !c.is_empty()) {
+            write!(f, " Attempted change: {change}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,752 @@
+//! The pure policy engine: (request facts, requester, policies, directory, clock) → decision.
+//!
+//! ```text
+//!  api::{Cluster,}AgentPolicy ──compile──▶ PolicySet ─┐ (rebuilt on every policy change)
+//!                                                     ▼
+//!  Facts + Requester + Directory + now ──▶ evaluate() ──▶ Decision
+//!      approval writes ▸ not an agent? ▸ built-in rules ▸ no-op update? ▸ policies
+//! ```
+//!
+//! Precedence among enforced policies that match: Deny beats RequireApproval beats Allow; ties
+//! are broken by a fixed order (ClusterAgentPolicies before AgentPolicies, then by namespace and
+//! name), so the same inputs always give the same decision and the same message. Warn and Audit
+//! policies never change the verdict. Nothing here does I/O or reads the clock.
+
+pub mod builtin;
+pub mod decision;
+pub mod identity;
+mod index;
+pub mod selector;
+
+use std::collections::HashSet;
+
+use jiff::{SignedDuration, Timestamp};
+use serde_json::Value;
+
+use crate::api::{
+    AGENT_LABEL, Action, AgentPolicy, ClusterAgentPolicy, MatchRule, Mode, Operation as RuleOp,
+    PolicySpec, parse_duration,
+};
+use crate::approval::{self, Lifetime, Stamp, Wanted};
+use crate::diff::Change;
+
+pub use decision::{Allowed, Decision, Denial, PolicyId, Reason, Target, Verdict};
+pub use identity::{Directory, Requester};
+use index::ResourceIndex;
+use selector::{Globs, Labels, Selector};
+
+/// Engine settings that come from the deployment, not from policies.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Label (key, value) marking agent ServiceAccounts.
+    pub agent_label: (String, String),
+    /// Usernames and groups that are agents whatever the policies say.
+    pub agent_usernames: Vec<String>,
+    pub agent_groups: Vec<String>,
+    /// What an agent's DELETE/UPDATE that no enforced policy matches gets: Allow or Deny.
+    pub unmatched: Action,
+    /// agentguard's own namespace: agents may not touch anything in it.
+    pub self_namespace: Option<String>,
+    /// Name prefix of agentguard's cluster-scoped objects (webhook configurations, RBAC).
+    pub self_name_prefix: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            agent_label: (AGENT_LABEL.into(), "true".into()),
+            agent_usernames: Vec::new(),
+            agent_groups: Vec::new(),
+            unmatched: Action::Allow,
+            self_namespace: None,
+            self_name_prefix: "agentguard".into(),
+        }
+    }
+}
+
+/// The operation of a request, with replace and patch told apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Create,
+    /// `patch` is true when the request was a PATCH (options kind `PatchOptions`).
+    Update { patch: bool },
+    Delete,
+    Connect,
+}
+
+impl Operation {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Operation::Create => "CREATE",
+            Operation::Update { patch: true } => "UPDATE (patch)",
+            Operation::Update { patch: false } => "UPDATE (replace)",
+            Operation::Delete => "DELETE",
+            Operation::Connect => "CONNECT",
+        }
+    }
+}
+
+/// What the request is, as the engine needs it. Borrowed from the decoded AdmissionRequest.
+#[derive(Clone, Debug)]
+pub struct Facts<'a> {
+    pub operation: Operation,
+    pub group: &'a str,
+    pub resource: &'a str,
+    pub subresource: &'a str,
+    /// Empty for cluster-scoped objects; for a Namespace, its own name.
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub object: Option<&'a Value>,
+    pub old_object: Option<&'a Value>,
+}
+
+impl Facts<'_> {
+    fn is_namespace(&self) -> bool {
+        self.group.is_empty() && self.resource == "namespaces" && self.subresource.is_empty()
+    }
+
+    fn target(&self) -> Target {
+        let resource = if self.group.is_empty() {
+            self.resource.to_owned()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        };
+        Target {
+            resource,
+            subresource: self.subresource.to_owned(),
+            namespace: self.namespace.to_owned(),
+            name: self.name.to_owned(),
+        }
+    }
+
+    fn labels(object: Option<&Value>) -> Option<Labels> {
+        let labels = object?.pointer("/metadata/labels")?.as_object()?;
+        Some(
+            labels
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect(),
+        )
+    }
+}
+
+/// A problem found while compiling a policy. The policy still takes effect, read in its most
+/// restrictive sense, and the problem is reported (status, logs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub policy: PolicyId,
+    pub message: String,
+}
+
+/// A compiled policy.
+#[derive(Clone, Debug)]
+pub struct CompiledPolicy {
+    pub id: PolicyId,
+    pub action: Action,
+    pub mode: Mode,
+    subjects: Subjects,
+    approval: Option<CompiledApproval>,
+    message: Option<String>,
+    rules: Vec<CompiledRule>,
+}
+
+#[derive(Clone, Debug)]
+struct Subjects {
+    /// `None`: the default agent label.
+    service_accounts: Option<Selector>,
+    usernames: Vec<String>,
+    groups: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+struct CompiledApproval {
+    users: Vec<String>,
+    groups: Vec<String>,
+    lifetime: Lifetime,
+    reason: Option<String>,
+}
+
+impl CompiledApproval {
+    fn approves(&self, requester: &Requester) -> bool {
+        self.users.iter().any(|u| *u == requester.username)
+            || requester.groups.iter().any(|g| self.groups.contains(g))
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.users.is_empty() {
+            parts.push(format!("users {}", self.users.join(", ")));
+        }
+        if !self.groups.is_empty() {
+            parts.push(format!("groups {}", self.groups.join(", ")));
+        }
+        parts.join("; ")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct CompiledRule {
+    name: String,
+    delete: bool,
+    replace: bool,
+    patch: bool,
+    /// (api groups, resource, subresource) patterns; `*` is a wildcard in any position.
+    resources: Vec<(Vec<String>, String, Option<String>)>,
+    names: Globs,
+    namespaces: Globs,
+    namespace_selector: Option<Selector>,
+    object_selector: Option<Selector>,
+}
+
+/// How an UPDATE a rule does not guard would still escape it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Escape {
+    ObjectSelector,
+    OwnerReferences,
+    NamespaceSelector,
+}
+
+impl Escape {
+    fn describe(self) -> &'static str {
+        match self {
+            Escape::ObjectSelector => "this change would take the object out of the rule's objectSelector",
+            Escape::OwnerReferences => {
+                "this change adds an owner, which would hand the object's deletion to the garbage collector"
+            }
+            Escape::NamespaceSelector => {
+                "this change would take the namespace's objects out of the rule's namespaceSelector"
+            }
+        }
+    }
+}
+
+/// All policies, compiled and indexed by resource so one decision does not scan every policy.
+#[derive(Clone, Debug, Default)]
+pub struct PolicySet {
+    policies: Vec<CompiledPolicy>,
+    cluster: ResourceIndex,
+    namespaced: std::collections::HashMap<String, ResourceIndex>,
+    /// Rules with a namespaceSelector, checked when a Namespace is relabelled.
+    namespace_selector_rules: Vec<(usize, usize)>,
+    /// Every identity some policy names, so "is this an agent?" is one lookup.
+    subject_usernames: HashSet<String>,
+    subject_groups: HashSet<String>,
+    subject_selectors: Vec<Selector>,
+}
+
+struct Match<'p> {
+    policy: &'p CompiledPolicy,
+    rule: &'p CompiledRule,
+    escape: Option<Escape>,
+}
+
+impl Match<'_> {
+    fn rule_name(&self) -> String {
+        match self.escape {
+            None => self.rule.name.clone(),
+            Some(e) => format!("{} ({})", self.rule.name, e.describe()),
+        }
+    }
+}
+
+impl PolicySet {
+    /// Compiles every policy. Never fails: problems are returned beside the set.
+    pub fn compile(cluster: &[ClusterAgentPolicy], namespaced: &[AgentPolicy]) -> (Self, Vec<Problem>) {
+        let mut problems = Vec::new();
+        let mut entries: Vec<(PolicyId, &PolicySpec)> = cluster
+            .iter()
+            .map(|p| (PolicyId { namespace: None, name: name_of(&p.metadata) }, &p.spec.policy))
+            .chain(namespaced.iter().map(|p| {
+                let ns = p.metadata.namespace.clone().unwrap_or_default();
+                (PolicyId { namespace: Some(ns), name: name_of(&p.metadata) }, &p.spec.policy)
+            }))
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+
+        let mut set = PolicySet::default();
+        for (id, spec) in entries {
+            let policy = compile_policy(id, spec, &mut problems);
+            let pi = set.policies.len();
+            for (ri, rule) in policy.rules.iter().enumerate() {
+                let index = match &policy.id.namespace {
+                    None => &mut set.cluster,
+                    Some(ns) => set.namespaced.entry(ns.clone()).or_default(),
+                };
+                index.insert(rule, (pi, ri));
+                if rule.namespace_selector.is_some() {
+                    set.namespace_selector_rules.push((pi, ri));
+                }
+            }
+            set.subject_usernames.extend(policy.subjects.usernames.iter().cloned());
+            set.subject_groups.extend(policy.subjects.groups.iter().cloned());
+            if let Some(sel) = &policy.subjects.service_accounts {
+                set.subject_selectors.push(sel.clone());
+            }
+            set.policies.push(policy);
+        }
+        (set, problems)
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &CompiledPolicy> {
+        self.policies.iter()
+    }
+
+    /// Whether the requester is an agent for agentguard at all: marked by the agent label (or an
+    /// agent namespace), configured as one, or named by any policy's subjects.
+    pub fn is_agent(&self, requester: &Requester, config: &Config) -> bool {
+        let labels = requester.labels();
+        let (key, value) = &config.agent_label;
+        labels.is_some_and(|l| l.get(key) == Some(value))
+            || config.agent_usernames.contains(&requester.username)
+            || requester.groups.iter().any(|g| config.agent_groups.contains(g))
+            || self.subject_usernames.contains(&requester.username)
+            || requester.groups.iter().any(|g| self.subject_groups.contains(g))
+            || (labels.is_some() && self.subject_selectors.iter().any(|s| s.matches(labels)))
+    }
+
+    /// Whether a ServiceAccount with these labels is an agent under any selector.
+    pub fn labels_make_agent(&self, labels: Option<&Labels>, config: &Config) -> bool {
+        let (key, value) = &config.agent_label;
+        labels.is_some_and(|l| l.get(key) == Some(value))
+            || self.subject_selectors.iter().any(|s| s.matches(labels))
+    }
+
+    /// Rules that match the request's object, resource and operation, in policy order.
+    fn matching<'p>(
+        &'p self,
+        facts: &Facts<'_>,
+        directory: &dyn Directory,
+        mut policy_filter: impl FnMut(&CompiledPolicy) -> bool,
+    ) -> Vec<Match<'p>> {
+        let mut candidates = Vec::new();
+        self.cluster.candidates(facts.resource, facts.subresource, &mut candidates);
+        if let Some(index) = self.namespaced.get(facts.namespace) {
+            index.candidates(facts.resource, facts.subresource, &mut candidates);
+        }
+        let mut ns_labels = LazyLabels::new(facts.namespace, directory);
+        let old_labels = Facts::labels(facts.old_object);
+        let new_labels = Facts::labels(facts.object);
+        let object_labels = ObjectLabels { old: old_labels.as_ref(), new: new_labels.as_ref() };
+        if facts.is_namespace() && matches!(facts.operation, Operation::Update { .. }) {
+            // Relabelling a Namespace can move other objects out of a namespaceSelector.
+            candidates.extend(self.namespace_selector_rules.iter().copied());
+        }
+        candidates.sort_unstable();
+        candidates.dedup();
+
+        let mut out = Vec::new();
+        for (pi, ri) in candidates {
+            let policy = &self.policies[pi];
+            if !policy_filter(policy) {
+                continue;
+            }
+            let rule = &policy.rules[ri];
+            if let Some(escape) = rule_matches(rule, facts, &object_labels, &mut ns_labels) {
+                out.push(Match { policy, rule, escape });
+            }
+        }
+        out
+    }
+}
+
+fn name_of(meta: &kube::api::ObjectMeta) -> String {
+    meta.name.clone().unwrap_or_default()
+}
+
+fn compile_policy(id: PolicyId, spec: &PolicySpec, problems: &mut Vec<Problem>) -> CompiledPolicy {
+    let mut problem = |m: String| problems.push(Problem { policy: id.clone(), message: m });
+    let subjects = match &spec.subjects {
+        None => Subjects { service_accounts: None, usernames: Vec::new(), groups: Vec::new() },
+        Some(s) => Subjects {
+            service_accounts: s.service_account_selector.as_ref().map(Selector::compile),
+            usernames: s.usernames.clone(),
+            groups: s.groups.clone(),
+        },
+    };
+    let approval = spec.approval.as_ref().map(|a| {
+        let mut duration = |field: &str, text: &str, fallback: SignedDuration| {
+            parse_duration(text)
+                .and_then(|d| SignedDuration::try_from(d).ok())
+                .unwrap_or_else(|| {
+                    problem(format!("approval.{field} {text:?} is not a duration; using {fallback:#}"));
+                    fallback
+                })
+        };
+        let ttl = duration("ttl", &a.ttl, SignedDuration::from_hours(1));
+        let max_ttl = duration("maxTtl", &a.max_ttl, ttl);
+        CompiledApproval {
+            users: a.approvers.users.clone(),
+            groups: a.approvers.groups.clone(),
+            lifetime: Lifetime { ttl: ttl.min(max_ttl), max_ttl },
+            reason: a.reason.clone(),
+        }
+    });
+    if spec.action == Action::RequireApproval && approval.is_none() {
+        problem("RequireApproval without an approval block: nobody can approve, so it acts as Deny".into());
+    }
+    let namespaced = id.namespace.is_some();
+    let rules = spec
+        .rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| compile_rule(i, r, namespaced, &mut problem))
+        .collect();
+    CompiledPolicy {
+        id,
+        action: spec.action,
+        mode: spec.mode,
+        subjects,
+        approval,
+        message: spec.message.clone(),
+        rules,
+    }
+}
+
+fn compile_rule(i: usize, rule: &MatchRule, namespaced: bool, problem: &mut impl FnMut(String)) -> CompiledRule {
+    let name = rule.name.clone().unwrap_or_else(|| format!("rule-{i}"));
+    let has = |op| rule.operations.contains(&op);
+    let update = has(RuleOp::Update);
+    if namespaced && (!rule.namespaces.is_empty() || rule.namespace_selector.is_some()) {
+        problem(format!(
+            "rule {name:?}: an AgentPolicy guards its own namespace only; namespaces and namespaceSelector are ignored"
+        ));
+    }
+    let resources = rule
+        .resources
+        .iter()
+        .flat_map(|m| {
+            m.resources.iter().map(|r| {
+                let (res, sub) = match r.split_once('/') {
+                    Some((res, sub)) => (res.to_owned(), Some(sub.to_owned())),
+                    None => (r.clone(), None),
+                };
+                (m.api_groups.clone(), res, sub)
+            })
+        })
+        .collect();
+    CompiledRule {
+        name,
+        delete: has(RuleOp::Delete),
+        replace: update || has(RuleOp::Replace),
+        patch: update || has(RuleOp::Patch),
+        resources,
+        names: Globs::new(&rule.names),
+        namespaces: if namespaced { Globs::default() } else { Globs::new(&rule.namespaces) },
+        namespace_selector: if namespaced { None } else { rule.namespace_selector.as_ref().map(Selector::compile) },
+        object_selector: rule.object_selector.as_ref().map(Selector::compile),
+    }
+}
+
+impl CompiledPolicy {
+    fn applies_to(&self, requester: &Requester, config: &Config) -> bool {
+        let labels = requester.labels();
+        let by_selector = match &self.subjects.service_accounts {
+            None => {
+                let (k, v) = &config.agent_label;
+                labels.is_some_and(|l| l.get(k) == Some(v))
+                    || config.agent_usernames.contains(&requester.username)
+                    || requester.groups.iter().any(|g| config.agent_groups.contains(g))
+            }
+            Some(sel) => labels.is_some() && sel.matches(labels),
+        };
+        by_selector
+            || self.subjects.usernames.contains(&requester.username)
+            || requester.groups.iter().any(|g| self.subjects.groups.contains(g))
+    }
+}
+
+/// Namespace labels, fetched from the directory at most once per decision and only if needed.
+struct LazyLabels<'a> {
+    namespace: &'a str,
+    directory: &'a dyn Directory,
+    labels: Option<Option<Labels>>,
+}
+
+impl<'a> LazyLabels<'a> {
+    fn new(namespace: &'a str, directory: &'a dyn Directory) -> Self {
+        Self { namespace, directory, labels: None }
+    }
+
+    fn get(&mut self) -> Option<&Labels> {
+        let (namespace, directory) = (self.namespace, self.directory);
+        self.labels.get_or_insert_with(|| directory.namespace_labels(namespace)).as_ref()
+    }
+}
+
+struct ObjectLabels<'a> {
+    old: Option<&'a Labels>,
+    new: Option<&'a Labels>,
+}
+
+impl CompiledRule {
+    fn resource_matches(&self, group: &str, resource: &str, subresource: &str) -> bool {
+        self.resources.iter().any(|(groups, res, sub)| {
+            groups.iter().any(|g| g == "*" || g == group)
+                && (res == "*" || res == resource)
+                && match sub {
+                    None => subresource.is_empty(),
+                    Some(s) => s == "*" || s == subresource,
+                }
+        })
+    }
+
+    fn guards(&self, op: Operation) -> bool {
+        match op {
+            Operation::Delete => self.delete,
+            Operation::Update { patch: true } => self.patch,
+            Operation::Update { patch: false } => self.replace,
+            Operation::Create | Operation::Connect => false,
+        }
+    }
+}
+
+/// `Some(None)`: the rule guards the request. `Some(Some(escape))`: the rule does not guard this
+/// operation, but the update would take something out of its reach. `None`: no match.
+fn rule_matches(
+    rule: &CompiledRule,
+    facts: &Facts<'_>,
+    objects: &ObjectLabels<'_>,
+    ns_labels: &mut LazyLabels<'_>,
+) -> Option<Option<Escape>> {
+    let is_update = matches!(facts.operation, Operation::Update { .. });
+    // A Namespace relabelling checked against rules guarding other resources.
+    let namespace_escape = is_update
+        && facts.is_namespace()
+        && !rule.resource_matches(facts.group, facts.resource, facts.subresource);
+    if namespace_escape {
+        let sel = rule.namespace_selector.as_ref()?;
+        let in_scope = rule.namespaces.matches(facts.name) && (rule.delete || rule.replace || rule.patch);
+        let leaves = sel.matches(objects.old) && !sel.matches(objects.new);
+        return (in_scope && leaves).then_some(Some(Escape::NamespaceSelector));
+    }
+    if !rule.resource_matches(facts.group, facts.resource, facts.subresource) || !rule.names.matches(facts.name) {
+        return None;
+    }
+    if !rule.namespaces.is_empty() && (facts.namespace.is_empty() || !rule.namespaces.matches(facts.namespace)) {
+        return None;
+    }
+    if let Some(sel) = &rule.namespace_selector {
+        let ok = if facts.is_namespace() {
+            sel.matches(objects.old) || (is_update && sel.matches(objects.new))
+        } else if facts.namespace.is_empty() {
+            true // Cluster-scoped objects are not filtered by a namespaceSelector.
+        } else {
+            sel.matches(ns_labels.get())
+        };
+        if !ok {
+            return None;
+        }
+    }
+    let (old_in, new_in) = match &rule.object_selector {
+        None => (true, true),
+        Some(sel) => (sel.matches(objects.old), is_update && sel.matches(objects.new)),
+    };
+    if !old_in && !new_in {
+        return None;
+    }
+    if rule.guards(facts.operation) {
+        return Some(None);
+    }
+    if !is_update {
+        return None;
+    }
+    if old_in && !new_in {
+        return Some(Some(Escape::ObjectSelector));
+    }
+    if rule.delete && adds_owner(facts.old_object, facts.object) {
+        return Some(Some(Escape::OwnerReferences));
+    }
+    None
+}
+
+fn adds_owner(old: Option<&Value>, new: Option<&Value>) -> bool {
+    let uids = |o: Option<&Value>| -> Vec<String> {
+        o.and_then(|o| o.pointer("/metadata/ownerReferences"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("uid")?.as_str().map(str::to_owned))
+            .collect()
+    };
+    let before = uids(old);
+    uids(new).iter().any(|u| !before.contains(u))
+}
+
+/// Decides one admission request. Pure: the same arguments always give the same decision.
+pub fn evaluate(
+    facts: &Facts<'_>,
+    requester: &Requester,
+    policies: &PolicySet,
+    directory: &dyn Directory,
+    config: &Config,
+    now: Timestamp,
+) -> Decision {
+    let agent = policies.is_agent(requester, config);
+    let deny = |reason: Reason, change: Option<Change>| {
+        Decision::deny(Denial {
+            reason,
+            requester: requester.username.clone(),
+            operation: facts.operation.describe().to_owned(),
+            target: facts.target(),
+            change,
+        })
+    };
+
+    // 1. Approval writes are checked whoever sends them.
+    let approval_written = match builtin::approval_write(facts, requester, agent, policies, directory, now) {
+        Err(detail) => return deny(Reason::Builtin { rule: builtin::APPROVAL_RULE, detail }, None),
+        Ok(written) => written,
+    };
+    if !agent {
+        return Decision::allow(if approval_written { Allowed::ApprovalAccepted } else { Allowed::NotAgent });
+    }
+
+    // 2. Built-in rules: agents may not loosen their own brakes.
+    if let Some((rule, detail)) = builtin::self_protection(facts, policies, config) {
+        return deny(Reason::Builtin { rule, detail }, None);
+    }
+
+    // 3. Only DELETE and UPDATE are guarded; an UPDATE that changes nothing is harmless.
+    let change = match (facts.operation, facts.old_object, facts.object) {
+        (Operation::Delete, ..) => None,
+        (Operation::Update { .. }, Some(old), Some(new)) => {
+            let change = Change::between(old, new);
+            if change.is_empty() {
+                return Decision::allow(Allowed::NoChange);
+            }
+            Some(change)
+        }
+        // An UPDATE without both objects cannot be diffed: judge it without a summary.
+        (Operation::Update { .. }, ..) => None,
+        (Operation::Create | Operation::Connect, ..) => return Decision::allow(Allowed::NotGuarded),
+    };
+    let wanted = match (&facts.operation, &change) {
+        (Operation::Delete, _) => Wanted::Delete,
+        (_, Some(c)) => Wanted::Update { digest: &c.digest },
+        (_, None) => Wanted::Update { digest: "" },
+    };
+
+    // 4. Policies.
+    let matches = policies.matching(facts, directory, |p| p.applies_to(requester, config));
+    let stamp = facts.old_object.and_then(Stamp::of);
+    let judge = |ms: &[&Match<'_>]| -> Result<Allowed, Reason> {
+        judge(ms, facts, stamp.as_ref(), wanted, now)
+    };
+
+    let mut decision = {
+        let enforced: Vec<&Match<'_>> = matches.iter().filter(|m| m.policy.mode == Mode::Enforce).collect();
+        match judge(&enforced) {
+            Ok(Allowed::Unmatched) if config.unmatched == Action::Deny => deny(Reason::Unmatched, change.clone()),
+            Ok(why) => Decision::allow(why),
+            Err(reason) => deny(reason, change.clone()),
+        }
+    };
+    // Dry-run policies: each judged alone, reported but never enforced.
+    for (mode, out) in [(Mode::Warn, &mut decision.warnings), (Mode::Audit, &mut decision.audits)] {
+        let mut seen: Vec<&PolicyId> = Vec::new();
+        for m in matches.iter().filter(|m| m.policy.mode == mode) {
+            if seen.contains(&&m.policy.id) {
+                continue;
+            }
+            seen.push(&m.policy.id);
+            let mine: Vec<&Match<'_>> = matches.iter().filter(|x| x.policy.id == m.policy.id).collect();
+            if let Err(reason) = judge(&mine) {
+                let denial = Denial {
+                    reason,
+                    requester: requester.username.clone(),
+                    operation: facts.operation.describe().to_owned(),
+                    target: facts.target(),
+                    change: change.clone(),
+                };
+                out.push(match mode {
+                    Mode::Warn => format!("agentguard [Warn mode, not enforced]: {}", denial.summary()),
+                    _ => format!("[{mode:?} mode, not enforced] {denial}"),
+                });
+            }
+        }
+    }
+    decision
+}
+
+/// Applies precedence to a set of matches: Deny > RequireApproval > Allow > unmatched.
+fn judge(
+    matches: &[&Match<'_>],
+    facts: &Facts<'_>,
+    stamp: Option<&Stamp<'_>>,
+    wanted: Wanted<'_>,
+    now: Timestamp,
+) -> Result<Allowed, Reason> {
+    if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Deny) {
+        return Err(Reason::Policy {
+            policy: m.policy.id.clone(),
+            rule: m.rule_name(),
+            message: m.policy.message.clone(),
+        });
+    }
+    let holds: Vec<&&Match<'_>> = matches.iter().filter(|m| m.policy.action == Action::RequireApproval).collect();
+    if let Some(first) = holds.first() {
+        let approvals: Vec<&CompiledApproval> = holds.iter().filter_map(|m| m.policy.approval.as_ref()).collect();
+        if approvals.len() < holds.len() {
+            // A RequireApproval policy without approvers cannot be satisfied: it denies.
+            return Err(Reason::Policy {
+                policy: first.policy.id.clone(),
+                rule: first.rule_name(),
+                message: Some("this policy names no approvers, so nothing can approve it".into()),
+            });
+        }
+        // Every policy that holds the request must accept the approval: the strictest lifetime.
+        let lifetime = Lifetime {
+            ttl: approvals.iter().map(|a| a.lifetime.ttl).min().unwrap_or_default(),
+            max_ttl: approvals.iter().map(|a| a.lifetime.max_ttl).min().unwrap_or_default(),
+        };
+        let unapprovable = (facts.subresource == "scale").then(|| {
+            format!(
+                "The scale subresource carries no annotations, so an approval cannot be seen on it: make this \
+                 change as an update of {} itself (e.g. kubectl patch), which can be approved.",
+                Target { subresource: String::new(), ..facts.target() }
+            )
+        });
+        let refusal = match (&unapprovable, wanted) {
+            (Some(_), _) => approval::Refusal::Absent,
+            (None, Wanted::Update { digest: "" }) => approval::Refusal::Absent,
+            (None, _) => match approval::check(stamp, wanted, lifetime, now) {
+                Ok(expires) => {
+                    return Ok(Allowed::Approved {
+                        policy: first.policy.id.clone(),
+                        rule: first.rule_name(),
+                        approval: stamp.map(|s| s.value.to_owned()).unwrap_or_default(),
+                        expires,
+                    });
+                }
+                Err(refusal) => refusal,
+            },
+        };
+        let mut approvers: Vec<String> = approvals.iter().map(|a| a.describe()).collect();
+        approvers.dedup();
+        return Err(Reason::ApprovalRequired {
+            policy: first.policy.id.clone(),
+            rule: first.rule_name(),
+            approvers: approvers.join(" and "),
+            reason: approvals.iter().find_map(|a| a.reason.clone()),
+            message: first.policy.message.clone(),
+            refusal,
+            approve_value: wanted.to_string(),
+            unapprovable,
+        });
+    }
+    if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Allow) {
+        return Ok(Allowed::ByPolicy { policy: m.policy.id.clone(), rule: m.rule_name() });
+    }
+    Ok(Allowed::Unmatched)
+}
+
+#[cfg(test)]
+mod tests;

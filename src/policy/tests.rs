@@ -1,0 +1,739 @@
+//! Decision tables for the engine and the approval protocol.
+
+use serde_json::{Value, json};
+
+use super::identity::StaticDirectory;
+use super::*;
+use crate::api::{AGENT_NAMESPACE_LABEL, APPROVE_ANNOTATION};
+
+const NOW: &str = "2026-11-26T12:00:00Z";
+
+fn now() -> Timestamp {
+    NOW.parse().unwrap()
+}
+
+fn cluster_policy(name: &str, spec: Value) -> ClusterAgentPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "agentguard.io/v1alpha1", "kind": "ClusterAgentPolicy",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap()
+}
+
+fn agent_policy(ns: &str, name: &str, spec: Value) -> AgentPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "agentguard.io/v1alpha1", "kind": "AgentPolicy",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec
+    }))
+    .unwrap()
+}
+
+/// A policy on apps/deployments with the given action and mode.
+fn deployments_policy(name: &str, action: &str, mode: &str) -> ClusterAgentPolicy {
+    let mut spec = json!({
+        "action": action, "mode": mode,
+        "rules": [{"name": "workloads", "operations": ["DELETE", "UPDATE"],
+                   "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]
+    });
+    if action == "RequireApproval" {
+        spec["approval"] = json!({"approvers": {"users": ["alice"], "groups": ["sre"]}, "ttl": "1h", "maxTtl": "24h"});
+    }
+    cluster_policy(name, spec)
+}
+
+fn set(cluster: Vec<ClusterAgentPolicy>, namespaced: Vec<AgentPolicy>) -> PolicySet {
+    let (set, problems) = PolicySet::compile(&cluster, &namespaced);
+    assert!(problems.is_empty(), "{problems:?}");
+    set
+}
+
+fn directory() -> StaticDirectory {
+    let mut dir = StaticDirectory::default();
+    let l = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    dir.service_accounts.insert(("agents".into(), "coder".into()), l(&[("agentguard.io/agent", "true")]));
+    dir.service_accounts.insert(("agents".into(), "ci".into()), l(&[]));
+    dir.service_accounts.insert(("web".into(), "deployer".into()), l(&[("team", "web")]));
+    dir.namespaces.insert("prod".into(), l(&[("env", "prod")]));
+    dir.namespaces.insert("dev".into(), l(&[("env", "dev")]));
+    dir.namespaces.insert("bots".into(), l(&[(AGENT_NAMESPACE_LABEL, "true")]));
+    dir
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Who {
+    LabelledAgent,
+    AgentNamespace,
+    AgentByUsername,
+    UnlabelledServiceAccount,
+    Human,
+}
+
+fn requester(who: Who) -> Requester {
+    let (user, groups): (&str, &[&str]) = match who {
+        Who::LabelledAgent => ("system:serviceaccount:agents:coder", &["system:serviceaccounts"]),
+        Who::AgentNamespace => ("system:serviceaccount:bots:anything", &["system:serviceaccounts"]),
+        Who::AgentByUsername => ("oidc:claude", &["oidc:users"]),
+        Who::UnlabelledServiceAccount => ("system:serviceaccount:agents:ci", &["system:serviceaccounts"]),
+        Who::Human => ("alice", &["sre"]),
+    };
+    let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+    Requester::resolve(user, &groups, &directory(), ("agentguard.io/agent", "true"))
+}
+
+fn config() -> Config {
+    Config { agent_usernames: vec!["oidc:claude".into()], ..Config::default() }
+}
+
+fn deployment(replicas: i64) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "prod", "labels": {"app": "web"}, "uid": "u1",
+                     "resourceVersion": "7", "generation": 2,
+                     "managedFields": [{"manager": "kubectl-client-side-apply", "operation": "Update",
+                                        "time": "2026-11-26T09:00:00Z", "fieldsV1": {"f:spec": {}}}]},
+        "spec": {"replicas": replicas}
+    })
+}
+
+fn with_approval(mut obj: Value, value: &str, set_at: &str) -> Value {
+    obj["metadata"]["annotations"] = json!({APPROVE_ANNOTATION: value});
+    obj["metadata"]["managedFields"].as_array_mut().unwrap().push(json!({
+        "manager": "kubectl-annotate", "operation": "Update", "time": set_at,
+        "fieldsV1": {"f:metadata": {"f:annotations": {format!("f:{APPROVE_ANNOTATION}"): {}}}}
+    }));
+    obj
+}
+
+fn facts<'a>(operation: Operation, old: Option<&'a Value>, new: Option<&'a Value>) -> Facts<'a> {
+    Facts {
+        operation,
+        group: "apps",
+        resource: "deployments",
+        subresource: "",
+        namespace: "prod",
+        name: "web",
+        object: new,
+        old_object: old,
+    }
+}
+
+fn decide(policies: &PolicySet, who: Who, facts: &Facts<'_>) -> Decision {
+    evaluate(facts, &requester(who), policies, &directory(), &config(), now())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ApprovalState {
+    None,
+    Valid,
+    Expired,
+    /// An `update:` approval naming a different change (the object moved on since).
+    Stale,
+}
+
+const OPERATIONS: [Operation; 3] =
+    [Operation::Delete, Operation::Update { patch: true }, Operation::Update { patch: false }];
+const WHO: [Who; 5] =
+    [Who::LabelledAgent, Who::AgentNamespace, Who::AgentByUsername, Who::UnlabelledServiceAccount, Who::Human];
+
+/// The whole table: operation × identity × action × mode × approval state.
+#[test]
+fn decision_table() {
+    let mut rows = 0;
+    for op in OPERATIONS {
+        for who in WHO {
+            for action in [None, Some("Deny"), Some("RequireApproval"), Some("Allow")] {
+                for mode in ["Enforce", "Warn", "Audit"] {
+                    for state in [ApprovalState::None, ApprovalState::Valid, ApprovalState::Expired, ApprovalState::Stale] {
+                        rows += 1;
+                        check_row(op, who, action, mode, state);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(rows, 3 * 5 * 4 * 3 * 4);
+}
+
+fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: ApprovalState) {
+    let policies = set(action.map(|a| deployments_policy("p", a, mode)).into_iter().collect(), vec![]);
+    let is_update = matches!(op, Operation::Update { .. });
+    let new = deployment(0);
+    let bare_old = deployment(3);
+    let digest = Change::between(&bare_old, &new).digest;
+    let value = match (state, is_update) {
+        (ApprovalState::Stale, _) => "update:00000000000000ff".to_string(),
+        (_, true) => format!("update:{digest}"),
+        (_, false) => "delete".to_string(),
+    };
+    let old = match state {
+        ApprovalState::None => bare_old,
+        ApprovalState::Valid | ApprovalState::Stale => with_approval(bare_old, &value, "2026-11-26T11:30:00Z"),
+        ApprovalState::Expired => with_approval(bare_old, &value, "2026-11-26T10:59:59Z"),
+    };
+    // The new object keeps the approval (as a patch would), so it is not an approval write.
+    let new_obj = match state {
+        ApprovalState::None => new,
+        _ => {
+            let mut n = new;
+            n["metadata"]["annotations"] = old["metadata"]["annotations"].clone();
+            n["metadata"]["managedFields"] = old["metadata"]["managedFields"].clone();
+            n
+        }
+    };
+    let f = match op {
+        Operation::Delete => facts(op, Some(&old), None),
+        _ => facts(op, Some(&old), Some(&new_obj)),
+    };
+    let d = decide(&policies, who, &f);
+    let row = format!("{op:?} {who:?} {action:?} {mode} {state:?}: {d:?}");
+    let agent = !matches!(who, Who::Human | Who::UnlabelledServiceAccount);
+    if !agent {
+        assert_eq!(d.verdict, Verdict::Allow(Allowed::NotAgent), "{row}");
+        assert!(d.warnings.is_empty() && d.audits.is_empty(), "{row}");
+        return;
+    }
+    let approved = state == ApprovalState::Valid;
+    let would_refuse = match action {
+        Some("Deny") => true,
+        Some("RequireApproval") => !approved,
+        _ => false,
+    };
+    match mode {
+        "Enforce" => {
+            match (action, would_refuse) {
+                (_, true) => {
+                    assert!(!d.allowed(), "{row}");
+                    let msg = match &d.verdict {
+                        Verdict::Deny(denial) => denial.to_string(),
+                        _ => unreachable!(),
+                    };
+                    assert!(msg.contains("ClusterAgentPolicy \"p\", rule \"workloads\""), "{row}: {msg}");
+                    assert!(msg.contains(&requester(who).username), "{msg}");
+                    assert!(msg.contains(op.describe()), "{msg}");
+                    assert!(msg.contains("deployments.apps \"web\" in namespace \"prod\""), "{msg}");
+                    if action == Some("RequireApproval") {
+                        let cmd = format!(
+                            "kubectl annotate deployments.apps web -n prod {APPROVE_ANNOTATION}={} --overwrite",
+                            if is_update { format!("update:{digest}") } else { "delete".into() }
+                        );
+                        assert!(msg.contains(&cmd), "{msg}");
+                        assert!(msg.contains("users alice; groups sre"), "{msg}");
+                        let why = match state {
+                            ApprovalState::None => "no approval is present".to_string(),
+                            ApprovalState::Expired => "the approval expired at 2026-11-26T11:59:59Z".to_string(),
+                            ApprovalState::Stale => "does not cover".to_string(),
+                            ApprovalState::Valid => unreachable!(),
+                        };
+                        assert!(msg.contains(&why), "{msg}");
+                    }
+                    if is_update {
+                        assert!(msg.contains("Attempted change: spec.replicas: 3 → 0"), "{msg}");
+                    }
+                }
+                (Some("RequireApproval"), false) => assert!(
+                    matches!(&d.verdict, Verdict::Allow(Allowed::Approved { expires, .. })
+                        if *expires == "2026-11-26T12:30:00Z".parse::<Timestamp>().unwrap()),
+                    "{row}"
+                ),
+                (Some("Allow"), false) => {
+                    assert!(matches!(d.verdict, Verdict::Allow(Allowed::ByPolicy { .. })), "{row}")
+                }
+                _ => assert_eq!(d.verdict, Verdict::Allow(Allowed::Unmatched), "{row}"),
+            }
+            assert!(d.warnings.is_empty() && d.audits.is_empty(), "{row}");
+        }
+        dry_run => {
+            assert!(d.allowed(), "dry-run policies never refuse: {row}");
+            let (reported, silent) =
+                if dry_run == "Warn" { (&d.warnings, &d.audits) } else { (&d.audits, &d.warnings) };
+            assert!(silent.is_empty(), "{row}");
+            if would_refuse {
+                assert_eq!(reported.len(), 1, "{row}");
+                let prefix = if dry_run == "Warn" { "agentguard [Warn mode, not enforced]: ClusterAgentPolicy \"p\"" } else { "[Audit mode, not enforced] agentguard: " };
+                assert!(reported[0].starts_with(prefix), "{row}");
+                assert!(reported[0].len() < 256 || dry_run == "Audit", "{row}");
+            } else {
+                assert!(reported.is_empty(), "{row}");
+            }
+        }
+    }
+}
+
+#[test]
+fn precedence_deny_beats_approval_beats_allow() {
+    let policies = set(
+        vec![
+            deployments_policy("a-allow", "Allow", "Enforce"),
+            deployments_policy("b-hold", "RequireApproval", "Enforce"),
+            deployments_policy("c-deny", "Deny", "Enforce"),
+        ],
+        vec![],
+    );
+    let old = deployment(3);
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None));
+    match d.verdict {
+        Verdict::Deny(denial) => {
+            assert_eq!(denial.reason.policy().unwrap().name, "c-deny");
+            assert_eq!(denial.reason.action(), Action::Deny);
+        }
+        other => panic!("{other:?}"),
+    }
+    let policies = set(
+        vec![deployments_policy("z-hold", "RequireApproval", "Enforce"), deployments_policy("a-allow", "Allow", "Enforce")],
+        vec![],
+    );
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None));
+    assert!(matches!(&d.verdict, Verdict::Deny(x) if x.reason.action() == Action::RequireApproval), "{d:?}");
+}
+
+#[test]
+fn several_approval_policies_take_the_strictest_lifetime() {
+    let mut short = deployments_policy("short", "RequireApproval", "Enforce");
+    short.spec.policy.approval.as_mut().unwrap().ttl = "10m".into();
+    let policies = set(vec![deployments_policy("long", "RequireApproval", "Enforce"), short], vec![]);
+    // Set 30 minutes ago: inside the 1h policy's ttl, outside the 10m one.
+    let old = with_approval(deployment(3), "delete", "2026-11-26T11:30:00Z");
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None));
+    assert!(!d.allowed(), "{d:?}");
+    let recent = with_approval(deployment(3), "delete", "2026-11-26T11:55:00Z");
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&recent), None));
+    assert!(d.allowed(), "{d:?}");
+}
+
+#[test]
+fn unmatched_default_can_deny_and_allow_policies_make_exceptions() {
+    let cfg = Config { unmatched: Action::Deny, ..config() };
+    let old = deployment(3);
+    let f = facts(Operation::Delete, Some(&old), None);
+    let empty = PolicySet::default();
+    let d = evaluate(&f, &requester(Who::LabelledAgent), &empty, &directory(), &cfg, now());
+    assert!(matches!(&d.verdict, Verdict::Deny(x) if x.reason == Reason::Unmatched), "{d:?}");
+    let allow = set(vec![deployments_policy("exception", "Allow", "Enforce")], vec![]);
+    let d = evaluate(&f, &requester(Who::LabelledAgent), &allow, &directory(), &cfg, now());
+    assert!(matches!(d.verdict, Verdict::Allow(Allowed::ByPolicy { .. })), "{d:?}");
+}
+
+#[test]
+fn operations_narrow_to_replace_or_patch() {
+    let policies = set(
+        vec![cluster_policy("patch-only", json!({
+            "action": "Deny",
+            "rules": [{"operations": ["PATCH"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]
+        }))],
+        vec![],
+    );
+    let (old, new) = (deployment(3), deployment(2));
+    let patch = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&new)));
+    let put = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: false }, Some(&old), Some(&new)));
+    let delete = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None));
+    assert!(!patch.allowed());
+    assert!(put.allowed());
+    assert!(delete.allowed());
+}
+
+#[test]
+fn no_op_updates_pass() {
+    let policies = set(vec![deployments_policy("p", "Deny", "Enforce")], vec![]);
+    let old = deployment(3);
+    let mut new = old.clone();
+    new["metadata"]["resourceVersion"] = json!("8");
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&new)));
+    assert_eq!(d.verdict, Verdict::Allow(Allowed::NoChange));
+}
+
+#[test]
+fn resource_patterns_and_subresources() {
+    let p = |resources: Value| {
+        set(
+            vec![cluster_policy("p", json!({"action": "Deny",
+                "rules": [{"operations": ["UPDATE", "DELETE"], "resources": [{"apiGroups": ["*"], "resources": resources}]}]}))],
+            vec![],
+        )
+    };
+    let scale = |policies: &PolicySet| {
+        let old = json!({"kind": "Scale", "metadata": {"name": "web"}, "spec": {"replicas": 3}});
+        let new = json!({"kind": "Scale", "metadata": {"name": "web"}, "spec": {"replicas": 0}});
+        let f = Facts { subresource: "scale", ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
+        decide(policies, Who::LabelledAgent, &f).allowed()
+    };
+    let main = |policies: &PolicySet| {
+        let old = deployment(3);
+        decide(policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None)).allowed()
+    };
+    for (resources, main_allowed, scale_allowed) in [
+        (json!(["deployments"]), false, true),
+        (json!(["deployments/scale"]), true, false),
+        (json!(["deployments/*"]), true, false),
+        (json!(["*"]), false, true),
+        (json!(["*/scale"]), true, false),
+        (json!(["*/*"]), false, false),
+        (json!(["statefulsets", "statefulsets/scale"]), true, true),
+    ] {
+        let policies = p(resources.clone());
+        assert_eq!(main(&policies), main_allowed, "{resources} main");
+        assert_eq!(scale(&policies), scale_allowed, "{resources} scale");
+    }
+}
+
+#[test]
+fn scale_to_zero_is_held_with_a_diff_and_told_how_to_get_approval() {
+    let policies = set(
+        vec![cluster_policy("scale", json!({"action": "RequireApproval",
+            "approval": {"approvers": {"groups": ["sre"]}},
+            "rules": [{"operations": ["UPDATE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments/scale"]}]}]}))],
+        vec![],
+    );
+    let old = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "web", "namespace": "prod"}, "spec": {"replicas": 3}});
+    let new = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "web", "namespace": "prod"}, "spec": {"replicas": 0}});
+    let f = Facts { subresource: "scale", ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
+    let d = decide(&policies, Who::LabelledAgent, &f);
+    let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
+    let msg = denial.to_string();
+    assert!(msg.contains("deployments.apps/scale \"web\""), "{msg}");
+    assert!(msg.contains("spec.replicas: 3 → 0"), "{msg}");
+    assert!(msg.contains("as an update of deployments.apps \"web\""), "{msg}");
+}
+
+#[test]
+fn names_namespaces_and_selectors() {
+    let policies = set(
+        vec![cluster_policy("prod-dbs", json!({"action": "Deny", "rules": [{
+            "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],
+            "names": ["web", "db-*"], "namespaceSelector": {"matchLabels": {"env": "prod"}},
+            "objectSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}
+        }]}))],
+        vec![],
+    );
+    let allowed = |name: &str, ns: &str, labels: Value| {
+        let mut obj = deployment(1);
+        obj["metadata"]["labels"] = labels;
+        let f = Facts { name, namespace: ns, ..facts(Operation::Delete, Some(&obj), None) };
+        decide(&policies, Who::LabelledAgent, &f).allowed()
+    };
+    assert!(!allowed("web", "prod", json!({"app": "web"})));
+    assert!(!allowed("db-orders", "prod", json!({"app": "db"})));
+    assert!(allowed("api", "prod", json!({"app": "api"})), "name glob");
+    assert!(allowed("web", "dev", json!({"app": "web"})), "namespaceSelector");
+    assert!(allowed("web", "unknown", json!({"app": "web"})), "namespace missing from cache");
+    assert!(allowed("web", "prod", json!({})), "objectSelector");
+}
+
+#[test]
+fn agent_policies_apply_to_their_own_namespace_only() {
+    let spec = json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+        "resources": [{"apiGroups": [""], "resources": ["configmaps"]}]}]});
+    let policies = set(vec![], vec![agent_policy("prod", "team", spec)]);
+    let cm = json!({"metadata": {"name": "cfg"}});
+    let f = |ns| Facts {
+        group: "", resource: "configmaps", namespace: ns, name: "cfg",
+        ..facts(Operation::Delete, Some(&cm), None)
+    };
+    let d = decide(&policies, Who::LabelledAgent, &f("prod"));
+    assert!(matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("AgentPolicy prod/\"team\"")), "{d:?}");
+    assert!(decide(&policies, Who::LabelledAgent, &f("dev")).allowed());
+}
+
+#[test]
+fn subjects_select_agents_per_policy() {
+    let policies = set(
+        vec![cluster_policy("web-team", json!({"action": "Deny",
+            "subjects": {"serviceAccountSelector": {"matchLabels": {"team": "web"}}, "groups": ["ai-agents"]},
+            "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]}))],
+        vec![],
+    );
+    let old = deployment(3);
+    let f = facts(Operation::Delete, Some(&old), None);
+    let dir = directory();
+    let run = |user: &str, groups: &[&str]| {
+        let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+        let r = Requester::resolve(user, &groups, &dir, ("agentguard.io/agent", "true"));
+        evaluate(&f, &r, &policies, &dir, &config(), now()).allowed()
+    };
+    assert!(!run("system:serviceaccount:web:deployer", &[]), "selected by label");
+    assert!(!run("bob", &["ai-agents"]), "selected by group");
+    // The default-labelled agent is an agent, but this policy selects someone else.
+    assert!(run("system:serviceaccount:agents:coder", &[]));
+    assert!(run("alice", &["sre"]));
+}
+
+#[test]
+fn relabelling_out_of_an_object_selector_is_guarded() {
+    let policies = set(
+        vec![cluster_policy("protected", json!({"action": "Deny", "rules": [{"name": "protected-only",
+            "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],
+            "objectSelector": {"matchLabels": {"protected": "true"}}}]}))],
+        vec![],
+    );
+    let mut old = deployment(3);
+    old["metadata"]["labels"]["protected"] = json!("true");
+    let mut unlabelled = old.clone();
+    unlabelled["metadata"]["labels"] = json!({"app": "web"});
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&unlabelled)));
+    let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
+    assert!(denial.to_string().contains("out of the rule's objectSelector"), "{denial}");
+    // Other updates of the protected object are not guarded by a DELETE-only rule.
+    let scaled = {
+        let mut o = old.clone();
+        o["spec"]["replicas"] = json!(1);
+        o
+    };
+    assert!(decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&scaled))).allowed());
+}
+
+#[test]
+fn adding_an_owner_is_guarded_by_delete_rules() {
+    let policies = set(vec![cluster_policy("no-delete", json!({"action": "Deny", "rules": [{
+        "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]}))], vec![]);
+    let old = deployment(3);
+    let mut owned = old.clone();
+    owned["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "cm-1"}]);
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&owned)));
+    let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
+    assert!(denial.to_string().contains("garbage collector"), "{denial}");
+}
+
+#[test]
+fn relabelling_a_namespace_out_of_a_namespace_selector_is_guarded() {
+    let policies = set(vec![cluster_policy("prod", json!({"action": "Deny", "rules": [{
+        "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],
+        "namespaceSelector": {"matchLabels": {"env": "prod"}}}]}))], vec![]);
+    let old = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod", "labels": {"env": "prod"}}});
+    let new = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod", "labels": {"env": "dev"}}});
+    let f = Facts { group: "", resource: "namespaces", namespace: "prod", name: "prod",
+        ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
+    let d = decide(&policies, Who::LabelledAgent, &f);
+    let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
+    assert!(denial.to_string().contains("namespaceSelector"), "{denial}");
+    // Adding an unrelated label is fine.
+    let mut other = old.clone();
+    other["metadata"]["labels"]["team"] = json!("a");
+    let f = Facts { object: Some(&other), ..f };
+    assert!(decide(&policies, Who::LabelledAgent, &f).allowed());
+}
+
+#[test]
+fn namespace_deletion_under_a_namespace_policy() {
+    let policies = set(vec![cluster_policy("namespaces", json!({"action": "RequireApproval",
+        "approval": {"approvers": {"groups": ["sre"]}},
+        "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": [""], "resources": ["namespaces"]}]}]}))], vec![]);
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod"}});
+    let f = Facts { group: "", resource: "namespaces", namespace: "prod", name: "prod", ..facts(Operation::Delete, Some(&ns), None) };
+    let d = decide(&policies, Who::LabelledAgent, &f);
+    let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
+    assert!(denial.to_string().contains("kubectl annotate namespaces prod agentguard.io/approve=delete --overwrite"), "{denial}");
+}
+
+mod builtins {
+    use super::*;
+
+    fn builtin_rule(d: &Decision) -> Option<&'static str> {
+        match &d.verdict {
+            Verdict::Deny(x) => match x.reason {
+                Reason::Builtin { rule, .. } => Some(rule),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn sa(labels: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "coder", "namespace": "agents", "labels": labels}})
+    }
+
+    fn sa_update<'a>(old: &'a Value, new: &'a Value) -> Facts<'a> {
+        Facts { group: "", resource: "serviceaccounts", namespace: "agents", name: "coder",
+            ..facts(Operation::Update { patch: true }, Some(old), Some(new)) }
+    }
+
+    #[test]
+    fn agents_cannot_touch_their_label_or_policies() {
+        let none = PolicySet::default();
+        let (labelled, plain) = (sa(json!({"agentguard.io/agent": "true"})), sa(json!({})));
+        let d = decide(&none, Who::LabelledAgent, &sa_update(&labelled, &plain));
+        assert_eq!(builtin_rule(&d), Some(builtin::AGENT_LABEL_RULE));
+        let falsy = sa(json!({"agentguard.io/agent": "false"}));
+        assert_eq!(builtin_rule(&decide(&none, Who::AgentNamespace, &sa_update(&labelled, &falsy))), Some(builtin::AGENT_LABEL_RULE));
+        // A human may.
+        assert!(decide(&none, Who::Human, &sa_update(&labelled, &plain)).allowed());
+        // Other labels of a non-agent ServiceAccount are not the brakes.
+        let team = sa(json!({"team": "x"}));
+        assert!(decide(&none, Who::LabelledAgent, &sa_update(&plain, &team)).allowed());
+
+        let policy = json!({"metadata": {"name": "p"}});
+        for op in [Operation::Create, Operation::Update { patch: true }, Operation::Delete] {
+            let f = Facts { group: "agentguard.io", resource: "clusteragentpolicies", namespace: "", name: "p",
+                ..facts(op, Some(&policy), Some(&policy)) };
+            assert_eq!(builtin_rule(&decide(&none, Who::LabelledAgent, &f)), Some(builtin::POLICIES_RULE), "{op:?}");
+            assert!(decide(&none, Who::Human, &f).allowed());
+        }
+        let crd = Facts { group: "apiextensions.k8s.io", resource: "customresourcedefinitions", namespace: "",
+            name: "agentpolicies.agentguard.io", ..facts(Operation::Delete, Some(&policy), None) };
+        assert_eq!(builtin_rule(&decide(&none, Who::LabelledAgent, &crd)), Some(builtin::CRDS_RULE));
+    }
+
+    #[test]
+    fn labels_of_a_custom_selected_agent_are_protected() {
+        let policies = set(vec![cluster_policy("web", json!({"action": "Deny",
+            "subjects": {"serviceAccountSelector": {"matchLabels": {"team": "web"}}},
+            "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]}))], vec![]);
+        let (old, new) = (sa(json!({"team": "web"})), sa(json!({"team": "none"})));
+        assert_eq!(builtin_rule(&decide(&policies, Who::LabelledAgent, &sa_update(&old, &new))), Some(builtin::AGENT_LABEL_RULE));
+    }
+
+    #[test]
+    fn agent_namespace_label_and_agentguard_itself() {
+        let none = PolicySet::default();
+        let old = json!({"metadata": {"name": "bots", "labels": {AGENT_NAMESPACE_LABEL: "true"}}});
+        let new = json!({"metadata": {"name": "bots", "labels": {}}});
+        let f = Facts { group: "", resource: "namespaces", namespace: "bots", name: "bots",
+            ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
+        assert_eq!(builtin_rule(&decide(&none, Who::AgentNamespace, &f)), Some(builtin::AGENT_NAMESPACE_RULE));
+
+        let cfg = Config { self_namespace: Some("agentguard-system".into()), ..config() };
+        let obj = json!({"metadata": {"name": "agentguard"}});
+        let in_self = Facts { namespace: "agentguard-system", name: "agentguard", ..facts(Operation::Delete, Some(&obj), None) };
+        let d = evaluate(&in_self, &requester(Who::LabelledAgent), &none, &directory(), &cfg, now());
+        assert_eq!(builtin_rule(&d), Some(builtin::SELF_RULE));
+        let webhook = Facts { group: "admissionregistration.k8s.io", resource: "validatingwebhookconfigurations",
+            namespace: "", name: "agentguard-agents", ..facts(Operation::Delete, Some(&obj), None) };
+        let d = evaluate(&webhook, &requester(Who::LabelledAgent), &none, &directory(), &cfg, now());
+        assert_eq!(builtin_rule(&d), Some(builtin::SELF_RULE));
+    }
+
+    fn approve_request<'a>(old: &'a Value, new: &'a Value) -> Facts<'a> {
+        facts(Operation::Update { patch: true }, Some(old), Some(new))
+    }
+
+    #[test]
+    fn approval_writes() {
+        let policies = set(vec![deployments_policy("hold", "RequireApproval", "Enforce")], vec![]);
+        let old = deployment(3);
+        let approved = with_approval(deployment(3), "delete", NOW);
+        let mallory = |groups: &[&str]| {
+            let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            Requester::resolve("mallory", &groups, &directory(), ("agentguard.io/agent", "true"))
+        };
+        let run = |r: &Requester, new: &Value| evaluate(&approve_request(&old, new), r, &policies, &directory(), &config(), now());
+
+        // An approver may; the approval is then accepted.
+        assert_eq!(run(&requester(Who::Human), &approved).verdict, Verdict::Allow(Allowed::ApprovalAccepted));
+        // A human who is not an approver may not.
+        let d = run(&mallory(&["dev"]), &approved);
+        assert_eq!(builtin_rule(&d), Some(builtin::APPROVAL_RULE));
+        assert!(matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("mallory is not an approver")), "{d:?}");
+        // Agents never may, not even through a group that approves.
+        for who in [Who::LabelledAgent, Who::AgentNamespace, Who::AgentByUsername] {
+            assert_eq!(builtin_rule(&run(&requester(who), &approved)), Some(builtin::APPROVAL_RULE), "{who:?}");
+        }
+        // Malformed or over-long approvals are refused at write time.
+        let bad = with_approval(deployment(3), "update", NOW);
+        assert!(matches!(&run(&requester(Who::Human), &bad).verdict, Verdict::Deny(x) if x.to_string().contains("must name the change")));
+        let too_long = with_approval(deployment(3), "delete;expires=2026-12-30T00:00:00Z", NOW);
+        assert!(!run(&requester(Who::Human), &too_long).allowed());
+        // An approval nothing requires is refused: there is nothing to approve.
+        let none = PolicySet::default();
+        let d = evaluate(&approve_request(&old, &approved), &requester(Who::Human), &none, &directory(), &config(), now());
+        assert!(matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("nothing to approve")), "{d:?}");
+        // CREATE carrying an approval is an approval write too.
+        let create = Facts { operation: Operation::Create, old_object: None, ..approve_request(&old, &approved) };
+        assert_eq!(builtin_rule(&decide(&policies, Who::LabelledAgent, &create)), Some(builtin::APPROVAL_RULE));
+    }
+
+    #[test]
+    fn agents_may_remove_but_not_refresh_an_approval() {
+        let policies = set(vec![deployments_policy("hold", "RequireApproval", "Enforce")], vec![]);
+        let approved = with_approval(deployment(3), "delete", "2026-11-26T11:00:00Z");
+        let removed = deployment(3);
+        let d = decide(&policies, Who::LabelledAgent, &approve_request(&approved, &removed));
+        assert_eq!(d.verdict, Verdict::Allow(Allowed::NoChange));
+        // Same value, newer managedFields time (e.g. the agent annotated another key with the
+        // same field manager): that would extend the approval, so it is an approval write.
+        let refreshed = with_approval(deployment(3), "delete", "2026-11-26T11:59:00Z");
+        assert_eq!(builtin_rule(&decide(&policies, Who::LabelledAgent, &approve_request(&approved, &refreshed))), Some(builtin::APPROVAL_RULE));
+        // Untouched approval on an unrelated update: fine.
+        let mut scaled = approved.clone();
+        scaled["spec"]["replicas"] = json!(3);
+        scaled["metadata"]["labels"]["x"] = json!("y");
+        let d = decide(&set(vec![], vec![]), Who::LabelledAgent, &approve_request(&approved, &scaled));
+        assert_eq!(d.verdict, Verdict::Allow(Allowed::Unmatched));
+    }
+}
+
+#[test]
+fn an_approved_update_does_not_approve_the_next_one() {
+    let policies = set(vec![deployments_policy("hold", "RequireApproval", "Enforce")], vec![]);
+    let v1 = deployment(3);
+    let v2 = deployment(0);
+    let digest = Change::between(&v1, &v2).digest;
+    let approved = with_approval(v1, &format!("update:{digest}"), "2026-11-26T11:50:00Z");
+    let mut applied = v2.clone();
+    applied["metadata"]["annotations"] = approved["metadata"]["annotations"].clone();
+    applied["metadata"]["managedFields"] = approved["metadata"]["managedFields"].clone();
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&approved), Some(&applied)));
+    assert!(d.allowed(), "{d:?}");
+    // The next change starts from the updated object: the approval names another change.
+    let mut v3 = applied.clone();
+    v3["spec"]["replicas"] = json!(5);
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&applied), Some(&v3)));
+    assert!(!d.allowed(), "{d:?}");
+}
+
+#[test]
+fn compile_problems_are_reported_and_read_restrictively() {
+    let mut p = deployments_policy("odd", "RequireApproval", "Enforce");
+    p.spec.policy.approval.as_mut().unwrap().ttl = "forever".into();
+    let ns = agent_policy("prod", "team", json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+        "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}], "namespaces": ["other"]}]}));
+    let (set, problems) = PolicySet::compile(&[p], &[ns]);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems[0].message.contains("approval.ttl \"forever\""));
+    assert!(problems[1].message.contains("ignored"));
+    // The AgentPolicy still guards its own namespace.
+    let old = deployment(3);
+    let d = decide(&set, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None));
+    assert!(matches!(&d.verdict, Verdict::Deny(x) if x.reason.action() == Action::Deny), "{d:?}");
+}
+
+#[test]
+fn index_finds_the_same_rules_as_a_scan() {
+    // 300 policies over varied resources and namespaces; every lookup must agree with a scan.
+    let resources = ["deployments", "statefulsets", "deployments/scale", "*", "*/scale", "configmaps", "secrets", "*/*"];
+    let cluster: Vec<_> = (0..150)
+        .map(|i| {
+            let r = resources[i % resources.len()];
+            let group = if r.starts_with("configmaps") || r.starts_with("secrets") { "" } else { "apps" };
+            cluster_policy(&format!("c{i}"), json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+                "resources": [{"apiGroups": [group], "resources": [r]}], "names": [format!("n{}*", i % 7)]}]}))
+        })
+        .collect();
+    let namespaced: Vec<_> = (0..150)
+        .map(|i| {
+            agent_policy(&format!("ns{}", i % 10), &format!("a{i}"), json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+                "resources": [{"apiGroups": ["*"], "resources": [resources[i % resources.len()]]}]}]}))
+        })
+        .collect();
+    let (set, _) = PolicySet::compile(&cluster, &namespaced);
+    let obj = json!({"metadata": {"name": "x"}});
+    for (group, resource, sub) in [("apps", "deployments", ""), ("apps", "deployments", "scale"), ("", "configmaps", ""),
+        ("apps", "statefulsets", "status"), ("batch", "jobs", "")] {
+        for ns in ["ns1", "ns3", "other", ""] {
+            for name in ["n1-a", "n3", "zzz"] {
+                let f = Facts { group, resource, subresource: sub, namespace: ns, name,
+                    ..facts(Operation::Delete, Some(&obj), None) };
+                let indexed: Vec<String> =
+                    set.matching(&f, &(), |_| true).iter().map(|m| m.policy.id.name.clone()).collect();
+                let mut ol = ObjectLabels { old: None, new: None };
+                ol.old = None;
+                let mut lazy = LazyLabels::new(ns, &());
+                let scanned: Vec<String> = set
+                    .policies()
+                    .filter(|p| p.id.namespace.as_deref().is_none_or(|pns| pns == ns))
+                    .flat_map(|p| p.rules.iter().map(move |r| (p, r)))
+                    .filter(|(_, r)| rule_matches(r, &f, &ol, &mut lazy).is_some())
+                    .map(|(p, _)| p.id.name.clone())
+                    .collect();
+                assert_eq!(indexed, scanned, "{group}/{resource}/{sub} in {ns:?} named {name}");
+            }
+        }
+    }
+}
