@@ -36,14 +36,10 @@ pub const MAX_APPROVAL_TTL: &str = "168h";
     category = "agentguard",
     status = "PolicyStatus",
     doc = "Guards destructive operations (DELETE, UPDATE) made by AI agents, cluster-wide.",
-    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name": "Action", "type": "string", "jsonPath": ".spec.action"}"#,
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 pub struct ClusterAgentPolicySpec {
     #[serde(flatten)]
@@ -66,14 +62,10 @@ pub struct ClusterAgentPolicySpec {
     validation = Rule::new(
         "self.spec.rules.all(r, (!has(r.namespaces) || size(r.namespaces) == 0) && !has(r.namespaceSelector))"
     ).message("an AgentPolicy applies to its own namespace only: rules may not set namespaces or namespaceSelector"),
-    printcolumn(name = "Action", type_ = "string", json_path = ".spec.action"),
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name": "Action", "type": "string", "jsonPath": ".spec.action"}"#,
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
+    printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 pub struct AgentPolicySpec {
     #[serde(flatten)]

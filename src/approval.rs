@@ -59,7 +59,9 @@ impl Grant {
                 None if item == "update" => return Err(GrammarError::UpdateWithoutDigest),
                 Some(("update", digest)) => {
                     let digest = digest.trim();
-                    if digest.len() != 16 || !digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                    if digest.len() != 16
+                        || !digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                    {
                         return Err(GrammarError::BadDigest(digest.into()));
                     }
                     grant.updates.push(digest.into());
@@ -109,9 +111,7 @@ impl<'a> Stamp<'a> {
             .into_iter()
             .flatten()
             .filter(|e| {
-                e.pointer("/fieldsV1/f:metadata/f:annotations")
-                    .and_then(|a| a.get(&owner_key))
-                    .is_some()
+                e.pointer("/fieldsV1/f:metadata/f:annotations").and_then(|a| a.get(&owner_key)).is_some()
             })
             .filter_map(|e| e.get("time")?.as_str()?.parse::<Timestamp>().ok())
             .max();
@@ -239,10 +239,7 @@ mod tests {
 
     #[test]
     fn grammar() {
-        assert_eq!(
-            Grant::parse("delete").unwrap(),
-            Grant { delete: true, updates: vec![], expires: None }
-        );
+        assert_eq!(Grant::parse("delete").unwrap(), Grant { delete: true, updates: vec![], expires: None });
         assert_eq!(
             Grant::parse(&format!(" delete , update:{DIGEST} ;expires=2026-11-27T10:00:00Z")).unwrap(),
             Grant { delete: true, updates: vec![DIGEST.into()], expires: Some(t("2026-11-27T10:00:00Z")) }
@@ -273,26 +270,85 @@ mod tests {
         let other_update = Wanted::Update { digest: "fedcba9876543210" };
         let obj = |v: &str| approved(v, set);
         let no_owner = json!({"metadata": {"annotations": {APPROVE_ANNOTATION: "delete"}}});
-        let explicit_no_owner = json!({"metadata": {"annotations": {APPROVE_ANNOTATION: "delete;expires=2026-11-26T12:00:00Z"}}});
-        let cases: Vec<(&str, Value, Wanted, Timestamp, Result<Timestamp, Refusal>)> = vec![
+        let explicit_no_owner =
+            json!({"metadata": {"annotations": {APPROVE_ANNOTATION: "delete;expires=2026-11-26T12:00:00Z"}}});
+        type Case<'a> = (&'a str, Value, Wanted<'a>, Timestamp, Result<Timestamp, Refusal>);
+        let cases: Vec<Case> = vec![
             ("valid delete", obj("delete"), Wanted::Delete, in_ttl, Ok(t("2026-11-26T11:00:00Z"))),
-            ("expired at ttl", obj("delete"), Wanted::Delete, after_ttl, Err(Refusal::Expired(t("2026-11-26T11:00:00Z")))),
-            ("update approval does not cover delete", obj(&format!("update:{DIGEST}")), Wanted::Delete, in_ttl,
-             Err(Refusal::NotCovered { approved: format!("update:{DIGEST}"), wanted: "delete".into() })),
-            ("delete approval does not cover update", obj("delete"), update, in_ttl,
-             Err(Refusal::NotCovered { approved: "delete".into(), wanted: format!("update:{DIGEST}") })),
-            ("update of the approved change", obj(&format!("update:{DIGEST}")), update, in_ttl, Ok(t("2026-11-26T11:00:00Z"))),
-            ("a different (stale) change", obj(&format!("update:{DIGEST}")), other_update, in_ttl,
-             Err(Refusal::NotCovered { approved: format!("update:{DIGEST}"), wanted: "update:fedcba9876543210".into() })),
-            ("explicit expiry shortens", obj("delete;expires=2026-11-26T10:10:00Z"), Wanted::Delete, in_ttl,
-             Err(Refusal::Expired(t("2026-11-26T10:10:00Z")))),
-            ("explicit expiry extends up to maxTtl", obj("delete;expires=2026-11-26T20:00:00Z"), Wanted::Delete, after_ttl,
-             Ok(t("2026-11-26T20:00:00Z"))),
-            ("explicit expiry capped at maxTtl", obj("delete;expires=2026-12-30T00:00:00Z"), Wanted::Delete, t("2026-11-27T10:00:00Z"),
-             Err(Refusal::Expired(t("2026-11-27T10:00:00Z")))),
-            ("malformed", obj("yes please"), Wanted::Delete, in_ttl, Err(Refusal::Malformed(GrammarError::UnknownGrant("yes please".into())))),
+            (
+                "expired at ttl",
+                obj("delete"),
+                Wanted::Delete,
+                after_ttl,
+                Err(Refusal::Expired(t("2026-11-26T11:00:00Z"))),
+            ),
+            (
+                "update approval does not cover delete",
+                obj(&format!("update:{DIGEST}")),
+                Wanted::Delete,
+                in_ttl,
+                Err(Refusal::NotCovered { approved: format!("update:{DIGEST}"), wanted: "delete".into() }),
+            ),
+            (
+                "delete approval does not cover update",
+                obj("delete"),
+                update,
+                in_ttl,
+                Err(Refusal::NotCovered { approved: "delete".into(), wanted: format!("update:{DIGEST}") }),
+            ),
+            (
+                "update of the approved change",
+                obj(&format!("update:{DIGEST}")),
+                update,
+                in_ttl,
+                Ok(t("2026-11-26T11:00:00Z")),
+            ),
+            (
+                "a different (stale) change",
+                obj(&format!("update:{DIGEST}")),
+                other_update,
+                in_ttl,
+                Err(Refusal::NotCovered {
+                    approved: format!("update:{DIGEST}"),
+                    wanted: "update:fedcba9876543210".into(),
+                }),
+            ),
+            (
+                "explicit expiry shortens",
+                obj("delete;expires=2026-11-26T10:10:00Z"),
+                Wanted::Delete,
+                in_ttl,
+                Err(Refusal::Expired(t("2026-11-26T10:10:00Z"))),
+            ),
+            (
+                "explicit expiry extends up to maxTtl",
+                obj("delete;expires=2026-11-26T20:00:00Z"),
+                Wanted::Delete,
+                after_ttl,
+                Ok(t("2026-11-26T20:00:00Z")),
+            ),
+            (
+                "explicit expiry capped at maxTtl",
+                obj("delete;expires=2026-12-30T00:00:00Z"),
+                Wanted::Delete,
+                t("2026-11-27T10:00:00Z"),
+                Err(Refusal::Expired(t("2026-11-27T10:00:00Z"))),
+            ),
+            (
+                "malformed",
+                obj("yes please"),
+                Wanted::Delete,
+                in_ttl,
+                Err(Refusal::Malformed(GrammarError::UnknownGrant("yes please".into()))),
+            ),
             ("no owner and no expiry", no_owner, Wanted::Delete, in_ttl, Err(Refusal::NoSetTime)),
-            ("no owner, explicit expiry", explicit_no_owner, Wanted::Delete, in_ttl, Ok(t("2026-11-26T12:00:00Z"))),
+            (
+                "no owner, explicit expiry",
+                explicit_no_owner,
+                Wanted::Delete,
+                in_ttl,
+                Ok(t("2026-11-26T12:00:00Z")),
+            ),
             ("absent", json!({"metadata": {}}), Wanted::Delete, in_ttl, Err(Refusal::Absent)),
         ];
         for (name, object, wanted, now, want) in cases {

@@ -89,10 +89,8 @@ fn truncate(s: &str) -> String {
 }
 
 fn ignored(path: &str) -> bool {
-    matches!(
-        path,
-        "metadata.managedFields" | "metadata.resourceVersion" | "metadata.generation"
-    ) || path == annotation_path(APPROVE_ANNOTATION)
+    matches!(path, "metadata.managedFields" | "metadata.resourceVersion" | "metadata.generation")
+        || path == annotation_path(APPROVE_ANNOTATION)
         || path == annotation_path(LAST_APPLIED)
 }
 
@@ -161,12 +159,7 @@ fn walk(
         }
         _ => {
             let redacted = secret && (path.starts_with("data") || path.starts_with("stringData"));
-            out.push(FieldChange {
-                path: path.clone(),
-                old: old.cloned(),
-                new: new.cloned(),
-                redacted,
-            });
+            out.push(FieldChange { path: path.clone(), old: old.cloned(), new: new.cloned(), redacted });
         }
     }
 }
@@ -225,8 +218,7 @@ mod tests {
         new["metadata"]["resourceVersion"] = json!("11");
         new["metadata"]["generation"] = json!(4);
         new["metadata"]["managedFields"] = json!([{"manager": "kubectl-annotate"}]);
-        new["metadata"]["annotations"] =
-            json!({APPROVE_ANNOTATION: "delete", LAST_APPLIED: "{}"});
+        new["metadata"]["annotations"] = json!({APPROVE_ANNOTATION: "delete", LAST_APPLIED: "{}"});
         assert!(Change::between(&old, &new).is_empty());
     }
 

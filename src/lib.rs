@@ -1,5 +1,21 @@
 //! agentguard: human-approved brakes on destructive Kubernetes changes made by AI agents.
+//!
+//! Modules follow the data flow of one admission request:
+//!
+//! ```text
+//!  api ─▶ index (reflectors) ─▶ policy (pure engine) ◀─ approval, diff
+//!                                   ▲
+//!  server (axum + rustls) ─▶ admission (decode → review → respond)
+//! ```
+//!
+//! `cli` and `run` are the binary's front door and wiring.
+pub mod admission;
 pub mod api;
 pub mod approval;
+pub mod cli;
 pub mod diff;
+pub mod index;
+pub mod metrics;
 pub mod policy;
+pub mod run;
+pub mod server;

@@ -1,3 +1,12 @@
-fn main() {
-    print!("{}", agentguard::api::crds_yaml());
+//! The `agentguard` binary: install the TLS crypto provider, parse arguments, run.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // Both rustls users (webhook server, Kubernetes client) need one process-wide provider.
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
+    agentguard::cli::run(agentguard::cli::Cli::parse()).await
 }

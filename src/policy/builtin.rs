@@ -44,15 +44,16 @@ pub(super) fn approval_write(
             crate::api::APPROVE_ANNOTATION
         ));
     }
-    let grant = Grant::parse(new.value).map_err(|e| format!("the approval {:?} is malformed: {e}", new.value))?;
+    let grant =
+        Grant::parse(new.value).map_err(|e| format!("the approval {:?} is malformed: {e}", new.value))?;
 
     // The enforced RequireApproval policies this approval would satisfy.
     let mut covering = Vec::new();
     let mut probe = |operation: Operation| {
         let probe = Facts { operation, ..facts.clone() };
-        for m in policies.matching(&probe, directory, |p| {
-            p.mode == Mode::Enforce && p.action == Action::RequireApproval
-        }) {
+        for m in policies
+            .matching(&probe, directory, |p| p.mode == Mode::Enforce && p.action == Action::RequireApproval)
+        {
             if m.escape.is_none() && !covering.iter().any(|p: &&super::CompiledPolicy| p.id == m.policy.id) {
                 covering.push(m.policy);
             }
@@ -118,7 +119,10 @@ pub(super) fn self_protection(
     if cluster_scoped_self {
         return Some((SELF_RULE, "agents may not change agentguard's webhook configurations or RBAC".into()));
     }
-    if !matches!(facts.operation, Operation::Update { .. }) || !facts.group.is_empty() || !facts.subresource.is_empty() {
+    if !matches!(facts.operation, Operation::Update { .. })
+        || !facts.group.is_empty()
+        || !facts.subresource.is_empty()
+    {
         return None;
     }
     let old = Facts::labels(facts.old_object);
@@ -134,7 +138,10 @@ pub(super) fn self_protection(
                 ));
             }
             if old != new && policies.labels_make_agent(old.as_ref(), config) {
-                return Some((AGENT_LABEL_RULE, "agents may not change the labels of an agent ServiceAccount".into()));
+                return Some((
+                    AGENT_LABEL_RULE,
+                    "agents may not change the labels of an agent ServiceAccount".into(),
+                ));
             }
             None
         }

@@ -87,6 +87,22 @@ pub enum Allowed {
     Approved { policy: PolicyId, rule: String, approval: String, expires: Timestamp },
 }
 
+impl fmt::Display for Allowed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Allowed::NotAgent => f.write_str("the requester is not an agent"),
+            Allowed::ApprovalAccepted => f.write_str("a listed approver wrote a valid approval"),
+            Allowed::NotGuarded => f.write_str("agentguard does not guard this operation"),
+            Allowed::NoChange => f.write_str("the update changes nothing but bookkeeping fields"),
+            Allowed::Unmatched => f.write_str("no enforced policy matches"),
+            Allowed::ByPolicy { policy, rule } => write!(f, "allowed by {policy}, rule {rule:?}"),
+            Allowed::Approved { policy, rule, approval, expires } => {
+                write!(f, "approved ({approval:?}, valid until {expires}) under {policy}, rule {rule:?}")
+            }
+        }
+    }
+}
+
 /// A refusal, with everything the agent and a human need to act on it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Denial {

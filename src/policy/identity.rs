@@ -106,7 +106,8 @@ mod tests {
     #[test]
     fn agent_namespaces_imply_the_agent_label() {
         let mut dir = StaticDirectory::default();
-        dir.namespaces.insert("bots".into(), [(AGENT_NAMESPACE_LABEL.to_string(), "true".to_string())].into());
+        dir.namespaces
+            .insert("bots".into(), [(AGENT_NAMESPACE_LABEL.to_string(), "true".to_string())].into());
         let label = ("agentguard.io/agent", "true");
         let unknown_sa_in_agent_ns = Requester::resolve("system:serviceaccount:bots:new", &[], &dir, label);
         assert_eq!(

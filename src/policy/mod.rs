@@ -24,8 +24,8 @@ use jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
 
 use crate::api::{
-    AGENT_LABEL, Action, AgentPolicy, ClusterAgentPolicy, MatchRule, Mode, Operation as RuleOp,
-    PolicySpec, parse_duration,
+    AGENT_LABEL, Action, AgentPolicy, ClusterAgentPolicy, MatchRule, Mode, Operation as RuleOp, PolicySpec,
+    parse_duration,
 };
 use crate::approval::{self, Lifetime, Stamp, Wanted};
 use crate::diff::Change;
@@ -69,7 +69,9 @@ impl Default for Config {
 pub enum Operation {
     Create,
     /// `patch` is true when the request was a PATCH (options kind `PatchOptions`).
-    Update { patch: bool },
+    Update {
+        patch: bool,
+    },
     Delete,
     Connect,
 }
@@ -121,12 +123,7 @@ impl Facts<'_> {
 
     fn labels(object: Option<&Value>) -> Option<Labels> {
         let labels = object?.pointer("/metadata/labels")?.as_object()?;
-        Some(
-            labels
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
-                .collect(),
-        )
+        Some(labels.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
     }
 }
 
@@ -168,8 +165,7 @@ struct CompiledApproval {
 
 impl CompiledApproval {
     fn approves(&self, requester: &Requester) -> bool {
-        self.users.iter().any(|u| *u == requester.username)
-            || requester.groups.iter().any(|g| self.groups.contains(g))
+        self.users.contains(&requester.username) || requester.groups.iter().any(|g| self.groups.contains(g))
     }
 
     fn describe(&self) -> String {
@@ -373,12 +369,10 @@ fn compile_policy(id: PolicyId, spec: &PolicySpec, problems: &mut Vec<Problem>) 
     };
     let approval = spec.approval.as_ref().map(|a| {
         let mut duration = |field: &str, text: &str, fallback: SignedDuration| {
-            parse_duration(text)
-                .and_then(|d| SignedDuration::try_from(d).ok())
-                .unwrap_or_else(|| {
-                    problem(format!("approval.{field} {text:?} is not a duration; using {fallback:#}"));
-                    fallback
-                })
+            parse_duration(text).and_then(|d| SignedDuration::try_from(d).ok()).unwrap_or_else(|| {
+                problem(format!("approval.{field} {text:?} is not a duration; using {fallback:#}"));
+                fallback
+            })
         };
         let ttl = duration("ttl", &a.ttl, SignedDuration::from_hours(1));
         let max_ttl = duration("maxTtl", &a.max_ttl, ttl);
@@ -393,12 +387,8 @@ fn compile_policy(id: PolicyId, spec: &PolicySpec, problems: &mut Vec<Problem>) 
         problem("RequireApproval without an approval block: nobody can approve, so it acts as Deny".into());
     }
     let namespaced = id.namespace.is_some();
-    let rules = spec
-        .rules
-        .iter()
-        .enumerate()
-        .map(|(i, r)| compile_rule(i, r, namespaced, &mut problem))
-        .collect();
+    let rules =
+        spec.rules.iter().enumerate().map(|(i, r)| compile_rule(i, r, namespaced, &mut problem)).collect();
     CompiledPolicy {
         id,
         action: spec.action,
@@ -410,7 +400,12 @@ fn compile_policy(id: PolicyId, spec: &PolicySpec, problems: &mut Vec<Problem>) 
     }
 }
 
-fn compile_rule(i: usize, rule: &MatchRule, namespaced: bool, problem: &mut impl FnMut(String)) -> CompiledRule {
+fn compile_rule(
+    i: usize,
+    rule: &MatchRule,
+    namespaced: bool,
+    problem: &mut impl FnMut(String),
+) -> CompiledRule {
     let name = rule.name.clone().unwrap_or_else(|| format!("rule-{i}"));
     let has = |op| rule.operations.contains(&op);
     let update = has(RuleOp::Update);
@@ -440,7 +435,11 @@ fn compile_rule(i: usize, rule: &MatchRule, namespaced: bool, problem: &mut impl
         resources,
         names: Globs::new(&rule.names),
         namespaces: if namespaced { Globs::default() } else { Globs::new(&rule.namespaces) },
-        namespace_selector: if namespaced { None } else { rule.namespace_selector.as_ref().map(Selector::compile) },
+        namespace_selector: if namespaced {
+            None
+        } else {
+            rule.namespace_selector.as_ref().map(Selector::compile)
+        },
         object_selector: rule.object_selector.as_ref().map(Selector::compile),
     }
 }
@@ -527,10 +526,14 @@ fn rule_matches(
         let leaves = sel.matches(objects.old) && !sel.matches(objects.new);
         return (in_scope && leaves).then_some(Some(Escape::NamespaceSelector));
     }
-    if !rule.resource_matches(facts.group, facts.resource, facts.subresource) || !rule.names.matches(facts.name) {
+    if !rule.resource_matches(facts.group, facts.resource, facts.subresource)
+        || !rule.names.matches(facts.name)
+    {
         return None;
     }
-    if !rule.namespaces.is_empty() && (facts.namespace.is_empty() || !rule.namespaces.matches(facts.namespace)) {
+    if !rule.namespaces.is_empty()
+        && (facts.namespace.is_empty() || !rule.namespaces.matches(facts.namespace))
+    {
         return None;
     }
     if let Some(sel) = &rule.namespace_selector {
@@ -637,16 +640,16 @@ pub fn evaluate(
     // 4. Policies.
     let matches = policies.matching(facts, directory, |p| p.applies_to(requester, config));
     let stamp = facts.old_object.and_then(Stamp::of);
-    let judge = |ms: &[&Match<'_>]| -> Result<Allowed, Reason> {
-        judge(ms, facts, stamp.as_ref(), wanted, now)
-    };
+    let judge = |ms: &[&Match<'_>]| -> Judgement { judge(ms, facts, stamp.as_ref(), wanted, now) };
 
     let mut decision = {
         let enforced: Vec<&Match<'_>> = matches.iter().filter(|m| m.policy.mode == Mode::Enforce).collect();
         match judge(&enforced) {
-            Ok(Allowed::Unmatched) if config.unmatched == Action::Deny => deny(Reason::Unmatched, change.clone()),
-            Ok(why) => Decision::allow(why),
-            Err(reason) => deny(reason, change.clone()),
+            Judgement::Admit(Allowed::Unmatched) if config.unmatched == Action::Deny => {
+                deny(Reason::Unmatched, change.clone())
+            }
+            Judgement::Admit(why) => Decision::allow(why),
+            Judgement::Refuse(reason) => deny(reason, change.clone()),
         }
     };
     // Dry-run policies: each judged alone, reported but never enforced.
@@ -658,7 +661,7 @@ pub fn evaluate(
             }
             seen.push(&m.policy.id);
             let mine: Vec<&Match<'_>> = matches.iter().filter(|x| x.policy.id == m.policy.id).collect();
-            if let Err(reason) = judge(&mine) {
+            if let Judgement::Refuse(reason) = judge(&mine) {
                 let denial = Denial {
                     reason,
                     requester: requester.username.clone(),
@@ -676,6 +679,12 @@ pub fn evaluate(
     decision
 }
 
+/// What precedence makes of a set of matches.
+enum Judgement {
+    Admit(Allowed),
+    Refuse(Reason),
+}
+
 /// Applies precedence to a set of matches: Deny > RequireApproval > Allow > unmatched.
 fn judge(
     matches: &[&Match<'_>],
@@ -683,20 +692,22 @@ fn judge(
     stamp: Option<&Stamp<'_>>,
     wanted: Wanted<'_>,
     now: Timestamp,
-) -> Result<Allowed, Reason> {
+) -> Judgement {
     if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Deny) {
-        return Err(Reason::Policy {
+        return Judgement::Refuse(Reason::Policy {
             policy: m.policy.id.clone(),
             rule: m.rule_name(),
             message: m.policy.message.clone(),
         });
     }
-    let holds: Vec<&&Match<'_>> = matches.iter().filter(|m| m.policy.action == Action::RequireApproval).collect();
+    let holds: Vec<&&Match<'_>> =
+        matches.iter().filter(|m| m.policy.action == Action::RequireApproval).collect();
     if let Some(first) = holds.first() {
-        let approvals: Vec<&CompiledApproval> = holds.iter().filter_map(|m| m.policy.approval.as_ref()).collect();
+        let approvals: Vec<&CompiledApproval> =
+            holds.iter().filter_map(|m| m.policy.approval.as_ref()).collect();
         if approvals.len() < holds.len() {
             // A RequireApproval policy without approvers cannot be satisfied: it denies.
-            return Err(Reason::Policy {
+            return Judgement::Refuse(Reason::Policy {
                 policy: first.policy.id.clone(),
                 rule: first.rule_name(),
                 message: Some("this policy names no approvers, so nothing can approve it".into()),
@@ -719,7 +730,7 @@ fn judge(
             (None, Wanted::Update { digest: "" }) => approval::Refusal::Absent,
             (None, _) => match approval::check(stamp, wanted, lifetime, now) {
                 Ok(expires) => {
-                    return Ok(Allowed::Approved {
+                    return Judgement::Admit(Allowed::Approved {
                         policy: first.policy.id.clone(),
                         rule: first.rule_name(),
                         approval: stamp.map(|s| s.value.to_owned()).unwrap_or_default(),
@@ -731,7 +742,7 @@ fn judge(
         };
         let mut approvers: Vec<String> = approvals.iter().map(|a| a.describe()).collect();
         approvers.dedup();
-        return Err(Reason::ApprovalRequired {
+        return Judgement::Refuse(Reason::ApprovalRequired {
             policy: first.policy.id.clone(),
             rule: first.rule_name(),
             approvers: approvers.join(" and "),
@@ -743,9 +754,9 @@ fn judge(
         });
     }
     if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Allow) {
-        return Ok(Allowed::ByPolicy { policy: m.policy.id.clone(), rule: m.rule_name() });
+        return Judgement::Admit(Allowed::ByPolicy { policy: m.policy.id.clone(), rule: m.rule_name() });
     }
-    Ok(Allowed::Unmatched)
+    Judgement::Admit(Allowed::Unmatched)
 }
 
 #[cfg(test)]

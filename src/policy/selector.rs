@@ -24,11 +24,7 @@ enum Expr {
 
 impl Selector {
     pub fn compile(selector: &LabelSelector) -> Self {
-        let equals = selector
-            .match_labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let equals = selector.match_labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let exprs = selector
             .match_expressions
             .iter()
@@ -44,10 +40,7 @@ impl Selector {
 
     /// A selector for one `key=value` label.
     pub fn label(key: &str, value: &str) -> Self {
-        Self {
-            equals: vec![(key.to_owned(), value.to_owned())],
-            exprs: Vec::new(),
-        }
+        Self { equals: vec![(key.to_owned(), value.to_owned())], exprs: Vec::new() }
     }
 
     /// Whether `labels` satisfy the selector; `None` (no labels at all) behaves as an empty set.

@@ -36,7 +36,8 @@ fn deployments_policy(name: &str, action: &str, mode: &str) -> ClusterAgentPolic
                    "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]
     });
     if action == "RequireApproval" {
-        spec["approval"] = json!({"approvers": {"users": ["alice"], "groups": ["sre"]}, "ttl": "1h", "maxTtl": "24h"});
+        spec["approval"] =
+            json!({"approvers": {"users": ["alice"], "groups": ["sre"]}, "ttl": "1h", "maxTtl": "24h"});
     }
     cluster_policy(name, spec)
 }
@@ -132,8 +133,13 @@ enum ApprovalState {
 
 const OPERATIONS: [Operation; 3] =
     [Operation::Delete, Operation::Update { patch: true }, Operation::Update { patch: false }];
-const WHO: [Who; 5] =
-    [Who::LabelledAgent, Who::AgentNamespace, Who::AgentByUsername, Who::UnlabelledServiceAccount, Who::Human];
+const WHO: [Who; 5] = [
+    Who::LabelledAgent,
+    Who::AgentNamespace,
+    Who::AgentByUsername,
+    Who::UnlabelledServiceAccount,
+    Who::Human,
+];
 
 /// The whole table: operation × identity × action × mode × approval state.
 #[test]
@@ -143,7 +149,12 @@ fn decision_table() {
         for who in WHO {
             for action in [None, Some("Deny"), Some("RequireApproval"), Some("Allow")] {
                 for mode in ["Enforce", "Warn", "Audit"] {
-                    for state in [ApprovalState::None, ApprovalState::Valid, ApprovalState::Expired, ApprovalState::Stale] {
+                    for state in [
+                        ApprovalState::None,
+                        ApprovalState::Valid,
+                        ApprovalState::Expired,
+                        ApprovalState::Stale,
+                    ] {
                         rows += 1;
                         check_row(op, who, action, mode, state);
                     }
@@ -167,7 +178,9 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
     };
     let old = match state {
         ApprovalState::None => bare_old,
-        ApprovalState::Valid | ApprovalState::Stale => with_approval(bare_old, &value, "2026-11-26T11:30:00Z"),
+        ApprovalState::Valid | ApprovalState::Stale => {
+            with_approval(bare_old, &value, "2026-11-26T11:30:00Z")
+        }
         ApprovalState::Expired => with_approval(bare_old, &value, "2026-11-26T10:59:59Z"),
     };
     // The new object keeps the approval (as a patch would), so it is not an approval write.
@@ -220,7 +233,9 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
                         assert!(msg.contains("users alice; groups sre"), "{msg}");
                         let why = match state {
                             ApprovalState::None => "no approval is present".to_string(),
-                            ApprovalState::Expired => "the approval expired at 2026-11-26T11:59:59Z".to_string(),
+                            ApprovalState::Expired => {
+                                "the approval expired at 2026-11-26T11:59:59Z".to_string()
+                            }
                             ApprovalState::Stale => "does not cover".to_string(),
                             ApprovalState::Valid => unreachable!(),
                         };
@@ -249,7 +264,11 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
             assert!(silent.is_empty(), "{row}");
             if would_refuse {
                 assert_eq!(reported.len(), 1, "{row}");
-                let prefix = if dry_run == "Warn" { "agentguard [Warn mode, not enforced]: ClusterAgentPolicy \"p\"" } else { "[Audit mode, not enforced] agentguard: " };
+                let prefix = if dry_run == "Warn" {
+                    "agentguard [Warn mode, not enforced]: ClusterAgentPolicy \"p\""
+                } else {
+                    "[Audit mode, not enforced] agentguard: "
+                };
                 assert!(reported[0].starts_with(prefix), "{row}");
                 assert!(reported[0].len() < 256 || dry_run == "Audit", "{row}");
             } else {
@@ -279,7 +298,10 @@ fn precedence_deny_beats_approval_beats_allow() {
         other => panic!("{other:?}"),
     }
     let policies = set(
-        vec![deployments_policy("z-hold", "RequireApproval", "Enforce"), deployments_policy("a-allow", "Allow", "Enforce")],
+        vec![
+            deployments_policy("z-hold", "RequireApproval", "Enforce"),
+            deployments_policy("a-allow", "Allow", "Enforce"),
+        ],
         vec![],
     );
     let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None));
@@ -316,15 +338,26 @@ fn unmatched_default_can_deny_and_allow_policies_make_exceptions() {
 #[test]
 fn operations_narrow_to_replace_or_patch() {
     let policies = set(
-        vec![cluster_policy("patch-only", json!({
-            "action": "Deny",
-            "rules": [{"operations": ["PATCH"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]
-        }))],
+        vec![cluster_policy(
+            "patch-only",
+            json!({
+                "action": "Deny",
+                "rules": [{"operations": ["PATCH"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]
+            }),
+        )],
         vec![],
     );
     let (old, new) = (deployment(3), deployment(2));
-    let patch = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&new)));
-    let put = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: false }, Some(&old), Some(&new)));
+    let patch = decide(
+        &policies,
+        Who::LabelledAgent,
+        &facts(Operation::Update { patch: true }, Some(&old), Some(&new)),
+    );
+    let put = decide(
+        &policies,
+        Who::LabelledAgent,
+        &facts(Operation::Update { patch: false }, Some(&old), Some(&new)),
+    );
     let delete = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None));
     assert!(!patch.allowed());
     assert!(put.allowed());
@@ -337,7 +370,11 @@ fn no_op_updates_pass() {
     let old = deployment(3);
     let mut new = old.clone();
     new["metadata"]["resourceVersion"] = json!("8");
-    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&new)));
+    let d = decide(
+        &policies,
+        Who::LabelledAgent,
+        &facts(Operation::Update { patch: true }, Some(&old), Some(&new)),
+    );
     assert_eq!(d.verdict, Verdict::Allow(Allowed::NoChange));
 }
 
@@ -345,15 +382,21 @@ fn no_op_updates_pass() {
 fn resource_patterns_and_subresources() {
     let p = |resources: Value| {
         set(
-            vec![cluster_policy("p", json!({"action": "Deny",
-                "rules": [{"operations": ["UPDATE", "DELETE"], "resources": [{"apiGroups": ["*"], "resources": resources}]}]}))],
+            vec![cluster_policy(
+                "p",
+                json!({"action": "Deny",
+                "rules": [{"operations": ["UPDATE", "DELETE"], "resources": [{"apiGroups": ["*"], "resources": resources}]}]}),
+            )],
             vec![],
         )
     };
     let scale = |policies: &PolicySet| {
         let old = json!({"kind": "Scale", "metadata": {"name": "web"}, "spec": {"replicas": 3}});
         let new = json!({"kind": "Scale", "metadata": {"name": "web"}, "spec": {"replicas": 0}});
-        let f = Facts { subresource: "scale", ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
+        let f = Facts {
+            subresource: "scale",
+            ..facts(Operation::Update { patch: true }, Some(&old), Some(&new))
+        };
         decide(policies, Who::LabelledAgent, &f).allowed()
     };
     let main = |policies: &PolicySet| {
@@ -378,14 +421,18 @@ fn resource_patterns_and_subresources() {
 #[test]
 fn scale_to_zero_is_held_with_a_diff_and_told_how_to_get_approval() {
     let policies = set(
-        vec![cluster_policy("scale", json!({"action": "RequireApproval",
+        vec![cluster_policy(
+            "scale",
+            json!({"action": "RequireApproval",
             "approval": {"approvers": {"groups": ["sre"]}},
-            "rules": [{"operations": ["UPDATE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments/scale"]}]}]}))],
+            "rules": [{"operations": ["UPDATE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments/scale"]}]}]}),
+        )],
         vec![],
     );
     let old = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "web", "namespace": "prod"}, "spec": {"replicas": 3}});
     let new = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "web", "namespace": "prod"}, "spec": {"replicas": 0}});
-    let f = Facts { subresource: "scale", ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
+    let f =
+        Facts { subresource: "scale", ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
     let d = decide(&policies, Who::LabelledAgent, &f);
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
     let msg = denial.to_string();
@@ -397,11 +444,14 @@ fn scale_to_zero_is_held_with_a_diff_and_told_how_to_get_approval() {
 #[test]
 fn names_namespaces_and_selectors() {
     let policies = set(
-        vec![cluster_policy("prod-dbs", json!({"action": "Deny", "rules": [{
-            "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],
-            "names": ["web", "db-*"], "namespaceSelector": {"matchLabels": {"env": "prod"}},
-            "objectSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}
-        }]}))],
+        vec![cluster_policy(
+            "prod-dbs",
+            json!({"action": "Deny", "rules": [{
+                "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],
+                "names": ["web", "db-*"], "namespaceSelector": {"matchLabels": {"env": "prod"}},
+                "objectSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}
+            }]}),
+        )],
         vec![],
     );
     let allowed = |name: &str, ns: &str, labels: Value| {
@@ -425,20 +475,29 @@ fn agent_policies_apply_to_their_own_namespace_only() {
     let policies = set(vec![], vec![agent_policy("prod", "team", spec)]);
     let cm = json!({"metadata": {"name": "cfg"}});
     let f = |ns| Facts {
-        group: "", resource: "configmaps", namespace: ns, name: "cfg",
+        group: "",
+        resource: "configmaps",
+        namespace: ns,
+        name: "cfg",
         ..facts(Operation::Delete, Some(&cm), None)
     };
     let d = decide(&policies, Who::LabelledAgent, &f("prod"));
-    assert!(matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("AgentPolicy prod/\"team\"")), "{d:?}");
+    assert!(
+        matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("AgentPolicy prod/\"team\"")),
+        "{d:?}"
+    );
     assert!(decide(&policies, Who::LabelledAgent, &f("dev")).allowed());
 }
 
 #[test]
 fn subjects_select_agents_per_policy() {
     let policies = set(
-        vec![cluster_policy("web-team", json!({"action": "Deny",
+        vec![cluster_policy(
+            "web-team",
+            json!({"action": "Deny",
             "subjects": {"serviceAccountSelector": {"matchLabels": {"team": "web"}}, "groups": ["ai-agents"]},
-            "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]}))],
+            "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]}),
+        )],
         vec![],
     );
     let old = deployment(3);
@@ -459,16 +518,23 @@ fn subjects_select_agents_per_policy() {
 #[test]
 fn relabelling_out_of_an_object_selector_is_guarded() {
     let policies = set(
-        vec![cluster_policy("protected", json!({"action": "Deny", "rules": [{"name": "protected-only",
+        vec![cluster_policy(
+            "protected",
+            json!({"action": "Deny", "rules": [{"name": "protected-only",
             "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],
-            "objectSelector": {"matchLabels": {"protected": "true"}}}]}))],
+            "objectSelector": {"matchLabels": {"protected": "true"}}}]}),
+        )],
         vec![],
     );
     let mut old = deployment(3);
     old["metadata"]["labels"]["protected"] = json!("true");
     let mut unlabelled = old.clone();
     unlabelled["metadata"]["labels"] = json!({"app": "web"});
-    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&unlabelled)));
+    let d = decide(
+        &policies,
+        Who::LabelledAgent,
+        &facts(Operation::Update { patch: true }, Some(&old), Some(&unlabelled)),
+    );
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
     assert!(denial.to_string().contains("out of the rule's objectSelector"), "{denial}");
     // Other updates of the protected object are not guarded by a DELETE-only rule.
@@ -477,30 +543,59 @@ fn relabelling_out_of_an_object_selector_is_guarded() {
         o["spec"]["replicas"] = json!(1);
         o
     };
-    assert!(decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&scaled))).allowed());
+    assert!(
+        decide(
+            &policies,
+            Who::LabelledAgent,
+            &facts(Operation::Update { patch: true }, Some(&old), Some(&scaled))
+        )
+        .allowed()
+    );
 }
 
 #[test]
 fn adding_an_owner_is_guarded_by_delete_rules() {
-    let policies = set(vec![cluster_policy("no-delete", json!({"action": "Deny", "rules": [{
-        "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]}))], vec![]);
+    let policies = set(
+        vec![cluster_policy(
+            "no-delete",
+            json!({"action": "Deny", "rules": [{
+        "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]}),
+        )],
+        vec![],
+    );
     let old = deployment(3);
     let mut owned = old.clone();
-    owned["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "cm-1"}]);
-    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&old), Some(&owned)));
+    owned["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "cm-1"}]);
+    let d = decide(
+        &policies,
+        Who::LabelledAgent,
+        &facts(Operation::Update { patch: true }, Some(&old), Some(&owned)),
+    );
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
     assert!(denial.to_string().contains("garbage collector"), "{denial}");
 }
 
 #[test]
 fn relabelling_a_namespace_out_of_a_namespace_selector_is_guarded() {
-    let policies = set(vec![cluster_policy("prod", json!({"action": "Deny", "rules": [{
+    let policies = set(
+        vec![cluster_policy(
+            "prod",
+            json!({"action": "Deny", "rules": [{
         "operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],
-        "namespaceSelector": {"matchLabels": {"env": "prod"}}}]}))], vec![]);
+        "namespaceSelector": {"matchLabels": {"env": "prod"}}}]}),
+        )],
+        vec![],
+    );
     let old = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod", "labels": {"env": "prod"}}});
     let new = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod", "labels": {"env": "dev"}}});
-    let f = Facts { group: "", resource: "namespaces", namespace: "prod", name: "prod",
-        ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
+    let f = Facts {
+        group: "",
+        resource: "namespaces",
+        namespace: "prod",
+        name: "prod",
+        ..facts(Operation::Update { patch: true }, Some(&old), Some(&new))
+    };
     let d = decide(&policies, Who::LabelledAgent, &f);
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
     assert!(denial.to_string().contains("namespaceSelector"), "{denial}");
@@ -513,14 +608,31 @@ fn relabelling_a_namespace_out_of_a_namespace_selector_is_guarded() {
 
 #[test]
 fn namespace_deletion_under_a_namespace_policy() {
-    let policies = set(vec![cluster_policy("namespaces", json!({"action": "RequireApproval",
+    let policies = set(
+        vec![cluster_policy(
+            "namespaces",
+            json!({"action": "RequireApproval",
         "approval": {"approvers": {"groups": ["sre"]}},
-        "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": [""], "resources": ["namespaces"]}]}]}))], vec![]);
+        "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": [""], "resources": ["namespaces"]}]}]}),
+        )],
+        vec![],
+    );
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod"}});
-    let f = Facts { group: "", resource: "namespaces", namespace: "prod", name: "prod", ..facts(Operation::Delete, Some(&ns), None) };
+    let f = Facts {
+        group: "",
+        resource: "namespaces",
+        namespace: "prod",
+        name: "prod",
+        ..facts(Operation::Delete, Some(&ns), None)
+    };
     let d = decide(&policies, Who::LabelledAgent, &f);
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
-    assert!(denial.to_string().contains("kubectl annotate namespaces prod agentguard.io/approve=delete --overwrite"), "{denial}");
+    assert!(
+        denial
+            .to_string()
+            .contains("kubectl annotate namespaces prod agentguard.io/approve=delete --overwrite"),
+        "{denial}"
+    );
 }
 
 mod builtins {
@@ -541,8 +653,13 @@ mod builtins {
     }
 
     fn sa_update<'a>(old: &'a Value, new: &'a Value) -> Facts<'a> {
-        Facts { group: "", resource: "serviceaccounts", namespace: "agents", name: "coder",
-            ..facts(Operation::Update { patch: true }, Some(old), Some(new)) }
+        Facts {
+            group: "",
+            resource: "serviceaccounts",
+            namespace: "agents",
+            name: "coder",
+            ..facts(Operation::Update { patch: true }, Some(old), Some(new))
+        }
     }
 
     #[test]
@@ -552,7 +669,10 @@ mod builtins {
         let d = decide(&none, Who::LabelledAgent, &sa_update(&labelled, &plain));
         assert_eq!(builtin_rule(&d), Some(builtin::AGENT_LABEL_RULE));
         let falsy = sa(json!({"agentguard.io/agent": "false"}));
-        assert_eq!(builtin_rule(&decide(&none, Who::AgentNamespace, &sa_update(&labelled, &falsy))), Some(builtin::AGENT_LABEL_RULE));
+        assert_eq!(
+            builtin_rule(&decide(&none, Who::AgentNamespace, &sa_update(&labelled, &falsy))),
+            Some(builtin::AGENT_LABEL_RULE)
+        );
         // A human may.
         assert!(decide(&none, Who::Human, &sa_update(&labelled, &plain)).allowed());
         // Other labels of a non-agent ServiceAccount are not the brakes.
@@ -561,23 +681,46 @@ mod builtins {
 
         let policy = json!({"metadata": {"name": "p"}});
         for op in [Operation::Create, Operation::Update { patch: true }, Operation::Delete] {
-            let f = Facts { group: "agentguard.io", resource: "clusteragentpolicies", namespace: "", name: "p",
-                ..facts(op, Some(&policy), Some(&policy)) };
-            assert_eq!(builtin_rule(&decide(&none, Who::LabelledAgent, &f)), Some(builtin::POLICIES_RULE), "{op:?}");
+            let f = Facts {
+                group: "agentguard.io",
+                resource: "clusteragentpolicies",
+                namespace: "",
+                name: "p",
+                ..facts(op, Some(&policy), Some(&policy))
+            };
+            assert_eq!(
+                builtin_rule(&decide(&none, Who::LabelledAgent, &f)),
+                Some(builtin::POLICIES_RULE),
+                "{op:?}"
+            );
             assert!(decide(&none, Who::Human, &f).allowed());
         }
-        let crd = Facts { group: "apiextensions.k8s.io", resource: "customresourcedefinitions", namespace: "",
-            name: "agentpolicies.agentguard.io", ..facts(Operation::Delete, Some(&policy), None) };
+        let crd = Facts {
+            group: "apiextensions.k8s.io",
+            resource: "customresourcedefinitions",
+            namespace: "",
+            name: "agentpolicies.agentguard.io",
+            ..facts(Operation::Delete, Some(&policy), None)
+        };
         assert_eq!(builtin_rule(&decide(&none, Who::LabelledAgent, &crd)), Some(builtin::CRDS_RULE));
     }
 
     #[test]
     fn labels_of_a_custom_selected_agent_are_protected() {
-        let policies = set(vec![cluster_policy("web", json!({"action": "Deny",
+        let policies = set(
+            vec![cluster_policy(
+                "web",
+                json!({"action": "Deny",
             "subjects": {"serviceAccountSelector": {"matchLabels": {"team": "web"}}},
-            "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]}))], vec![]);
+            "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]}),
+            )],
+            vec![],
+        );
         let (old, new) = (sa(json!({"team": "web"})), sa(json!({"team": "none"})));
-        assert_eq!(builtin_rule(&decide(&policies, Who::LabelledAgent, &sa_update(&old, &new))), Some(builtin::AGENT_LABEL_RULE));
+        assert_eq!(
+            builtin_rule(&decide(&policies, Who::LabelledAgent, &sa_update(&old, &new))),
+            Some(builtin::AGENT_LABEL_RULE)
+        );
     }
 
     #[test]
@@ -585,17 +728,34 @@ mod builtins {
         let none = PolicySet::default();
         let old = json!({"metadata": {"name": "bots", "labels": {AGENT_NAMESPACE_LABEL: "true"}}});
         let new = json!({"metadata": {"name": "bots", "labels": {}}});
-        let f = Facts { group: "", resource: "namespaces", namespace: "bots", name: "bots",
-            ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
-        assert_eq!(builtin_rule(&decide(&none, Who::AgentNamespace, &f)), Some(builtin::AGENT_NAMESPACE_RULE));
+        let f = Facts {
+            group: "",
+            resource: "namespaces",
+            namespace: "bots",
+            name: "bots",
+            ..facts(Operation::Update { patch: true }, Some(&old), Some(&new))
+        };
+        assert_eq!(
+            builtin_rule(&decide(&none, Who::AgentNamespace, &f)),
+            Some(builtin::AGENT_NAMESPACE_RULE)
+        );
 
         let cfg = Config { self_namespace: Some("agentguard-system".into()), ..config() };
         let obj = json!({"metadata": {"name": "agentguard"}});
-        let in_self = Facts { namespace: "agentguard-system", name: "agentguard", ..facts(Operation::Delete, Some(&obj), None) };
+        let in_self = Facts {
+            namespace: "agentguard-system",
+            name: "agentguard",
+            ..facts(Operation::Delete, Some(&obj), None)
+        };
         let d = evaluate(&in_self, &requester(Who::LabelledAgent), &none, &directory(), &cfg, now());
         assert_eq!(builtin_rule(&d), Some(builtin::SELF_RULE));
-        let webhook = Facts { group: "admissionregistration.k8s.io", resource: "validatingwebhookconfigurations",
-            namespace: "", name: "agentguard-agents", ..facts(Operation::Delete, Some(&obj), None) };
+        let webhook = Facts {
+            group: "admissionregistration.k8s.io",
+            resource: "validatingwebhookconfigurations",
+            namespace: "",
+            name: "agentguard-agents",
+            ..facts(Operation::Delete, Some(&obj), None)
+        };
         let d = evaluate(&webhook, &requester(Who::LabelledAgent), &none, &directory(), &cfg, now());
         assert_eq!(builtin_rule(&d), Some(builtin::SELF_RULE));
     }
@@ -613,30 +773,55 @@ mod builtins {
             let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
             Requester::resolve("mallory", &groups, &directory(), ("agentguard.io/agent", "true"))
         };
-        let run = |r: &Requester, new: &Value| evaluate(&approve_request(&old, new), r, &policies, &directory(), &config(), now());
+        let run = |r: &Requester, new: &Value| {
+            evaluate(&approve_request(&old, new), r, &policies, &directory(), &config(), now())
+        };
 
         // An approver may; the approval is then accepted.
         assert_eq!(run(&requester(Who::Human), &approved).verdict, Verdict::Allow(Allowed::ApprovalAccepted));
         // A human who is not an approver may not.
         let d = run(&mallory(&["dev"]), &approved);
         assert_eq!(builtin_rule(&d), Some(builtin::APPROVAL_RULE));
-        assert!(matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("mallory is not an approver")), "{d:?}");
+        assert!(
+            matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("mallory is not an approver")),
+            "{d:?}"
+        );
         // Agents never may, not even through a group that approves.
         for who in [Who::LabelledAgent, Who::AgentNamespace, Who::AgentByUsername] {
-            assert_eq!(builtin_rule(&run(&requester(who), &approved)), Some(builtin::APPROVAL_RULE), "{who:?}");
+            assert_eq!(
+                builtin_rule(&run(&requester(who), &approved)),
+                Some(builtin::APPROVAL_RULE),
+                "{who:?}"
+            );
         }
         // Malformed or over-long approvals are refused at write time.
         let bad = with_approval(deployment(3), "update", NOW);
-        assert!(matches!(&run(&requester(Who::Human), &bad).verdict, Verdict::Deny(x) if x.to_string().contains("must name the change")));
+        assert!(
+            matches!(&run(&requester(Who::Human), &bad).verdict, Verdict::Deny(x) if x.to_string().contains("must name the change"))
+        );
         let too_long = with_approval(deployment(3), "delete;expires=2026-12-30T00:00:00Z", NOW);
         assert!(!run(&requester(Who::Human), &too_long).allowed());
         // An approval nothing requires is refused: there is nothing to approve.
         let none = PolicySet::default();
-        let d = evaluate(&approve_request(&old, &approved), &requester(Who::Human), &none, &directory(), &config(), now());
-        assert!(matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("nothing to approve")), "{d:?}");
+        let d = evaluate(
+            &approve_request(&old, &approved),
+            &requester(Who::Human),
+            &none,
+            &directory(),
+            &config(),
+            now(),
+        );
+        assert!(
+            matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("nothing to approve")),
+            "{d:?}"
+        );
         // CREATE carrying an approval is an approval write too.
-        let create = Facts { operation: Operation::Create, old_object: None, ..approve_request(&old, &approved) };
-        assert_eq!(builtin_rule(&decide(&policies, Who::LabelledAgent, &create)), Some(builtin::APPROVAL_RULE));
+        let create =
+            Facts { operation: Operation::Create, old_object: None, ..approve_request(&old, &approved) };
+        assert_eq!(
+            builtin_rule(&decide(&policies, Who::LabelledAgent, &create)),
+            Some(builtin::APPROVAL_RULE)
+        );
     }
 
     #[test]
@@ -649,7 +834,10 @@ mod builtins {
         // Same value, newer managedFields time (e.g. the agent annotated another key with the
         // same field manager): that would extend the approval, so it is an approval write.
         let refreshed = with_approval(deployment(3), "delete", "2026-11-26T11:59:00Z");
-        assert_eq!(builtin_rule(&decide(&policies, Who::LabelledAgent, &approve_request(&approved, &refreshed))), Some(builtin::APPROVAL_RULE));
+        assert_eq!(
+            builtin_rule(&decide(&policies, Who::LabelledAgent, &approve_request(&approved, &refreshed))),
+            Some(builtin::APPROVAL_RULE)
+        );
         // Untouched approval on an unrelated update: fine.
         let mut scaled = approved.clone();
         scaled["spec"]["replicas"] = json!(3);
@@ -669,12 +857,20 @@ fn an_approved_update_does_not_approve_the_next_one() {
     let mut applied = v2.clone();
     applied["metadata"]["annotations"] = approved["metadata"]["annotations"].clone();
     applied["metadata"]["managedFields"] = approved["metadata"]["managedFields"].clone();
-    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&approved), Some(&applied)));
+    let d = decide(
+        &policies,
+        Who::LabelledAgent,
+        &facts(Operation::Update { patch: true }, Some(&approved), Some(&applied)),
+    );
     assert!(d.allowed(), "{d:?}");
     // The next change starts from the updated object: the approval names another change.
     let mut v3 = applied.clone();
     v3["spec"]["replicas"] = json!(5);
-    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Update { patch: true }, Some(&applied), Some(&v3)));
+    let d = decide(
+        &policies,
+        Who::LabelledAgent,
+        &facts(Operation::Update { patch: true }, Some(&applied), Some(&v3)),
+    );
     assert!(!d.allowed(), "{d:?}");
 }
 
@@ -682,8 +878,12 @@ fn an_approved_update_does_not_approve_the_next_one() {
 fn compile_problems_are_reported_and_read_restrictively() {
     let mut p = deployments_policy("odd", "RequireApproval", "Enforce");
     p.spec.policy.approval.as_mut().unwrap().ttl = "forever".into();
-    let ns = agent_policy("prod", "team", json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
-        "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}], "namespaces": ["other"]}]}));
+    let ns = agent_policy(
+        "prod",
+        "team",
+        json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+        "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}], "namespaces": ["other"]}]}),
+    );
     let (set, problems) = PolicySet::compile(&[p], &[ns]);
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(problems[0].message.contains("approval.ttl \"forever\""));
@@ -697,7 +897,8 @@ fn compile_problems_are_reported_and_read_restrictively() {
 #[test]
 fn index_finds_the_same_rules_as_a_scan() {
     // 300 policies over varied resources and namespaces; every lookup must agree with a scan.
-    let resources = ["deployments", "statefulsets", "deployments/scale", "*", "*/scale", "configmaps", "secrets", "*/*"];
+    let resources =
+        ["deployments", "statefulsets", "deployments/scale", "*", "*/scale", "configmaps", "secrets", "*/*"];
     let cluster: Vec<_> = (0..150)
         .map(|i| {
             let r = resources[i % resources.len()];
@@ -708,18 +909,33 @@ fn index_finds_the_same_rules_as_a_scan() {
         .collect();
     let namespaced: Vec<_> = (0..150)
         .map(|i| {
-            agent_policy(&format!("ns{}", i % 10), &format!("a{i}"), json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
-                "resources": [{"apiGroups": ["*"], "resources": [resources[i % resources.len()]]}]}]}))
+            agent_policy(
+                &format!("ns{}", i % 10),
+                &format!("a{i}"),
+                json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+                "resources": [{"apiGroups": ["*"], "resources": [resources[i % resources.len()]]}]}]}),
+            )
         })
         .collect();
     let (set, _) = PolicySet::compile(&cluster, &namespaced);
     let obj = json!({"metadata": {"name": "x"}});
-    for (group, resource, sub) in [("apps", "deployments", ""), ("apps", "deployments", "scale"), ("", "configmaps", ""),
-        ("apps", "statefulsets", "status"), ("batch", "jobs", "")] {
+    for (group, resource, sub) in [
+        ("apps", "deployments", ""),
+        ("apps", "deployments", "scale"),
+        ("", "configmaps", ""),
+        ("apps", "statefulsets", "status"),
+        ("batch", "jobs", ""),
+    ] {
         for ns in ["ns1", "ns3", "other", ""] {
             for name in ["n1-a", "n3", "zzz"] {
-                let f = Facts { group, resource, subresource: sub, namespace: ns, name,
-                    ..facts(Operation::Delete, Some(&obj), None) };
+                let f = Facts {
+                    group,
+                    resource,
+                    subresource: sub,
+                    namespace: ns,
+                    name,
+                    ..facts(Operation::Delete, Some(&obj), None)
+                };
                 let indexed: Vec<String> =
                     set.matching(&f, &(), |_| true).iter().map(|m| m.policy.id.name.clone()).collect();
                 let mut ol = ObjectLabels { old: None, new: None };

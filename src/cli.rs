@@ -1,0 +1,264 @@
+//! The command line: `serve`, `crds`, `check`. Every `serve` flag can also be set through an
+//! environment variable, so the chart configures agentguard without templating arguments.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use jiff::Timestamp;
+use serde_json::Value;
+
+use crate::admission::{self, Snapshot};
+use crate::api::{AGENT_LABEL, Action, AgentPolicy, ClusterAgentPolicy};
+use crate::policy::identity::StaticDirectory;
+use crate::policy::{Config, PolicySet, Verdict};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "agentguard",
+    version,
+    about = "Human-approved brakes on destructive Kubernetes changes made by AI agents"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the admission webhook.
+    Serve(ServeArgs),
+    /// Print the CustomResourceDefinitions generated from the Rust types.
+    Crds,
+    /// Evaluate policies offline against AdmissionReview files.
+    Check(CheckArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "AGENTGUARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json, global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    #[arg(long, env = "AGENTGUARD_LOG", default_value = "info", global = true)]
+    pub log_filter: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Plain,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address of the HTTPS webhook port.
+    #[arg(long, env = "AGENTGUARD_WEBHOOK_ADDR", default_value = "0.0.0.0:8443")]
+    pub webhook_addr: std::net::SocketAddr,
+    /// Address of the admin port (/livez, /readyz, /metrics).
+    #[arg(long, env = "AGENTGUARD_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    pub admin_addr: std::net::SocketAddr,
+    /// PEM certificate chain served on the webhook port.
+    #[arg(long, env = "AGENTGUARD_TLS_CERT", default_value = "/tls/tls.crt")]
+    pub tls_cert: PathBuf,
+    /// PEM private key of that certificate.
+    #[arg(long, env = "AGENTGUARD_TLS_KEY", default_value = "/tls/tls.key")]
+    pub tls_key: PathBuf,
+    /// How often the certificate files are checked for changes, in seconds.
+    #[arg(long, env = "AGENTGUARD_CERT_RELOAD_SECONDS", default_value_t = 5)]
+    pub cert_reload_seconds: u64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// After SIGTERM, how long /readyz fails before the listener stops, in seconds.
+    #[arg(long, env = "AGENTGUARD_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
+    pub shutdown_delay_seconds: u64,
+    /// Longest wait for in-flight requests to finish on shutdown, in seconds.
+    #[arg(long, env = "AGENTGUARD_DRAIN_SECONDS", default_value_t = 20)]
+    pub drain_seconds: u64,
+}
+
+/// Settings of the policy engine shared by `serve` and `check`.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Label marking agent ServiceAccounts, as KEY=VALUE.
+    #[arg(long, env = "AGENTGUARD_AGENT_LABEL", default_value_t = format!("{AGENT_LABEL}=true"))]
+    pub agent_label: String,
+    /// Usernames that are agents whatever the policies say (repeat or comma-separate).
+    #[arg(long = "agent-username", env = "AGENTGUARD_AGENT_USERNAMES", value_delimiter = ',')]
+    pub agent_usernames: Vec<String>,
+    /// Groups whose members are agents (repeat or comma-separate).
+    #[arg(long = "agent-group", env = "AGENTGUARD_AGENT_GROUPS", value_delimiter = ',')]
+    pub agent_groups: Vec<String>,
+    /// What an agent's DELETE/UPDATE that no enforced policy matches gets.
+    #[arg(long, env = "AGENTGUARD_UNMATCHED", value_enum, default_value_t = Unmatched::Allow)]
+    pub unmatched: Unmatched,
+    /// agentguard's own namespace: agents may touch nothing in it.
+    #[arg(long, env = "AGENTGUARD_SELF_NAMESPACE")]
+    pub self_namespace: Option<String>,
+    /// Name prefix of agentguard's webhook configurations and cluster RBAC objects.
+    #[arg(long, env = "AGENTGUARD_SELF_NAME_PREFIX", default_value = "agentguard")]
+    pub self_name_prefix: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Unmatched {
+    Allow,
+    Deny,
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> Result<Config> {
+        let Self { agent_label, agent_usernames, agent_groups, unmatched, self_namespace, self_name_prefix } =
+            self;
+        let (key, value) = agent_label
+            .split_once('=')
+            .with_context(|| format!("--agent-label {agent_label:?} is not KEY=VALUE"))?;
+        Ok(Config {
+            agent_label: (key.to_owned(), value.to_owned()),
+            agent_usernames: agent_usernames.clone(),
+            agent_groups: agent_groups.clone(),
+            unmatched: match unmatched {
+                Unmatched::Allow => Action::Allow,
+                Unmatched::Deny => Action::Deny,
+            },
+            self_namespace: self_namespace.clone(),
+            self_name_prefix: self_name_prefix.clone(),
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// YAML/JSON files with ClusterAgentPolicies, AgentPolicies, and the ServiceAccounts and
+    /// Namespaces whose labels matter.
+    #[arg(long = "policies", short = 'p', required = true, num_args = 1..)]
+    pub policies: Vec<PathBuf>,
+    /// AdmissionReview files (JSON or YAML) to judge.
+    #[arg(long = "reviews", short = 'r', required = true, num_args = 1..)]
+    pub reviews: Vec<PathBuf>,
+    /// Evaluate as of this time (RFC 3339); defaults to now.
+    #[arg(long)]
+    pub now: Option<Timestamp>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// Reads every YAML document (JSON is YAML) of a file.
+fn documents(path: &PathBuf) -> Result<Vec<Value>> {
+    use serde::Deserialize as _;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = Value::deserialize(doc).with_context(|| format!("parsing {}", path.display()))?;
+        if !value.is_null() {
+            out.push(value);
+        }
+    }
+    Ok(out)
+}
+
+/// Policies and the directory (ServiceAccounts, Namespaces) described by YAML/JSON files.
+pub fn load_world(paths: &[PathBuf]) -> Result<(Vec<ClusterAgentPolicy>, Vec<AgentPolicy>, StaticDirectory)> {
+    let (mut cluster, mut namespaced) = (Vec::new(), Vec::new());
+    let mut directory = StaticDirectory::default();
+    for path in paths {
+        for doc in documents(path)? {
+            let kind = doc.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let labels = || -> Result<std::collections::BTreeMap<String, String>> {
+                let labels = doc.pointer("/metadata/labels").cloned().unwrap_or(Value::Null);
+                if labels.is_null() {
+                    return Ok(Default::default());
+                }
+                serde_json::from_value(labels)
+                    .with_context(|| format!("labels of {kind} {name:?} in {}", path.display()))
+            };
+            match kind.as_str() {
+                "ClusterAgentPolicy" => cluster.push(
+                    serde_json::from_value::<ClusterAgentPolicy>(doc)
+                        .with_context(|| format!("ClusterAgentPolicy {name:?} in {}", path.display()))?,
+                ),
+                "AgentPolicy" => namespaced.push(
+                    serde_json::from_value::<AgentPolicy>(doc)
+                        .with_context(|| format!("AgentPolicy {name:?} in {}", path.display()))?,
+                ),
+                "ServiceAccount" => {
+                    let ns = doc.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default");
+                    directory.service_accounts.insert((ns.to_owned(), name.clone()), labels()?);
+                }
+                "Namespace" => {
+                    let labels = labels()?;
+                    directory.namespaces.insert(name, labels);
+                }
+                other => bail!("{}: unexpected kind {other:?} among policies", path.display()),
+            }
+        }
+    }
+    Ok((cluster, namespaced, directory))
+}
+
+/// `agentguard check`: prints one line per review; exits non-zero only on unreadable input.
+pub fn check(args: &CheckArgs) -> Result<()> {
+    let config = args.engine.config()?;
+    let (cluster, namespaced, directory) = load_world(&args.policies)?;
+    let (policies, problems) = PolicySet::compile(&cluster, &namespaced);
+    for p in &problems {
+        println!("PROBLEM {}: {}", p.policy, p.message);
+    }
+    let now = args.now.unwrap_or_else(Timestamp::now);
+    let snapshot = Snapshot { policies: &policies, directory: &directory, config: &config, now };
+    for path in &args.reviews {
+        for doc in documents(path)? {
+            let body = serde_json::to_vec(&doc)?;
+            let line = match admission::decode(&body) {
+                Err(m) => format!("REFUSED {}: {m}", path.display()),
+                Ok(request) => {
+                    let decision = admission::review(&request, &snapshot);
+                    let head = format!(
+                        "{} {} ({})",
+                        decision.outcome().to_uppercase(),
+                        path.display(),
+                        request.user_info.username
+                    );
+                    let mut line = match &decision.verdict {
+                        Verdict::Deny(denial) => format!("{head}\n  {denial}"),
+                        Verdict::Allow(why) => format!("{head}\n  {why}"),
+                    };
+                    for w in decision.warnings.iter().chain(&decision.audits) {
+                        line.push_str(&format!("\n  warning: {w}"));
+                    }
+                    line
+                }
+            };
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+/// Sets up logging and runs the chosen command.
+pub async fn run(cli: Cli) -> Result<()> {
+    let Cli { log, command } = cli;
+    init_tracing(&log)?;
+    match command {
+        Command::Crds => {
+            print!("{}", crate::api::crds_yaml());
+            Ok(())
+        }
+        Command::Check(args) => check(&args),
+        Command::Serve(args) => crate::run::serve(args).await,
+    }
+}
+
+fn init_tracing(log: &LogArgs) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.log_filter)
+        .with_context(|| format!("invalid log filter {:?}", log.log_filter))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Plain => builder.init(),
+    }
+    Ok(())
+}

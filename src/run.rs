@@ -1,0 +1,104 @@
+//! `agentguard serve`, wired top to bottom: certificates, Kubernetes client, caches, the two
+//! ports, and an orderly shutdown (readiness fails first, then in-flight requests finish).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cli::ServeArgs;
+use crate::index::Caches;
+use crate::metrics::Metrics;
+use crate::server::{self, AppState, tls};
+
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let ServeArgs {
+        webhook_addr,
+        admin_addr,
+        tls_cert,
+        tls_key,
+        cert_reload_seconds,
+        engine,
+        shutdown_delay_seconds,
+        drain_seconds,
+    } = args;
+    let config = engine.config()?;
+    let metrics = Arc::new(Metrics::default());
+
+    // Certificates first: without them there is nothing to serve.
+    let cert_files = tls::CertFiles { cert: tls_cert, key: tls_key };
+    let resolver = tls::CertResolver::load(&cert_files).context("loading the serving certificate")?;
+
+    let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
+    let (caches, reflectors) = Caches::start(client, metrics.clone());
+    let state = Arc::new(AppState::new(caches, config, metrics.clone()));
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let webhook = TcpListener::bind(webhook_addr).await.with_context(|| format!("binding {webhook_addr}"))?;
+    let admin = TcpListener::bind(admin_addr).await.with_context(|| format!("binding {admin_addr}"))?;
+    tracing::info!(%webhook_addr, %admin_addr, "listening");
+
+    let reload = tokio::spawn(tls::watch(
+        resolver.clone(),
+        cert_files,
+        Duration::from_secs(cert_reload_seconds.max(1)),
+        shutdown_rx.clone(),
+    ));
+    let reflectors = tokio::spawn(reflectors);
+    let admin_server = {
+        let mut rx = shutdown_rx.clone();
+        let router = server::admin_router(state.clone());
+        tokio::spawn(async move {
+            axum::serve(admin, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await
+        })
+    };
+    let webhook_server = tokio::spawn(tls::serve(
+        webhook,
+        tls::server_config(resolver),
+        server::webhook_router(state.clone()),
+        shutdown_rx,
+        Duration::from_secs(drain_seconds),
+    ));
+
+    wait_for_signal().await;
+    tracing::info!(delay_seconds = shutdown_delay_seconds, "shutting down: failing readiness first");
+    state.shutting_down.store(true, Ordering::Release);
+    tokio::time::sleep(Duration::from_secs(shutdown_delay_seconds)).await;
+    shutdown_tx.send_replace(true);
+    webhook_server.await.context("webhook server task")?.context("webhook server")?;
+    admin_server.await.context("admin server task")?.context("admin server")?;
+    reload.abort();
+    reflectors.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,220 @@
+//! The network side: the HTTPS webhook port (axum + rustls, see [`tls`]) and the plain admin
+//! port (`/livez`, `/readyz`, `/metrics`). Handlers only decode, call
+//! [`crate::admission::review`] and encode; they never decide anything themselves.
+
+pub mod tls;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::BodyExt;
+use jiff::Timestamp;
+use serde_json::Value;
+
+use crate::admission::{self, MAX_BODY_BYTES, Malformed, Snapshot};
+use crate::index::Caches;
+use crate::metrics::{DecisionLabels, Metrics};
+use crate::policy::identity::StaticDirectory;
+use crate::policy::{Config, Decision, Directory, PolicySet, Reason, Verdict};
+
+/// What the webhook decides from. Implemented by the live caches and by fixed test data.
+pub trait Cluster: Send + Sync + 'static {
+    fn policies(&self) -> Arc<PolicySet>;
+    fn directory(&self) -> &dyn Directory;
+    fn ready(&self) -> bool;
+}
+
+impl Cluster for Caches {
+    fn policies(&self) -> Arc<PolicySet> {
+        Caches::policies(self)
+    }
+    fn directory(&self) -> &dyn Directory {
+        self
+    }
+    fn ready(&self) -> bool {
+        Caches::ready(self)
+    }
+}
+
+/// A fixed cluster: for router tests and offline evaluation.
+pub struct StaticCluster {
+    pub policies: Arc<PolicySet>,
+    pub directory: StaticDirectory,
+}
+
+impl Cluster for StaticCluster {
+    fn policies(&self) -> Arc<PolicySet> {
+        self.policies.clone()
+    }
+    fn directory(&self) -> &dyn Directory {
+        &self.directory
+    }
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// Shared state of both ports.
+pub struct AppState {
+    pub cluster: Arc<dyn Cluster>,
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub clock: fn() -> Timestamp,
+    /// Set on shutdown so `/readyz` fails before the listener closes.
+    pub shutting_down: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(cluster: Arc<dyn Cluster>, config: Config, metrics: Arc<Metrics>) -> Self {
+        Self { cluster, config, metrics, clock: Timestamp::now, shutting_down: AtomicBool::new(false) }
+    }
+}
+
+/// The webhook port's routes.
+pub fn webhook_router(state: Arc<AppState>) -> Router {
+    Router::new().route("/validate", post(validate)).with_state(state)
+}
+
+/// The admin port's routes.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.shutting_down.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if !state.cluster.ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced").into_response()
+    } else {
+        "ok".into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn json(status: StatusCode, body: &Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+fn malformed(state: &AppState, status: StatusCode, m: &Malformed) -> Response {
+    state.metrics.malformed.inc();
+    tracing::warn!(uid = m.uid.as_deref().unwrap_or_default(), error = %m, "refused malformed AdmissionReview");
+    // Without a uid the API server cannot match an answer: say so with an HTTP error status.
+    let status = if m.uid.is_some() { StatusCode::OK } else { status };
+    json(status, &admission::refuse(m))
+}
+
+async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
+    let started = Instant::now();
+    let bytes = match http_body_util::Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            let m =
+                Malformed { uid: None, message: format!("the body is larger than {MAX_BODY_BYTES} bytes") };
+            return malformed(&state, StatusCode::PAYLOAD_TOO_LARGE, &m);
+        }
+        Err(e) => {
+            let m = Malformed { uid: None, message: format!("the body could not be read: {e}") };
+            return malformed(&state, StatusCode::BAD_REQUEST, &m);
+        }
+    };
+    let request = match admission::decode(&bytes) {
+        Ok(r) => r,
+        Err(m) => return malformed(&state, StatusCode::BAD_REQUEST, &m),
+    };
+    if !state.cluster.ready() {
+        // An error status lets each webhook's failurePolicy decide: refused for agents, admitted
+        // for everyone else. Guessing from half-synced caches could do either wrongly.
+        return (StatusCode::SERVICE_UNAVAILABLE, "agentguard caches are not synced yet").into_response();
+    }
+    let policies = state.cluster.policies();
+    let snapshot = Snapshot {
+        policies: &policies,
+        directory: state.cluster.directory(),
+        config: &state.config,
+        now: (state.clock)(),
+    };
+    let decision = admission::review(&request, &snapshot);
+    record(&state, &request, &decision, started);
+    json(StatusCode::OK, &admission::respond(&request.uid, &decision))
+}
+
+fn record(state: &AppState, request: &admission::AdmissionRequest, decision: &Decision, started: Instant) {
+    let policy = match &decision.verdict {
+        Verdict::Deny(d) => match &d.reason {
+            Reason::Builtin { rule, .. } => format!("builtin/{rule}"),
+            other => other.policy().map(policy_label).unwrap_or_default(),
+        },
+        Verdict::Allow(crate::policy::Allowed::Approved { policy, .. })
+        | Verdict::Allow(crate::policy::Allowed::ByPolicy { policy, .. }) => policy_label(policy),
+        Verdict::Allow(_) => String::new(),
+    };
+    let facts = request.facts();
+    let resource = match facts.subresource {
+        "" => facts.resource.to_owned(),
+        sub => format!("{}/{sub}", facts.resource),
+    };
+    state
+        .metrics
+        .decisions
+        .get_or_create(&DecisionLabels {
+            outcome: decision.outcome().into(),
+            policy: policy.clone(),
+            resource: resource.clone(),
+            dry_run: request.dry_run().to_string(),
+        })
+        .inc();
+    state.metrics.latency.observe(started.elapsed().as_secs_f64());
+    let fields = (
+        request.uid.as_str(),
+        request.operation.as_str(),
+        resource.as_str(),
+        facts.namespace,
+        facts.name,
+        request.user_info.username.as_str(),
+        request.dry_run(),
+    );
+    let (uid, operation, resource, namespace, name, user, dry_run) = fields;
+    match &decision.verdict {
+        Verdict::Deny(denial) => tracing::info!(
+            uid, operation, resource, namespace, name, user, dry_run, outcome = decision.outcome(), %policy,
+            message = %denial, "refused"
+        ),
+        Verdict::Allow(why) if decision.outcome() != "allowed" || !decision.audits.is_empty() => {
+            tracing::info!(
+                uid, operation, resource, namespace, name, user, dry_run, outcome = decision.outcome(), %policy,
+                reason = ?why, warnings = ?decision.warnings, audits = ?decision.audits, "admitted"
+            )
+        }
+        Verdict::Allow(why) => tracing::debug!(
+            uid, operation, resource, namespace, name, user, dry_run, reason = ?why, "admitted"
+        ),
+    }
+}
+
+fn policy_label(id: &crate::policy::PolicyId) -> String {
+    match &id.namespace {
+        None => format!("cluster/{}", id.name),
+        Some(ns) => format!("{ns}/{}", id.name),
+    }
+}
+
+#[cfg(test)]
+mod tests;
