@@ -1,1 +1,151 @@
-fn main() {}
+//! Cost of one policy decision as the number of policies grows (decode excluded).
+//!
+//! `cargo bench --bench policy` — results and the machine they came from are in the README.
+
+use std::hint::black_box;
+
+use agentguard::api::{AgentPolicy, ClusterAgentPolicy};
+use agentguard::policy::identity::StaticDirectory;
+use agentguard::policy::{Config, Facts, Operation, PolicySet, Requester, evaluate};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use serde_json::{Value, json};
+
+const RESOURCES: [(&str, &str); 20] = [
+    ("apps", "deployments"),
+    ("apps", "statefulsets"),
+    ("apps", "daemonsets"),
+    ("apps", "replicasets"),
+    ("", "configmaps"),
+    ("", "secrets"),
+    ("", "services"),
+    ("", "pods"),
+    ("", "persistentvolumeclaims"),
+    ("", "serviceaccounts"),
+    ("batch", "jobs"),
+    ("batch", "cronjobs"),
+    ("networking.k8s.io", "ingresses"),
+    ("networking.k8s.io", "networkpolicies"),
+    ("rbac.authorization.k8s.io", "roles"),
+    ("rbac.authorization.k8s.io", "rolebindings"),
+    ("policy", "poddisruptionbudgets"),
+    ("autoscaling", "horizontalpodautoscalers"),
+    ("apps", "deployments/scale"),
+    ("apps", "statefulsets/scale"),
+];
+
+fn spec(i: usize) -> Value {
+    let (group, resource) = RESOURCES[i % RESOURCES.len()];
+    let action = ["Deny", "RequireApproval", "Allow"][i % 3];
+    let mut spec = json!({
+        "action": action,
+        "rules": [{
+            "name": format!("rule-{i}"),
+            "operations": ["DELETE", "UPDATE"],
+            "resources": [{"apiGroups": [group], "resources": [resource]}],
+            "names": [format!("app-{}-*", i % 50)],
+            "objectSelector": {"matchLabels": {"tier": format!("t{}", i % 4)}}
+        }]
+    });
+    if action == "RequireApproval" {
+        spec["approval"] = json!({"approvers": {"groups": ["sre"]}});
+    }
+    spec
+}
+
+/// `n` policies: a tenth cluster-wide, the rest AgentPolicies spread over 100 namespaces, plus
+/// (from 100 up) two catch-all Warn policies, as a real cluster would have.
+fn policies(n: usize) -> PolicySet {
+    let mut cluster = Vec::new();
+    let mut namespaced = Vec::new();
+    for i in 0..n {
+        if i % 10 == 0 {
+            cluster.push(
+                serde_json::from_value::<ClusterAgentPolicy>(json!({
+                    "apiVersion": "agentguard.io/v1alpha1", "kind": "ClusterAgentPolicy",
+                    "metadata": {"name": format!("cluster-{i}")}, "spec": spec(i)
+                }))
+                .unwrap(),
+            );
+        } else {
+            namespaced.push(
+                serde_json::from_value::<AgentPolicy>(json!({
+                    "apiVersion": "agentguard.io/v1alpha1", "kind": "AgentPolicy",
+                    "metadata": {"name": format!("team-{i}"), "namespace": format!("ns-{}", i % 100)},
+                    "spec": spec(i)
+                }))
+                .unwrap(),
+            );
+        }
+    }
+    if n >= 100 {
+        for name in ["warn-all-deletes", "warn-all-updates"] {
+            cluster.push(
+                serde_json::from_value(json!({
+                    "apiVersion": "agentguard.io/v1alpha1", "kind": "ClusterAgentPolicy",
+                    "metadata": {"name": name},
+                    "spec": {"action": "Deny", "mode": "Warn", "rules": [{"operations": ["DELETE"],
+                        "resources": [{"apiGroups": ["*"], "resources": ["*"]}], "names": ["nothing-*"]}]}
+                }))
+                .unwrap(),
+            );
+        }
+    }
+    let (set, problems) = PolicySet::compile(&cluster, &namespaced);
+    assert!(problems.is_empty());
+    set
+}
+
+fn deployment(replicas: i64) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "app-10-web", "namespace": "ns-10", "labels": {"tier": "t2", "app": "web"},
+                     "resourceVersion": "42", "generation": 7},
+        "spec": {"replicas": replicas, "template": {"spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}}}
+    })
+}
+
+fn bench(c: &mut Criterion) {
+    let mut directory = StaticDirectory::default();
+    directory.service_accounts.insert(
+        ("agents".into(), "coder".into()),
+        [("agentguard.io/agent".to_string(), "true".to_string())].into(),
+    );
+    for i in 0..100 {
+        directory.namespaces.insert(format!("ns-{i}"), [("team".to_string(), format!("t{i}"))].into());
+    }
+    let config = Config::default();
+    let requester = Requester::resolve(
+        "system:serviceaccount:agents:coder",
+        &["system:serviceaccounts".into()],
+        &directory,
+        ("agentguard.io/agent", "true"),
+    );
+    let now = "2026-11-26T12:00:00Z".parse().unwrap();
+    let (old, new) = (deployment(3), deployment(0));
+    let delete = Facts {
+        operation: Operation::Delete,
+        group: "apps",
+        resource: "deployments",
+        subresource: "",
+        namespace: "ns-10",
+        name: "app-10-web",
+        object: None,
+        old_object: Some(&old),
+    };
+    let update = Facts { operation: Operation::Update { patch: true }, object: Some(&new), ..delete.clone() };
+
+    let mut group = c.benchmark_group("decision");
+    for n in [1, 100, 1000] {
+        let set = policies(n);
+        group.bench_with_input(BenchmarkId::new("delete", n), &set, |b, set| {
+            b.iter(|| evaluate(black_box(&delete), &requester, set, &directory, &config, now))
+        });
+        group.bench_with_input(BenchmarkId::new("update", n), &set, |b, set| {
+            b.iter(|| evaluate(black_box(&update), &requester, set, &directory, &config, now))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

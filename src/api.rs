@@ -398,4 +398,103 @@ mod tests {
             "{CRDS_PATH} drifted from the Rust types: run `cargo run -- crds > {CRDS_PATH}`"
         );
     }
+
+    /// The CEL rules of the committed CRDs, evaluated client-side as the API server would.
+    mod cel {
+        use kube::core::cel::{ErrorKind, Validator};
+        use serde_json::{Value, json};
+
+        fn schema(kind: &str) -> Value {
+            use serde::Deserialize as _;
+            let text = include_str!("../charts/agentguard/crds/crds.yaml");
+            serde_yaml::Deserializer::from_str(text)
+                .map(|d| Value::deserialize(d).unwrap())
+                .find(|crd| crd["spec"]["names"]["kind"] == kind)
+                .map(|crd| crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone())
+                .unwrap()
+        }
+
+        fn check(kind: &str, spec: Value) -> Result<(), String> {
+            let object = json!({"apiVersion": "agentguard.io/v1alpha1", "kind": kind,
+                                "metadata": {"name": "p", "namespace": "team"}, "spec": spec});
+            Validator::new().validate(&schema(kind), &object, None).map_err(|errors| {
+                // A rule the evaluator cannot run is a defect of ours, not a refusal.
+                for e in errors.iter() {
+                    assert_eq!(e.kind, ErrorKind::ValidationFailure, "{e:?}");
+                }
+                errors.iter().map(|e| e.message.clone()).collect::<Vec<_>>().join("; ")
+            })
+        }
+
+        fn rule() -> Value {
+            json!({"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]})
+        }
+
+        fn hold(approval: Value) -> Value {
+            json!({"action": "RequireApproval", "approval": approval, "rules": [rule()]})
+        }
+
+        #[test]
+        fn valid_policies_pass() {
+            for kind in ["ClusterAgentPolicy", "AgentPolicy"] {
+                assert_eq!(check(kind, json!({"action": "Deny", "rules": [rule()]})), Ok(()));
+                assert_eq!(
+                    check(kind, hold(json!({"approvers": {"groups": ["sre"]}}))),
+                    Ok(()),
+                    "defaults apply"
+                );
+                let ok = hold(json!({"approvers": {"users": ["alice"]}, "ttl": "30m", "maxTtl": "168h"}));
+                assert_eq!(check(kind, ok), Ok(()));
+            }
+            let selectors = json!({"action": "Deny", "rules": [{
+                "operations": ["UPDATE"], "resources": [{"apiGroups": ["*"], "resources": ["*/scale", "pods", "*"]}],
+                "namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]},
+                "objectSelector": {"matchExpressions": [{"key": "keep", "operator": "Exists"}]}}]});
+            assert_eq!(check("ClusterAgentPolicy", selectors), Ok(()));
+        }
+
+        #[test]
+        fn invalid_policies_are_refused_with_a_clear_message() {
+            let cases = [
+                (
+                    json!({"action": "RequireApproval", "rules": [rule()]}),
+                    "approval must be set when action is RequireApproval",
+                ),
+                (
+                    json!({"action": "Deny", "approval": {"approvers": {"users": ["a"]}}, "rules": [rule()]}),
+                    "and only then",
+                ),
+                (hold(json!({"approvers": {"users": [], "groups": []}})), "at least one approver"),
+                (
+                    hold(json!({"approvers": {"users": ["a"]}, "ttl": "2h", "maxTtl": "1h"})),
+                    "ttl must not exceed maxTtl",
+                ),
+                (
+                    hold(json!({"approvers": {"users": ["a"]}, "ttl": "1h", "maxTtl": "200h"})),
+                    "maxTtl must not exceed 168h",
+                ),
+                (hold(json!({"approvers": {"users": ["a"]}, "ttl": "30s"})), "ttl must be at least 1m"),
+                (
+                    json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+                    "resources": [{"apiGroups": ["apps"], "resources": ["Deployments"]}]}]}),
+                    "resources are lower-case names",
+                ),
+                (
+                    json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+                    "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],
+                    "objectSelector": {"matchExpressions": [{"key": "a", "operator": "In", "values": []}]}}]}),
+                    "In and NotIn need values",
+                ),
+            ];
+            for (spec, message) in cases {
+                let got = check("ClusterAgentPolicy", spec.clone());
+                assert!(got.as_ref().is_err_and(|m| m.contains(message)), "{spec}: {got:?}");
+            }
+            let namespaced = json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+                "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}], "namespaces": ["other"]}]});
+            let got = check("AgentPolicy", namespaced.clone());
+            assert!(got.as_ref().is_err_and(|m| m.contains("applies to its own namespace only")), "{got:?}");
+            assert_eq!(check("ClusterAgentPolicy", namespaced), Ok(()));
+        }
+    }
 }

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting, lints, generated-file drift, unit and router
+# tests, then the end-to-end tests against a real kube-apiserver when its binaries can be built.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "generated CRDs match the Rust types"
+cargo run --locked --quiet -- crds | diff -u charts/agentguard/crds/crds.yaml - \
+  || { echo "charts/agentguard/crds/crds.yaml is stale: run 'cargo run -- crds > charts/agentguard/crds/crds.yaml'" >&2; exit 1; }
+
+step "cargo test (unit, router, CEL and TLS tests)"
+cargo test --locked
