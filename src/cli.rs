@@ -71,12 +71,71 @@ pub struct ServeArgs {
     pub cert_reload_seconds: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub webhook: WebhookArgs,
     /// After SIGTERM, how long /readyz fails before the listener stops, in seconds.
     #[arg(long, env = "AGENTGUARD_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
     pub shutdown_delay_seconds: u64,
     /// Longest wait for in-flight requests to finish on shutdown, in seconds.
     #[arg(long, env = "AGENTGUARD_DRAIN_SECONDS", default_value_t = 20)]
     pub drain_seconds: u64,
+}
+
+/// How agentguard registers itself with the API server. Without `--webhook-url` or
+/// `--webhook-service` it leaves the webhook configuration alone.
+#[derive(Args, Debug, Clone)]
+pub struct WebhookArgs {
+    /// Name of the ValidatingWebhookConfiguration agentguard keeps current.
+    #[arg(long, env = "AGENTGUARD_WEBHOOK_CONFIGURATION", default_value = "agentguard")]
+    pub webhook_configuration: String,
+    /// Reach the webhook at this URL (clusters without in-cluster networking, tests).
+    #[arg(long, env = "AGENTGUARD_WEBHOOK_URL", conflicts_with = "webhook_service")]
+    pub webhook_url: Option<String>,
+    /// Reach the webhook through this Service, as NAMESPACE/NAME:PORT.
+    #[arg(long, env = "AGENTGUARD_WEBHOOK_SERVICE")]
+    pub webhook_service: Option<String>,
+    /// PEM CA bundle the API server verifies the webhook's certificate with.
+    #[arg(long, env = "AGENTGUARD_WEBHOOK_CA_FILE", default_value = "/tls/ca.crt")]
+    pub webhook_ca_file: PathBuf,
+    /// API server timeout for one webhook call, in seconds.
+    #[arg(long, env = "AGENTGUARD_WEBHOOK_TIMEOUT_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=30))]
+    pub webhook_timeout_seconds: i32,
+}
+
+impl WebhookArgs {
+    pub fn settings(&self) -> Result<Option<crate::webhook::Settings>> {
+        use crate::webhook::{Endpoint, Settings};
+        let Self {
+            webhook_configuration,
+            webhook_url,
+            webhook_service,
+            webhook_ca_file,
+            webhook_timeout_seconds,
+        } = self;
+        let endpoint = match (webhook_url, webhook_service) {
+            (Some(url), _) => Endpoint::Url(url.clone()),
+            (None, Some(service)) => {
+                let parse = || -> Option<Endpoint> {
+                    let (namespace, rest) = service.split_once('/')?;
+                    let (name, port) = rest.split_once(':')?;
+                    Some(Endpoint::Service {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                        port: port.parse().ok()?,
+                    })
+                };
+                parse()
+                    .with_context(|| format!("--webhook-service {service:?} is not NAMESPACE/NAME:PORT"))?
+            }
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(Settings {
+            name: webhook_configuration.clone(),
+            endpoint,
+            ca_file: webhook_ca_file.clone(),
+            timeout_seconds: *webhook_timeout_seconds,
+        }))
+    }
 }
 
 /// Settings of the policy engine shared by `serve` and `check`.

@@ -23,10 +23,11 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 
-use crate::api::{AgentPolicy, ClusterAgentPolicy};
+use crate::api::{AGENT_NAMESPACE_LABEL, AgentPolicy, ClusterAgentPolicy};
 use crate::metrics::Metrics;
 use crate::policy::selector::Labels;
-use crate::policy::{Directory, PolicySet, Problem};
+use crate::policy::{Config, Directory, PolicySet, Problem};
+use crate::webhook::AgentSet;
 
 /// Shared, read-mostly caches. Cheap to read from any request.
 pub struct Caches {
@@ -146,6 +147,42 @@ impl Caches {
             );
         };
         (caches, run.boxed())
+    }
+
+    /// Every identity that is an agent now: what the `agents` webhook must see.
+    pub fn agent_set(&self, config: &Config) -> AgentSet {
+        let policies = self.policies();
+        let namespaces: std::collections::BTreeSet<String> = self
+            .namespaces
+            .state()
+            .iter()
+            .filter(|ns| {
+                ns.metadata.labels.as_ref().and_then(|l| l.get(AGENT_NAMESPACE_LABEL)).map(String::as_str)
+                    == Some("true")
+            })
+            .filter_map(|ns| ns.metadata.name.clone())
+            .collect();
+        let mut usernames: std::collections::BTreeSet<String> = self
+            .service_accounts
+            .state()
+            .iter()
+            .filter(|sa| {
+                let ns = sa.metadata.namespace.as_deref().unwrap_or_default();
+                !namespaces.contains(ns) && policies.labels_make_agent(sa.metadata.labels.as_ref(), config)
+            })
+            .map(|sa| {
+                format!(
+                    "system:serviceaccount:{}:{}",
+                    sa.metadata.namespace.as_deref().unwrap_or_default(),
+                    sa.metadata.name.as_deref().unwrap_or_default()
+                )
+            })
+            .collect();
+        usernames.extend(config.agent_usernames.iter().cloned());
+        usernames.extend(policies.subject_usernames().cloned());
+        let mut groups: std::collections::BTreeSet<String> = config.agent_groups.iter().cloned().collect();
+        groups.extend(policies.subject_groups().cloned());
+        AgentSet { usernames, namespaces, groups }
     }
 
     fn recompile(

@@ -19,3 +19,4 @@ pub mod metrics;
 pub mod policy;
 pub mod run;
 pub mod server;
+pub mod webhook;

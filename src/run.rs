@@ -22,10 +22,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tls_key,
         cert_reload_seconds,
         engine,
+        webhook,
         shutdown_delay_seconds,
         drain_seconds,
     } = args;
     let config = engine.config()?;
+    let webhook_settings = webhook.settings()?;
     let metrics = Arc::new(Metrics::default());
 
     // Certificates first: without them there is nothing to serve.
@@ -33,8 +35,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let resolver = tls::CertResolver::load(&cert_files).context("loading the serving certificate")?;
 
     let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
-    let (caches, reflectors) = Caches::start(client, metrics.clone());
-    let state = Arc::new(AppState::new(caches, config, metrics.clone()));
+    let (caches, reflectors) = Caches::start(client.clone(), metrics.clone());
+    let state = Arc::new(AppState::new(caches.clone(), config.clone(), metrics.clone()));
+    // Registration follows the caches: it starts only once they are synced.
+    let registration = webhook_settings.map(|settings| {
+        tokio::spawn(crate::webhook::keep_current(client, caches, config, settings, Duration::from_secs(1)))
+    });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let webhook = TcpListener::bind(webhook_addr).await.with_context(|| format!("binding {webhook_addr}"))?;
@@ -76,6 +82,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     admin_server.await.context("admin server task")?.context("admin server")?;
     reload.abort();
     reflectors.abort();
+    if let Some(r) = registration {
+        r.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -295,6 +295,16 @@ impl PolicySet {
         self.policies.iter()
     }
 
+    /// Usernames some policy names as agents.
+    pub fn subject_usernames(&self) -> impl Iterator<Item = &String> {
+        self.subject_usernames.iter()
+    }
+
+    /// Groups some policy names as agents.
+    pub fn subject_groups(&self) -> impl Iterator<Item = &String> {
+        self.subject_groups.iter()
+    }
+
     /// Whether the requester is an agent for agentguard at all: marked by the agent label (or an
     /// agent namespace), configured as one, or named by any policy's subjects.
     pub fn is_agent(&self, requester: &Requester, config: &Config) -> bool {
