@@ -132,15 +132,27 @@ impl AdmissionRequest {
             "DELETE" => Operation::Delete,
             "CONNECT" => Operation::Connect,
             _ => Operation::Update {
-                patch: self.options.as_ref().and_then(|o| o.get("kind")).and_then(Value::as_str)
-                    == Some("PatchOptions"),
+                patch: match self.options.as_ref().and_then(|o| o.get("kind")).and_then(Value::as_str) {
+                    Some("PatchOptions") => Some(true),
+                    // The API server also sends UpdateOptions for patches, so this proves nothing.
+                    _ => None,
+                },
             },
         }
     }
 
     pub fn facts(&self) -> Facts<'_> {
         let subresource = self.sub_resource.as_deref().unwrap_or_default();
-        let name = self.name.as_deref().unwrap_or_default();
+        // Each item of a deletecollection arrives with an empty name (the API server reuses the
+        // collection's attributes): the object's own name is the truth, or name globs could be
+        // sidestepped by deleting through the collection.
+        fn object_name(o: &Option<Value>) -> Option<&str> {
+            o.as_ref()?.pointer("/metadata/name")?.as_str()
+        }
+        let name = match self.name.as_deref() {
+            Some(n) if !n.is_empty() => n,
+            _ => object_name(&self.old_object).or_else(|| object_name(&self.object)).unwrap_or_default(),
+        };
         let is_namespace = self.resource.group.is_empty() && self.resource.resource == "namespaces";
         // A Namespace is its own namespace, whatever the request's namespace field says.
         let namespace = if is_namespace { name } else { self.namespace.as_deref().unwrap_or_default() };
@@ -269,14 +281,26 @@ mod tests {
     }
 
     #[test]
-    fn patch_and_replace_are_told_apart_by_options_kind() {
+    fn patch_is_known_only_from_patch_options() {
         let mut r = base();
         r["operation"] = json!("UPDATE");
         r["object"] = json!({"metadata": {}});
         r["options"] = json!({"kind": "PatchOptions", "apiVersion": "meta.k8s.io/v1"});
-        assert_eq!(decode(&review_json(r.clone())).unwrap().operation(), Operation::Update { patch: true });
+        assert_eq!(
+            decode(&review_json(r.clone())).unwrap().operation(),
+            Operation::Update { patch: Some(true) }
+        );
         r["options"] = json!({"kind": "UpdateOptions", "apiVersion": "meta.k8s.io/v1"});
-        assert_eq!(decode(&review_json(r)).unwrap().operation(), Operation::Update { patch: false });
+        assert_eq!(decode(&review_json(r)).unwrap().operation(), Operation::Update { patch: None });
+    }
+
+    #[test]
+    fn deletecollection_items_are_named_by_their_object() {
+        let mut r = base();
+        r["name"] = json!("");
+        r["oldObject"] = json!({"metadata": {"name": "prod-db"}});
+        let req = decode(&review_json(r)).unwrap();
+        assert_eq!(req.facts().name, "prod-db");
     }
 
     #[test]

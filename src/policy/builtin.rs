@@ -63,8 +63,7 @@ pub(super) fn approval_write(
         probe(Operation::Delete);
     }
     if !grant.updates.is_empty() {
-        probe(Operation::Update { patch: true });
-        probe(Operation::Update { patch: false });
+        probe(Operation::Update { patch: None });
     }
     if covering.is_empty() {
         return Err(format!(

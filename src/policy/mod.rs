@@ -64,13 +64,15 @@ impl Default for Config {
     }
 }
 
-/// The operation of a request, with replace and patch told apart.
+/// The operation of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
     Create,
-    /// `patch` is true when the request was a PATCH (options kind `PatchOptions`).
+    /// `patch`: whether the update was sent as a PATCH, when the API server says so (options
+    /// kind `PatchOptions`); `None` when it does not. Kubernetes (checked on 1.35) converts a
+    /// patch's options to `UpdateOptions` before admission, so in practice it is `None`.
     Update {
-        patch: bool,
+        patch: Option<bool>,
     },
     Delete,
     Connect,
@@ -80,8 +82,9 @@ impl Operation {
     pub fn describe(self) -> &'static str {
         match self {
             Operation::Create => "CREATE",
-            Operation::Update { patch: true } => "UPDATE (patch)",
-            Operation::Update { patch: false } => "UPDATE (replace)",
+            Operation::Update { patch: Some(true) } => "UPDATE (patch)",
+            Operation::Update { patch: Some(false) } => "UPDATE (replace)",
+            Operation::Update { patch: None } => "UPDATE",
             Operation::Delete => "DELETE",
             Operation::Connect => "CONNECT",
         }
@@ -510,8 +513,10 @@ impl CompiledRule {
     fn guards(&self, op: Operation) -> bool {
         match op {
             Operation::Delete => self.delete,
-            Operation::Update { patch: true } => self.patch,
-            Operation::Update { patch: false } => self.replace,
+            Operation::Update { patch: Some(true) } => self.patch,
+            Operation::Update { patch: Some(false) } => self.replace,
+            // Replace and patch cannot be told apart: a rule guarding either guards it.
+            Operation::Update { patch: None } => self.replace || self.patch,
             Operation::Create | Operation::Connect => false,
         }
     }

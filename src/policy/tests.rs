@@ -131,8 +131,12 @@ enum ApprovalState {
     Stale,
 }
 
-const OPERATIONS: [Operation; 3] =
-    [Operation::Delete, Operation::Update { patch: true }, Operation::Update { patch: false }];
+const OPERATIONS: [Operation; 4] = [
+    Operation::Delete,
+    Operation::Update { patch: Some(true) },
+    Operation::Update { patch: Some(false) },
+    Operation::Update { patch: None },
+];
 const WHO: [Who; 5] = [
     Who::LabelledAgent,
     Who::AgentNamespace,
@@ -162,7 +166,7 @@ fn decision_table() {
             }
         }
     }
-    assert_eq!(rows, 3 * 5 * 4 * 3 * 4);
+    assert_eq!(rows, 4 * 5 * 4 * 3 * 4);
 }
 
 fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: ApprovalState) {
@@ -351,17 +355,24 @@ fn operations_narrow_to_replace_or_patch() {
     let patch = decide(
         &policies,
         Who::LabelledAgent,
-        &facts(Operation::Update { patch: true }, Some(&old), Some(&new)),
+        &facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&new)),
     );
     let put = decide(
         &policies,
         Who::LabelledAgent,
-        &facts(Operation::Update { patch: false }, Some(&old), Some(&new)),
+        &facts(Operation::Update { patch: Some(false) }, Some(&old), Some(&new)),
     );
     let delete = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None));
+    // What Kubernetes sends in practice: an update of unknown kind, guarded by either narrowing.
+    let unknown = decide(
+        &policies,
+        Who::LabelledAgent,
+        &facts(Operation::Update { patch: None }, Some(&old), Some(&new)),
+    );
     assert!(!patch.allowed());
     assert!(put.allowed());
     assert!(delete.allowed());
+    assert!(!unknown.allowed());
 }
 
 #[test]
@@ -373,7 +384,7 @@ fn no_op_updates_pass() {
     let d = decide(
         &policies,
         Who::LabelledAgent,
-        &facts(Operation::Update { patch: true }, Some(&old), Some(&new)),
+        &facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&new)),
     );
     assert_eq!(d.verdict, Verdict::Allow(Allowed::NoChange));
 }
@@ -395,7 +406,7 @@ fn resource_patterns_and_subresources() {
         let new = json!({"kind": "Scale", "metadata": {"name": "web"}, "spec": {"replicas": 0}});
         let f = Facts {
             subresource: "scale",
-            ..facts(Operation::Update { patch: true }, Some(&old), Some(&new))
+            ..facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&new))
         };
         decide(policies, Who::LabelledAgent, &f).allowed()
     };
@@ -431,8 +442,10 @@ fn scale_to_zero_is_held_with_a_diff_and_told_how_to_get_approval() {
     );
     let old = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "web", "namespace": "prod"}, "spec": {"replicas": 3}});
     let new = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "web", "namespace": "prod"}, "spec": {"replicas": 0}});
-    let f =
-        Facts { subresource: "scale", ..facts(Operation::Update { patch: true }, Some(&old), Some(&new)) };
+    let f = Facts {
+        subresource: "scale",
+        ..facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&new))
+    };
     let d = decide(&policies, Who::LabelledAgent, &f);
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
     let msg = denial.to_string();
@@ -533,7 +546,7 @@ fn relabelling_out_of_an_object_selector_is_guarded() {
     let d = decide(
         &policies,
         Who::LabelledAgent,
-        &facts(Operation::Update { patch: true }, Some(&old), Some(&unlabelled)),
+        &facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&unlabelled)),
     );
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
     assert!(denial.to_string().contains("out of the rule's objectSelector"), "{denial}");
@@ -547,7 +560,7 @@ fn relabelling_out_of_an_object_selector_is_guarded() {
         decide(
             &policies,
             Who::LabelledAgent,
-            &facts(Operation::Update { patch: true }, Some(&old), Some(&scaled))
+            &facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&scaled))
         )
         .allowed()
     );
@@ -570,7 +583,7 @@ fn adding_an_owner_is_guarded_by_delete_rules() {
     let d = decide(
         &policies,
         Who::LabelledAgent,
-        &facts(Operation::Update { patch: true }, Some(&old), Some(&owned)),
+        &facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&owned)),
     );
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
     assert!(denial.to_string().contains("garbage collector"), "{denial}");
@@ -594,7 +607,7 @@ fn relabelling_a_namespace_out_of_a_namespace_selector_is_guarded() {
         resource: "namespaces",
         namespace: "prod",
         name: "prod",
-        ..facts(Operation::Update { patch: true }, Some(&old), Some(&new))
+        ..facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&new))
     };
     let d = decide(&policies, Who::LabelledAgent, &f);
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
@@ -658,7 +671,7 @@ mod builtins {
             resource: "serviceaccounts",
             namespace: "agents",
             name: "coder",
-            ..facts(Operation::Update { patch: true }, Some(old), Some(new))
+            ..facts(Operation::Update { patch: Some(true) }, Some(old), Some(new))
         }
     }
 
@@ -680,7 +693,7 @@ mod builtins {
         assert!(decide(&none, Who::LabelledAgent, &sa_update(&plain, &team)).allowed());
 
         let policy = json!({"metadata": {"name": "p"}});
-        for op in [Operation::Create, Operation::Update { patch: true }, Operation::Delete] {
+        for op in [Operation::Create, Operation::Update { patch: Some(true) }, Operation::Delete] {
             let f = Facts {
                 group: "agentguard.io",
                 resource: "clusteragentpolicies",
@@ -733,7 +746,7 @@ mod builtins {
             resource: "namespaces",
             namespace: "bots",
             name: "bots",
-            ..facts(Operation::Update { patch: true }, Some(&old), Some(&new))
+            ..facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&new))
         };
         assert_eq!(
             builtin_rule(&decide(&none, Who::AgentNamespace, &f)),
@@ -761,7 +774,7 @@ mod builtins {
     }
 
     fn approve_request<'a>(old: &'a Value, new: &'a Value) -> Facts<'a> {
-        facts(Operation::Update { patch: true }, Some(old), Some(new))
+        facts(Operation::Update { patch: Some(true) }, Some(old), Some(new))
     }
 
     #[test]
@@ -860,7 +873,7 @@ fn an_approved_update_does_not_approve_the_next_one() {
     let d = decide(
         &policies,
         Who::LabelledAgent,
-        &facts(Operation::Update { patch: true }, Some(&approved), Some(&applied)),
+        &facts(Operation::Update { patch: Some(true) }, Some(&approved), Some(&applied)),
     );
     assert!(d.allowed(), "{d:?}");
     // The next change starts from the updated object: the approval names another change.
@@ -869,7 +882,7 @@ fn an_approved_update_does_not_approve_the_next_one() {
     let d = decide(
         &policies,
         Who::LabelledAgent,
-        &facts(Operation::Update { patch: true }, Some(&applied), Some(&v3)),
+        &facts(Operation::Update { patch: Some(true) }, Some(&applied), Some(&v3)),
     );
     assert!(!d.allowed(), "{d:?}");
 }

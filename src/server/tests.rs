@@ -90,7 +90,7 @@ async fn fixtures_get_the_documented_answers() {
             "06-agent-replaces-image.json",
             false,
             &[
-                "UPDATE (replace)",
+                "UPDATE of deployments.apps",
                 "spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28",
                 "agentguard.io/approve=update:",
             ],

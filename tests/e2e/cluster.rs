@@ -1,0 +1,263 @@
+//! A throwaway Kubernetes control plane on loopback: etcd and kube-apiserver built from their
+//! Go modules (`hack/k8s-binaries.sh`), certificates made per run, and kubectl as the client.
+//! Dropping [`ControlPlane`] stops exactly the processes it started and removes its directory.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+
+/// Binaries from `hack/k8s-binaries.sh`, named by environment variables.
+pub struct Binaries {
+    pub kube_apiserver: PathBuf,
+    pub etcd: PathBuf,
+    pub kubectl: PathBuf,
+}
+
+impl Binaries {
+    pub fn from_env() -> Result<Self> {
+        let get = |var: &str| -> Result<PathBuf> {
+            let path = PathBuf::from(std::env::var(var).with_context(|| {
+                format!("{var} is not set: run the end-to-end tests through hack/test.sh, or eval \"$(hack/k8s-binaries.sh)\"")
+            })?);
+            anyhow::ensure!(path.is_file(), "{var}={} does not exist", path.display());
+            Ok(path)
+        };
+        Ok(Self { kube_apiserver: get("KUBE_APISERVER")?, etcd: get("ETCD")?, kubectl: get("KUBECTL")? })
+    }
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The run's certificate authority: signs the API server's, agentguard's and users' certificates.
+pub struct Pki {
+    ca_params: CertificateParams,
+    ca_key: KeyPair,
+    pub ca_pem: String,
+}
+
+impl Pki {
+    pub fn new() -> Result<Self> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, "agentguard-e2e-ca");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self { ca_pem: cert.pem(), ca_params: params, ca_key: key })
+    }
+
+    /// A serving certificate for 127.0.0.1: (cert PEM, key PEM).
+    pub fn serving(&self) -> Result<(String, String)> {
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+        params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// A client certificate: the API server reads the user from CN and groups from O.
+    pub fn client(&self, user: &str, groups: &[&str]) -> Result<(String, String)> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, user);
+        for g in groups {
+            params.distinguished_name.push(DnType::OrganizationName, *g);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, params: CertificateParams) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+pub struct Process {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        eprintln!("stopped {}", self.name);
+    }
+}
+
+pub fn spawn(name: &'static str, mut command: Command, log: &Path) -> Result<Process> {
+    let out = std::fs::File::create(log)?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(Process { name, child })
+}
+
+/// etcd + kube-apiserver. Fields drop in order: the API server stops before etcd.
+pub struct ControlPlane {
+    apiserver: Process,
+    etcd: Process,
+    pub dir: tempfile::TempDir,
+    pub pki: Pki,
+    pub url: String,
+    pub kubectl: PathBuf,
+    pub admin: PathBuf,
+    pub startup: Duration,
+}
+
+impl ControlPlane {
+    pub fn start(bins: &Binaries) -> Result<Self> {
+        let started = Instant::now();
+        let dir = tempfile::Builder::new().prefix("agentguard-e2e-").tempdir()?;
+        let path = |name: &str| dir.path().join(name);
+        let pki = Pki::new()?;
+        std::fs::write(path("ca.crt"), &pki.ca_pem)?;
+        let (cert, key) = pki.serving()?;
+        std::fs::write(path("apiserver.crt"), cert)?;
+        std::fs::write(path("apiserver.key"), key)?;
+        // Service-account tokens are signed with a key made for this run.
+        let sa_key = KeyPair::generate()?;
+        std::fs::write(path("sa.key"), sa_key.serialize_pem())?;
+        std::fs::write(path("sa.pub"), sa_key.public_key_pem())?;
+
+        let (client_port, peer_port, api_port) = (free_port(), free_port(), free_port());
+        let mut etcd = Command::new(&bins.etcd);
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        etcd.args(["--name", "e2e", "--data-dir"])
+            .arg(path("etcd"))
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("e2e={peer_url}")])
+            .args(["--unsafe-no-fsync", "--log-level", "warn"]);
+        let etcd = spawn("etcd", etcd, &path("etcd.log"))?;
+
+        let mut api = Command::new(&bins.kube_apiserver);
+        api.arg(format!("--etcd-servers={client_url}"))
+            .arg(format!("--secure-port={api_port}"))
+            .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+            .arg(format!("--tls-cert-file={}", path("apiserver.crt").display()))
+            .arg(format!("--tls-private-key-file={}", path("apiserver.key").display()))
+            .arg(format!("--client-ca-file={}", path("ca.crt").display()))
+            .arg(format!("--cert-dir={}", path("certs").display()))
+            .args(["--authorization-mode=Node,RBAC", "--service-cluster-ip-range=10.0.0.0/24"])
+            .arg(format!("--service-account-key-file={}", path("sa.pub").display()))
+            .arg(format!("--service-account-signing-key-file={}", path("sa.key").display()))
+            .args(["--service-account-issuer=https://kubernetes.default.svc.cluster.local"])
+            .args(["--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy"])
+            .args(["--allow-privileged=false", "--profiling=false", "--v=1"]);
+        let apiserver = spawn("kube-apiserver", api, &path("kube-apiserver.log"))?;
+
+        let url = format!("https://127.0.0.1:{api_port}");
+        let mut plane = Self {
+            apiserver,
+            etcd,
+            pki,
+            url,
+            kubectl: bins.kubectl.clone(),
+            admin: PathBuf::new(),
+            startup: Duration::ZERO,
+            dir,
+        };
+        plane.admin = plane.user_kubeconfig("admin", &["system:masters"])?;
+        plane.wait_ready(Duration::from_secs(120))?;
+        plane.startup = started.elapsed();
+        Ok(plane)
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            for (p, log) in [(&mut self.etcd, "etcd.log"), (&mut self.apiserver, "kube-apiserver.log")] {
+                if let Some(status) = p.child.try_wait()? {
+                    bail!("{} exited early ({status}):\n{}", p.name, tail(&self.dir.path().join(log), 30));
+                }
+            }
+            let out = self.kubectl(&self.admin, &["get", "--raw", "/readyz"]);
+            if out.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after {limit:?}:\n{}",
+                    tail(&self.dir.path().join("kube-apiserver.log"), 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn write_kubeconfig(&self, name: &str, user: &str) -> Result<PathBuf> {
+        let path = self.dir.path().join(format!("{name}.kubeconfig"));
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+             users:\n- name: {name}\n  user:\n{user}contexts:\n- name: e2e\n  context: {{cluster: e2e, user: {name}}}\ncurrent-context: e2e\n",
+            self.url,
+            self.dir.path().join("ca.crt").display(),
+        );
+        std::fs::write(&path, config)?;
+        Ok(path)
+    }
+
+    /// A kubeconfig authenticating as `user` in `groups` by client certificate.
+    pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf> {
+        let (cert, key) = self.pki.client(user, groups)?;
+        let (cert_path, key_path) =
+            (self.dir.path().join(format!("{user}.crt")), self.dir.path().join(format!("{user}.key")));
+        std::fs::write(&cert_path, cert)?;
+        std::fs::write(&key_path, key)?;
+        self.write_kubeconfig(
+            user,
+            &format!(
+                "    client-certificate: {}\n    client-key: {}\n",
+                cert_path.display(),
+                key_path.display()
+            ),
+        )
+    }
+
+    /// A kubeconfig using a ServiceAccount token from `kubectl create token`.
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> Result<PathBuf> {
+        let out = self.kubectl(&self.admin, &["create", "token", name, "-n", namespace, "--duration", "2h"]);
+        anyhow::ensure!(out.status.success(), "create token: {}", String::from_utf8_lossy(&out.stderr));
+        let token = String::from_utf8(out.stdout)?.trim().to_owned();
+        self.write_kubeconfig(&format!("sa-{namespace}-{name}"), &format!("    token: {token}\n"))
+    }
+
+    pub fn kubectl(&self, kubeconfig: &Path, args: &[&str]) -> Output {
+        self.kubectl_stdin(kubeconfig, args, None)
+    }
+
+    pub fn kubectl_stdin(&self, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(&self.kubectl);
+        cmd.env("KUBECONFIG", kubeconfig).env_remove("KUBERNETES_SERVICE_HOST").args(args);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl runs");
+        if let Some(input) = stdin {
+            use std::io::Write;
+            let mut pipe = child.stdin.take().expect("piped stdin");
+            pipe.write_all(input.as_bytes()).expect("write kubectl stdin");
+        }
+        child.wait_with_output().expect("kubectl finishes")
+    }
+}

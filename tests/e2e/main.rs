@@ -1,0 +1,57 @@
+//! End-to-end tests: the real kube-apiserver calls agentguard, driven by real kubectl with real
+//! ServiceAccount tokens and client certificates. Run by `hack/test.sh` (which builds the
+//! Kubernetes binaries); each scenario gets a fresh namespace and reports on its own.
+//! `cargo test --test e2e -- NAME` runs the scenarios whose name contains NAME.
+
+mod cluster;
+mod scenarios;
+mod world;
+
+use std::time::Instant;
+
+use world::World;
+
+fn main() {
+    let world = match World::start() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("e2e setup failed: {e:#}");
+            println!("e2e: 0 passed, 1 failed");
+            std::process::exit(1);
+        }
+    };
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let (mut passed, mut failed) = (0, 0);
+    for (name, scenario) in scenarios::ALL {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&world)));
+        let secs = started.elapsed().as_secs_f64();
+        match result {
+            Ok(Ok(())) => {
+                passed += 1;
+                println!("scenario {name} ... ok ({secs:.1}s)");
+            }
+            Ok(Err(e)) => {
+                failed += 1;
+                println!("scenario {name} ... FAILED ({secs:.1}s)\n  {e:#}");
+            }
+            Err(_) => {
+                failed += 1;
+                println!("scenario {name} ... FAILED (panicked)");
+            }
+        }
+    }
+    scenarios::report_latency(&world);
+    if failed > 0 {
+        eprintln!(
+            "--- agentguard log (last 40 lines) ---\n{}",
+            cluster::tail(&world.plane.dir.path().join("agentguard.log"), 40)
+        );
+    }
+    println!("e2e: {passed} passed, {failed} failed");
+    drop(world);
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}

@@ -1,0 +1,399 @@
+//! The scenarios, one fresh namespace each. Every check asserts what the API server answered.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::Value;
+
+use crate::world::{World, accepts, must, rejects};
+
+type Scenario = fn(&World) -> Result<()>;
+
+pub const ALL: &[(&str, Scenario)] = &[
+    ("agent_delete_is_held_until_an_approver_annotates", delete_held_then_approved),
+    ("approval_expires_on_time", approval_expires),
+    ("only_approvers_may_approve", only_approvers_approve),
+    ("replace_apply_patch_and_scale_are_held_with_a_diff", updates_held_with_diff),
+    ("server_dry_run_gets_the_same_answer_and_consumes_nothing", dry_run),
+    ("delete_all_and_deletecollection_refuse_every_guarded_item", delete_collection),
+    ("agent_cannot_delete_a_guarded_namespace", namespace_delete),
+    ("agent_cannot_loosen_its_own_brakes", self_protection),
+    ("warn_mode_admits_with_a_kubectl_warning", warn_mode),
+    ("humans_and_unlabelled_service_accounts_never_reach_the_webhook", not_called),
+    ("newly_labelled_service_account_is_guarded_within_seconds", labelled_later),
+    ("invalid_policy_is_rejected_at_apply_time", invalid_policy),
+];
+
+fn namespace(w: &World, name: &str) -> Result<String> {
+    let ns = format!("e2e-{name}");
+    must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", &ns]))?;
+    Ok(ns)
+}
+
+fn deployment(w: &World, ns: &str, name: &str) -> Result<()> {
+    let manifest = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}\n\
+         spec:\n  replicas: 1\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    \
+         spec: {{containers: [{{name: web, image: 'nginx:1.27'}}]}}\n"
+    );
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&manifest)))?;
+    Ok(())
+}
+
+fn exists(w: &World, ns: &str, kind: &str, name: &str) -> bool {
+    w.plane.kubectl(&w.plane.admin, &["get", kind, name, "-n", ns]).status.success()
+}
+
+fn get_json(w: &World, ns: &str, kind: &str, name: &str) -> Result<Value> {
+    let out = must(w.plane.kubectl(&w.plane.admin, &["get", kind, name, "-n", ns, "-o", "json"]))?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// The `kubectl annotate …` command a denial tells the human to run, as arguments.
+fn approve_command(denial: &str) -> Result<Vec<String>> {
+    let start = denial.find("runs: kubectl ").context("the denial names no approve command")?
+        + "runs: kubectl ".len();
+    let end = denial[start..].find(" — then retry").context("approve command not terminated")? + start;
+    Ok(denial[start..end].split_whitespace().map(str::to_owned).collect())
+}
+
+fn run_as(w: &World, who: &std::path::Path, args: &[String]) -> std::process::Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    w.plane.kubectl(who, &args)
+}
+
+fn delete_held_then_approved(w: &World) -> Result<()> {
+    let ns = namespace(w, "approve")?;
+    deployment(w, &ns, "web")?;
+    let denial = rejects(
+        w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", &ns]),
+        "the agent's delete",
+        &format!("kubectl annotate deployments.apps web -n {ns} agentguard.io/approve=delete --overwrite"),
+    )?;
+    ensure!(denial.contains("ClusterAgentPolicy \"e2e-workloads\", rule \"workloads\""), "{denial}");
+    ensure!(denial.contains("system:serviceaccount:agents:coder"), "{denial}");
+    ensure!(exists(w, &ns, "deployment", "web"), "the held deployment is gone");
+    accepts(run_as(w, &w.alice, &approve_command(&denial)?), "alice's approval")?;
+    accepts(w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", &ns]), "the approved delete")?;
+    ensure!(!exists(w, &ns, "deployment", "web"), "the approved delete did not delete");
+    Ok(())
+}
+
+fn approval_expires(w: &World) -> Result<()> {
+    let ns = namespace(w, "expiry")?;
+    deployment(w, &ns, "web")?;
+    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(6);
+    let value = format!("agentguard.io/approve=delete;expires={}", expires.strftime("%Y-%m-%dT%H:%M:%SZ"));
+    accepts(
+        w.plane.kubectl(&w.alice, &["annotate", "deployment", "web", "-n", &ns, &value]),
+        "alice's approval",
+    )?;
+    accepts(
+        w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", &ns, "--dry-run=server"]),
+        "a delete while the approval is valid",
+    )?;
+    let wait = expires.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0) + 1.5;
+    std::thread::sleep(Duration::from_secs_f64(wait));
+    rejects(
+        w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", &ns]),
+        "a delete after the approval expired",
+        "the approval expired at",
+    )?;
+    Ok(())
+}
+
+fn only_approvers_approve(w: &World) -> Result<()> {
+    let ns = namespace(w, "approvers")?;
+    deployment(w, &ns, "web")?;
+    let annotate = ["annotate", "deployment", "web", "-n", &ns, "agentguard.io/approve=delete"];
+    rejects(
+        w.plane.kubectl(&w.agent, &annotate),
+        "the agent approving itself",
+        "built-in rule \"approval-annotation\"",
+    )?;
+    rejects(w.plane.kubectl(&w.mallory, &annotate), "mallory's approval", "mallory is not an approver")?;
+    rejects(
+        w.plane
+            .kubectl(&w.alice, &["annotate", "deployment", "web", "-n", &ns, "agentguard.io/approve=update"]),
+        "an update approval without a digest",
+        "must name the change",
+    )?;
+    let meta = get_json(w, &ns, "deployment", "web")?;
+    ensure!(meta["metadata"]["annotations"]["agentguard.io/approve"].is_null(), "an approval was stored");
+    Ok(())
+}
+
+fn updates_held_with_diff(w: &World) -> Result<()> {
+    let ns = namespace(w, "updates")?;
+    deployment(w, &ns, "web")?;
+
+    let mut replaced = get_json(w, &ns, "deployment", "web")?;
+    replaced["spec"]["template"]["spec"]["containers"][0]["image"] = "nginx:1.28".into();
+    let denial = rejects(
+        w.plane.kubectl_stdin(&w.agent, &["replace", "-f", "-"], Some(&replaced.to_string())),
+        "kubectl replace",
+        "spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28",
+    )?;
+    ensure!(denial.contains("UPDATE of deployments.apps \"web\""), "{denial}");
+
+    let applied = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {ns}, labels: {{app: web}}}}\n\
+         spec:\n  replicas: 5\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    \
+         spec: {{containers: [{{name: web, image: 'nginx:1.27'}}]}}\n"
+    );
+    rejects(
+        w.plane.kubectl_stdin(&w.agent, &["apply", "-f", "-"], Some(&applied)),
+        "kubectl apply",
+        "spec.replicas: 1 → 5",
+    )?;
+
+    let pause = ["patch", "deployment", "web", "-n", &ns, "-p", r#"{"spec":{"paused":true}}"#];
+    let denial = rejects(w.plane.kubectl(&w.agent, &pause), "kubectl patch", "spec.paused: (absent) → true")?;
+
+    rejects(
+        w.plane.kubectl(&w.agent, &["scale", "deployment", "web", "-n", &ns, "--replicas=0"]),
+        "kubectl scale --replicas=0",
+        "spec.replicas: 1 → 0",
+    )?;
+
+    // Approving the shown change admits exactly that change, and nothing after it.
+    accepts(run_as(w, &w.alice, &approve_command(&denial)?), "alice's approval of the pause")?;
+    accepts(w.plane.kubectl(&w.agent, &pause), "the approved patch")?;
+    ensure!(
+        get_json(w, &ns, "deployment", "web")?["spec"]["paused"] == true,
+        "the approved patch was not applied"
+    );
+    rejects(
+        w.plane.kubectl(
+            &w.agent,
+            &["patch", "deployment", "web", "-n", &ns, "-p", r#"{"spec":{"paused":false}}"#],
+        ),
+        "a second, different patch",
+        "does not cover",
+    )?;
+    Ok(())
+}
+
+fn denial_text(stderr: &str) -> &str {
+    stderr.split_once("denied the request: ").map(|(_, m)| m.trim()).unwrap_or(stderr)
+}
+
+fn dry_run(w: &World) -> Result<()> {
+    let ns = namespace(w, "dryrun")?;
+    deployment(w, &ns, "web")?;
+    let delete = ["delete", "deployment", "web", "-n", &ns];
+    let dry = ["delete", "deployment", "web", "-n", &ns, "--dry-run=server"];
+    let real_answer = rejects(w.plane.kubectl(&w.agent, &delete), "the delete", "requires approval")?;
+    let dry_answer = rejects(w.plane.kubectl(&w.agent, &dry), "the dry-run delete", "requires approval")?;
+    ensure!(
+        denial_text(&real_answer) == denial_text(&dry_answer),
+        "dry run answered differently:\n{real_answer}\n{dry_answer}"
+    );
+
+    accepts(run_as(w, &w.alice, &approve_command(&real_answer)?), "alice's approval")?;
+    accepts(w.plane.kubectl(&w.agent, &dry), "the approved dry-run delete")?;
+    let after = get_json(w, &ns, "deployment", "web")?;
+    ensure!(
+        after["metadata"]["annotations"]["agentguard.io/approve"] == "delete",
+        "the dry run consumed the approval"
+    );
+    accepts(w.plane.kubectl(&w.agent, &delete), "the real delete after the dry run")?;
+    Ok(())
+}
+
+fn delete_collection(w: &World) -> Result<()> {
+    let ns = namespace(w, "collection")?;
+    for name in ["a", "b", "c"] {
+        deployment(w, &ns, name)?;
+    }
+    let all = w.plane.kubectl(&w.agent, &["delete", "deployments", "--all", "-n", &ns]);
+    ensure!(!all.status.success(), "delete --all was admitted");
+    let raw = w
+        .plane
+        .kubectl(&w.agent, &["delete", "--raw", &format!("/apis/apps/v1/namespaces/{ns}/deployments")]);
+    ensure!(!raw.status.success(), "deletecollection was admitted: {}", String::from_utf8_lossy(&raw.stdout));
+    let raw_error = String::from_utf8_lossy(&raw.stderr);
+    ensure!(
+        raw_error.contains("agentguard: DELETE of deployments.apps \"a\""),
+        "deletecollection was refused, but not for the named item: {raw_error}"
+    );
+    for name in ["a", "b", "c"] {
+        ensure!(exists(w, &ns, "deployment", name), "deployment {name} was deleted");
+    }
+    Ok(())
+}
+
+fn namespace_delete(w: &World) -> Result<()> {
+    let ns = namespace(w, "namespace")?;
+    let denial = rejects(
+        w.plane.kubectl(&w.agent, &["delete", "namespace", &ns]),
+        "deleting a namespace",
+        "ClusterAgentPolicy \"e2e-namespaces\"",
+    )?;
+    ensure!(
+        denial.contains(&format!("kubectl annotate namespaces {ns} agentguard.io/approve=delete")),
+        "{denial}"
+    );
+    let phase =
+        must(w.plane.kubectl(&w.plane.admin, &["get", "namespace", &ns, "-o", "jsonpath={.status.phase}"]))?;
+    ensure!(phase.trim() == "Active", "namespace phase is {phase}");
+    Ok(())
+}
+
+fn self_protection(w: &World) -> Result<()> {
+    rejects(
+        w.plane
+            .kubectl(&w.agent, &["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent-"]),
+        "the agent removing its own label",
+        "built-in rule \"agent-label\"",
+    )?;
+    rejects(
+        w.plane.kubectl(&w.agent, &["delete", "clusteragentpolicy", "e2e-workloads"]),
+        "the agent deleting a policy",
+        "built-in rule \"agentguard-policies\"",
+    )?;
+    rejects(
+        w.plane.kubectl(&w.agent, &["delete", "crd", "agentpolicies.agentguard.io"]),
+        "the agent deleting a CRD",
+        "built-in rule \"agentguard-crds\"",
+    )?;
+    let label = must(w.plane.kubectl(
+        &w.plane.admin,
+        &["get", "sa", "coder", "-n", "agents", "-o", "jsonpath={.metadata.labels}"],
+    ))?;
+    ensure!(label.contains("agentguard.io/agent"), "the label is gone: {label}");
+    Ok(())
+}
+
+fn warn_mode(w: &World) -> Result<()> {
+    let ns = namespace(w, "warn")?;
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &["create", "configmap", "settings", "-n", &ns, "--from-literal=level=info"],
+    ))?;
+    let out = accepts(
+        w.plane.kubectl(
+            &w.agent,
+            &["patch", "configmap", "settings", "-n", &ns, "-p", r#"{"data":{"level":"debug"}}"#],
+        ),
+        "a change under a Warn-mode policy",
+    )?;
+    ensure!(
+        out.contains(
+            "Warning: agentguard [Warn mode, not enforced]: ClusterAgentPolicy \"e2e-config-trial\""
+        ),
+        "{out}"
+    );
+    Ok(())
+}
+
+fn not_called(w: &World) -> Result<()> {
+    let ns = namespace(w, "notcalled")?;
+    for name in ["by-alice", "by-helper"] {
+        deployment(w, &ns, name)?;
+    }
+    must(w.plane.kubectl(&w.plane.admin, &["create", "configmap", "c", "-n", &ns]))?;
+    let before = w.agentguard.decisions()?;
+    accepts(w.plane.kubectl(&w.alice, &["delete", "deployment", "by-alice", "-n", &ns]), "alice's delete")?;
+    accepts(
+        w.plane.kubectl(&w.helper, &["delete", "deployment", "by-helper", "-n", &ns]),
+        "the helper's delete",
+    )?;
+    accepts(
+        w.plane.kubectl(&w.helper, &["label", "configmap", "c", "-n", &ns, "x=y"]),
+        "the helper's update",
+    )?;
+    let after = w.agentguard.decisions()?;
+    ensure!(after == before, "agentguard was called {} times for humans and controllers", after - before);
+    // The counter does move for an agent, so the check above can fail.
+    accepts(
+        w.plane.kubectl(
+            &w.agent,
+            &["label", "configmap", "c", "-n", &ns, "x=z", "--overwrite", "--dry-run=server"],
+        ),
+        "the agent's update",
+    )?;
+    ensure!(w.agentguard.decisions()? > after, "an agent request was not counted");
+    Ok(())
+}
+
+fn labelled_later(w: &World) -> Result<()> {
+    let ns = namespace(w, "late")?;
+    must(w.plane.kubectl(&w.plane.admin, &["create", "serviceaccount", "late", "-n", &ns]))?;
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &[
+            "create",
+            "rolebinding",
+            "late",
+            "-n",
+            &ns,
+            "--clusterrole=e2e-editor",
+            &format!("--serviceaccount={ns}:late"),
+        ],
+    ))?;
+    deployment(w, &ns, "web")?;
+    let late = w.plane.service_account_kubeconfig(&ns, "late")?;
+    let probe = ["delete", "deployment", "web", "-n", &ns, "--dry-run=server"];
+    accepts(w.plane.kubectl(&late, &probe), "the unlabelled ServiceAccount's delete")?;
+
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &["label", "serviceaccount", "late", "-n", &ns, "agentguard.io/agent=true"],
+    ))?;
+    let labelled = Instant::now();
+    loop {
+        let out = w.plane.kubectl(&late, &probe);
+        if !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("agentguard") {
+            break;
+        }
+        ensure!(labelled.elapsed() < Duration::from_secs(15), "still not guarded 15s after labelling");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "  newly labelled ServiceAccount guarded {:.2}s after the label was set",
+        labelled.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn invalid_policy(w: &World) -> Result<()> {
+    let bad = "apiVersion: agentguard.io/v1alpha1\nkind: ClusterAgentPolicy\nmetadata: {name: e2e-broken}\n\
+               spec:\n  action: RequireApproval\n  rules: [{operations: [DELETE], resources: [{apiGroups: [apps], resources: [deployments]}]}]\n";
+    rejects(
+        w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(bad)),
+        "a RequireApproval policy without approvers",
+        "approval must be set when action is RequireApproval",
+    )?;
+    let bad_op = bad.replace("RequireApproval", "Deny").replace("DELETE", "DESTROY");
+    rejects(
+        w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&bad_op)),
+        "a policy with an unknown operation",
+        "Unsupported value: \"DESTROY\"",
+    )?;
+    Ok(())
+}
+
+/// Webhook latency as the API server measured it (not a pass/fail check).
+pub fn report_latency(w: &World) {
+    let Ok(metrics) = must(w.plane.kubectl(&w.plane.admin, &["get", "--raw", "/metrics"])) else { return };
+    let (mut sum, mut count) = (0.0, 0.0);
+    for line in metrics.lines() {
+        let wanted = line.contains("name=\"agents.agentguard.io\"") && line.contains("operation=\"DELETE\"");
+        if !wanted {
+            continue;
+        }
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        if line.starts_with("apiserver_admission_webhook_admission_duration_seconds_sum{") {
+            sum += value;
+        } else if line.starts_with("apiserver_admission_webhook_admission_duration_seconds_count{") {
+            count += value;
+        }
+    }
+    if count > 0.0 {
+        println!(
+            "agent DELETE through agents.agentguard.io: {count} calls, mean {:.2} ms (apiserver_admission_webhook_admission_duration_seconds)",
+            sum / count * 1000.0
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! The world every end-to-end run starts from: a control plane, agentguard serving it, and the
+//! identities that act in it (an agent, a controller, an approver, a non-approver).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::cluster::{self, Binaries, ControlPlane, Process, free_port, spawn};
+
+/// Everything a scenario needs: the control plane, agentguard, and who is who.
+pub struct World {
+    pub plane: ControlPlane,
+    pub agentguard: Agentguard,
+    /// `system:serviceaccount:agents:coder`, labelled as an agent, bound to cluster-admin
+    /// (the overly broad credentials agentguard exists to put brakes on).
+    pub agent: PathBuf,
+    /// An unlabelled ServiceAccount with the same rights: a controller, not an agent.
+    pub helper: PathBuf,
+    /// `alice` in group `sre`: an approver.
+    pub alice: PathBuf,
+    /// `mallory` with `edit` rights, not an approver.
+    pub mallory: PathBuf,
+}
+
+pub struct Agentguard {
+    _process: Process,
+    pub admin: String,
+}
+
+impl Agentguard {
+    pub fn metrics(&self) -> Result<String> {
+        http_get(&format!("{}/metrics", self.admin)).map(|(_, body)| body)
+    }
+
+    /// Sum of `agentguard_decisions_total` over all labels.
+    pub fn decisions(&self) -> Result<f64> {
+        Ok(self
+            .metrics()?
+            .lines()
+            .filter(|l| l.starts_with("agentguard_decisions_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status line, body).
+fn http_get(url: &str) -> Result<(String, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").context("http URL")?;
+    let (addr, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
+}
+
+fn http_ok(url: &str) -> bool {
+    http_get(url).is_ok_and(|(status, _)| status.split(' ').nth(1) == Some("200"))
+}
+
+impl World {
+    pub fn start() -> Result<Self> {
+        let bins = Binaries::from_env()?;
+        let plane = ControlPlane::start(&bins)?;
+        eprintln!("control plane ready in {:.1}s at {}", plane.startup.as_secs_f64(), plane.url);
+        let admin = plane.admin.clone();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+
+        must(plane.kubectl(
+            &admin,
+            &["apply", "-f", &root.join("charts/agentguard/crds/crds.yaml").to_string_lossy()],
+        ))?;
+        must(plane.kubectl(
+            &admin,
+            &[
+                "wait",
+                "--for",
+                "condition=established",
+                "--timeout=60s",
+                "crd/clusteragentpolicies.agentguard.io",
+                "crd/agentpolicies.agentguard.io",
+            ],
+        ))?;
+        for args in [
+            vec!["create", "namespace", "agents"],
+            vec!["create", "serviceaccount", "coder", "-n", "agents"],
+            vec!["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent=true"],
+            vec!["create", "serviceaccount", "helper", "-n", "agents"],
+            vec![
+                "create",
+                "clusterrolebinding",
+                "e2e-coder",
+                "--clusterrole=cluster-admin",
+                "--serviceaccount=agents:coder",
+            ],
+            vec![
+                "create",
+                "clusterrolebinding",
+                "e2e-helper",
+                "--clusterrole=cluster-admin",
+                "--serviceaccount=agents:helper",
+            ],
+            vec!["create", "clusterrolebinding", "e2e-sre", "--clusterrole=cluster-admin", "--group=sre"],
+            // No controller-manager runs, so the aggregated `edit`/`admin` roles stay empty:
+            // an explicit role stands in for them.
+            vec![
+                "create",
+                "clusterrole",
+                "e2e-editor",
+                "--verb=*",
+                "--resource=deployments.apps,deployments.apps/scale,configmaps",
+            ],
+            vec!["create", "clusterrolebinding", "e2e-mallory", "--clusterrole=e2e-editor", "--user=mallory"],
+        ] {
+            must(plane.kubectl(&admin, &args))?;
+        }
+        must(plane.kubectl_stdin(&admin, &["apply", "-f", "-"], Some(POLICIES)))?;
+
+        let agentguard = start_agentguard(&plane)?;
+        let agent = plane.service_account_kubeconfig("agents", "coder")?;
+        let helper = plane.service_account_kubeconfig("agents", "helper")?;
+        let alice = plane.user_kubeconfig("alice", &["sre"])?;
+        let mallory = plane.user_kubeconfig("mallory", &["devs"])?;
+        let world = Self { plane, agentguard, agent, helper, alice, mallory };
+        world.wait_for_registration("system:serviceaccount:agents:coder", Duration::from_secs(60))?;
+        Ok(world)
+    }
+
+    /// Waits until the webhook configuration names `username` as an agent.
+    pub fn wait_for_registration(&self, username: &str, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let out = self.plane.kubectl(
+                &self.plane.admin,
+                &[
+                    "get",
+                    "validatingwebhookconfiguration",
+                    "agentguard",
+                    "-o",
+                    "jsonpath={.webhooks[0].matchConditions[1].expression}",
+                ],
+            );
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).contains(username) {
+                return Ok(started.elapsed());
+            }
+            ensure!(started.elapsed() < limit, "{username} not registered as an agent after {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+const POLICIES: &str = r#"
+apiVersion: agentguard.io/v1alpha1
+kind: ClusterAgentPolicy
+metadata: {name: e2e-workloads}
+spec:
+  action: RequireApproval
+  approval: {approvers: {users: [alice], groups: [sre]}, ttl: 10m, maxTtl: 1h}
+  rules:
+    - name: workloads
+      operations: [DELETE, UPDATE]
+      resources: [{apiGroups: [apps], resources: [deployments, deployments/scale]}]
+---
+apiVersion: agentguard.io/v1alpha1
+kind: ClusterAgentPolicy
+metadata: {name: e2e-namespaces}
+spec:
+  action: RequireApproval
+  approval: {approvers: {groups: [sre]}}
+  rules:
+    - name: namespaces
+      operations: [DELETE]
+      resources: [{apiGroups: [""], resources: [namespaces]}]
+      names: ["e2e-*"]
+---
+apiVersion: agentguard.io/v1alpha1
+kind: ClusterAgentPolicy
+metadata: {name: e2e-config-trial}
+spec:
+  action: RequireApproval
+  mode: Warn
+  approval: {approvers: {groups: [sre]}}
+  rules:
+    - name: config
+      operations: [UPDATE]
+      resources: [{apiGroups: [""], resources: [configmaps]}]
+"#;
+
+fn start_agentguard(plane: &ControlPlane) -> Result<Agentguard> {
+    let dir = plane.dir.path();
+    let (cert, key) = plane.pki.serving()?;
+    std::fs::write(dir.join("agentguard.crt"), cert)?;
+    std::fs::write(dir.join("agentguard.key"), key)?;
+    let (webhook_port, admin_port) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentguard"));
+    cmd.env("KUBECONFIG", &plane.admin)
+        .arg("serve")
+        .arg(format!("--webhook-addr=127.0.0.1:{webhook_port}"))
+        .arg(format!("--admin-addr=127.0.0.1:{admin_port}"))
+        .arg(format!("--tls-cert={}", dir.join("agentguard.crt").display()))
+        .arg(format!("--tls-key={}", dir.join("agentguard.key").display()))
+        .arg(format!("--webhook-url=https://127.0.0.1:{webhook_port}/validate"))
+        .arg(format!("--webhook-ca-file={}", dir.join("ca.crt").display()))
+        .args(["--self-namespace=agentguard-system", "--shutdown-delay-seconds=0", "--log-format=json"]);
+    let process = spawn("agentguard", cmd, &dir.join("agentguard.log"))?;
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let started = Instant::now();
+    while !http_ok(&format!("{admin}/readyz")) {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("agentguard not ready after 60s:\n{}", cluster::tail(&dir.join("agentguard.log"), 40));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("agentguard ready in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(Agentguard { _process: process, admin })
+}
+
+/// Output of a command that must succeed.
+pub fn must(out: Output) -> Result<String> {
+    ensure!(
+        out.status.success(),
+        "command failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The request was admitted (kubectl succeeded); returns stdout + stderr.
+pub fn accepts(out: Output, what: &str) -> Result<String> {
+    must(out).with_context(|| format!("expected {what} to be admitted"))
+}
+
+/// The request was refused and the error contains `needle`; returns stderr.
+pub fn rejects(out: Output, what: &str, needle: &str) -> Result<String> {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    ensure!(
+        !out.status.success(),
+        "expected {what} to be refused, but it was admitted: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(stderr.contains(needle), "{what} was refused, but the error lacks {needle:?}: {stderr}");
+    Ok(stderr)
+}
