@@ -132,7 +132,8 @@ fn bench(c: &mut Criterion) {
         object: None,
         old_object: Some(&old),
     };
-    let update = Facts { operation: Operation::Update { patch: true }, object: Some(&new), ..delete.clone() };
+    let update =
+        Facts { operation: Operation::Update { patch: Some(true) }, object: Some(&new), ..delete.clone() };
 
     let mut group = c.benchmark_group("decision");
     for n in [1, 100, 1000] {

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Offline walk-through: the example policies judge the example AdmissionReviews (an agent's
-# delete is held, a human approves, the approved delete passes, ...), exactly as the webhook would.
+# The quick start: builds what it needs (agentguard, and kube-apiserver, etcd and kubectl from
+# pinned Go modules on first use), starts a throwaway control plane on 127.0.0.1 with agentguard
+# registered, and walks an agent's delete through deny → approve → allow with real kubectl.
+# It then keeps running, printing the kubeconfigs and the agent's token, until Ctrl-C.
+# Pass --exit to stop right after the walk-through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --locked --quiet
-exec target/debug/agentguard --log-format plain check \
-  --policies examples/policies/demo.yaml \
-  --reviews examples/reviews/*.json \
-  --now 2026-11-26T12:10:00Z
+eval "$(hack/k8s-binaries.sh)"
+export KUBE_APISERVER ETCD KUBECTL HELM
+exec cargo test --locked --quiet --test demo -- "$@"

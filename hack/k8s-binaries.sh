@@ -59,9 +59,8 @@ ldflags_for() { # wrapper module, version
         flags+=" -X $pkg.gitVersion=$2 -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
         flags+=" -X $pkg.gitTreeState=clean"
       done ;;
-    etcd)
-      # The version number itself is a constant in go.etcd.io/etcd/api/v3/version.
-      flags+=" -X go.etcd.io/etcd/api/v3/version.GitSHA=$2" ;;
+    # etcd: the version is a constant in go.etcd.io/etcd/api/v3/version; its
+    # GitSHA stays "Not provided" since the module proxy does not tell commits.
     helm)
       # As helm's Makefile: its version, and the Kubernetes version it assumes
       # without a cluster (client-go v0.X.Y => 1.X).

@@ -18,3 +18,13 @@ cargo run --locked --quiet -- crds | diff -u charts/agentguard/crds/crds.yaml - 
 
 step "cargo test (unit, router, CEL and TLS tests)"
 cargo test --locked
+
+step "Kubernetes binaries: kube-apiserver, etcd, kubectl, helm from pinned Go modules (cached by version)"
+eval "$(hack/k8s-binaries.sh)"
+export KUBE_APISERVER ETCD KUBECTL HELM
+
+step "end-to-end tests against a real kube-apiserver and etcd"
+cargo test --locked --test e2e
+
+step "the quick start's demo runs to the end"
+cargo test --locked --test demo -- --exit

@@ -40,6 +40,21 @@ pub struct Change {
 impl Change {
     /// Compare the stored object with the object the update would store.
     pub fn between(old: &Value, new: &Value) -> Self {
+        if old.get("kind").and_then(Value::as_str) == Some("Scale") {
+            // A Scale's replicas is a plain int32 that Go omits when zero: scaling to zero
+            // arrives as a missing field, and must read `3 → 0`, not `3 → (absent)`.
+            let (mut old, mut new) = (old.clone(), new.clone());
+            for scale in [&mut old, &mut new] {
+                if let Some(spec) = scale.get_mut("spec").and_then(Value::as_object_mut) {
+                    spec.entry("replicas").or_insert(Value::from(0));
+                }
+            }
+            return Self::compare(&old, &new);
+        }
+        Self::compare(old, new)
+    }
+
+    fn compare(old: &Value, new: &Value) -> Self {
         let secret = old.get("kind").and_then(Value::as_str) == Some("Secret")
             && old.get("apiVersion").and_then(Value::as_str) == Some("v1");
         let mut fields = Vec::new();
@@ -244,6 +259,13 @@ mod tests {
         assert_eq!(a.digest, a_again.digest);
         // Same end state from a different start is a different change.
         assert_ne!(a.digest, Change::between(&deployment(5, "a"), &deployment(0, "a")).digest);
+    }
+
+    #[test]
+    fn scaling_to_zero_reads_as_zero() {
+        let old = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {"replicas": 3}});
+        let new = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {}});
+        assert_eq!(Change::between(&old, &new).to_string(), "spec.replicas: 3 → 0");
     }
 
     #[test]
