@@ -23,8 +23,8 @@ step "Kubernetes binaries: kube-apiserver, etcd, kubectl, helm from pinned Go mo
 eval "$(hack/k8s-binaries.sh)"
 export KUBE_APISERVER ETCD KUBECTL HELM
 
-step "end-to-end tests against a real kube-apiserver and etcd"
-cargo test --locked --test e2e
-
 step "the quick start's demo runs to the end"
 cargo test --locked --test demo -- --exit
+
+step "end-to-end tests against a real kube-apiserver and etcd"
+cargo test --locked --test e2e

@@ -103,10 +103,19 @@ fn truncate(s: &str) -> String {
     out
 }
 
+/// Paths that are never a change an approver needs to see, computed once.
+static IGNORED: std::sync::LazyLock<[String; 5]> = std::sync::LazyLock::new(|| {
+    [
+        "metadata.managedFields".into(),
+        "metadata.resourceVersion".into(),
+        "metadata.generation".into(),
+        annotation_path(APPROVE_ANNOTATION),
+        annotation_path(LAST_APPLIED),
+    ]
+});
+
 fn ignored(path: &str) -> bool {
-    matches!(path, "metadata.managedFields" | "metadata.resourceVersion" | "metadata.generation")
-        || path == annotation_path(APPROVE_ANNOTATION)
-        || path == annotation_path(LAST_APPLIED)
+    path.starts_with("metadata.") && IGNORED.iter().any(|p| p == path)
 }
 
 fn annotation_path(key: &str) -> String {

@@ -164,7 +164,8 @@ impl ControlPlane {
             .arg(format!("--service-account-signing-key-file={}", path("sa.key").display()))
             .args(["--service-account-issuer=https://kubernetes.default.svc.cluster.local"])
             .args(["--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,ValidatingAdmissionWebhook,ValidatingAdmissionPolicy"])
-            .args(["--allow-privileged=false", "--profiling=false", "--v=1"]);
+            // The `kubernetes` Service cannot point at a loopback address: skip its endpoints.
+            .args(["--endpoint-reconciler-type=none", "--allow-privileged=false", "--profiling=false", "--v=1"]);
         let apiserver = spawn("kube-apiserver", api, &path("kube-apiserver.log"))?;
 
         let url = format!("https://127.0.0.1:{api_port}");
