@@ -31,6 +31,8 @@ use crate::webhook::AgentSet;
 
 /// Shared, read-mostly caches. Cheap to read from any request.
 pub struct Caches {
+    pub(crate) cluster_policies: Store<ClusterAgentPolicy>,
+    pub(crate) agent_policies: Store<AgentPolicy>,
     service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     policies: ArcSwap<PolicySet>,
@@ -61,6 +63,8 @@ impl Caches {
         let (cp_store, cp_writer) = reflector::store::<ClusterAgentPolicy>();
         let (ap_store, ap_writer) = reflector::store::<AgentPolicy>();
         let caches = Arc::new(Self {
+            cluster_policies: cp_store.clone(),
+            agent_policies: ap_store.clone(),
             service_accounts: sa_store.clone(),
             namespaces: ns_store.clone(),
             policies: ArcSwap::from_pointee(PolicySet::default()),

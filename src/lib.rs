@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod policy;
 pub mod run;
 pub mod server;
+pub mod status;
 pub mod webhook;

@@ -37,6 +37,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
     let (caches, reflectors) = Caches::start(client.clone(), metrics.clone());
     let state = Arc::new(AppState::new(caches.clone(), config.clone(), metrics.clone()));
+    let status =
+        tokio::spawn(crate::status::keep_reported(client.clone(), caches.clone(), Duration::from_secs(2)));
     // Registration follows the caches: it starts only once they are synced.
     let registration = webhook_settings.map(|settings| {
         tokio::spawn(crate::webhook::keep_current(client, caches, config, settings, Duration::from_secs(1)))
@@ -82,6 +84,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     admin_server.await.context("admin server task")?.context("admin server")?;
     reload.abort();
     reflectors.abort();
+    status.abort();
     if let Some(r) = registration {
         r.abort();
     }

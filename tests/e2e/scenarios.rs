@@ -22,6 +22,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("humans_and_unlabelled_service_accounts_never_reach_the_webhook", not_called),
     ("newly_labelled_service_account_is_guarded_within_seconds", labelled_later),
     ("invalid_policy_is_rejected_at_apply_time", invalid_policy),
+    ("kubectl_get_shows_policies_ready", policies_ready),
 ];
 
 fn namespace(w: &World, name: &str) -> Result<String> {
@@ -372,6 +373,23 @@ fn invalid_policy(w: &World) -> Result<()> {
         "Unsupported value: \"DESTROY\"",
     )?;
     Ok(())
+}
+
+fn policies_ready(w: &World) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let table = must(w.plane.kubectl(&w.plane.admin, &["get", "clusteragentpolicies"]))?;
+        let row = table.lines().find(|l| l.starts_with("e2e-workloads ")).unwrap_or_default().to_owned();
+        let columns: Vec<&str> = row.split_whitespace().collect();
+        if columns.get(1..4) == Some(&["RequireApproval", "Enforce", "True"][..]) {
+            // The category lists both kinds.
+            let all = must(w.plane.kubectl(&w.plane.admin, &["get", "agentguard"]))?;
+            ensure!(all.contains("clusteragentpolicy.agentguard.io/e2e-workloads"), "{all}");
+            return Ok(());
+        }
+        ensure!(started.elapsed() < Duration::from_secs(15), "policy not shown Ready: {table}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Webhook latency as the API server measured it (not a pass/fail check).
