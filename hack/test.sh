@@ -23,6 +23,13 @@ step "Kubernetes binaries: kube-apiserver, etcd, kubectl, helm from pinned Go mo
 eval "$(hack/k8s-binaries.sh)"
 export KUBE_APISERVER ETCD KUBECTL HELM
 
+step "helm lint, and manifests/install.yaml matches the chart"
+"$HELM" lint --strict charts/agentguard
+hack/render-manifests.sh --check
+
+step "the Helm chart on a real control plane (install, RBAC, agentguard down, upgrade, uninstall)"
+cargo test --locked --test chart
+
 step "the quick start's demo runs to the end"
 cargo test --locked --test demo -- --exit
 

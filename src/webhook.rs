@@ -170,7 +170,6 @@ pub async fn keep_current(
 ) {
     let api: Api<ValidatingWebhookConfiguration> = Api::all(client);
     let params = PatchParams::apply("agentguard").force();
-    let mut applied: Option<ValidatingWebhookConfiguration> = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -187,8 +186,15 @@ pub async fn keep_current(
         };
         let set = caches.agent_set(&config);
         let want = desired(&settings, &ca, &set);
-        if applied.as_ref() == Some(&want) {
-            continue;
+        // Compare with the live object, not with what was last applied: anyone (a `helm
+        // upgrade`, a human) may have changed it since, and a stale agent list lets agents by.
+        match api.get_opt(&settings.name).await {
+            Ok(Some(live)) if !drifted(&live, &want) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, name = %settings.name, "cannot read the webhook configuration");
+                continue;
+            }
         }
         match api.patch(&settings.name, &params, &Patch::Apply(&want)).await {
             Ok(_) => {
@@ -199,13 +205,30 @@ pub async fn keep_current(
                     agent_groups = set.groups.len(),
                     "webhook configuration updated"
                 );
-                applied = Some(want);
             }
             Err(e) => {
                 tracing::warn!(error = %e, name = %settings.name, "cannot update the webhook configuration")
             }
         }
     }
+}
+
+/// Whether the live configuration differs from `want` in anything agentguard decides.
+pub fn drifted(live: &ValidatingWebhookConfiguration, want: &ValidatingWebhookConfiguration) -> bool {
+    let (live, want) =
+        (live.webhooks.as_deref().unwrap_or_default(), want.webhooks.as_deref().unwrap_or_default());
+    live.len() != want.len()
+        || want.iter().any(|w| {
+            !live.iter().any(|l| {
+                l.name == w.name
+                    && l.match_conditions == w.match_conditions
+                    && l.client_config == w.client_config
+                    && l.rules == w.rules
+                    && l.failure_policy == w.failure_policy
+                    && l.timeout_seconds == w.timeout_seconds
+                    && l.side_effects == w.side_effects
+            })
+        })
 }
 
 #[cfg(test)]
@@ -229,6 +252,36 @@ mod tests {
              ['system:serviceaccount:bots:'].exists(p, request.userInfo.username.startsWith(p)) || \
              (has(request.userInfo.groups) && request.userInfo.groups.exists(g, g in ['ai-agents']))"
         );
+    }
+
+    #[test]
+    fn drift_is_seen_in_the_fields_agentguard_owns_only() {
+        let settings = Settings {
+            name: "agentguard".into(),
+            endpoint: Endpoint::Url("https://127.0.0.1:8443/validate".into()),
+            ca_file: PathBuf::new(),
+            timeout_seconds: 5,
+        };
+        let want = desired(&settings, b"CA", &set());
+        let mut live = want.clone();
+        live.metadata.resource_version = Some("42".into());
+        live.webhooks.as_mut().unwrap()[0].namespace_selector = Some(Default::default());
+        assert!(!drifted(&live, &want));
+        // e.g. a `helm upgrade` resetting the agent list to the chart's `false`.
+        live.webhooks.as_mut().unwrap()[0].match_conditions.as_mut().unwrap()[1].expression = "false".into();
+        assert!(drifted(&live, &want));
+    }
+
+    #[test]
+    fn the_chart_installs_the_same_conditions() {
+        let helpers = include_str!("../charts/agentguard/templates/_helpers.tpl");
+        let webhook = include_str!("../charts/agentguard/templates/webhook.yaml");
+        assert!(
+            helpers.contains(&approval_write_condition()),
+            "_helpers.tpl drifted from approval_write_condition()"
+        );
+        let quoted = serde_json::to_string(NOT_LEASES_OR_EVENTS).unwrap();
+        assert!(webhook.contains(&quoted), "webhook.yaml drifted from NOT_LEASES_OR_EVENTS");
     }
 
     #[test]

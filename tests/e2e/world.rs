@@ -58,7 +58,7 @@ fn http_get(url: &str) -> Result<(String, String)> {
     Ok((head.lines().next().unwrap_or_default().to_owned(), body.to_owned()))
 }
 
-fn http_ok(url: &str) -> bool {
+pub fn http_ok(url: &str) -> bool {
     http_get(url).is_ok_and(|(status, _)| status.split(' ').nth(1) == Some("200"))
 }
 

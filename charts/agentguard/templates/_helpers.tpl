@@ -1,0 +1,24 @@
+{{/* Name of every object; agentguard's built-in rules protect cluster-scoped objects with this prefix. */}}
+{{- define "agentguard.name" -}}agentguard{{- end -}}
+
+{{- define "agentguard.labels" -}}
+app.kubernetes.io/name: agentguard
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "agentguard.selector" -}}
+app.kubernetes.io/name: agentguard
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "agentguard.tlsSecret" -}}
+{{- if .Values.certManager.enabled -}}agentguard-tls{{- else -}}{{ required "tls.existingSecret is required when certManager.enabled is false" .Values.tls.existingSecret }}{{- end -}}
+{{- end -}}
+
+{{/* Must equal webhook::approval_write_condition() in the Rust code (a unit test checks it). */}}
+{{- define "agentguard.approvalCondition" -}}
+object != null && has(object.metadata) && has(object.metadata.annotations) && 'agentguard.io/approve' in object.metadata.annotations && (oldObject == null || !has(oldObject.metadata.annotations) || !('agentguard.io/approve' in oldObject.metadata.annotations) || oldObject.metadata.annotations['agentguard.io/approve'] != object.metadata.annotations['agentguard.io/approve'])
+{{- end -}}

@@ -1,0 +1,364 @@
+//! The Helm chart on a real control plane: rendered objects pass the API server's validation,
+//! `helm install`/`upgrade`/`uninstall` work, agentguard runs with exactly the chart's RBAC,
+//! and the fail-safe topology holds: with agentguard down an agent's delete is refused while a
+//! human's and a controller's requests go through without waiting. No kubelet runs here, so the
+//! chart's webhooks point at agentguard running as a local process (a `webhook.url` override).
+
+#[allow(dead_code)]
+#[path = "e2e/cluster.rs"]
+mod cluster;
+#[allow(dead_code)]
+#[path = "e2e/world.rs"]
+mod world;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use cluster::{Binaries, ControlPlane, Process, free_port, spawn};
+use world::{accepts, http_ok, must, rejects};
+
+const NS: &str = "agentguard-system";
+
+struct Setup {
+    plane: ControlPlane,
+    helm: PathBuf,
+    root: PathBuf,
+    webhook_port: u16,
+}
+
+impl Setup {
+    fn helm(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.helm).env("KUBECONFIG", &self.plane.admin).args(args).output()?;
+        must(out)
+    }
+
+    fn admin(&self, args: &[&str]) -> Result<String> {
+        must(self.plane.kubectl(&self.plane.admin, args))
+    }
+
+    fn chart_values(&self) -> Vec<String> {
+        let ca = base64(self.plane.pki.ca_pem.as_bytes());
+        vec![
+            "--set".into(),
+            "certManager.enabled=false".into(),
+            "--set".into(),
+            "tls.existingSecret=agentguard-tls".into(),
+            "--set".into(),
+            format!("webhook.url=https://127.0.0.1:{}/validate", self.webhook_port),
+            "--set".into(),
+            format!("webhook.caBundle={ca}"),
+            "--set".into(),
+            "defaultPolicy.approvers.groups={sre}".into(),
+        ]
+    }
+
+    /// agentguard as a local process, authenticated as the chart's ServiceAccount.
+    fn start_agentguard(&self, kubeconfig: &Path, admin_port: u16) -> Result<Process> {
+        let dir = self.plane.dir.path();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentguard"));
+        cmd.env("KUBECONFIG", kubeconfig)
+            .arg("serve")
+            .arg(format!("--webhook-addr=127.0.0.1:{}", self.webhook_port))
+            .arg(format!("--admin-addr=127.0.0.1:{admin_port}"))
+            .arg(format!("--tls-cert={}", dir.join("agentguard.crt").display()))
+            .arg(format!("--tls-key={}", dir.join("agentguard.key").display()))
+            .arg(format!("--webhook-url=https://127.0.0.1:{}/validate", self.webhook_port))
+            .arg(format!("--webhook-ca-file={}", dir.join("ca.crt").display()))
+            .args([&format!("--self-namespace={NS}"), "--shutdown-delay-seconds=0", "--log-format=json"]);
+        let process = spawn("agentguard", cmd, &dir.join("agentguard.log"))?;
+        let started = Instant::now();
+        while !http_ok(&format!("http://127.0.0.1:{admin_port}/readyz")) {
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("agentguard not ready:\n{}", cluster::tail(&dir.join("agentguard.log"), 40));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(process)
+    }
+
+    fn wait_for_agent(&self, username: &str) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let expr = self.admin(&[
+                "get",
+                "validatingwebhookconfiguration",
+                "agentguard",
+                "-o",
+                "jsonpath={.webhooks[0].matchConditions[1].expression}",
+            ])?;
+            if expr.contains(username) {
+                return Ok(());
+            }
+            ensure!(started.elapsed() < Duration::from_secs(30), "{username} never registered: {expr}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let started = Instant::now();
+    let out = f();
+    (out, started.elapsed())
+}
+
+fn run() -> Result<()> {
+    let bins = Binaries::from_env()?;
+    let helm =
+        PathBuf::from(std::env::var("HELM").context("HELM is not set: eval \"$(hack/k8s-binaries.sh)\"")?);
+    let plane = ControlPlane::start(&bins)?;
+    let setup =
+        Setup { plane, helm, root: PathBuf::from(env!("CARGO_MANIFEST_DIR")), webhook_port: free_port() };
+    let root = setup.root.clone();
+    let chart = root.join("charts/agentguard");
+    let chart = chart.to_string_lossy();
+
+    // Rendered objects and the example policies pass the API server's own validation.
+    setup.admin(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &root.join("charts/agentguard/crds/crds.yaml").to_string_lossy(),
+    ])?;
+    setup.admin(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/clusteragentpolicies.agentguard.io",
+        "crd/agentpolicies.agentguard.io",
+    ])?;
+    for ns in [NS, "team-a", "agents", "demo"] {
+        setup.admin(&["create", "namespace", ns])?;
+    }
+    let mut template =
+        vec!["template".to_string(), "agentguard".into(), chart.to_string(), "-n".into(), NS.into()];
+    template.extend(setup.chart_values());
+    let rendered = setup.helm(&template.iter().map(String::as_str).collect::<Vec<_>>())?;
+    must(setup.plane.kubectl_stdin(
+        &setup.plane.admin,
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&rendered),
+    ))
+    .context("server-side validation of the rendered chart")?;
+    setup
+        .admin(&["apply", "--dry-run=server", "-f", &root.join("manifests/examples").to_string_lossy()])
+        .context("server-side validation of manifests/examples")?;
+    println!("check rendered chart and examples pass server-side validation ... ok");
+
+    // Install.
+    let dir = setup.plane.dir.path().to_owned();
+    let (cert, key) = setup.plane.pki.serving()?;
+    std::fs::write(dir.join("agentguard.crt"), &cert)?;
+    std::fs::write(dir.join("agentguard.key"), &key)?;
+    setup.admin(&[
+        "create",
+        "secret",
+        "generic",
+        "agentguard-tls",
+        "-n",
+        NS,
+        &format!("--from-file=tls.crt={}", dir.join("agentguard.crt").display()),
+        &format!("--from-file=tls.key={}", dir.join("agentguard.key").display()),
+        &format!("--from-file=ca.crt={}", dir.join("ca.crt").display()),
+    ])?;
+    let mut install =
+        vec!["install".to_string(), "agentguard".into(), chart.to_string(), "-n".into(), NS.into()];
+    install.extend(setup.chart_values());
+    let (out, took) = timed(|| setup.helm(&install.iter().map(String::as_str).collect::<Vec<_>>()));
+    out?;
+    println!("check helm install ({:.1}s) ... ok", took.as_secs_f64());
+    for (kind, name, ns) in [
+        ("deployment", "agentguard", NS),
+        ("service", "agentguard", NS),
+        ("serviceaccount", "agentguard", NS),
+        ("poddisruptionbudget", "agentguard", NS),
+        ("clusterrole", "agentguard", ""),
+        ("clusterrolebinding", "agentguard", ""),
+        ("validatingwebhookconfiguration", "agentguard", ""),
+        ("clusteragentpolicy", "agentguard-default", ""),
+    ] {
+        let mut args = vec!["get", kind, name];
+        if !ns.is_empty() {
+            args.extend(["-n", ns]);
+        }
+        setup.admin(&args).with_context(|| format!("{kind}/{name} was not installed"))?;
+    }
+    let deployment: serde_json::Value =
+        serde_json::from_str(&setup.admin(&["get", "deployment", "agentguard", "-n", NS, "-o", "json"])?)?;
+    let pod = &deployment["spec"]["template"]["spec"];
+    ensure!(deployment["spec"]["replicas"] == 3, "replicas");
+    ensure!(
+        pod["securityContext"]["runAsNonRoot"] == true
+            && pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    );
+    let container = &pod["containers"][0];
+    ensure!(container["securityContext"]["readOnlyRootFilesystem"] == true);
+    ensure!(container["securityContext"]["capabilities"]["drop"][0] == "ALL");
+    ensure!(
+        container["resources"]["limits"]["cpu"].is_null()
+            && !container["resources"]["limits"]["memory"].is_null()
+    );
+    println!("check installed objects ... ok");
+
+    // Identities.
+    for args in [
+        vec!["create", "serviceaccount", "coder", "-n", "agents"],
+        vec!["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent=true"],
+        vec!["create", "serviceaccount", "controller", "-n", "agents"],
+        vec![
+            "create",
+            "clusterrolebinding",
+            "coder",
+            "--clusterrole=cluster-admin",
+            "--serviceaccount=agents:coder",
+        ],
+        vec![
+            "create",
+            "clusterrolebinding",
+            "controller",
+            "--clusterrole=cluster-admin",
+            "--serviceaccount=agents:controller",
+        ],
+        vec!["create", "clusterrolebinding", "sre", "--clusterrole=cluster-admin", "--group=sre"],
+    ] {
+        setup.admin(&args)?;
+    }
+    let agent = setup.plane.service_account_kubeconfig("agents", "coder")?;
+    let controller = setup.plane.service_account_kubeconfig("agents", "controller")?;
+    let alice = setup.plane.user_kubeconfig("alice", &["sre"])?;
+    let as_chart = setup.plane.service_account_kubeconfig(NS, "agentguard")?;
+
+    // agentguard with exactly the chart's RBAC.
+    let admin_port = free_port();
+    let mut agentguard = Some(setup.start_agentguard(&as_chart, admin_port)?);
+    setup.wait_for_agent("system:serviceaccount:agents:coder")?;
+    for name in ["a", "b", "c", "d"] {
+        setup.admin(&["create", "deployment", name, "-n", "demo", "--image=nginx:1.27"])?;
+    }
+    setup.admin(&["create", "configmap", "settings", "-n", "demo"])?;
+    rejects(
+        setup.plane.kubectl(&agent, &["delete", "deployment", "a", "-n", "demo"]),
+        "the agent's delete",
+        "ClusterAgentPolicy \"agentguard-default\", rule \"every-delete\"",
+    )?;
+    let started = Instant::now();
+    loop {
+        let ready = setup.admin(&[
+            "get",
+            "clusteragentpolicy",
+            "agentguard-default",
+            "-o",
+            "jsonpath={.status.conditions[0].status}",
+        ])?;
+        if ready == "True" {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "policy status not written with the chart's RBAC:\n{}",
+            cluster::tail(&dir.join("agentguard.log"), 20)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("check agentguard runs with the chart's RBAC: guards, registers, writes policy status ... ok");
+
+    // agentguard down: agents refused, everyone else untouched and not slowed.
+    drop(agentguard.take());
+    let (out, agent_took) =
+        timed(|| setup.plane.kubectl(&agent, &["delete", "deployment", "a", "-n", "demo"]));
+    rejects(out, "the agent's delete while agentguard is down", "failed calling webhook")?;
+    let (out, human_took) =
+        timed(|| setup.plane.kubectl(&alice, &["delete", "deployment", "b", "-n", "demo"]));
+    accepts(out, "a human's delete while agentguard is down")?;
+    let (out, controller_took) =
+        timed(|| setup.plane.kubectl(&controller, &["label", "configmap", "settings", "-n", "demo", "x=y"]));
+    accepts(out, "a controller's update while agentguard is down")?;
+    ensure!(human_took < Duration::from_secs(2) && controller_took < Duration::from_secs(2), "not slowed");
+    ensure!(agent_took < Duration::from_secs(5), "the agent waited for a timeout: {agent_took:?}");
+    println!(
+        "check agentguard down: agent refused in {} ms, human delete {} ms, controller update {} ms (kubectl wall time) ... ok",
+        agent_took.as_millis(),
+        human_took.as_millis(),
+        controller_took.as_millis()
+    );
+
+    // Restarted: guarding resumes.
+    agentguard = Some(setup.start_agentguard(&as_chart, admin_port)?);
+    rejects(
+        setup.plane.kubectl(&agent, &["delete", "deployment", "a", "-n", "demo"]),
+        "the agent's delete after restart",
+        "agentguard-default",
+    )?;
+    println!("check restart resumes guarding ... ok");
+
+    // helm upgrade keeps working, and the agent list survives (or is restored at once).
+    let mut upgrade =
+        vec!["upgrade".to_string(), "agentguard".into(), chart.to_string(), "-n".into(), NS.into()];
+    upgrade.extend(setup.chart_values());
+    upgrade.extend(["--set".into(), "replicas=2".into()]);
+    setup.helm(&upgrade.iter().map(String::as_str).collect::<Vec<_>>())?;
+    ensure!(
+        setup.admin(&["get", "deployment", "agentguard", "-n", NS, "-o", "jsonpath={.spec.replicas}"])?
+            == "2"
+    );
+    setup.wait_for_agent("system:serviceaccount:agents:coder")?;
+    rejects(
+        setup.plane.kubectl(&agent, &["delete", "deployment", "a", "-n", "demo"]),
+        "the agent's delete after upgrade",
+        "agentguard-default",
+    )?;
+    println!("check helm upgrade ... ok");
+
+    // helm uninstall leaves no webhook configuration behind.
+    setup.helm(&["uninstall", "agentguard", "-n", NS])?;
+    let started = Instant::now();
+    while setup
+        .plane
+        .kubectl(&setup.plane.admin, &["get", "validatingwebhookconfiguration", "agentguard"])
+        .status
+        .success()
+    {
+        ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the webhook configuration outlived helm uninstall"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(agentguard.take());
+    accepts(
+        setup.plane.kubectl(&agent, &["delete", "deployment", "a", "-n", "demo"]),
+        "a delete after uninstall",
+    )?;
+    println!("check helm uninstall removes the webhook configuration ... ok");
+    Ok(())
+}
+
+fn main() {
+    match run() {
+        Ok(()) => println!("chart: 1 passed, 0 failed"),
+        Err(e) => {
+            println!("chart FAILED: {e:#}");
+            println!("chart: 0 passed, 1 failed");
+            std::process::exit(1);
+        }
+    }
+}
