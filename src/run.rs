@@ -41,7 +41,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tokio::spawn(crate::status::keep_reported(client.clone(), caches.clone(), Duration::from_secs(2)));
     // Registration follows the caches: it starts only once they are synced.
     let registration = webhook_settings.map(|settings| {
-        tokio::spawn(crate::webhook::keep_current(client, caches, config, settings, Duration::from_secs(1)))
+        tokio::spawn(crate::webhook::keep_current(
+            client,
+            caches,
+            config,
+            settings,
+            Duration::from_millis(200),
+            Duration::from_secs(5),
+        ))
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -159,19 +159,25 @@ pub fn desired(settings: &Settings, ca_bundle: &[u8], set: &AgentSet) -> Validat
     }
 }
 
-/// Applies the configuration whenever it would change, checking every `every`. Runs until
-/// dropped. Waits for the caches first: an incomplete agent list would let agents through.
+/// Keeps the configuration current. Every `every` it recomputes the desired configuration from
+/// the caches (in memory, cheap) and compares it with the live object it last read; it re-reads
+/// the live object every `resync` (anyone — a `helm upgrade`, a human — may change it), and
+/// applies only on a difference. Runs until dropped. Waits for the caches first: an incomplete
+/// agent list would let agents through.
 pub async fn keep_current(
     client: kube::Client,
     caches: Arc<Caches>,
     config: Config,
     settings: Settings,
     every: Duration,
+    resync: Duration,
 ) {
     let api: Api<ValidatingWebhookConfiguration> = Api::all(client);
     let params = PatchParams::apply("agentguard").force();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut live: Option<ValidatingWebhookConfiguration> = None;
+    let mut last_read = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         if !caches.ready() {
@@ -186,18 +192,23 @@ pub async fn keep_current(
         };
         let set = caches.agent_set(&config);
         let want = desired(&settings, &ca, &set);
-        // Compare with the live object, not with what was last applied: anyone (a `helm
-        // upgrade`, a human) may have changed it since, and a stale agent list lets agents by.
-        match api.get_opt(&settings.name).await {
-            Ok(Some(live)) if !drifted(&live, &want) => continue,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, name = %settings.name, "cannot read the webhook configuration");
-                continue;
+        if live.is_none() || last_read.elapsed() >= resync {
+            match api.get_opt(&settings.name).await {
+                Ok(current) => {
+                    live = current;
+                    last_read = tokio::time::Instant::now();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, name = %settings.name, "cannot read the webhook configuration");
+                    continue;
+                }
             }
         }
+        if live.as_ref().is_some_and(|l| !drifted(l, &want)) {
+            continue;
+        }
         match api.patch(&settings.name, &params, &Patch::Apply(&want)).await {
-            Ok(_) => {
+            Ok(applied) => {
                 tracing::info!(
                     name = %settings.name,
                     agents = set.usernames.len(),
@@ -205,9 +216,13 @@ pub async fn keep_current(
                     agent_groups = set.groups.len(),
                     "webhook configuration updated"
                 );
+                live = Some(applied);
             }
             Err(e) => {
-                tracing::warn!(error = %e, name = %settings.name, "cannot update the webhook configuration")
+                tracing::warn!(error = %e, name = %settings.name, "cannot update the webhook configuration");
+                // Read it again, after a pause: it may be gone (uninstalled), or changed under us.
+                live = None;
+                tokio::time::sleep(resync).await;
             }
         }
     }

@@ -23,6 +23,8 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("newly_labelled_service_account_is_guarded_within_seconds", labelled_later),
     ("invalid_policy_is_rejected_at_apply_time", invalid_policy),
     ("kubectl_get_shows_policies_ready", policies_ready),
+    // Last: it leaves 1,000 agents behind.
+    ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];
 
 fn namespace(w: &World, name: &str) -> Result<String> {
@@ -390,6 +392,67 @@ fn policies_ready(w: &World) -> Result<()> {
         ensure!(started.elapsed() < Duration::from_secs(15), "policy not shown Ready: {table}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn thousand_agents(w: &World) -> Result<()> {
+    let mut objects = Vec::new();
+    for n in 0..100 {
+        objects.push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("scale-{n:02}")}}));
+        for a in 0..10 {
+            objects.push(serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": format!("agent-{a}"), "namespace": format!("scale-{n:02}"),
+                             "labels": {"agentguard.io/agent": "true"}}}));
+        }
+    }
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}).to_string();
+    let created = Instant::now();
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["create", "-f", "-"], Some(&list)))?;
+    let registered =
+        w.wait_for_registration("system:serviceaccount:scale-99:agent-9", Duration::from_secs(60))?;
+    let expression = must(w.plane.kubectl(
+        &w.plane.admin,
+        &[
+            "get",
+            "validatingwebhookconfiguration",
+            "agentguard",
+            "-o",
+            "jsonpath={.webhooks[0].matchConditions[1].expression}",
+        ],
+    ))?;
+    let agents = expression.matches("system:serviceaccount:scale-").count();
+    ensure!(agents == 1000, "{agents} of 1000 agents registered");
+    let object = must(
+        w.plane
+            .kubectl(&w.plane.admin, &["get", "validatingwebhookconfiguration", "agentguard", "-o", "json"]),
+    )?;
+    println!(
+        "  1,000 agents registered {:.1}s after creation ({:.1}s after the last object): agents matchCondition {} bytes, configuration {} bytes",
+        created.elapsed().as_secs_f64(),
+        registered.as_secs_f64(),
+        expression.len(),
+        object.len()
+    );
+    // One of them is guarded, through that large condition.
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &[
+            "create",
+            "rolebinding",
+            "scale",
+            "-n",
+            "scale-42",
+            "--clusterrole=e2e-editor",
+            "--serviceaccount=scale-42:agent-7",
+        ],
+    ))?;
+    deployment(w, "scale-42", "web")?;
+    let agent = w.plane.service_account_kubeconfig("scale-42", "agent-7")?;
+    rejects(
+        w.plane.kubectl(&agent, &["delete", "deployment", "web", "-n", "scale-42"]),
+        "a delete by agent 1,000",
+        "requires approval",
+    )?;
+    Ok(())
 }
 
 /// Webhook latency as the API server measured it (not a pass/fail check).
