@@ -29,7 +29,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the admission webhook.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crds,
     /// Evaluate policies offline against AdmissionReview files.
@@ -73,6 +73,8 @@ pub struct ServeArgs {
     pub engine: EngineArgs,
     #[command(flatten)]
     pub webhook: WebhookArgs,
+    #[command(flatten)]
+    pub self_signed: SelfSignedArgs,
     /// After SIGTERM, how long /readyz fails before the listener stops, in seconds.
     #[arg(long, env = "AGENTGUARD_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
     pub shutdown_delay_seconds: u64,
@@ -136,6 +138,27 @@ impl WebhookArgs {
             timeout_seconds: *webhook_timeout_seconds,
         }))
     }
+}
+
+/// Certificates agentguard makes and rotates itself (when cert-manager is not used).
+#[derive(Args, Debug, Clone)]
+pub struct SelfSignedArgs {
+    /// Keep a CA and a serving certificate in this Secret of `--self-namespace`, and write them
+    /// to `--tls-cert`, `--tls-key` and `--webhook-ca-file`.
+    #[arg(long, env = "AGENTGUARD_SELF_SIGNED_SECRET")]
+    pub self_signed_secret: Option<String>,
+    /// DNS names of the serving certificate (repeat or comma-separate).
+    #[arg(long = "self-signed-dns-name", env = "AGENTGUARD_SELF_SIGNED_DNS_NAMES", value_delimiter = ',')]
+    pub self_signed_dns_names: Vec<String>,
+    /// IP addresses of the serving certificate (repeat or comma-separate).
+    #[arg(long = "self-signed-ip", env = "AGENTGUARD_SELF_SIGNED_IPS", value_delimiter = ',')]
+    pub self_signed_ips: Vec<std::net::IpAddr>,
+    /// Lifetime of a serving certificate, in seconds; renewed with a third left.
+    #[arg(long, env = "AGENTGUARD_SELF_SIGNED_VALIDITY_SECONDS", default_value_t = 90 * 24 * 3600)]
+    pub self_signed_validity_seconds: u64,
+    /// How often the Secret is checked for renewal (or another replica's renewal), in seconds.
+    #[arg(long, env = "AGENTGUARD_SELF_SIGNED_CHECK_SECONDS", default_value_t = 60)]
+    pub self_signed_check_seconds: u64,
 }
 
 /// Settings of the policy engine shared by `serve` and `check`.
@@ -307,7 +330,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check(args) => check(&args),
-        Command::Serve(args) => crate::run::serve(args).await,
+        Command::Serve(args) => crate::run::serve(*args).await,
     }
 }
 

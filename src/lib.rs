@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod api;
 pub mod approval;
+pub mod certs;
 pub mod cli;
 pub mod diff;
 pub mod index;

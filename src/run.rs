@@ -9,6 +9,10 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+
+use crate::certs::{self, SelfSigned};
 use crate::cli::ServeArgs;
 use crate::index::Caches;
 use crate::metrics::Metrics;
@@ -23,6 +27,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         cert_reload_seconds,
         engine,
         webhook,
+        self_signed,
         shutdown_delay_seconds,
         drain_seconds,
     } = args;
@@ -30,11 +35,34 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let webhook_settings = webhook.settings()?;
     let metrics = Arc::new(Metrics::default());
 
+    let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
+
     // Certificates first: without them there is nothing to serve.
+    let certs = match &self_signed.self_signed_secret {
+        None => None,
+        Some(secret) => {
+            let cfg = SelfSigned {
+                namespace: config
+                    .self_namespace
+                    .clone()
+                    .context("--self-signed-secret needs --self-namespace")?,
+                secret: secret.clone(),
+                dns_names: self_signed.self_signed_dns_names.clone(),
+                ips: self_signed.self_signed_ips.clone(),
+                validity: Duration::from_secs(self_signed.self_signed_validity_seconds.max(60)),
+                cert_file: tls_cert.clone(),
+                key_file: tls_key.clone(),
+                ca_file: webhook.webhook_ca_file.clone(),
+            };
+            let api = Api::<Secret>::namespaced(client.clone(), &cfg.namespace);
+            let bundle = certs::ensure(&api, &cfg).await.context("making the self-managed certificate")?;
+            certs::write_files(&cfg, &bundle)?;
+            Some((api, cfg, Duration::from_secs(self_signed.self_signed_check_seconds.max(1))))
+        }
+    };
     let cert_files = tls::CertFiles { cert: tls_cert, key: tls_key };
     let resolver = tls::CertResolver::load(&cert_files).context("loading the serving certificate")?;
 
-    let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
     let (caches, reflectors) = Caches::start(client.clone(), metrics.clone());
     let state = Arc::new(AppState::new(caches.clone(), config.clone(), metrics.clone()));
     let status =
@@ -63,6 +91,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         shutdown_rx.clone(),
     ));
     let reflectors = tokio::spawn(reflectors);
+    let renewal = certs.map(|(api, cfg, every)| tokio::spawn(certs::keep_current(api, cfg, every)));
     let admin_server = {
         let mut rx = shutdown_rx.clone();
         let router = server::admin_router(state.clone());
@@ -91,6 +120,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     admin_server.await.context("admin server task")?.context("admin server")?;
     reload.abort();
     reflectors.abort();
+    if let Some(r) = renewal {
+        r.abort();
+    }
     status.abort();
     if let Some(r) = registration {
         r.abort();

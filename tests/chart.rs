@@ -38,17 +38,11 @@ impl Setup {
         must(self.plane.kubectl(&self.plane.admin, args))
     }
 
+    /// The chart's defaults (self-managed certificates), pointed at the local process.
     fn chart_values(&self) -> Vec<String> {
-        let ca = base64(self.plane.pki.ca_pem.as_bytes());
         vec![
             "--set".into(),
-            "certManager.enabled=false".into(),
-            "--set".into(),
-            "tls.existingSecret=agentguard-tls".into(),
-            "--set".into(),
             format!("webhook.url=https://127.0.0.1:{}/validate", self.webhook_port),
-            "--set".into(),
-            format!("webhook.caBundle={ca}"),
             "--set".into(),
             "defaultPolicy.approvers.groups={sre}".into(),
         ]
@@ -65,7 +59,15 @@ impl Setup {
             .arg(format!("--tls-cert={}", dir.join("agentguard.crt").display()))
             .arg(format!("--tls-key={}", dir.join("agentguard.key").display()))
             .arg(format!("--webhook-url=https://127.0.0.1:{}/validate", self.webhook_port))
-            .arg(format!("--webhook-ca-file={}", dir.join("ca.crt").display()))
+            .arg(format!("--webhook-ca-file={}", dir.join("agentguard-ca.crt").display()))
+            // Its own certificates, as the chart runs it, but short-lived so one rotation
+            // happens during the test.
+            .args(["--self-signed-secret=agentguard-tls", "--self-signed-ip=127.0.0.1"])
+            .args([
+                "--self-signed-validity-seconds=60",
+                "--self-signed-check-seconds=1",
+                "--cert-reload-seconds=1",
+            ])
             .args([&format!("--self-namespace={NS}"), "--shutdown-delay-seconds=0", "--log-format=json"]);
         let process = spawn("agentguard", cmd, &dir.join("agentguard.log"))?;
         let started = Instant::now();
@@ -166,20 +168,6 @@ fn run() -> Result<()> {
 
     // Install.
     let dir = setup.plane.dir.path().to_owned();
-    let (cert, key) = setup.plane.pki.serving()?;
-    std::fs::write(dir.join("agentguard.crt"), &cert)?;
-    std::fs::write(dir.join("agentguard.key"), &key)?;
-    setup.admin(&[
-        "create",
-        "secret",
-        "generic",
-        "agentguard-tls",
-        "-n",
-        NS,
-        &format!("--from-file=tls.crt={}", dir.join("agentguard.crt").display()),
-        &format!("--from-file=tls.key={}", dir.join("agentguard.key").display()),
-        &format!("--from-file=ca.crt={}", dir.join("ca.crt").display()),
-    ])?;
     let mut install =
         vec!["install".to_string(), "agentguard".into(), chart.to_string(), "-n".into(), NS.into()];
     install.extend(setup.chart_values());
@@ -280,6 +268,33 @@ fn run() -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     }
     println!("check agentguard runs with the chart's RBAC: guards, registers, writes policy status ... ok");
+
+    // Its own certificate rotates while agents keep sending requests: none fails.
+    let secret_cert =
+        || setup.admin(&["get", "secret", "agentguard-tls", "-n", NS, "-o", "jsonpath={.data.tls\\.crt}"]);
+    let first = secret_cert()?;
+    let (started, mut requests, mut after_rotation) = (Instant::now(), 0, 0);
+    while after_rotation < 10 {
+        let out =
+            setup.plane.kubectl(&agent, &["delete", "deployment", "a", "-n", "demo", "--dry-run=server"]);
+        rejects(out, &format!("agent request {requests} during rotation"), "agentguard-default")?;
+        requests += 1;
+        if secret_cert()? != first {
+            after_rotation += 1;
+        }
+        ensure!(started.elapsed() < Duration::from_secs(90), "no rotation within 90s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let served = std::fs::read_to_string(dir.join("agentguard.crt"))?;
+    ensure!(base64(served.as_bytes()) == secret_cert()?, "the rotated certificate is not the one in use");
+    ensure!(
+        std::fs::read_to_string(dir.join("agentguard.log"))?.contains("certificate reloaded"),
+        "the server never reloaded its certificate"
+    );
+    println!(
+        "check self-managed certificate rotated after {:.0}s; {requests} agent requests during it, all answered ... ok",
+        started.elapsed().as_secs_f64()
+    );
 
     // agentguard down: agents refused, everyone else untouched and not slowed.
     drop(agentguard.take());

@@ -444,7 +444,7 @@ fn der_expect(tag: u8, input: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// `tbsCertificate.validity.notAfter` of a DER certificate, as unix seconds.
-fn leaf_not_after(cert: &[u8]) -> Option<i64> {
+pub(crate) fn leaf_not_after(cert: &[u8]) -> Option<i64> {
     let (certificate, _) = der_expect(DER_SEQUENCE, cert)?;
     let (tbs, _) = der_expect(DER_SEQUENCE, certificate)?;
     let tbs = match der_next(tbs)? {

@@ -14,8 +14,14 @@ app.kubernetes.io/name: agentguard
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* Secret holding the serving certificate: cert-manager's, the user's, or agentguard's own. */}}
 {{- define "agentguard.tlsSecret" -}}
-{{- if .Values.certManager.enabled -}}agentguard-tls{{- else -}}{{ required "tls.existingSecret is required when certManager.enabled is false" .Values.tls.existingSecret }}{{- end -}}
+{{- if .Values.tls.existingSecret -}}{{ .Values.tls.existingSecret }}{{- else -}}agentguard-tls{{- end -}}
+{{- end -}}
+
+{{/* True when agentguard makes its own certificates. */}}
+{{- define "agentguard.selfSigned" -}}
+{{- if and (not .Values.certManager.enabled) (not .Values.tls.existingSecret) -}}true{{- end -}}
 {{- end -}}
 
 {{/* Must equal webhook::approval_write_condition() in the Rust code (a unit test checks it). */}}

@@ -1,0 +1,302 @@
+//! Self-managed certificates: agentguard's own CA and serving certificate (rcgen, ECDSA P-256),
+//! kept in one Secret that every replica shares and written to the local files the TLS server
+//! hot-reloads (and the webhook registration reads the CA bundle from).
+//!
+//! Writes to the Secret use optimistic concurrency (create, or replace at the resourceVersion
+//! read): when two replicas renew at once, one wins and the other adopts its certificate, so
+//! exactly one certificate is ever current. The serving certificate is renewed once a third of
+//! its validity is left; the CA lives ten years and is not rotated automatically.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use jiff::Timestamp;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+const CA_NAME: &str = "agentguard-ca";
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Where and for which names certificates are made.
+#[derive(Clone, Debug)]
+pub struct SelfSigned {
+    pub namespace: String,
+    pub secret: String,
+    pub dns_names: Vec<String>,
+    pub ips: Vec<IpAddr>,
+    /// Lifetime of a serving certificate.
+    pub validity: Duration,
+    /// Local files the TLS server and the registration read.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+/// PEM contents of the Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bundle {
+    pub ca_cert: String,
+    pub ca_key: String,
+    pub cert: String,
+    pub key: String,
+}
+
+fn validity_window(params: &mut CertificateParams, now: Timestamp, validity: Duration) -> Result<()> {
+    let start = now.as_second() - 300; // tolerate clock skew between nodes
+    let end = now.as_second().saturating_add(i64::try_from(validity.as_secs())?);
+    params.not_before = time::OffsetDateTime::from_unix_timestamp(start)?;
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(end)?;
+    Ok(())
+}
+
+fn ca_params(now: Timestamp) -> Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, CA_NAME);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    validity_window(&mut params, now, CA_VALIDITY)?;
+    Ok(params)
+}
+
+/// A new CA: (certificate PEM, key PEM).
+pub fn issue_ca(now: Timestamp) -> Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let cert = ca_params(now)?.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// A serving certificate signed by the CA whose key is `ca_key`: (certificate PEM, key PEM).
+pub fn issue_serving(ca_key: &str, cfg: &SelfSigned, now: Timestamp) -> Result<(String, String)> {
+    let ca_key = KeyPair::from_pem(ca_key).context("the CA key in the Secret is not a valid PEM key")?;
+    // The issuer is identified by its name and key, both stable, so the CA parameters can be
+    // rebuilt instead of parsed back from its certificate.
+    let issuer = Issuer::new(ca_params(now)?, ca_key);
+    let mut params = CertificateParams::new(cfg.dns_names.clone())?;
+    params.subject_alt_names.extend(cfg.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, cfg.dns_names.first().map(String::as_str).unwrap_or("agentguard"));
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity_window(&mut params, now, cfg.validity)?;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Not-after of the first certificate in `pem`, as unix seconds.
+pub fn not_after(pem: &str) -> Option<i64> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    crate::server::tls::leaf_not_after(&der)
+}
+
+/// What the Secret should hold now: `None` when `current` is fine as it is.
+pub fn plan(current: Option<&Bundle>, cfg: &SelfSigned, now: Timestamp) -> Result<Option<Bundle>> {
+    let renew_at = |cert: &str, lifetime: Duration| {
+        not_after(cert).is_none_or(|end| {
+            end - now.as_second() < i64::try_from(lifetime.as_secs() / 3).unwrap_or(i64::MAX)
+        })
+    };
+    let (ca_cert, ca_key) = match current {
+        Some(b) if !renew_at(&b.ca_cert, CA_VALIDITY / 10) && KeyPair::from_pem(&b.ca_key).is_ok() => {
+            if !renew_at(&b.cert, cfg.validity) {
+                return Ok(None);
+            }
+            (b.ca_cert.clone(), b.ca_key.clone())
+        }
+        _ => issue_ca(now)?,
+    };
+    let (cert, key) = issue_serving(&ca_key, cfg, now)?;
+    Ok(Some(Bundle { ca_cert, ca_key, cert, key }))
+}
+
+fn bundle_of(secret: &Secret) -> Option<Bundle> {
+    let data = secret.data.as_ref()?;
+    let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok());
+    Some(Bundle {
+        ca_cert: get("ca.crt")?,
+        ca_key: get("ca.key")?,
+        cert: get("tls.crt")?,
+        key: get("tls.key")?,
+    })
+}
+
+fn secret_of(cfg: &SelfSigned, bundle: &Bundle, resource_version: Option<String>) -> Secret {
+    let data = [
+        ("ca.crt", &bundle.ca_cert),
+        ("ca.key", &bundle.ca_key),
+        ("tls.crt", &bundle.cert),
+        ("tls.key", &bundle.key),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), ByteString(v.clone().into_bytes())))
+    .collect();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(cfg.secret.clone()),
+            namespace: Some(cfg.namespace.clone()),
+            resource_version,
+            labels: Some([("app.kubernetes.io/managed-by".to_string(), "agentguard".to_string())].into()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// Makes sure the Secret holds a current bundle and returns it.
+pub async fn ensure(api: &Api<Secret>, cfg: &SelfSigned) -> Result<Bundle> {
+    for _ in 0..5 {
+        let existing = api.get_opt(&cfg.secret).await.context("reading the certificate Secret")?;
+        let current = existing.as_ref().and_then(bundle_of);
+        let Some(next) = plan(current.as_ref(), cfg, Timestamp::now())? else {
+            return current.context("a current bundle");
+        };
+        let written = match &existing {
+            None => api.create(&PostParams::default(), &secret_of(cfg, &next, None)).await,
+            Some(s) => {
+                api.replace(
+                    &cfg.secret,
+                    &PostParams::default(),
+                    &secret_of(cfg, &next, s.metadata.resource_version.clone()),
+                )
+                .await
+            }
+        };
+        match written {
+            Ok(_) => {
+                tracing::info!(secret = %cfg.secret, not_after = ?not_after(&next.cert), "serving certificate issued");
+                return Ok(next);
+            }
+            // Another replica wrote first: adopt what it wrote.
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(e).context("writing the certificate Secret"),
+        }
+    }
+    anyhow::bail!("the certificate Secret kept changing under us")
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename, so readers never see a
+/// half-written file; does nothing when the file already holds it.
+fn write_atomically(path: &Path, contents: &str) -> Result<bool> {
+    if std::fs::read_to_string(path).is_ok_and(|c| c == contents) {
+        return Ok(false);
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(true)
+}
+
+/// Puts the bundle where the TLS server and the registration read it. The CA goes first, so the
+/// webhook's caBundle never lags behind a certificate it must verify.
+pub fn write_files(cfg: &SelfSigned, bundle: &Bundle) -> Result<bool> {
+    let ca = write_atomically(&cfg.ca_file, &bundle.ca_cert)?;
+    let key = write_atomically(&cfg.key_file, &bundle.key)?;
+    let cert = write_atomically(&cfg.cert_file, &bundle.cert)?;
+    Ok(ca || key || cert)
+}
+
+/// Keeps the Secret and the files current, checking every `every`. Runs until dropped.
+pub async fn keep_current(api: Api<Secret>, cfg: SelfSigned, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match ensure(&api, &cfg).await.and_then(|b| write_files(&cfg, &b)) {
+            Ok(true) => tracing::info!("certificate files updated"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = format!("{e:#}"), "certificate check failed; keeping the current one")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(validity: Duration) -> SelfSigned {
+        SelfSigned {
+            namespace: "agentguard-system".into(),
+            secret: "agentguard-tls".into(),
+            dns_names: vec!["agentguard.agentguard-system.svc".into()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            validity,
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+        }
+    }
+
+    #[test]
+    fn a_first_plan_makes_a_ca_and_a_serving_certificate_it_signed() {
+        use rustls::client::danger::ServerCertVerifier;
+        let now = Timestamp::now();
+        let day = Duration::from_secs(86400);
+        let bundle = plan(None, &cfg(90 * day), now).unwrap().unwrap();
+        let end = not_after(&bundle.cert).unwrap();
+        assert!((end - now.as_second() - 90 * 86400).abs() < 5, "{end}");
+        assert!(not_after(&bundle.ca_cert).unwrap() > end);
+        // The serving certificate verifies against the CA, for the names asked for.
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(bundle.ca_cert.as_bytes()).unwrap()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            roots.into(),
+            rustls::crypto::ring::default_provider().into(),
+        )
+        .build()
+        .unwrap();
+        let leaf = CertificateDer::from_pem_slice(bundle.cert.as_bytes()).unwrap();
+        for name in ["agentguard.agentguard-system.svc", "127.0.0.1"] {
+            let server = rustls::pki_types::ServerName::try_from(name).unwrap();
+            verifier
+                .verify_server_cert(&leaf, &[], &server, &[], rustls::pki_types::UnixTime::now())
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
+    fn renewal_keeps_the_ca_and_happens_at_a_third_of_the_lifetime() {
+        let day = Duration::from_secs(86400);
+        let t0 = Timestamp::now();
+        let first = plan(None, &cfg(90 * day), t0).unwrap().unwrap();
+        let at = |days: i64| t0 + jiff::SignedDuration::from_hours(24 * days);
+        assert_eq!(plan(Some(&first), &cfg(90 * day), at(59)).unwrap(), None, "two thirds left: keep");
+        let renewed = plan(Some(&first), &cfg(90 * day), at(61)).unwrap().unwrap();
+        assert_eq!(
+            (renewed.ca_cert.as_str(), renewed.ca_key.as_str()),
+            (first.ca_cert.as_str(), first.ca_key.as_str())
+        );
+        assert_ne!(renewed.cert, first.cert);
+        // A broken bundle is replaced whole.
+        let broken = Bundle { ca_key: "garbage".into(), ..first };
+        let replaced = plan(Some(&broken), &cfg(90 * day), t0).unwrap().unwrap();
+        assert_ne!(replaced.ca_cert, broken.ca_cert);
+    }
+
+    #[test]
+    fn files_are_written_only_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(Duration::from_secs(3600));
+        c.cert_file = dir.path().join("tls.crt");
+        c.key_file = dir.path().join("tls.key");
+        c.ca_file = dir.path().join("ca.crt");
+        let bundle = plan(None, &c, Timestamp::now()).unwrap().unwrap();
+        assert!(write_files(&c, &bundle).unwrap());
+        assert!(!write_files(&c, &bundle).unwrap());
+        assert_eq!(std::fs::read_to_string(&c.cert_file).unwrap(), bundle.cert);
+    }
+}
