@@ -95,10 +95,10 @@ fn policies(n: usize) -> PolicySet {
     set
 }
 
-fn deployment(replicas: i64) -> Value {
+fn deployment(name: &str, tier: &str, replicas: i64) -> Value {
     json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": "app-10-web", "namespace": "ns-10", "labels": {"tier": "t2", "app": "web"},
+        "metadata": {"name": name, "namespace": "ns-10", "labels": {"tier": tier, "app": "web"},
                      "resourceVersion": "42", "generation": 7},
         "spec": {"replicas": replicas, "template": {"spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}}}
     })
@@ -121,7 +121,10 @@ fn bench(c: &mut Criterion) {
         ("agentguard.io/agent", "true"),
     );
     let now = "2026-11-26T12:00:00Z".parse().unwrap();
-    let (old, new) = (deployment(3), deployment(0));
+    // An object no policy guards (most of an agent's requests), and one ClusterAgentPolicy
+    // "cluster-0" guards (name app-0-*, tier t0), whose update is judged in full: diff included.
+    let (old, new) = (deployment("app-10-web", "t2", 3), deployment("app-10-web", "t2", 0));
+    let (guarded_old, guarded_new) = (deployment("app-0-web", "t0", 3), deployment("app-0-web", "t0", 0));
     let delete = Facts {
         operation: Operation::Delete,
         group: "apps",
@@ -132,8 +135,13 @@ fn bench(c: &mut Criterion) {
         object: None,
         old_object: Some(&old),
     };
-    let update =
-        Facts { operation: Operation::Update { patch: Some(true) }, object: Some(&new), ..delete.clone() };
+    let update = Facts { operation: Operation::Update { patch: None }, object: Some(&new), ..delete.clone() };
+    let guarded_update = Facts {
+        name: "app-0-web",
+        object: Some(&guarded_new),
+        old_object: Some(&guarded_old),
+        ..update.clone()
+    };
 
     let mut group = c.benchmark_group("decision");
     for n in [1, 100, 1000] {
@@ -143,6 +151,11 @@ fn bench(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("update", n), &set, |b, set| {
             b.iter(|| evaluate(black_box(&update), &requester, set, &directory, &config, now))
+        });
+        group.bench_with_input(BenchmarkId::new("guarded-update", n), &set, |b, set| {
+            let d = evaluate(&guarded_update, &requester, set, &directory, &config, now);
+            assert!(!d.allowed(), "the guarded update must be refused: {d:?}");
+            b.iter(|| evaluate(black_box(&guarded_update), &requester, set, &directory, &config, now))
         });
     }
     group.finish();

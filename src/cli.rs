@@ -105,7 +105,8 @@ pub struct WebhookArgs {
 }
 
 impl WebhookArgs {
-    pub fn settings(&self) -> Result<Option<crate::webhook::Settings>> {
+    /// `self_namespace` is excluded from the webhooks along with kube-system and kube-node-lease.
+    pub fn settings(&self, self_namespace: Option<&str>) -> Result<Option<crate::webhook::Settings>> {
         use crate::webhook::{Endpoint, Settings};
         let Self {
             webhook_configuration,
@@ -136,6 +137,11 @@ impl WebhookArgs {
             endpoint,
             ca_file: webhook_ca_file.clone(),
             timeout_seconds: *webhook_timeout_seconds,
+            excluded_namespaces: ["kube-system", "kube-node-lease"]
+                .into_iter()
+                .chain(self_namespace)
+                .map(str::to_owned)
+                .collect(),
         }))
     }
 }

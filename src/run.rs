@@ -32,7 +32,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         drain_seconds,
     } = args;
     let config = engine.config()?;
-    let webhook_settings = webhook.settings()?;
+    let webhook_settings = webhook.settings(config.self_namespace.as_deref())?;
     let metrics = Arc::new(Metrics::default());
 
     let client = kube::Client::try_default().await.context("building the Kubernetes client")?;

@@ -24,6 +24,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MatchCondition, RuleWithOperations, ServiceReference, ValidatingWebhook, ValidatingWebhookConfiguration,
     WebhookClientConfig,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 
 use crate::api::APPROVE_ANNOTATION;
@@ -54,6 +55,9 @@ pub struct Settings {
     /// PEM CA bundle file, re-read on every pass so certificate rotation propagates.
     pub ca_file: PathBuf,
     pub timeout_seconds: i32,
+    /// Namespaces never sent to agentguard (kube-system, kube-node-lease, its own): RBAC, not
+    /// the webhook, keeps agents out of them.
+    pub excluded_namespaces: Vec<String>,
 }
 
 const NOT_LEASES_OR_EVENTS: &str = "!(request.resource.group == 'coordination.k8s.io' && request.resource.resource == 'leases') && request.resource.resource != 'events'";
@@ -130,6 +134,14 @@ pub fn desired(settings: &Settings, ca_bundle: &[u8], set: &AgentSet) -> Validat
         side_effects: "None".into(),
         timeout_seconds: Some(settings.timeout_seconds),
         match_conditions: Some(conditions),
+        namespace_selector: Some(LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "kubernetes.io/metadata.name".into(),
+                operator: "NotIn".into(),
+                values: Some(settings.excluded_namespaces.clone()),
+            }]),
+            match_labels: None,
+        }),
         ..Default::default()
     };
     ValidatingWebhookConfiguration {
@@ -242,6 +254,7 @@ pub fn drifted(live: &ValidatingWebhookConfiguration, want: &ValidatingWebhookCo
                     && l.failure_policy == w.failure_policy
                     && l.timeout_seconds == w.timeout_seconds
                     && l.side_effects == w.side_effects
+                    && l.namespace_selector == w.namespace_selector
             })
         })
 }
@@ -276,11 +289,16 @@ mod tests {
             endpoint: Endpoint::Url("https://127.0.0.1:8443/validate".into()),
             ca_file: PathBuf::new(),
             timeout_seconds: 5,
+            excluded_namespaces: vec![
+                "kube-system".into(),
+                "kube-node-lease".into(),
+                "agentguard-system".into(),
+            ],
         };
         let want = desired(&settings, b"CA", &set());
         let mut live = want.clone();
         live.metadata.resource_version = Some("42".into());
-        live.webhooks.as_mut().unwrap()[0].namespace_selector = Some(Default::default());
+        live.webhooks.as_mut().unwrap()[0].object_selector = Some(Default::default());
         assert!(!drifted(&live, &want));
         // e.g. a `helm upgrade` resetting the agent list to the chart's `false`.
         live.webhooks.as_mut().unwrap()[0].match_conditions.as_mut().unwrap()[1].expression = "false".into();
@@ -306,6 +324,11 @@ mod tests {
             endpoint: Endpoint::Url("https://127.0.0.1:8443/validate".into()),
             ca_file: PathBuf::new(),
             timeout_seconds: 5,
+            excluded_namespaces: vec![
+                "kube-system".into(),
+                "kube-node-lease".into(),
+                "agentguard-system".into(),
+            ],
         };
         let vwc = desired(&settings, b"CA", &set());
         let webhooks = vwc.webhooks.unwrap();

@@ -632,7 +632,17 @@ pub fn evaluate(
         return deny(Reason::Builtin { rule, detail }, None);
     }
 
-    // 3. Only DELETE and UPDATE are guarded; an UPDATE that changes nothing is harmless.
+    // 3. Only DELETE and UPDATE are guarded.
+    if matches!(facts.operation, Operation::Create | Operation::Connect) {
+        return Decision::allow(Allowed::NotGuarded);
+    }
+    let matches = policies.matching(facts, directory, |p| p.applies_to(requester, config));
+    if matches.is_empty() && config.unmatched == Action::Allow {
+        // Nothing to judge, so the change need not be computed: the common case stays cheap.
+        return Decision::allow(Allowed::Unmatched);
+    }
+
+    // 4. An UPDATE that changes nothing is harmless; any other is judged by what it changes.
     let change = match (facts.operation, facts.old_object, facts.object) {
         (Operation::Delete, ..) => None,
         (Operation::Update { .. }, Some(old), Some(new)) => {
@@ -644,7 +654,7 @@ pub fn evaluate(
         }
         // An UPDATE without both objects cannot be diffed: judge it without a summary.
         (Operation::Update { .. }, ..) => None,
-        (Operation::Create | Operation::Connect, ..) => return Decision::allow(Allowed::NotGuarded),
+        (Operation::Create | Operation::Connect, ..) => None,
     };
     let wanted = match (&facts.operation, &change) {
         (Operation::Delete, _) => Wanted::Delete,
@@ -652,8 +662,7 @@ pub fn evaluate(
         (_, None) => Wanted::Update { digest: "" },
     };
 
-    // 4. Policies.
-    let matches = policies.matching(facts, directory, |p| p.applies_to(requester, config));
+    // 5. Policies.
     let stamp = facts.old_object.and_then(Stamp::of);
     let judge = |ms: &[&Match<'_>]| -> Judgement { judge(ms, facts, stamp.as_ref(), wanted, now) };
 
