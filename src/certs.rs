@@ -5,7 +5,11 @@
 //! Writes to the Secret use optimistic concurrency (create, or replace at the resourceVersion
 //! read): when two replicas renew at once, one wins and the other adopts its certificate, so
 //! exactly one certificate is ever current. The serving certificate is renewed once a third of
-//! its validity is left; the CA lives ten years and is not rotated automatically.
+//! its validity is left. The CA (ten years) is rotated the same way, in two steps so that no
+//! API server ever sees a certificate it cannot verify: first a new CA joins the trust bundle
+//! (`ca.crt`, also the webhooks' caBundle) beside the old one; once the bundle has had time to
+//! reach everyone, the serving certificate moves to the new CA; the old CA leaves the bundle
+//! when it expires.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -35,19 +39,47 @@ pub struct SelfSigned {
     pub ips: Vec<IpAddr>,
     /// Lifetime of a serving certificate.
     pub validity: Duration,
+    /// Lifetime of a CA.
+    pub ca_validity: Duration,
+    /// How long a new CA is trusted before it signs the serving certificate: time for every
+    /// replica to put it in the webhooks' caBundle.
+    pub propagation: Duration,
     /// Local files the TLS server and the registration read.
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub ca_file: PathBuf,
 }
 
-/// PEM contents of the Secret.
+/// Contents of the Secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bundle {
+    /// Trust bundle: the signing CA first, then older CAs still trusted.
     pub ca_cert: String,
+    /// Key of the signing CA.
     pub ca_key: String,
     pub cert: String,
     pub key: String,
+    /// Fingerprint of the CA that signed `cert`.
+    pub cert_issuer: String,
+    /// When the signing CA became the signing CA.
+    pub ca_since: Timestamp,
+}
+
+/// The PEM certificates of a bundle, in order.
+fn pem_certificates(bundle: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    bundle
+        .split_inclusive(END)
+        .map(str::trim)
+        .filter(|c| c.starts_with("-----BEGIN CERTIFICATE-----") && c.ends_with(END))
+        .map(|c| format!("{c}\n"))
+        .collect()
+}
+
+/// Short fingerprint naming a CA certificate.
+fn fingerprint(pem: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(pem.trim().as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn validity_window(params: &mut CertificateParams, now: Timestamp, validity: Duration) -> Result<()> {
@@ -68,10 +100,12 @@ fn ca_params(now: Timestamp) -> Result<CertificateParams> {
     Ok(params)
 }
 
-/// A new CA: (certificate PEM, key PEM).
-pub fn issue_ca(now: Timestamp) -> Result<(String, String)> {
+/// A new CA valid for `validity`: (certificate PEM, key PEM).
+pub fn issue_ca(now: Timestamp, validity: Duration) -> Result<(String, String)> {
     let key = KeyPair::generate()?;
-    let cert = ca_params(now)?.self_signed(&key)?;
+    let mut params = ca_params(now)?;
+    validity_window(&mut params, now, validity)?;
+    let cert = params.self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
 }
 
@@ -101,29 +135,72 @@ pub fn not_after(pem: &str) -> Option<i64> {
 
 /// What the Secret should hold now: `None` when `current` is fine as it is.
 pub fn plan(current: Option<&Bundle>, cfg: &SelfSigned, now: Timestamp) -> Result<Option<Bundle>> {
-    let renew_at = |cert: &str, lifetime: Duration| {
+    let a_third_left = |cert: &str, lifetime: Duration| {
         not_after(cert).is_none_or(|end| {
             end - now.as_second() < i64::try_from(lifetime.as_secs() / 3).unwrap_or(i64::MAX)
         })
     };
-    let (ca_cert, ca_key) = match current {
-        Some(b) if !renew_at(&b.ca_cert, CA_VALIDITY / 10) && KeyPair::from_pem(&b.ca_key).is_ok() => {
-            if !renew_at(&b.cert, cfg.validity) {
-                return Ok(None);
-            }
-            (b.ca_cert.clone(), b.ca_key.clone())
-        }
-        _ => issue_ca(now)?,
+    let usable = current.filter(|b| {
+        KeyPair::from_pem(&b.ca_key).is_ok()
+            && pem_certificates(&b.ca_cert).first().is_some_and(|c| not_after(c).is_some())
+    });
+    let Some(current) = usable else {
+        // Nothing usable: start over with a new CA.
+        let (ca_cert, ca_key) = issue_ca(now, cfg.ca_validity)?;
+        let (cert, key) = issue_serving(&ca_key, cfg, now)?;
+        return Ok(Some(Bundle {
+            cert_issuer: fingerprint(&ca_cert),
+            ca_cert,
+            ca_key,
+            cert,
+            key,
+            ca_since: now,
+        }));
     };
-    let (cert, key) = issue_serving(&ca_key, cfg, now)?;
-    Ok(Some(Bundle { ca_cert, ca_key, cert, key }))
+    let mut next = current.clone();
+    // The trust bundle keeps the signing CA and every older CA that has not expired.
+    let mut trusted = pem_certificates(&next.ca_cert);
+    let signing = trusted.remove(0);
+    trusted.retain(|c| not_after(c).is_some_and(|end| end > now.as_second()));
+    // Step 1: a CA with a third of its life left is succeeded by a new one, trusted beside it.
+    let signing = if a_third_left(&signing, cfg.ca_validity) {
+        let (ca_cert, ca_key) = issue_ca(now, cfg.ca_validity)?;
+        trusted.insert(0, signing);
+        next.ca_key = ca_key;
+        next.ca_since = now;
+        ca_cert
+    } else {
+        signing
+    };
+    next.ca_cert = std::iter::once(signing.clone()).chain(trusted).collect();
+    // Step 2: the serving certificate moves to the signing CA once every replica has had time to
+    // put it in the caBundle; until then it is not renewed (the delay is short beside a third of
+    // its life), since only the new CA's key is kept.
+    let renew = if next.cert_issuer == fingerprint(&signing) {
+        a_third_left(&next.cert, cfg.validity)
+    } else {
+        now.duration_since(next.ca_since) >= jiff::SignedDuration::try_from(cfg.propagation)?
+    };
+    if renew {
+        let (cert, key) = issue_serving(&next.ca_key, cfg, now)?;
+        next.cert = cert;
+        next.key = key;
+        next.cert_issuer = fingerprint(&signing);
+    }
+    Ok((next != *current).then_some(next))
 }
 
 fn bundle_of(secret: &Secret) -> Option<Bundle> {
     let data = secret.data.as_ref()?;
     let get = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok());
+    let ca_cert = get("ca.crt")?;
     Some(Bundle {
-        ca_cert: get("ca.crt")?,
+        // Secrets written before these keys existed: the signing CA signed the certificate.
+        cert_issuer: get("tls.issuer").unwrap_or_else(|| {
+            pem_certificates(&ca_cert).first().map(|c| fingerprint(c)).unwrap_or_default()
+        }),
+        ca_since: get("ca.since").and_then(|t| t.parse().ok()).unwrap_or(Timestamp::UNIX_EPOCH),
+        ca_cert,
         ca_key: get("ca.key")?,
         cert: get("tls.crt")?,
         key: get("tls.key")?,
@@ -131,11 +208,14 @@ fn bundle_of(secret: &Secret) -> Option<Bundle> {
 }
 
 fn secret_of(cfg: &SelfSigned, bundle: &Bundle, resource_version: Option<String>) -> Secret {
+    let since = bundle.ca_since.to_string();
     let data = [
         ("ca.crt", &bundle.ca_cert),
         ("ca.key", &bundle.ca_key),
         ("tls.crt", &bundle.cert),
         ("tls.key", &bundle.key),
+        ("tls.issuer", &bundle.cert_issuer),
+        ("ca.since", &since),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), ByteString(v.clone().into_bytes())))
@@ -235,6 +315,8 @@ mod tests {
             dns_names: vec!["agentguard.agentguard-system.svc".into()],
             ips: vec!["127.0.0.1".parse().unwrap()],
             validity,
+            ca_validity: CA_VALIDITY,
+            propagation: Duration::from_secs(600),
             cert_file: PathBuf::new(),
             key_file: PathBuf::new(),
             ca_file: PathBuf::new(),
@@ -285,6 +367,42 @@ mod tests {
         let broken = Bundle { ca_key: "garbage".into(), ..first };
         let replaced = plan(Some(&broken), &cfg(90 * day), t0).unwrap().unwrap();
         assert_ne!(replaced.ca_cert, broken.ca_cert);
+    }
+
+    #[test]
+    fn the_ca_rotates_in_two_steps_with_old_and_new_side_by_side() {
+        let day = Duration::from_secs(86400);
+        let mut c = cfg(30 * day);
+        c.ca_validity = 300 * day;
+        let at = |t0: Timestamp, days: i64, minutes: i64| {
+            t0 + jiff::SignedDuration::from_hours(24 * days) + jiff::SignedDuration::from_mins(minutes)
+        };
+        let t0 = Timestamp::now();
+        let first = plan(None, &c, t0).unwrap().unwrap();
+        assert_eq!(pem_certificates(&first.ca_cert).len(), 1);
+        // Two thirds of the CA's life gone: a new CA signs from now on, the old one stays trusted,
+        // and the serving certificate (still the old CA's) is left alone.
+        let mut b = first.clone();
+        for day in [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140, 150, 160, 170, 180, 190] {
+            if let Some(next) = plan(Some(&b), &c, at(t0, day, 0)).unwrap() {
+                b = next;
+            }
+        }
+        assert_eq!(b.ca_key, first.ca_key, "the CA is not rotated with two thirds of its life left");
+        let step1 = plan(Some(&b), &c, at(t0, 201, 0)).unwrap().unwrap();
+        let trusted = pem_certificates(&step1.ca_cert);
+        assert_eq!(trusted.len(), 2, "old and new CA side by side");
+        assert_eq!(trusted[1], pem_certificates(&first.ca_cert)[0]);
+        assert_eq!(step1.cert, b.cert, "the serving certificate waits for the new CA to propagate");
+        assert_eq!(plan(Some(&step1), &c, at(t0, 201, 5)).unwrap(), None);
+        // Once propagated, the serving certificate moves to the new CA.
+        let step2 = plan(Some(&step1), &c, at(t0, 201, 11)).unwrap().unwrap();
+        assert_ne!(step2.cert, step1.cert);
+        assert_eq!(step2.cert_issuer, fingerprint(&trusted[0]));
+        assert_eq!(step2.ca_cert, step1.ca_cert);
+        // The old CA leaves the bundle when it expires.
+        let later = plan(Some(&step2), &c, at(t0, 301, 0)).unwrap().unwrap();
+        assert_eq!(pem_certificates(&later.ca_cert), vec![trusted[0].clone()]);
     }
 
     #[test]

@@ -162,6 +162,12 @@ pub struct SelfSignedArgs {
     /// Lifetime of a serving certificate, in seconds; renewed with a third left.
     #[arg(long, env = "AGENTGUARD_SELF_SIGNED_VALIDITY_SECONDS", default_value_t = 90 * 24 * 3600)]
     pub self_signed_validity_seconds: u64,
+    /// Lifetime of the self-managed CA, in seconds; succeeded by a new one with a third left.
+    #[arg(long, env = "AGENTGUARD_SELF_SIGNED_CA_VALIDITY_SECONDS", default_value_t = 10 * 365 * 24 * 3600)]
+    pub self_signed_ca_validity_seconds: u64,
+    /// How long a new CA is only trusted before it signs, in seconds (longer than the check).
+    #[arg(long, env = "AGENTGUARD_SELF_SIGNED_PROPAGATION_SECONDS", default_value_t = 600)]
+    pub self_signed_propagation_seconds: u64,
     /// How often the Secret is checked for renewal (or another replica's renewal), in seconds.
     #[arg(long, env = "AGENTGUARD_SELF_SIGNED_CHECK_SECONDS", default_value_t = 60)]
     pub self_signed_check_seconds: u64,

@@ -50,6 +50,8 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 dns_names: self_signed.self_signed_dns_names.clone(),
                 ips: self_signed.self_signed_ips.clone(),
                 validity: Duration::from_secs(self_signed.self_signed_validity_seconds.max(60)),
+                ca_validity: Duration::from_secs(self_signed.self_signed_ca_validity_seconds.max(60)),
+                propagation: Duration::from_secs(self_signed.self_signed_propagation_seconds),
                 cert_file: tls_cert.clone(),
                 key_file: tls_key.clone(),
                 ca_file: webhook.webhook_ca_file.clone(),

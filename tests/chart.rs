@@ -68,6 +68,7 @@ impl Setup {
                 "--self-signed-check-seconds=1",
                 "--cert-reload-seconds=1",
             ])
+            .args(["--self-signed-ca-validity-seconds=90", "--self-signed-propagation-seconds=5"])
             .args([&format!("--self-namespace={NS}"), "--shutdown-delay-seconds=0", "--log-format=json"]);
         let process = spawn("agentguard", cmd, &dir.join("agentguard.log"))?;
         let started = Instant::now();
@@ -99,21 +100,24 @@ impl Setup {
     }
 }
 
-fn base64(bytes: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+fn decode_base64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let sextets: Vec<u8> = text.bytes().filter_map(value).collect();
+    sextets
+        .chunks(4)
+        .flat_map(|c| {
+            let n = c.iter().enumerate().fold(0u32, |n, (i, v)| n | (u32::from(*v) << (18 - 6 * i)));
+            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            bytes.into_iter().take(c.len().saturating_sub(1))
+        })
+        .collect()
 }
 
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
@@ -269,30 +273,52 @@ fn run() -> Result<()> {
     }
     println!("check agentguard runs with the chart's RBAC: guards, registers, writes policy status ... ok");
 
-    // Its own certificate rotates while agents keep sending requests: none fails.
-    let secret_cert =
-        || setup.admin(&["get", "secret", "agentguard-tls", "-n", NS, "-o", "jsonpath={.data.tls\\.crt}"]);
-    let first = secret_cert()?;
-    let (started, mut requests, mut after_rotation) = (Instant::now(), 0, 0);
-    while after_rotation < 10 {
+    // Its own certificates rotate while agents keep sending requests: first the serving
+    // certificate, then the CA (a new CA trusted beside the old, then signing): none fails.
+    let secret_key = |key: &str| -> Result<String> {
+        let b64 = setup.admin(&[
+            "get",
+            "secret",
+            "agentguard-tls",
+            "-n",
+            NS,
+            "-o",
+            &format!("jsonpath={{.data.{key}}}"),
+        ])?;
+        Ok(String::from_utf8(decode_base64(&b64))?)
+    };
+    let first_cert = secret_key("tls\\.crt")?;
+    let (started, mut requests) = (Instant::now(), 0);
+    let (mut serving_rotated, mut issuer_at_two_cas, mut ca_rotated, mut after) = (false, None, false, 0);
+    while after < 5 {
         let out =
             setup.plane.kubectl(&agent, &["delete", "deployment", "a", "-n", "demo", "--dry-run=server"]);
         rejects(out, &format!("agent request {requests} during rotation"), "agentguard-default")?;
         requests += 1;
-        if secret_cert()? != first {
-            after_rotation += 1;
+        serving_rotated |= secret_key("tls\\.crt")? != first_cert;
+        let issuer = secret_key("tls\\.issuer")?;
+        if issuer_at_two_cas.is_none() && secret_key("ca\\.crt")?.matches("BEGIN CERTIFICATE").count() == 2 {
+            issuer_at_two_cas = Some(issuer.clone());
         }
-        ensure!(started.elapsed() < Duration::from_secs(90), "no rotation within 90s");
+        ca_rotated |= issuer_at_two_cas.as_ref().is_some_and(|old| *old != issuer);
+        if serving_rotated && ca_rotated {
+            after += 1;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(150),
+            "rotations not seen within 150s (serving {serving_rotated}, two CAs {}, CA {ca_rotated})",
+            issuer_at_two_cas.is_some()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let served = std::fs::read_to_string(dir.join("agentguard.crt"))?;
-    ensure!(base64(served.as_bytes()) == secret_cert()?, "the rotated certificate is not the one in use");
+    ensure!(served == secret_key("tls\\.crt")?, "the rotated certificate is not the one in use");
     ensure!(
         std::fs::read_to_string(dir.join("agentguard.log"))?.contains("certificate reloaded"),
         "the server never reloaded its certificate"
     );
     println!(
-        "check self-managed certificate rotated after {:.0}s; {requests} agent requests during it, all answered ... ok",
+        "check self-managed serving certificate and CA rotated within {:.0}s; {requests} agent requests during it, all answered ... ok",
         started.elapsed().as_secs_f64()
     );
 
