@@ -24,6 +24,7 @@ const API_VERSION: &str = "admission.k8s.io/v1";
 #[serde(rename_all = "camelCase")]
 pub struct AdmissionRequest {
     pub uid: String,
+    pub kind: GroupVersionKind,
     pub resource: GroupVersionResource,
     #[serde(default)]
     pub sub_resource: Option<String>,
@@ -41,6 +42,14 @@ pub struct AdmissionRequest {
     pub dry_run: Option<bool>,
     #[serde(default)]
     pub options: Option<Value>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GroupVersionKind {
+    #[serde(default)]
+    pub group: String,
+    pub version: String,
+    pub kind: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -138,6 +147,25 @@ impl AdmissionRequest {
                     _ => None,
                 },
             },
+        }
+    }
+
+    /// The object the request is about, as an Event's `regarding`.
+    pub fn regarding(&self) -> k8s_openapi::api::core::v1::ObjectReference {
+        let facts = self.facts();
+        let uid = [&self.old_object, &self.object]
+            .into_iter()
+            .find_map(|o| o.as_ref()?.pointer("/metadata/uid")?.as_str().map(str::to_owned));
+        k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(match self.kind.group.as_str() {
+                "" => self.kind.version.clone(),
+                group => format!("{group}/{}", self.kind.version),
+            }),
+            kind: Some(self.kind.kind.clone()),
+            name: Some(facts.name.to_owned()),
+            namespace: self.namespace.clone().filter(|ns| !ns.is_empty()),
+            uid,
+            ..Default::default()
         }
     }
 

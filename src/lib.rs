@@ -15,6 +15,7 @@ pub mod approval;
 pub mod certs;
 pub mod cli;
 pub mod diff;
+pub mod events;
 pub mod index;
 pub mod metrics;
 pub mod policy;

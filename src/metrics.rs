@@ -30,6 +30,8 @@ pub struct Metrics {
     pub policies: Gauge,
     pub policy_problems: Gauge,
     pub certificate_reloads: Counter,
+    pub events_dropped: Counter,
+    pub events_suppressed: Counter,
 }
 
 impl Default for Metrics {
@@ -53,6 +55,18 @@ impl Default for Metrics {
         );
         let certificate_reloads = Counter::default();
         registry.register("certificate_reloads", "Serving certificate reloads", certificate_reloads.clone());
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Events dropped because the queue was full",
+            events_dropped.clone(),
+        );
+        let events_suppressed = Counter::default();
+        registry.register(
+            "events_suppressed",
+            "Events not sent: the same object and reason had one within the rate-limit window",
+            events_suppressed.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -62,6 +76,8 @@ impl Default for Metrics {
             policies,
             policy_problems,
             certificate_reloads,
+            events_dropped,
+            events_suppressed,
         }
     }
 }

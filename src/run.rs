@@ -66,7 +66,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let resolver = tls::CertResolver::load(&cert_files).context("loading the serving certificate")?;
 
     let (caches, reflectors) = Caches::start(client.clone(), metrics.clone());
-    let state = Arc::new(AppState::new(caches.clone(), config.clone(), metrics.clone()));
+    let (events, event_worker) =
+        crate::events::Events::start(client.clone(), metrics.clone(), std::env::var("HOSTNAME").ok());
+    let state =
+        Arc::new(AppState { events, ..AppState::new(caches.clone(), config.clone(), metrics.clone()) });
+    let event_worker = tokio::spawn(event_worker);
     let status =
         tokio::spawn(crate::status::keep_reported(client.clone(), caches.clone(), Duration::from_secs(2)));
     // Registration follows the caches: it starts only once they are synced.
@@ -122,6 +126,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     admin_server.await.context("admin server task")?.context("admin server")?;
     reload.abort();
     reflectors.abort();
+    event_worker.abort();
     if let Some(r) = renewal {
         r.abort();
     }

@@ -131,7 +131,8 @@ pub fn desired(settings: &Settings, ca_bundle: &[u8], set: &AgentSet) -> Validat
         failure_policy: Some("Fail".into()),
         match_policy: Some("Equivalent".into()),
         rules: Some(vec![rule(operations)]),
-        side_effects: "None".into(),
+        // Events are written for real requests only.
+        side_effects: "NoneOnDryRun".into(),
         timeout_seconds: Some(settings.timeout_seconds),
         match_conditions: Some(conditions),
         namespace_selector: Some(LabelSelector {
@@ -335,7 +336,7 @@ mod tests {
         assert_eq!(webhooks.len(), 2);
         for w in &webhooks {
             assert_eq!(w.failure_policy.as_deref(), Some("Fail"));
-            assert_eq!(w.side_effects, "None");
+            assert_eq!(w.side_effects, "NoneOnDryRun");
             assert_eq!(w.client_config.ca_bundle.as_ref().unwrap().0, b"CA");
             let conditions = w.match_conditions.as_ref().unwrap();
             assert_eq!(conditions[0].expression, NOT_LEASES_OR_EVENTS);

@@ -271,7 +271,21 @@ fn run() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    println!("check agentguard runs with the chart's RBAC: guards, registers, writes policy status ... ok");
+    let started = Instant::now();
+    while !setup
+        .admin(&["get", "events.events.k8s.io", "-n", "demo", "-o", "jsonpath={.items[*].reason}"])?
+        .contains("ApprovalRequired")
+    {
+        ensure!(
+            started.elapsed() < Duration::from_secs(15),
+            "no Event written with the chart's RBAC:\n{}",
+            cluster::tail(&dir.join("agentguard.log"), 20)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "check agentguard runs with the chart's RBAC: guards, registers, writes policy status and Events ... ok"
+    );
 
     // Its own certificates rotate while agents keep sending requests: first the serving
     // certificate, then the CA (a new CA trusted beside the old, then signing): none fails.

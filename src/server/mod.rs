@@ -19,6 +19,7 @@ use jiff::Timestamp;
 use serde_json::Value;
 
 use crate::admission::{self, MAX_BODY_BYTES, Malformed, Snapshot};
+use crate::events::{Events, Record};
 use crate::index::Caches;
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::identity::StaticDirectory;
@@ -69,11 +70,20 @@ pub struct AppState {
     pub clock: fn() -> Timestamp,
     /// Set on shutdown so `/readyz` fails before the listener closes.
     pub shutting_down: AtomicBool,
+    pub events: Events,
 }
 
 impl AppState {
     pub fn new(cluster: Arc<dyn Cluster>, config: Config, metrics: Arc<Metrics>) -> Self {
-        Self { cluster, config, metrics, clock: Timestamp::now, shutting_down: AtomicBool::new(false) }
+        let events = Events::disabled(metrics.clone());
+        Self {
+            cluster,
+            config,
+            metrics,
+            clock: Timestamp::now,
+            shutting_down: AtomicBool::new(false),
+            events,
+        }
     }
 }
 
@@ -153,6 +163,12 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
     };
     let decision = admission::review(&request, &snapshot);
     record(&state, &request, &decision, started);
+    // Never for dryRun: a dry run must leave no trace.
+    if !request.dry_run()
+        && let Some(event) = event_for(&request, &decision)
+    {
+        state.events.emit(event);
+    }
     json(StatusCode::OK, &admission::respond(&request.uid, &decision))
 }
 
@@ -207,6 +223,39 @@ fn record(state: &AppState, request: &admission::AdmissionRequest, decision: &De
             uid, operation, resource, namespace, name, user, dry_run, reason = ?why, "admitted"
         ),
     }
+}
+
+/// The Event a decision leaves on its object, if any: refusals, approvals used or written, and
+/// dry-run policy warnings. Plain admissions leave none.
+fn event_for(request: &admission::AdmissionRequest, decision: &Decision) -> Option<Record> {
+    use crate::policy::Allowed;
+    let who = &request.user_info.username;
+    let (warning, reason, note) = match &decision.verdict {
+        Verdict::Deny(d) => match d.reason {
+            Reason::ApprovalRequired { .. } => (true, "ApprovalRequired", d.to_string()),
+            _ => (true, "Denied", d.to_string()),
+        },
+        Verdict::Allow(why @ Allowed::Approved { .. }) => {
+            (false, "Approved", format!("{} by {who} admitted: {why}", request.operation))
+        }
+        Verdict::Allow(Allowed::ApprovalAccepted) => {
+            let value = request
+                .object
+                .as_ref()
+                .and_then(|o| o.pointer("/metadata/annotations"))
+                .and_then(|a| a.get(crate::api::APPROVE_ANNOTATION))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default();
+            (false, "ApprovalRecorded", format!("{who} approved {value:?}"))
+        }
+        Verdict::Allow(_) if !decision.warnings.is_empty() => (
+            true,
+            "PolicyWarning",
+            format!("{} by {who}: {}", request.operation, decision.warnings.join("; ")),
+        ),
+        Verdict::Allow(_) => return None,
+    };
+    Some(Record { regarding: request.regarding(), warning, reason, note })
 }
 
 fn policy_label(id: &crate::policy::PolicyId) -> String {

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 use super::*;
+use crate::events::Events;
 
 fn at_fixed_time() -> Timestamp {
     "2026-11-26T12:10:00Z".parse().unwrap()
@@ -203,4 +204,33 @@ async fn admin_port_reports_readiness_and_metrics() {
 
     st.shutting_down.store(true, Ordering::Release);
     assert_eq!(get(admin_router(st), "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn events_are_left_for_real_requests_only() {
+    let base = state(true);
+    let (events, mut rx) = Events::channel(base.metrics.clone(), 16);
+    let cluster = base.cluster.clone();
+    let mut with_events = AppState::new(cluster, Config::default(), base.metrics.clone());
+    with_events.clock = at_fixed_time;
+    with_events.events = events;
+    let st = Arc::new(with_events);
+
+    post(st.clone(), fixture("01-agent-deletes-deployment.json").to_string()).await;
+    let held = rx.try_recv().expect("an Event for the held delete");
+    assert_eq!((held.reason, held.warning), ("ApprovalRequired", true));
+    assert_eq!(held.regarding.kind.as_deref(), Some("Deployment"));
+    assert_eq!(held.regarding.api_version.as_deref(), Some("apps/v1"));
+    assert_eq!(held.regarding.name.as_deref(), Some("web"));
+    assert_eq!(held.regarding.uid.as_deref(), Some("6f1c7a52-3b0e-4d7a-9a51-0c2d9e1f8b33"));
+    assert!(held.note.contains("kubectl annotate deployments.apps web"));
+
+    post(st.clone(), fixture("04-agent-deletes-approved-deployment.json").to_string()).await;
+    assert_eq!(rx.try_recv().expect("an Event for the approved delete").reason, "Approved");
+
+    let mut dry = fixture("01-agent-deletes-deployment.json");
+    dry["request"]["dryRun"] = json!(true);
+    post(st.clone(), dry.to_string()).await;
+    post(st.clone(), fixture("10-human-deletes-deployment.json").to_string()).await;
+    assert!(rx.try_recv().is_err(), "no Event for a dry run or a human's request");
 }

@@ -79,6 +79,28 @@ fn delete_held_then_approved(w: &World) -> Result<()> {
     accepts(run_as(w, &w.alice, &approve_command(&denial)?), "alice's approval")?;
     accepts(w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", &ns]), "the approved delete")?;
     ensure!(!exists(w, &ns, "deployment", "web"), "the approved delete did not delete");
+    // The story is left as Events on the object: held, approval recorded, approved.
+    let started = Instant::now();
+    loop {
+        let events = must(w.plane.kubectl(
+            &w.plane.admin,
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={range .items[*]}{.reason}/{.regarding.kind}/{.regarding.name}{\"\\n\"}{end}",
+            ],
+        ))?;
+        let want =
+            ["ApprovalRequired/Deployment/web", "ApprovalRecorded/Deployment/web", "Approved/Deployment/web"];
+        if want.iter().all(|w| events.lines().any(|l| l == *w)) {
+            break;
+        }
+        ensure!(started.elapsed() < Duration::from_secs(10), "Events missing: {events}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     Ok(())
 }
 
@@ -194,7 +216,25 @@ fn dry_run(w: &World) -> Result<()> {
     );
 
     accepts(run_as(w, &w.alice, &approve_command(&real_answer)?), "alice's approval")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let count = |reason: &str| -> Result<usize> {
+        let out = must(w.plane.kubectl(
+            &w.plane.admin,
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+            ],
+        ))?;
+        Ok(out.lines().filter(|l| *l == reason).count())
+    };
+    let approved_before = count("Approved")?;
     accepts(w.plane.kubectl(&w.agent, &dry), "the approved dry-run delete")?;
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(count("Approved")? == approved_before, "the dry run left an Event");
     let after = get_json(w, &ns, "deployment", "web")?;
     ensure!(
         after["metadata"]["annotations"]["agentguard.io/approve"] == "delete",
