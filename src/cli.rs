@@ -33,7 +33,7 @@ pub enum Command {
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crds,
     /// Evaluate policies offline against AdmissionReview files.
-    Check(CheckArgs),
+    Check(Box<CheckArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -227,11 +227,14 @@ impl EngineArgs {
 pub struct CheckArgs {
     /// YAML/JSON files with ClusterAgentPolicies, AgentPolicies, and the ServiceAccounts and
     /// Namespaces whose labels matter.
-    #[arg(long = "policies", short = 'p', required = true, num_args = 1..)]
+    #[arg(long = "policies", short = 'p', required_unless_present = "tests", requires = "reviews", num_args = 1..)]
     pub policies: Vec<PathBuf>,
     /// AdmissionReview files (JSON or YAML) to judge.
-    #[arg(long = "reviews", short = 'r', required = true, num_args = 1..)]
+    #[arg(long = "reviews", short = 'r', requires = "policies", num_args = 1..)]
     pub reviews: Vec<PathBuf>,
+    /// Test files with expected decisions (see `check` in the README); exits 1 when a case fails.
+    #[arg(long = "test", short = 't', num_args = 1..)]
+    pub tests: Vec<PathBuf>,
     /// Evaluate as of this time (RFC 3339); defaults to now.
     #[arg(long)]
     pub now: Option<Timestamp>,
@@ -296,6 +299,24 @@ pub fn load_world(paths: &[PathBuf]) -> Result<(Vec<ClusterAgentPolicy>, Vec<Age
 /// `agentguard check`: prints one line per review; exits non-zero only on unreadable input.
 pub fn check(args: &CheckArgs) -> Result<()> {
     let config = args.engine.config()?;
+    if !args.tests.is_empty() {
+        let (mut passed, mut failed) = (0, 0);
+        for file in &args.tests {
+            for o in crate::check::run_file(file, &config)? {
+                let status = if o.passed { "PASS" } else { "FAIL" };
+                println!("{status} {}: {}", file.display(), o.name);
+                if o.passed {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                    println!("  {}", o.detail);
+                }
+            }
+        }
+        println!("check: {passed} passed, {failed} failed");
+        anyhow::ensure!(failed == 0, "{failed} policy test case(s) failed");
+        return Ok(());
+    }
     let (cluster, namespaced, directory) = load_world(&args.policies)?;
     let (policies, problems) = PolicySet::compile(&cluster, &namespaced);
     for p in &problems {

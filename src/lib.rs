@@ -13,6 +13,7 @@ pub mod admission;
 pub mod api;
 pub mod approval;
 pub mod certs;
+pub mod check;
 pub mod cli;
 pub mod diff;
 pub mod events;

@@ -1,0 +1,167 @@
+//! Policy unit tests for `agentguard check --test`, in the spirit of `kyverno test` and
+//! `gator verify`: a test file names policy files and AdmissionReview files with the decision
+//! each must get, and the run reports every case and fails when one does not hold.
+//!
+//! ```yaml
+//! policies: [../policies/demo.yaml]     # relative to the test file
+//! now: 2026-11-26T12:10:00Z             # optional: the clock approvals are judged against
+//! cases:
+//!   - name: an agent's delete is held
+//!     review: ../reviews/01-agent-deletes-deployment.json
+//!     expect: held                      # allowed | warned | approved | held | denied | refused
+//!     messageContains: [kubectl annotate]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use jiff::Timestamp;
+use serde::Deserialize;
+
+use crate::admission::{self, Snapshot};
+use crate::policy::{Config, PolicySet, Verdict};
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TestFile {
+    pub policies: Vec<PathBuf>,
+    #[serde(default)]
+    pub now: Option<Timestamp>,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    pub review: PathBuf,
+    pub expect: Expect,
+    /// Fragments the denial message or the warnings must contain.
+    #[serde(default)]
+    pub message_contains: Vec<String>,
+}
+
+/// The decision a case expects, as `Decision::outcome` names it (`refused`: malformed input).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
+    Allowed,
+    Warned,
+    Approved,
+    Held,
+    Denied,
+    Refused,
+}
+
+/// The result of one case.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub name: String,
+    pub passed: bool,
+    /// What was decided, and why the case failed if it did.
+    pub detail: String,
+}
+
+/// Runs every case of one test file.
+pub fn run_file(path: &Path, config: &Config) -> Result<Vec<Outcome>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: TestFile =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let policy_paths: Vec<PathBuf> = file.policies.iter().map(|p| base.join(p)).collect();
+    let (cluster, namespaced, directory) = crate::cli::load_world(&policy_paths)?;
+    let (policies, problems) = PolicySet::compile(&cluster, &namespaced);
+    for p in &problems {
+        tracing::warn!(policy = %p.policy, problem = %p.message, "policy problem");
+    }
+    let snapshot = Snapshot {
+        policies: &policies,
+        directory: &directory,
+        config,
+        now: file.now.unwrap_or_else(Timestamp::now),
+    };
+    file.cases
+        .iter()
+        .map(|case| {
+            let review_path = base.join(&case.review);
+            let body =
+                std::fs::read(&review_path).with_context(|| format!("reading {}", review_path.display()))?;
+            // Reviews may be YAML too: normalise to JSON bytes as the API server sends them.
+            let value: serde_json::Value = serde_yaml::from_slice(&body)
+                .with_context(|| format!("parsing {}", review_path.display()))?;
+            let (got, text) = match admission::decode(&serde_json::to_vec(&value)?) {
+                Err(m) => ("refused", m.to_string()),
+                Ok(request) => {
+                    let decision = admission::review(&request, &snapshot);
+                    let mut text = match &decision.verdict {
+                        Verdict::Deny(d) => d.to_string(),
+                        Verdict::Allow(why) => why.to_string(),
+                    };
+                    for w in &decision.warnings {
+                        text.push_str("\n  warning: ");
+                        text.push_str(w);
+                    }
+                    (decision.outcome(), text)
+                }
+            };
+            let want = format!("{:?}", case.expect).to_lowercase();
+            let missing: Vec<&String> =
+                case.message_contains.iter().filter(|m| !text.contains(m.as_str())).collect();
+            let passed = got == want && missing.is_empty();
+            let detail = if passed {
+                format!("{got}: {text}")
+            } else if got != want {
+                format!("expected {want}, got {got}: {text}")
+            } else {
+                format!("{got}, but the message lacks {missing:?}: {text}")
+            };
+            Ok(Outcome { name: case.name.clone(), passed, detail })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn example() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/tests/demo.yaml")
+    }
+
+    #[test]
+    fn the_example_tests_pass() {
+        let outcomes = run_file(&example(), &Config::default()).unwrap();
+        assert_eq!(outcomes.len(), 10);
+        for o in &outcomes {
+            assert!(o.passed, "{}: {}", o.name, o.detail);
+        }
+    }
+
+    #[test]
+    fn a_wrong_expectation_fails_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let file = dir.path().join("wrong.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "policies: [{}]\nnow: 2026-11-26T12:10:00Z\ncases:\n  - name: wrongly expected\n    review: {}\n    expect: allowed\n  - name: message\n    review: {}\n    expect: held\n    messageContains: [no such text]\n",
+                examples.join("policies/demo.yaml").display(),
+                examples.join("reviews/01-agent-deletes-deployment.json").display(),
+                examples.join("reviews/01-agent-deletes-deployment.json").display(),
+            ),
+        )
+        .unwrap();
+        let outcomes = run_file(&file, &Config::default()).unwrap();
+        assert!(
+            !outcomes[0].passed && outcomes[0].detail.starts_with("expected allowed, got held"),
+            "{:?}",
+            outcomes[0]
+        );
+        assert!(
+            !outcomes[1].passed && outcomes[1].detail.contains("lacks [\"no such text\"]"),
+            "{:?}",
+            outcomes[1]
+        );
+    }
+}
