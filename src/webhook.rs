@@ -264,6 +264,20 @@ pub fn drifted(live: &ValidatingWebhookConfiguration, want: &ValidatingWebhookCo
 mod tests {
     use super::*;
 
+    fn settings() -> Settings {
+        Settings {
+            name: "agentguard".into(),
+            endpoint: Endpoint::Url("https://127.0.0.1:8443/validate".into()),
+            ca_file: PathBuf::new(),
+            timeout_seconds: 5,
+            excluded_namespaces: vec![
+                "kube-system".into(),
+                "kube-node-lease".into(),
+                "agentguard-system".into(),
+            ],
+        }
+    }
+
     fn set() -> AgentSet {
         AgentSet {
             usernames: ["system:serviceaccount:agents:coder".to_string(), "o'brien".to_string()].into(),
@@ -285,17 +299,7 @@ mod tests {
 
     #[test]
     fn drift_is_seen_in_the_fields_agentguard_owns_only() {
-        let settings = Settings {
-            name: "agentguard".into(),
-            endpoint: Endpoint::Url("https://127.0.0.1:8443/validate".into()),
-            ca_file: PathBuf::new(),
-            timeout_seconds: 5,
-            excluded_namespaces: vec![
-                "kube-system".into(),
-                "kube-node-lease".into(),
-                "agentguard-system".into(),
-            ],
-        };
+        let settings = settings();
         let want = desired(&settings, b"CA", &set());
         let mut live = want.clone();
         live.metadata.resource_version = Some("42".into());
@@ -320,17 +324,7 @@ mod tests {
 
     #[test]
     fn configuration_fails_closed_and_skips_leases_and_events() {
-        let settings = Settings {
-            name: "agentguard".into(),
-            endpoint: Endpoint::Url("https://127.0.0.1:8443/validate".into()),
-            ca_file: PathBuf::new(),
-            timeout_seconds: 5,
-            excluded_namespaces: vec![
-                "kube-system".into(),
-                "kube-node-lease".into(),
-                "agentguard-system".into(),
-            ],
-        };
+        let settings = settings();
         let vwc = desired(&settings, b"CA", &set());
         let webhooks = vwc.webhooks.unwrap();
         assert_eq!(webhooks.len(), 2);
