@@ -601,6 +601,14 @@ mod tests {
         task: JoinHandle<io::Result<()>>,
     }
 
+    impl Server {
+        /// Signals shutdown and waits for the serve loop to return cleanly.
+        async fn shutdown(self) {
+            self.stop.send(true).unwrap();
+            self.task.await.unwrap().unwrap();
+        }
+    }
+
     async fn start(resolver: &Arc<CertResolver>, app: Router, drain: Duration) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -732,8 +740,7 @@ mod tests {
                 .await
                 .unwrap_or_else(|err| panic!("{name}: request failed: {err}"));
             assert_eq!(served, leaf.der, "{name}");
-            server.stop.send(true).unwrap();
-            server.task.await.unwrap().unwrap();
+            server.shutdown().await;
         }
     }
 
@@ -761,8 +768,7 @@ mod tests {
         let err = fetch_cert(&only_ca1, server.addr, "/").await.unwrap_err();
         assert!(err.contains("UnknownIssuer"), "{err}");
 
-        server.stop.send(true).unwrap();
-        server.task.await.unwrap().unwrap();
+        server.shutdown().await;
     }
 
     /// Lays the files out like a Kubernetes Secret volume: `tls.crt` and
@@ -1019,8 +1025,7 @@ mod tests {
         assert!(response.is_err(), "plain HTTP was answered");
         assert!(fetch_cert(&client(&[&stranger]), server.addr, "/").await.is_err());
         assert_eq!(fetch_cert(&client(&[&ca]), server.addr, "/").await.unwrap(), leaf.der);
-        server.stop.send(true).unwrap();
-        server.task.await.unwrap().unwrap();
+        server.shutdown().await;
     }
 
     #[tokio::test]
@@ -1051,8 +1056,7 @@ mod tests {
             let tls = connector.connect(name, tcp).await.unwrap();
             assert_eq!(tls.get_ref().1.alpn_protocol(), Some(expected));
         }
-        server.stop.send(true).unwrap();
-        server.task.await.unwrap().unwrap();
+        server.shutdown().await;
     }
 
     #[test]

@@ -43,6 +43,13 @@ fn deployment(w: &World, ns: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// `kubectl get events.events.k8s.io` in `ns`, one line per Event rendered by `fields`
+/// (a jsonpath fragment such as `{.reason}`).
+fn events(w: &World, ns: &str, fields: &str) -> Result<String> {
+    let jsonpath = format!("jsonpath={{range .items[*]}}{fields}{{\"\\n\"}}{{end}}");
+    must(w.plane.kubectl(&w.plane.admin, &["get", "events.events.k8s.io", "-n", ns, "-o", &jsonpath]))
+}
+
 fn exists(w: &World, ns: &str, kind: &str, name: &str) -> bool {
     w.plane.kubectl(&w.plane.admin, &["get", kind, name, "-n", ns]).status.success()
 }
@@ -82,23 +89,13 @@ fn delete_held_then_approved(w: &World) -> Result<()> {
     // The story is left as Events on the object: held, approval recorded, approved.
     let started = Instant::now();
     loop {
-        let events = must(w.plane.kubectl(
-            &w.plane.admin,
-            &[
-                "get",
-                "events.events.k8s.io",
-                "-n",
-                &ns,
-                "-o",
-                "jsonpath={range .items[*]}{.reason}/{.regarding.kind}/{.regarding.name}{\"\\n\"}{end}",
-            ],
-        ))?;
+        let seen = events(w, &ns, "{.reason}/{.regarding.kind}/{.regarding.name}")?;
         let want =
             ["ApprovalRequired/Deployment/web", "ApprovalRecorded/Deployment/web", "Approved/Deployment/web"];
-        if want.iter().all(|w| events.lines().any(|l| l == *w)) {
+        if want.iter().all(|w| seen.lines().any(|l| l == *w)) {
             break;
         }
-        ensure!(started.elapsed() < Duration::from_secs(10), "Events missing: {events}");
+        ensure!(started.elapsed() < Duration::from_secs(10), "Events missing: {seen}");
         std::thread::sleep(Duration::from_millis(200));
     }
     Ok(())
@@ -218,17 +215,7 @@ fn dry_run(w: &World) -> Result<()> {
     accepts(run_as(w, &w.alice, &approve_command(&real_answer)?), "alice's approval")?;
     std::thread::sleep(Duration::from_millis(500));
     let count = |reason: &str| -> Result<usize> {
-        let out = must(w.plane.kubectl(
-            &w.plane.admin,
-            &[
-                "get",
-                "events.events.k8s.io",
-                "-n",
-                &ns,
-                "-o",
-                "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
-            ],
-        ))?;
+        let out = events(w, &ns, "{.reason}")?;
         Ok(out.lines().filter(|l| *l == reason).count())
     };
     let approved_before = count("Approved")?;
