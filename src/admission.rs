@@ -245,6 +245,15 @@ pub fn refuse(malformed: &Malformed) -> Value {
     }))
 }
 
+/// A refusal because agentguard could not do what admitting the request requires.
+pub fn unavailable(uid: &str, message: &str) -> Value {
+    envelope(json!({
+        "uid": uid,
+        "allowed": false,
+        "status": {"code": 503, "reason": "ServiceUnavailable", "message": message}
+    }))
+}
+
 fn envelope(response: Value) -> Value {
     #[derive(Serialize)]
     #[serde(rename_all = "camelCase")]

@@ -68,21 +68,19 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let (caches, reflectors) = Caches::start(client.clone(), metrics.clone());
     let (events, event_worker) =
         crate::events::Events::start(client.clone(), metrics.clone(), std::env::var("HOSTNAME").ok());
-    let state =
-        Arc::new(AppState { events, ..AppState::new(caches.clone(), config.clone(), metrics.clone()) });
+    let registrar = webhook_settings.map(|settings| {
+        Arc::new(crate::webhook::Registrar::new(client.clone(), caches.clone(), config.clone(), settings))
+    });
+    let state = Arc::new(AppState {
+        events,
+        registrar: registrar.clone().map(|r| r as Arc<dyn server::Register>),
+        ..AppState::new(caches.clone(), config.clone(), metrics.clone())
+    });
     let event_worker = tokio::spawn(event_worker);
-    let status =
-        tokio::spawn(crate::status::keep_reported(client.clone(), caches.clone(), Duration::from_secs(2)));
+    let status = tokio::spawn(crate::status::keep_reported(client, caches, Duration::from_secs(2)));
     // Registration follows the caches: it starts only once they are synced.
-    let registration = webhook_settings.map(|settings| {
-        tokio::spawn(crate::webhook::keep_current(
-            client,
-            caches,
-            config,
-            settings,
-            Duration::from_millis(200),
-            Duration::from_secs(5),
-        ))
+    let registration = registrar.map(|registrar| {
+        tokio::spawn(registrar.keep_current(Duration::from_millis(200), Duration::from_secs(5)))
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -214,7 +214,6 @@ fn run() -> Result<()> {
     // Identities.
     for args in [
         vec!["create", "serviceaccount", "coder", "-n", "agents"],
-        vec!["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent=true"],
         vec!["create", "serviceaccount", "controller", "-n", "agents"],
         vec![
             "create",
@@ -242,6 +241,8 @@ fn run() -> Result<()> {
     // agentguard with exactly the chart's RBAC.
     let admin_port = free_port();
     let mut agentguard = Some(setup.start_agentguard(&as_chart, admin_port)?);
+    // Marked once agentguard runs: it registers the agent before the label is admitted.
+    setup.admin(&["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent=true"])?;
     setup.wait_for_agent("system:serviceaccount:agents:coder")?;
     for name in ["a", "b", "c", "d"] {
         setup.admin(&["create", "deployment", name, "-n", "demo", "--image=nginx:1.27"])?;
@@ -347,6 +348,23 @@ fn run() -> Result<()> {
     let (out, controller_took) =
         timed(|| setup.plane.kubectl(&controller, &["label", "configmap", "settings", "-n", "demo", "x=y"]));
     accepts(out, "a controller's update while agentguard is down")?;
+    // Marking a new agent needs agentguard to register it first: refused, loudly, rather than
+    // stored unguarded. Any other label on a ServiceAccount never reaches agentguard.
+    setup.admin(&["create", "serviceaccount", "newcomer", "-n", "demo"])?;
+    rejects(
+        setup.plane.kubectl(
+            &setup.plane.admin,
+            &["label", "serviceaccount", "newcomer", "-n", "demo", "agentguard.io/agent=true"],
+        ),
+        "marking an agent while agentguard is down",
+        "failed calling webhook",
+    )?;
+    accepts(
+        setup
+            .plane
+            .kubectl(&setup.plane.admin, &["label", "serviceaccount", "newcomer", "-n", "demo", "team=web"]),
+        "another label on a ServiceAccount while agentguard is down",
+    )?;
     ensure!(human_took < Duration::from_secs(2) && controller_took < Duration::from_secs(2), "not slowed");
     ensure!(agent_took < Duration::from_secs(5), "the agent waited for a timeout: {agent_took:?}");
     println!(

@@ -124,7 +124,8 @@ impl Facts<'_> {
         }
     }
 
-    fn labels(object: Option<&Value>) -> Option<Labels> {
+    /// The labels an object carries (string values only).
+    pub fn labels(object: Option<&Value>) -> Option<Labels> {
         let labels = object?.pointer("/metadata/labels")?.as_object()?;
         Some(labels.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
     }
@@ -306,6 +307,16 @@ impl PolicySet {
     /// Groups some policy names as agents.
     pub fn subject_groups(&self) -> impl Iterator<Item = &String> {
         self.subject_groups.iter()
+    }
+
+    /// Every label key whose change can make a ServiceAccount or Namespace an agent (or stop
+    /// it being one): the agent label, the agent-namespace label and the keys of policies'
+    /// subject selectors. Writes changing these are the ones agentguard must see first.
+    pub fn agent_label_keys(&self, config: &Config) -> std::collections::BTreeSet<String> {
+        let mut keys: std::collections::BTreeSet<String> =
+            [config.agent_label.0.clone(), crate::api::AGENT_NAMESPACE_LABEL.to_owned()].into();
+        keys.extend(self.subject_selectors.iter().flat_map(|s| s.keys()).map(str::to_owned));
+        keys
     }
 
     /// Whether the requester is an agent for agentguard at all: marked by the agent label (or an

@@ -14,6 +14,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::future::BoxFuture;
 use http_body_util::BodyExt;
 use jiff::Timestamp;
 use serde_json::Value;
@@ -24,6 +25,7 @@ use crate::index::Caches;
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::identity::StaticDirectory;
 use crate::policy::{Config, Decision, Directory, PolicySet, Reason, Verdict};
+use crate::webhook::AgentSet;
 
 /// What the webhook decides from. Implemented by the live caches and by fixed test data.
 pub trait Cluster: Send + Sync + 'static {
@@ -62,6 +64,22 @@ impl Cluster for StaticCluster {
     }
 }
 
+/// Registers an agent with the API server before the write that marks it is admitted.
+pub trait Register: Send + Sync + 'static {
+    fn ensure<'a>(&'a self, marked: &'a AgentSet) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Whether the webhook configuration has been brought up to date (readiness waits for it).
+    fn current(&self) -> bool;
+}
+
+impl Register for crate::webhook::Registrar {
+    fn ensure<'a>(&'a self, marked: &'a AgentSet) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(crate::webhook::Registrar::ensure(self, marked))
+    }
+    fn current(&self) -> bool {
+        crate::webhook::Registrar::current(self)
+    }
+}
+
 /// Shared state of both ports.
 pub struct AppState {
     pub cluster: Arc<dyn Cluster>,
@@ -71,6 +89,8 @@ pub struct AppState {
     /// Set on shutdown so `/readyz` fails before the listener closes.
     pub shutting_down: AtomicBool,
     pub events: Events,
+    /// None when agentguard does not manage its webhook configuration.
+    pub registrar: Option<Arc<dyn Register>>,
 }
 
 impl AppState {
@@ -83,6 +103,7 @@ impl AppState {
             clock: Timestamp::now,
             shutting_down: AtomicBool::new(false),
             events,
+            registrar: None,
         }
     }
 }
@@ -106,6 +127,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     } else if !state.cluster.ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced").into_response()
+    } else if state.registrar.as_ref().is_some_and(|r| !r.current()) {
+        (StatusCode::SERVICE_UNAVAILABLE, "webhook configuration not yet current").into_response()
     } else {
         "ok".into_response()
     }
@@ -155,13 +178,32 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
         return (StatusCode::SERVICE_UNAVAILABLE, "agentguard caches are not synced yet").into_response();
     }
     let policies = state.cluster.policies();
-    let snapshot = Snapshot {
-        policies: &policies,
-        directory: state.cluster.directory(),
-        config: &state.config,
-        now: (state.clock)(),
+    // The snapshot borrows the directory, which is not Sync: decide before any await.
+    let decision = {
+        let snapshot = Snapshot {
+            policies: &policies,
+            directory: state.cluster.directory(),
+            config: &state.config,
+            now: (state.clock)(),
+        };
+        admission::review(&request, &snapshot)
     };
-    let decision = admission::review(&request, &snapshot);
+    if decision.allowed()
+        && !request.dry_run()
+        && let Some(registrar) = &state.registrar
+    {
+        let marked = crate::webhook::marked_agents(&request.facts(), &policies, &state.config);
+        if !marked.is_empty()
+            && let Err(e) = registrar.ensure(&marked).await
+        {
+            // Admitting the label unregistered would leave the new agent unguarded.
+            tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "cannot register a new agent; refusing the write");
+            let message = format!(
+                "agentguard could not register the new agent before admitting this write: {e:#}; retry"
+            );
+            return json(StatusCode::OK, &admission::unavailable(&request.uid, &message));
+        }
+    }
     record(&state, &request, &decision, started);
     // Never for dryRun: a dry run must leave no trace.
     if !request.dry_run()

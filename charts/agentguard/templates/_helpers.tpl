@@ -24,7 +24,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (not .Values.certManager.enabled) (not .Values.tls.existingSecret) -}}true{{- end -}}
 {{- end -}}
 
-{{/* Must equal webhook::approval_write_condition() in the Rust code (a unit test checks it). */}}
-{{- define "agentguard.approvalCondition" -}}
-object != null && has(object.metadata) && has(object.metadata.annotations) && 'agentguard.io/approve' in object.metadata.annotations && (oldObject == null || !has(oldObject.metadata.annotations) || !('agentguard.io/approve' in oldObject.metadata.annotations) || oldObject.metadata.annotations['agentguard.io/approve'] != object.metadata.annotations['agentguard.io/approve'])
+{{/* Must equal webhook::guard_condition() for the default labels (a unit test checks it). */}}
+{{- define "agentguard.guardCondition" -}}
+(object != null && has(object.metadata) && has(object.metadata.annotations) && 'agentguard.io/approve' in object.metadata.annotations && (oldObject == null || !has(oldObject.metadata.annotations) || !('agentguard.io/approve' in oldObject.metadata.annotations) || oldObject.metadata.annotations['agentguard.io/approve'] != object.metadata.annotations['agentguard.io/approve'])) || (request.resource.group == '' && request.resource.resource in ['serviceaccounts', 'namespaces'] && object != null && ['agentguard.io/agent', 'agentguard.io/agent-namespace'].exists(k, (object != null && has(object.metadata.labels) && k in object.metadata.labels ? object.metadata.labels[k] : '') != (oldObject != null && has(oldObject.metadata.labels) && k in oldObject.metadata.labels ? oldObject.metadata.labels[k] : '')))
 {{- end -}}
