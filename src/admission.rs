@@ -245,6 +245,15 @@ pub fn refuse(malformed: &Malformed) -> Value {
     }))
 }
 
+/// A refusal decided outside the policy engine (the churn breaker).
+pub fn forbid(uid: &str, message: &str) -> Value {
+    envelope(json!({
+        "uid": uid,
+        "allowed": false,
+        "status": {"code": 403, "reason": "Forbidden", "message": message}
+    }))
+}
+
 /// A refusal because agentguard could not do what admitting the request requires.
 pub fn unavailable(uid: &str, message: &str) -> Value {
     envelope(json!({

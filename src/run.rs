@@ -74,6 +74,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let state = Arc::new(AppState {
         events,
         registrar: registrar.clone().map(|r| r as Arc<dyn server::Register>),
+        breaker: config
+            .self_namespace
+            .as_deref()
+            .map(|ns| Arc::new(crate::breaker::Breaker::new(client.clone(), ns)) as Arc<dyn server::Charge>),
         ..AppState::new(caches.clone(), config.clone(), metrics.clone())
     });
     let event_worker = tokio::spawn(event_worker);

@@ -284,8 +284,27 @@ fn run() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The churn breaker keeps its counts in Leases in the release namespace.
+    let churn = "apiVersion: agentguard.io/v1alpha1\nkind: ClusterAgentPolicy\nmetadata: {name: chart-churn}\nspec:\n  \
+                 action: Allow\n  churnLimit: {maxOperations: 1, window: 1h}\n  rules:\n    - name: config\n      \
+                 operations: [UPDATE]\n      namespaces: [demo]\n      resources: [{apiGroups: [\"\"], resources: [configmaps]}]\n";
+    accepts(
+        setup.plane.kubectl_stdin(&setup.plane.admin, &["apply", "-f", "-"], Some(churn)),
+        "the churn policy",
+    )?;
+    setup.admin(&["wait", "--for=condition=Ready", "--timeout=30s", "clusteragentpolicy/chart-churn"])?;
+    accepts(
+        setup.plane.kubectl(&agent, &["label", "configmap", "settings", "-n", "demo", "first=1"]),
+        "the agent's first update under a churn limit of 1",
+    )?;
+    rejects(
+        setup.plane.kubectl(&agent, &["label", "configmap", "settings", "-n", "demo", "second=1"]),
+        "the agent's second update",
+        "churn limit of ClusterAgentPolicy \"chart-churn\" reached",
+    )?;
+    setup.admin(&["delete", "clusteragentpolicy", "chart-churn"])?;
     println!(
-        "check agentguard runs with the chart's RBAC: guards, registers, writes policy status and Events ... ok"
+        "check agentguard runs with the chart's RBAC: guards, registers, writes policy status, Events and churn counts ... ok"
     );
 
     // Its own certificates rotate while agents keep sending requests: first the serving

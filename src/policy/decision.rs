@@ -33,15 +33,31 @@ pub struct Decision {
     pub warnings: Vec<String>,
     /// Audit-mode findings: logged and counted, never shown to the client.
     pub audits: Vec<String>,
+    /// Churn budgets an admitted request spends: one per enforced policy with a churn limit
+    /// that matched it.
+    pub churn: Vec<ChurnBudget>,
+}
+
+/// A policy's churn limit: at most `max_operations` guarded operations per agent per `window`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChurnBudget {
+    pub policy: PolicyId,
+    pub max_operations: u32,
+    pub window: jiff::SignedDuration,
 }
 
 impl Decision {
     pub fn allow(why: Allowed) -> Self {
-        Self { verdict: Verdict::Allow(why), warnings: Vec::new(), audits: Vec::new() }
+        Self { verdict: Verdict::Allow(why), warnings: Vec::new(), audits: Vec::new(), churn: Vec::new() }
     }
 
     pub fn deny(denial: Denial) -> Self {
-        Self { verdict: Verdict::Deny(Box::new(denial)), warnings: Vec::new(), audits: Vec::new() }
+        Self {
+            verdict: Verdict::Deny(Box::new(denial)),
+            warnings: Vec::new(),
+            audits: Vec::new(),
+            churn: Vec::new(),
+        }
     }
 
     pub fn allowed(&self) -> bool {

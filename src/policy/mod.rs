@@ -30,7 +30,7 @@ use crate::api::{
 use crate::approval::{self, Lifetime, Stamp, Wanted};
 use crate::diff::Change;
 
-pub use decision::{Allowed, Decision, Denial, PolicyId, Reason, Target, Verdict};
+pub use decision::{Allowed, ChurnBudget, Decision, Denial, PolicyId, Reason, Target, Verdict};
 pub use identity::{Directory, Requester};
 use index::ResourceIndex;
 use selector::{Globs, Labels, Selector};
@@ -149,6 +149,7 @@ pub struct CompiledPolicy {
     approval: Option<CompiledApproval>,
     message: Option<String>,
     rules: Vec<CompiledRule>,
+    churn: Option<ChurnBudget>,
 }
 
 #[derive(Clone, Debug)]
@@ -410,10 +411,25 @@ fn compile_policy(id: PolicyId, spec: &PolicySpec, problems: &mut Vec<Problem>) 
     if spec.action == Action::RequireApproval && approval.is_none() {
         problem("RequireApproval without an approval block: nobody can approve, so it acts as Deny".into());
     }
+    let churn = spec.churn_limit.as_ref().and_then(|c| {
+        match parse_duration(&c.window).and_then(|d| SignedDuration::try_from(d).ok()) {
+            Some(window) if window.is_positive() => {
+                Some(ChurnBudget { policy: id.clone(), max_operations: c.max_operations, window })
+            }
+            _ => {
+                problem(format!(
+                    "churnLimit.window {:?} is not a duration; no churn limit applies",
+                    c.window
+                ));
+                None
+            }
+        }
+    });
     let namespaced = id.namespace.is_some();
     let rules =
         spec.rules.iter().enumerate().map(|(i, r)| compile_rule(i, r, namespaced, &mut problem)).collect();
     CompiledPolicy {
+        churn,
         id,
         action: spec.action,
         mode: spec.mode,
@@ -708,6 +724,17 @@ pub fn evaluate(
                     Mode::Warn => format!("agentguard [Warn mode, not enforced]: {}", denial.summary()),
                     _ => format!("[{mode:?} mode, not enforced] {denial}"),
                 });
+            }
+        }
+    }
+    // 6. Churn budgets of the enforced policies that guard what was admitted: the breaker
+    // charges them (with the API server, outside this pure function) before the answer goes out.
+    if decision.allowed() {
+        for m in matches.iter().filter(|m| m.policy.mode == Mode::Enforce) {
+            if let Some(budget) = &m.policy.churn
+                && !decision.churn.iter().any(|b| b.policy == budget.policy)
+            {
+                decision.churn.push(budget.clone());
             }
         }
     }

@@ -20,11 +20,12 @@ use jiff::Timestamp;
 use serde_json::Value;
 
 use crate::admission::{self, MAX_BODY_BYTES, Malformed, Snapshot};
+use crate::breaker::Tripped;
 use crate::events::{Events, Record};
 use crate::index::Caches;
 use crate::metrics::{DecisionLabels, Metrics};
 use crate::policy::identity::StaticDirectory;
-use crate::policy::{Config, Decision, Directory, PolicySet, Reason, Verdict};
+use crate::policy::{ChurnBudget, Config, Decision, Directory, PolicySet, Reason, Verdict};
 use crate::webhook::AgentSet;
 
 /// What the webhook decides from. Implemented by the live caches and by fixed test data.
@@ -80,6 +81,27 @@ impl Register for crate::webhook::Registrar {
     }
 }
 
+/// Spends churn budgets (see [`crate::breaker`]).
+pub trait Charge: Send + Sync + 'static {
+    fn charge<'a>(
+        &'a self,
+        agent: &'a str,
+        budgets: &'a [ChurnBudget],
+        dry_run: bool,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Tripped>>>;
+}
+
+impl Charge for crate::breaker::Breaker {
+    fn charge<'a>(
+        &'a self,
+        agent: &'a str,
+        budgets: &'a [ChurnBudget],
+        dry_run: bool,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Tripped>>> {
+        Box::pin(crate::breaker::Breaker::charge(self, agent, budgets, dry_run))
+    }
+}
+
 /// Shared state of both ports.
 pub struct AppState {
     pub cluster: Arc<dyn Cluster>,
@@ -91,6 +113,8 @@ pub struct AppState {
     pub events: Events,
     /// None when agentguard does not manage its webhook configuration.
     pub registrar: Option<Arc<dyn Register>>,
+    /// None without a namespace of its own to keep counts in: churn limits are not enforced.
+    pub breaker: Option<Arc<dyn Charge>>,
 }
 
 impl AppState {
@@ -104,6 +128,7 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             events,
             registrar: None,
+            breaker: None,
         }
     }
 }
@@ -188,6 +213,26 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
         };
         admission::review(&request, &snapshot)
     };
+    if decision.allowed()
+        && !decision.churn.is_empty()
+        && let Some(breaker) = &state.breaker
+    {
+        match breaker.charge(&request.user_info.username, &decision.churn, request.dry_run()).await {
+            Ok(None) => {}
+            Ok(Some(tripped)) => {
+                tracing::warn!(uid = %request.uid, agent = %request.user_info.username, %tripped, "churn breaker refused");
+                let message =
+                    format!("agentguard: {} by {}: {tripped}", request.operation, request.user_info.username);
+                return json(StatusCode::OK, &admission::forbid(&request.uid, &message));
+            }
+            Err(e) => {
+                // Uncounted is unchecked: an agent's guarded operation fails closed.
+                tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "cannot charge the churn budget; refusing");
+                let message = format!("agentguard could not check the churn limit: {e:#}; retry");
+                return json(StatusCode::OK, &admission::unavailable(&request.uid, &message));
+            }
+        }
+    }
     if decision.allowed()
         && !request.dry_run()
         && let Some(registrar) = &state.registrar

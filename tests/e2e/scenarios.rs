@@ -23,6 +23,8 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("a_newly_marked_agent_is_guarded_from_the_moment_the_mark_is_stored", labelled_later),
     ("invalid_policy_is_rejected_at_apply_time", invalid_policy),
     ("kubectl_get_shows_policies_ready", policies_ready),
+    ("churn_breaker_trips_and_a_human_resets_it", crate::churn::trips_and_resets),
+    ("churn_breaker_counts_exactly_across_three_replicas", crate::churn::three_replicas_share_the_count),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];

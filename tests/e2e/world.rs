@@ -27,6 +27,8 @@ pub struct World {
 pub struct Agentguard {
     _process: Process,
     pub admin: String,
+    /// The `/validate` URL (HTTPS, certificate from the plane's CA).
+    pub webhook: String,
 }
 
 impl Agentguard {
@@ -87,6 +89,8 @@ impl World {
         ))?;
         for args in [
             vec!["create", "namespace", "agents"],
+            // agentguard's own: churn counts live there.
+            vec!["create", "namespace", "agentguard-system"],
             vec!["create", "serviceaccount", "coder", "-n", "agents"],
             vec!["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent=true"],
             vec!["create", "serviceaccount", "helper", "-n", "agents"],
@@ -120,7 +124,7 @@ impl World {
         }
         must(plane.kubectl_stdin(&admin, &["apply", "-f", "-"], Some(POLICIES)))?;
 
-        let agentguard = start_agentguard(&plane)?;
+        let agentguard = start_agentguard(&plane, "agentguard", true)?;
         let agent = plane.service_account_kubeconfig("agents", "coder")?;
         let helper = plane.service_account_kubeconfig("agents", "helper")?;
         let alice = plane.user_kubeconfig("alice", &["sre"])?;
@@ -190,12 +194,17 @@ spec:
       resources: [{apiGroups: [""], resources: [configmaps]}]
 "#;
 
-fn start_agentguard(plane: &ControlPlane) -> Result<Agentguard> {
+/// Starts an agentguard replica logging to `NAME.log`. Only the one that `registers` keeps the
+/// webhook configuration (the API server can call one URL); the others serve direct requests.
+pub fn start_agentguard(plane: &ControlPlane, name: &'static str, registers: bool) -> Result<Agentguard> {
     let dir = plane.dir.path();
-    let (cert, key) = plane.pki.serving()?;
-    std::fs::write(dir.join("agentguard.crt"), cert)?;
-    std::fs::write(dir.join("agentguard.key"), key)?;
+    if !dir.join("agentguard.crt").exists() {
+        let (cert, key) = plane.pki.serving()?;
+        std::fs::write(dir.join("agentguard.crt"), cert)?;
+        std::fs::write(dir.join("agentguard.key"), key)?;
+    }
     let (webhook_port, admin_port) = (free_port(), free_port());
+    let webhook = format!("https://127.0.0.1:{webhook_port}/validate");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentguard"));
     cmd.env("KUBECONFIG", &plane.admin)
         .arg("serve")
@@ -203,20 +212,22 @@ fn start_agentguard(plane: &ControlPlane) -> Result<Agentguard> {
         .arg(format!("--admin-addr=127.0.0.1:{admin_port}"))
         .arg(format!("--tls-cert={}", dir.join("agentguard.crt").display()))
         .arg(format!("--tls-key={}", dir.join("agentguard.key").display()))
-        .arg(format!("--webhook-url=https://127.0.0.1:{webhook_port}/validate"))
         .arg(format!("--webhook-ca-file={}", dir.join("ca.crt").display()))
         .args(["--self-namespace=agentguard-system", "--shutdown-delay-seconds=0", "--log-format=json"]);
-    let process = spawn("agentguard", cmd, &dir.join("agentguard.log"))?;
+    if registers {
+        cmd.arg(format!("--webhook-url={webhook}"));
+    }
+    let process = spawn(name, cmd, &dir.join(format!("{name}.log")))?;
     let admin = format!("http://127.0.0.1:{admin_port}");
     let started = Instant::now();
     while !http_ok(&format!("{admin}/readyz")) {
         if started.elapsed() > Duration::from_secs(60) {
-            bail!("agentguard not ready after 60s:\n{}", cluster::tail(&dir.join("agentguard.log"), 40));
+            bail!("{name} not ready after 60s:\n{}", cluster::tail(&dir.join(format!("{name}.log")), 40));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("agentguard ready in {:.1}s", started.elapsed().as_secs_f64());
-    Ok(Agentguard { _process: process, admin })
+    eprintln!("{name} ready in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(Agentguard { _process: process, admin, webhook })
 }
 
 /// Output of a command that must succeed.
