@@ -34,6 +34,8 @@ pub enum Command {
     Crds,
     /// Evaluate policies offline against AdmissionReview files.
     Check(Box<CheckArgs>),
+    /// List agent requests waiting for approval, with the command that approves each.
+    Pending(crate::pending::PendingArgs),
 }
 
 #[derive(Args, Debug)]
@@ -363,6 +365,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check(args) => check(&args),
+        Command::Pending(args) => crate::pending::run(&args).await,
         Command::Serve(args) => crate::run::serve(*args).await,
     }
 }

@@ -5,6 +5,7 @@
 
 mod churn;
 mod cluster;
+mod pending;
 mod scenarios;
 mod world;
 
