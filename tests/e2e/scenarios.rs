@@ -23,6 +23,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("newly_labelled_service_account_is_guarded_within_seconds", labelled_later),
     ("invalid_policy_is_rejected_at_apply_time", invalid_policy),
     ("kubectl_get_shows_policies_ready", policies_ready),
+    ("audit_reports_each_agents_dangerous_rights", crate::audit::reports_granted_rights),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];
