@@ -587,7 +587,7 @@ impl Report {
         self.agents.iter().map(|a| a.findings.len()).sum()
     }
 
-    /// `audit: N agents, M findings (c critical, h high, m medium)`.
+    /// `audit: N agents, M findings (c critical, h high, m medium); R access reviews over K namespaces`.
     pub fn summary(&self) -> String {
         format!(
             "audit: {} agents, {} findings ({} critical, {} high, {} medium); {} access reviews over {} namespaces",
