@@ -1,7 +1,8 @@
-//! The command line: `serve`, `crds`, `check`. Every `serve` flag can also be set through an
+//! The command line: `serve`, `crds`, `check`, `audit`. Every `serve` flag can also be set through an
 //! environment variable, so the chart configures agentguard without templating arguments.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -36,6 +37,8 @@ pub enum Command {
     Check(Box<CheckArgs>),
     /// List agent requests waiting for approval, with the command that approves each.
     Pending(crate::pending::PendingArgs),
+    /// List agent identities and the rights RBAC gives them that matter (asks the API server).
+    Audit(Box<crate::rbac_audit::AuditArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -355,19 +358,18 @@ pub fn check(args: &CheckArgs) -> Result<()> {
     Ok(())
 }
 
-/// Sets up logging and runs the chosen command.
-pub async fn run(cli: Cli) -> Result<()> {
+/// Sets up logging and runs the chosen command. Errors exit 1; `audit` chooses its own codes.
+pub async fn run(cli: Cli) -> Result<ExitCode> {
     let Cli { log, command } = cli;
     init_tracing(&log)?;
     match command {
-        Command::Crds => {
-            print!("{}", crate::api::crds_yaml());
-            Ok(())
-        }
-        Command::Check(args) => check(&args),
-        Command::Pending(args) => crate::pending::run(&args).await,
-        Command::Serve(args) => crate::run::serve(*args).await,
+        Command::Crds => print!("{}", crate::api::crds_yaml()),
+        Command::Check(args) => check(&args)?,
+        Command::Pending(args) => crate::pending::run(&args).await?,
+        Command::Serve(args) => crate::run::serve(*args).await?,
+        Command::Audit(args) => return Ok(crate::rbac_audit::run(*args).await),
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_tracing(log: &LogArgs) -> Result<()> {

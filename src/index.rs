@@ -12,13 +12,14 @@
 //! No API call is made on the request path. [`Caches::ready`] stays false until every watch has
 //! listed once, so the webhook never judges from a half-filled cache.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use kube::api::{Api, PartialObjectMeta};
+use kube::api::{Api, ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
@@ -155,38 +156,13 @@ impl Caches {
 
     /// Every identity that is an agent now: what the `agents` webhook must see.
     pub fn agent_set(&self, config: &Config) -> AgentSet {
-        let policies = self.policies();
-        let namespaces: std::collections::BTreeSet<String> = self
-            .namespaces
-            .state()
-            .iter()
-            .filter(|ns| {
-                ns.metadata.labels.as_ref().and_then(|l| l.get(AGENT_NAMESPACE_LABEL)).map(String::as_str)
-                    == Some("true")
-            })
-            .filter_map(|ns| ns.metadata.name.clone())
-            .collect();
-        let mut usernames: std::collections::BTreeSet<String> = self
-            .service_accounts
-            .state()
-            .iter()
-            .filter(|sa| {
-                let ns = sa.metadata.namespace.as_deref().unwrap_or_default();
-                !namespaces.contains(ns) && policies.labels_make_agent(sa.metadata.labels.as_ref(), config)
-            })
-            .map(|sa| {
-                format!(
-                    "system:serviceaccount:{}:{}",
-                    sa.metadata.namespace.as_deref().unwrap_or_default(),
-                    sa.metadata.name.as_deref().unwrap_or_default()
-                )
-            })
-            .collect();
-        usernames.extend(config.agent_usernames.iter().cloned());
-        usernames.extend(policies.subject_usernames().cloned());
-        let mut groups: std::collections::BTreeSet<String> = config.agent_groups.iter().cloned().collect();
-        groups.extend(policies.subject_groups().cloned());
-        AgentSet { usernames, namespaces, groups }
+        let (namespaces, service_accounts) = (self.namespaces.state(), self.service_accounts.state());
+        agent_set(
+            &self.policies(),
+            config,
+            namespaces.iter().map(|ns| &ns.metadata),
+            service_accounts.iter().map(|sa| &sa.metadata),
+        )
     }
 
     fn recompile(
@@ -207,6 +183,44 @@ impl Caches {
         self.policies.store(Arc::new(set));
         self.problems.store(Arc::new(problems));
     }
+}
+
+/// Every identity that is an agent, computed from Namespace and ServiceAccount metadata alone.
+/// Pure, so the webhook's caches and `agentguard audit` (which lists instead of watching) can
+/// never disagree about who is an agent. ServiceAccounts of agent namespaces are covered by the
+/// namespace, not listed one by one.
+pub fn agent_set<'a>(
+    policies: &PolicySet,
+    config: &Config,
+    namespaces: impl IntoIterator<Item = &'a ObjectMeta>,
+    service_accounts: impl IntoIterator<Item = &'a ObjectMeta>,
+) -> AgentSet {
+    let namespaces: BTreeSet<String> =
+        namespaces.into_iter().filter(|ns| is_agent_namespace(ns)).filter_map(|ns| ns.name.clone()).collect();
+    let mut usernames: BTreeSet<String> = service_accounts
+        .into_iter()
+        .filter(|sa| {
+            let ns = sa.namespace.as_deref().unwrap_or_default();
+            !namespaces.contains(ns) && policies.labels_make_agent(sa.labels.as_ref(), config)
+        })
+        .map(|sa| {
+            format!(
+                "system:serviceaccount:{}:{}",
+                sa.namespace.as_deref().unwrap_or_default(),
+                sa.name.as_deref().unwrap_or_default()
+            )
+        })
+        .collect();
+    usernames.extend(config.agent_usernames.iter().cloned());
+    usernames.extend(policies.subject_usernames().cloned());
+    let mut groups: BTreeSet<String> = config.agent_groups.iter().cloned().collect();
+    groups.extend(policies.subject_groups().cloned());
+    AgentSet { usernames, namespaces, groups }
+}
+
+/// Whether every ServiceAccount of this Namespace is an agent.
+pub fn is_agent_namespace(namespace: &ObjectMeta) -> bool {
+    namespace.labels.as_ref().and_then(|l| l.get(AGENT_NAMESPACE_LABEL)).map(String::as_str) == Some("true")
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -259,5 +273,60 @@ impl Directory for Caches {
     fn namespace_labels(&self, namespace: &str) -> Option<Labels> {
         let object = self.namespaces.get(&ObjectRef::new(namespace))?;
         Some(object.metadata.labels.clone().unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::AGENT_LABEL;
+
+    fn meta(namespace: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: namespace.map(Into::into),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn agent_set_from_objects() {
+        let policy: ClusterAgentPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "agentguard.io/v1alpha1", "kind": "ClusterAgentPolicy",
+            "metadata": {"name": "p"},
+            "spec": {
+                "subjects": {"serviceAccountSelector": {"matchLabels": {"role": "bot"}},
+                             "usernames": ["oidc:bot"], "groups": ["bots"]},
+                "action": "Deny",
+                "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": [""], "resources": ["secrets"]}]}]
+            }
+        }))
+        .unwrap();
+        let (policies, problems) = PolicySet::compile(&[policy], &[]);
+        assert!(problems.is_empty(), "{problems:?}");
+        let config = Config {
+            agent_usernames: vec!["ci".into()],
+            agent_groups: vec!["ai".into()],
+            ..Config::default()
+        };
+        let namespaces = [meta(None, "sandbox", &[(AGENT_NAMESPACE_LABEL, "true")]), meta(None, "web", &[])];
+        let service_accounts = [
+            meta(Some("web"), "coder", &[(AGENT_LABEL, "true")]),
+            meta(Some("web"), "selected", &[("role", "bot")]),
+            meta(Some("web"), "deployer", &[]),
+            // Covered by its namespace, so not listed by name.
+            meta(Some("sandbox"), "anyone", &[(AGENT_LABEL, "true")]),
+        ];
+        let set = agent_set(&policies, &config, &namespaces, &service_accounts);
+        fn strings(s: &BTreeSet<String>) -> Vec<&str> {
+            s.iter().map(String::as_str).collect()
+        }
+        assert_eq!(
+            strings(&set.usernames),
+            ["ci", "oidc:bot", "system:serviceaccount:web:coder", "system:serviceaccount:web:selected"]
+        );
+        assert_eq!(strings(&set.namespaces), ["sandbox"]);
+        assert_eq!(strings(&set.groups), ["ai", "bots"]);
     }
 }

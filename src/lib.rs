@@ -8,7 +8,7 @@
 //!  server (axum + rustls) ─▶ admission (decode → review → respond)
 //! ```
 //!
-//! `cli` and `run` are the binary's front door and wiring.
+//! `cli` and `run` are the binary's front door and wiring; `rbac_audit` is `agentguard audit`.
 pub mod admission;
 pub mod api;
 pub mod approval;
@@ -22,6 +22,7 @@ pub mod index;
 pub mod metrics;
 pub mod pending;
 pub mod policy;
+pub mod rbac_audit;
 pub mod run;
 pub mod server;
 pub mod status;

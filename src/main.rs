@@ -3,7 +3,7 @@
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     // Both rustls users (webhook server, Kubernetes client) need one process-wide provider.
     rustls::crypto::ring::default_provider()
         .install_default()

@@ -87,10 +87,8 @@ pub fn pending(events: &[Event], now: Timestamp, since: SignedDuration) -> Vec<P
             )
         });
         match event.reason.as_deref() {
-            Some("ApprovalRequired") => {
-                if held.get(&key).is_none_or(|(t, _)| *t < at) {
-                    held.insert(key, (at, event));
-                }
+            Some("ApprovalRequired") if held.get(&key).is_none_or(|(t, _)| *t < at) => {
+                held.insert(key, (at, event));
             }
             Some("ApprovalRecorded" | "Approved") => {
                 let latest = approved.entry(key).or_insert(at);
@@ -117,7 +115,7 @@ pub fn pending(events: &[Event], now: Timestamp, since: SignedDuration) -> Vec<P
             }
         })
         .collect();
-    out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    out.sort_by_key(|p| std::cmp::Reverse(p.last_seen));
     out
 }
 

@@ -26,6 +26,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("churn_breaker_trips_and_a_human_resets_it", crate::churn::trips_and_resets),
     ("churn_breaker_counts_exactly_across_three_replicas", crate::churn::three_replicas_share_the_count),
     ("pending_lists_held_requests_until_approved", crate::pending::lists_held_requests_until_approved),
+    ("audit_reports_each_agents_dangerous_rights", crate::audit::reports_granted_rights),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];
