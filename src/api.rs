@@ -1,4 +1,5 @@
-//! The `agentguard.io/v1alpha1` API: `ClusterAgentPolicy` and `AgentPolicy`.
+//! The `agentguard.io/v1alpha1` API: `ClusterAgentPolicy` and `AgentPolicy`, and the audit
+//! trail's `AgentChange` records.
 //!
 //! This is the only place the policy schema lives. Everything that can be checked inside one
 //! object is expressed here (enums, bounds, patterns, CEL `x-kubernetes-validations`), so the API
@@ -311,6 +312,101 @@ pub enum SelectorOperator {
     DoesNotExist,
 }
 
+/// One admitted change an agent made to a guarded object, written by agentguard into its own
+/// namespace before the change is admitted, with what the object was before it: the audit trail,
+/// and what `agentguard restore` brings back. Records are immutable; only status is written after.
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "agentguard.io",
+    version = "v1alpha1",
+    kind = "AgentChange",
+    plural = "agentchanges",
+    namespaced,
+    shortname = "agc",
+    category = "agentguard",
+    status = "AgentChangeStatus",
+    doc = "An agent's admitted DELETE or UPDATE of a guarded object, with the object as it was before.",
+    printcolumn = r#"{"name": "Operation", "type": "string", "jsonPath": ".spec.operation"}"#,
+    printcolumn = r#"{"name": "Kind", "type": "string", "jsonPath": ".spec.target.kind"}"#,
+    printcolumn = r#"{"name": "Namespace", "type": "string", "jsonPath": ".spec.target.namespace"}"#,
+    printcolumn = r#"{"name": "Name", "type": "string", "jsonPath": ".spec.target.name"}"#,
+    printcolumn = r#"{"name": "Requester", "type": "string", "jsonPath": ".spec.requester"}"#,
+    printcolumn = r#"{"name": "Outcome", "type": "string", "jsonPath": ".status.outcome"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentChangeSpec {
+    /// The agent, as the API server authenticated it.
+    pub requester: String,
+    /// `DELETE` or `UPDATE`.
+    pub operation: String,
+    pub target: ChangeTarget,
+    /// The policy under which it was admitted (`ClusterAgentPolicy "x"`), and how.
+    pub policy: String,
+    /// `approved` (under an approval) or `allowed` (by an Allow policy).
+    pub admission: String,
+    /// The approval annotation's value, when admitted under one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+    /// The field-level change of an UPDATE, as shown to the approver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<String>,
+    /// When agentguard admitted it (RFC 3339).
+    pub time: String,
+    /// The object before the change, without managedFields (and without Secret data unless
+    /// agentguard was told to keep it). Absent when it was over the size limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "preserved_object")]
+    pub prior: Option<serde_json::Value>,
+    /// Why `prior` is absent or incomplete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_omitted: Option<String>,
+}
+
+/// The object a change was made to.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeTarget {
+    pub api_version: String,
+    pub kind: String,
+    /// The resource (plural) in `group`, e.g. `deployments`.
+    pub resource: String,
+    #[serde(default)]
+    pub group: String,
+    /// Set when the change went through a subresource (`scale`, `status`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub subresource: String,
+    #[serde(default)]
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub uid: String,
+    /// The object's resourceVersion before the change: an UPDATE that happened moved it.
+    #[serde(default)]
+    pub resource_version: String,
+}
+
+/// Whether a recorded change took effect: a later admission step can still refuse it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentChangeStatus {
+    /// Empty until checked, then `Happened` or `NeverHappened`.
+    #[serde(default)]
+    pub outcome: String,
+    /// Who set the approval, as agentguard saw it when it was written (its ApprovalRecorded
+    /// Event on the object).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approver: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+fn preserved_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
 /// Observed state of a policy.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -362,7 +458,7 @@ pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
 
 /// The generated CRDs as one multi-document YAML stream (what `agentguard crds` prints).
 pub fn crds_yaml() -> String {
-    let docs = [ClusterAgentPolicy::crd(), AgentPolicy::crd()];
+    let docs = [ClusterAgentPolicy::crd(), AgentPolicy::crd(), AgentChange::crd()];
     docs.iter()
         .map(|crd| {
             // Serialising a CRD built from our own types cannot fail.

@@ -39,6 +39,8 @@ pub enum Command {
     Pending(crate::pending::PendingArgs),
     /// List agent identities and the rights RBAC gives them that matter (asks the API server).
     Audit(Box<crate::rbac_audit::AuditArgs>),
+    /// Bring back what a recorded agent change removed or altered (an AgentChange record).
+    Restore(crate::restore::RestoreArgs),
 }
 
 #[derive(Args, Debug)]
@@ -80,12 +82,51 @@ pub struct ServeArgs {
     pub webhook: WebhookArgs,
     #[command(flatten)]
     pub self_signed: SelfSignedArgs,
+    #[command(flatten)]
+    pub trail: TrailArgs,
     /// After SIGTERM, how long /readyz fails before the listener stops, in seconds.
     #[arg(long, env = "AGENTGUARD_SHUTDOWN_DELAY_SECONDS", default_value_t = 5)]
     pub shutdown_delay_seconds: u64,
     /// Longest wait for in-flight requests to finish on shutdown, in seconds.
     #[arg(long, env = "AGENTGUARD_DRAIN_SECONDS", default_value_t = 20)]
     pub drain_seconds: u64,
+}
+
+/// The audit trail of admitted agent changes (AgentChange records in `--self-namespace`).
+#[derive(Args, Debug, Clone)]
+pub struct TrailArgs {
+    /// Do not record admitted agent changes.
+    #[arg(long, env = "AGENTGUARD_NO_RECORDS")]
+    pub no_records: bool,
+    /// Largest prior object a record keeps, in bytes of JSON (larger ones are recorded without it).
+    #[arg(long, env = "AGENTGUARD_RECORD_MAX_OBJECT_BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u64).range(1024..=1_000_000))]
+    pub record_max_object_bytes: u64,
+    /// Keep Secret data in records (off by default).
+    #[arg(long, env = "AGENTGUARD_RECORD_SECRET_DATA")]
+    pub record_secret_data: bool,
+    /// How long records are kept, e.g. `720h`.
+    #[arg(long, env = "AGENTGUARD_RECORD_RETENTION", default_value = "720h")]
+    pub record_retention: String,
+    /// Most records kept; the oldest are deleted first.
+    #[arg(long, env = "AGENTGUARD_RECORD_MAX", default_value_t = 10_000)]
+    pub record_max: usize,
+}
+
+impl TrailArgs {
+    /// None when recording is off or there is no namespace to record into.
+    pub fn settings(&self, self_namespace: Option<&str>) -> Result<Option<crate::trail::Settings>> {
+        let (Some(namespace), false) = (self_namespace, self.no_records) else { return Ok(None) };
+        let retention = crate::api::parse_duration(&self.record_retention).with_context(|| {
+            format!("--record-retention {:?} is not a duration such as 720h", self.record_retention)
+        })?;
+        Ok(Some(crate::trail::Settings {
+            namespace: namespace.to_owned(),
+            max_object_bytes: usize::try_from(self.record_max_object_bytes)?,
+            keep_secret_data: self.record_secret_data,
+            retention,
+            max_records: self.record_max,
+        }))
+    }
 }
 
 /// How agentguard registers itself with the API server. Without `--webhook-url` or
@@ -366,6 +407,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Crds => print!("{}", crate::api::crds_yaml()),
         Command::Check(args) => check(&args)?,
         Command::Pending(args) => crate::pending::run(&args).await?,
+        Command::Restore(args) => crate::restore::run(&args).await?,
         Command::Serve(args) => crate::run::serve(*args).await?,
         Command::Audit(args) => return Ok(crate::rbac_audit::run(*args).await),
     }

@@ -28,11 +28,13 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         engine,
         webhook,
         self_signed,
+        trail,
         shutdown_delay_seconds,
         drain_seconds,
     } = args;
     let config = engine.config()?;
     let webhook_settings = webhook.settings(config.self_namespace.as_deref())?;
+    let trail_settings = trail.settings(config.self_namespace.as_deref())?;
     let metrics = Arc::new(Metrics::default());
 
     let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
@@ -74,6 +76,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let state = Arc::new(AppState {
         events,
         registrar: registrar.clone().map(|r| r as Arc<dyn server::Register>),
+        trail: trail_settings
+            .clone()
+            .map(|t| Arc::new(crate::trail::Trail::new(client.clone(), t)) as Arc<dyn server::Recorder>),
         breaker: config
             .self_namespace
             .as_deref()
@@ -81,6 +86,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         ..AppState::new(caches.clone(), config.clone(), metrics.clone())
     });
     let event_worker = tokio::spawn(event_worker);
+    let trail_checker = trail_settings.map(|t| {
+        tokio::spawn(crate::trail::keep_checked(
+            client.clone(),
+            t,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        ))
+    });
     let status = tokio::spawn(crate::status::keep_reported(client, caches, Duration::from_secs(2)));
     // Registration follows the caches: it starts only once they are synced.
     let registration = registrar.map(|registrar| {
@@ -133,6 +146,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         r.abort();
     }
     status.abort();
+    if let Some(t) = trail_checker {
+        t.abort();
+    }
     if let Some(r) = registration {
         r.abort();
     }

@@ -102,6 +102,21 @@ impl Charge for crate::breaker::Breaker {
     }
 }
 
+/// Writes audit-trail records (see [`crate::trail`]).
+pub trait Recorder: Send + Sync + 'static {
+    fn settings(&self) -> &crate::trail::Settings;
+    fn write<'a>(&'a self, record: &'a crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>>;
+}
+
+impl Recorder for crate::trail::Trail {
+    fn settings(&self) -> &crate::trail::Settings {
+        &self.settings
+    }
+    fn write<'a>(&'a self, record: &'a crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(crate::trail::Trail::write(self, record))
+    }
+}
+
 /// Shared state of both ports.
 pub struct AppState {
     pub cluster: Arc<dyn Cluster>,
@@ -115,6 +130,8 @@ pub struct AppState {
     pub registrar: Option<Arc<dyn Register>>,
     /// None without a namespace of its own to keep counts in: churn limits are not enforced.
     pub breaker: Option<Arc<dyn Charge>>,
+    /// None when recording is off.
+    pub trail: Option<Arc<dyn Recorder>>,
 }
 
 impl AppState {
@@ -129,6 +146,7 @@ impl AppState {
             events,
             registrar: None,
             breaker: None,
+            trail: None,
         }
     }
 }
@@ -232,6 +250,15 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
                 return json(StatusCode::OK, &admission::unavailable(&request.uid, &message));
             }
         }
+    }
+    if let Some(trail) = &state.trail
+        && let Some(record) = crate::trail::record_for(&request, &decision, trail.settings(), (state.clock)())
+        && let Err(e) = trail.write(&record).await
+    {
+        // No record, no change: the way back must exist before the change does.
+        tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "cannot record the change; refusing");
+        let message = format!("agentguard could not record this change in its audit trail: {e:#}; retry");
+        return json(StatusCode::OK, &admission::unavailable(&request.uid, &message));
     }
     if decision.allowed()
         && !request.dry_run()

@@ -27,6 +27,11 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("churn_breaker_counts_exactly_across_three_replicas", crate::churn::three_replicas_share_the_count),
     ("pending_lists_held_requests_until_approved", crate::pending::lists_held_requests_until_approved),
     ("audit_reports_each_agents_dangerous_rights", crate::audit::reports_granted_rights),
+    ("audit_trail_records_and_restore_undoes_changes", crate::trail::records_and_restores),
+    (
+        "a_recorded_change_refused_later_is_marked_never_happened",
+        crate::trail::a_change_refused_later_is_marked,
+    ),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];

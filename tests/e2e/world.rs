@@ -85,6 +85,7 @@ impl World {
                 "--timeout=60s",
                 "crd/clusteragentpolicies.agentguard.io",
                 "crd/agentpolicies.agentguard.io",
+                "crd/agentchanges.agentguard.io",
             ],
         ))?;
         for args in [

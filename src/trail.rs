@@ -1,0 +1,314 @@
+//! The audit trail: an `AgentChange` record for every admitted agent DELETE or UPDATE of a guarded
+//! object, written into agentguard's namespace *before* the change is admitted (no record, no
+//! change), holding the object as it was, so `agentguard restore` can bring it back.
+//!
+//! Writing first means a record can describe a change that never happened: a later admission
+//! step (another webhook, a quota, a conflict) may still refuse it. [`keep_checked`] looks at
+//! each new record a few seconds later and marks it `Happened` or `NeverHappened`, fills in who
+//! set the approval (from the `ApprovalRecorded` Event agentguard wrote when it was set), and
+//! deletes records past the retention period or beyond the count limit, oldest first.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use jiff::Timestamp;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams,
+};
+use serde_json::{Value, json};
+
+use crate::admission::AdmissionRequest;
+use crate::api::{AgentChange, AgentChangeSpec, AgentChangeStatus, ChangeTarget};
+use crate::diff::Change;
+use crate::policy::{Allowed, Decision, Verdict};
+
+/// Label on every record: `pending` until checked, then `happened` or `never-happened`.
+pub const OUTCOME_LABEL: &str = "agentguard.io/outcome";
+
+/// What the trail keeps.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// agentguard's own namespace, where records live.
+    pub namespace: String,
+    /// Largest prior object kept, in bytes of JSON; a larger one is recorded without it.
+    pub max_object_bytes: usize,
+    /// Keep Secret `data`/`stringData` in records (off: the trail must not become a copy of
+    /// every Secret an agent touched).
+    pub keep_secret_data: bool,
+    /// Records older than this are deleted.
+    pub retention: Duration,
+    /// At most this many records are kept; the oldest go first.
+    pub max_records: usize,
+}
+
+/// The record for an admitted request, or None when it needs none: only an agent's real
+/// (not dry-run) DELETE or UPDATE admitted by an enforced policy is recorded.
+pub fn record_for(
+    request: &AdmissionRequest,
+    decision: &Decision,
+    settings: &Settings,
+    now: Timestamp,
+) -> Option<AgentChange> {
+    let (policy, admission, approval) = match &decision.verdict {
+        Verdict::Allow(Allowed::Approved { policy, rule, approval, .. }) => {
+            (format!("{policy}, rule {rule:?}"), "approved", Some(approval.clone()))
+        }
+        Verdict::Allow(Allowed::ByPolicy { policy, rule }) => {
+            (format!("{policy}, rule {rule:?}"), "allowed", None)
+        }
+        _ => return None,
+    };
+    if request.dry_run() || !matches!(request.operation.as_str(), "DELETE" | "UPDATE") {
+        return None;
+    }
+    let facts = request.facts();
+    let old = request.old_object.as_ref();
+    let change = match (request.operation.as_str(), old, request.object.as_ref()) {
+        ("UPDATE", Some(old), Some(new)) => Some(Change::between(old, new).to_string()),
+        _ => None,
+    };
+    let (prior, prior_omitted) = match old {
+        None => (None, Some("the API server sent no prior object".to_owned())),
+        Some(old) => prior(old, &request.kind.kind, &request.kind.group, settings),
+    };
+    let meta =
+        |field: &str| old.and_then(|o| o.pointer(&format!("/metadata/{field}"))).and_then(Value::as_str);
+    let group = &request.resource.group;
+    let target = ChangeTarget {
+        api_version: match group.as_str() {
+            "" => request.resource.version.clone(),
+            g => format!("{g}/{}", request.resource.version),
+        },
+        kind: request.kind.kind.clone(),
+        resource: request.resource.resource.clone(),
+        group: group.clone(),
+        subresource: facts.subresource.to_owned(),
+        namespace: request.namespace.clone().unwrap_or_default(),
+        name: facts.name.to_owned(),
+        uid: meta("uid").unwrap_or_default().to_owned(),
+        resource_version: meta("resourceVersion").unwrap_or_default().to_owned(),
+    };
+    let spec = AgentChangeSpec {
+        requester: request.user_info.username.clone(),
+        operation: request.operation.clone(),
+        target,
+        policy,
+        admission: admission.to_owned(),
+        approval,
+        change,
+        time: now.to_string(),
+        prior,
+        prior_omitted,
+    };
+    let mut record = AgentChange::new(&format!("{}-{}", request.operation.to_lowercase(), request.uid), spec);
+    record.metadata.namespace = Some(settings.namespace.clone());
+    record.metadata.labels = Some(
+        [
+            ("app.kubernetes.io/managed-by".to_owned(), "agentguard".to_owned()),
+            (OUTCOME_LABEL.to_owned(), "pending".to_owned()),
+        ]
+        .into(),
+    );
+    Some(record)
+}
+
+/// The prior object as recorded: bookkeeping stripped, Secret data dropped unless kept, and
+/// nothing at all when it is over the size limit.
+fn prior(old: &Value, kind: &str, group: &str, settings: &Settings) -> (Option<Value>, Option<String>) {
+    let mut object = old.clone();
+    if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("managedFields");
+    }
+    let mut omitted = None;
+    if group.is_empty()
+        && kind == "Secret"
+        && !settings.keep_secret_data
+        && let Some(o) = object.as_object_mut()
+        && (o.remove("data").is_some() | o.remove("stringData").is_some())
+    {
+        omitted = Some("Secret data is not recorded".to_owned());
+    }
+    let size = serde_json::to_vec(&object).map(|b| b.len()).unwrap_or(usize::MAX);
+    if size > settings.max_object_bytes {
+        return (
+            None,
+            Some(format!("the object is {size} bytes, over the {}-byte limit", settings.max_object_bytes)),
+        );
+    }
+    (Some(object), omitted)
+}
+
+/// Writes records.
+pub struct Trail {
+    api: Api<AgentChange>,
+    pub settings: Settings,
+}
+
+impl Trail {
+    pub fn new(client: kube::Client, settings: Settings) -> Self {
+        Self { api: Api::namespaced(client, &settings.namespace), settings }
+    }
+
+    pub async fn write(&self, record: &AgentChange) -> Result<()> {
+        match self.api.create(&PostParams::default(), record).await {
+            Ok(_) => Ok(()),
+            // The API server retried the same admission (same uid): already recorded.
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e).context("writing the AgentChange record"),
+        }
+    }
+}
+
+/// What a check of the target says about a recorded change.
+pub fn outcome(spec: &AgentChangeSpec, current: Option<&ObjectMeta>) -> (&'static str, String) {
+    let same_object =
+        current.filter(|m| spec.target.uid.is_empty() || m.uid.as_deref() == Some(spec.target.uid.as_str()));
+    match (spec.operation.as_str(), same_object) {
+        ("DELETE", None) => ("Happened", "the object is gone".into()),
+        ("DELETE", Some(m)) if m.deletion_timestamp.is_some() => {
+            ("Happened", "the object is being deleted (finalizers pending)".into())
+        }
+        ("DELETE", Some(_)) => {
+            ("NeverHappened", "the object still exists: a later admission step refused the delete".into())
+        }
+        (_, None) => ("Happened", "the object changed and has since been deleted".into()),
+        (_, Some(m)) if m.resource_version.as_deref() == Some(spec.target.resource_version.as_str()) => {
+            ("NeverHappened", "the object is unchanged: a later admission step refused the update".into())
+        }
+        (_, Some(_)) => ("Happened", "the object changed after the record was written".into()),
+    }
+}
+
+/// The approver named by the latest `ApprovalRecorded` Event on the target before `time`.
+pub fn approver(events: &[Event], time: Timestamp) -> Option<String> {
+    events
+        .iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some("ApprovalRecorded")
+                && e.reporting_controller.as_deref() == Some("agentguard")
+        })
+        .filter_map(|e| {
+            let at = e
+                .series
+                .as_ref()
+                .map(|s| s.last_observed_time.0)
+                .or_else(|| e.event_time.as_ref().map(|t| t.0))?;
+            let who = e.note.as_deref()?.split_once(" approved ")?.0.to_owned();
+            (at <= time).then_some((at, who))
+        })
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, who)| who)
+}
+
+/// Records past `retention`, and beyond `max_records` counting from the newest: the ones to delete.
+pub fn expired(
+    records: &[AgentChange],
+    now: Timestamp,
+    retention: Duration,
+    max_records: usize,
+) -> Vec<String> {
+    let cutoff = now - jiff::SignedDuration::try_from(retention).unwrap_or(jiff::SignedDuration::MAX);
+    let mut by_age: Vec<(Timestamp, &str)> = records
+        .iter()
+        .filter_map(|r| Some((r.metadata.creation_timestamp.as_ref()?.0, r.metadata.name.as_deref()?)))
+        .collect();
+    by_age.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+    by_age
+        .iter()
+        .enumerate()
+        .filter(|(i, (t, _))| *i >= max_records || *t < cutoff)
+        .map(|(_, (_, name))| (*name).to_owned())
+        .collect()
+}
+
+/// Checks new records and applies retention, every `every`, on every replica (the writes are
+/// idempotent, so replicas need no coordination). A record is checked once it is `settle` old.
+pub async fn keep_checked(client: kube::Client, settings: Settings, every: Duration, settle: Duration) {
+    let api: Api<AgentChange> = Api::namespaced(client.clone(), &settings.namespace);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = check_pass(&client, &api, &settings, settle).await {
+            tracing::warn!(error = format!("{e:#}"), "cannot check the audit trail");
+        }
+    }
+}
+
+async fn check_pass(
+    client: &kube::Client,
+    api: &Api<AgentChange>,
+    settings: &Settings,
+    settle: Duration,
+) -> Result<()> {
+    let now = Timestamp::now();
+    let settle = jiff::SignedDuration::try_from(settle).unwrap_or_default();
+    let pending = api.list(&ListParams::default().labels(&format!("{OUTCOME_LABEL}=pending"))).await?;
+    for record in pending.items {
+        let Some(name) = record.metadata.name.clone() else { continue };
+        let created = record.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
+        if now - settle < created {
+            continue;
+        }
+        let spec = &record.spec;
+        let target = &spec.target;
+        let (group, version) = match target.api_version.split_once('/') {
+            Some((g, v)) => (g.to_owned(), v.to_owned()),
+            None => (String::new(), target.api_version.clone()),
+        };
+        let resource = ApiResource {
+            group,
+            version,
+            api_version: target.api_version.clone(),
+            kind: target.kind.clone(),
+            plural: target.resource.clone(),
+        };
+        let objects: Api<DynamicObject> = if target.namespace.is_empty() {
+            Api::all_with(client.clone(), &resource)
+        } else {
+            Api::namespaced_with(client.clone(), &target.namespace, &resource)
+        };
+        let current = objects
+            .get_metadata_opt(&target.name)
+            .await
+            .with_context(|| format!("reading {}", target.name))?;
+        let (outcome, message) = outcome(spec, current.as_ref().map(|m| &m.metadata));
+        let approver = match (&spec.approval, spec.time.parse::<Timestamp>()) {
+            (Some(_), Ok(time)) if !target.uid.is_empty() => {
+                let events: Api<Event> = Api::namespaced(client.clone(), &target.namespace);
+                let fields = format!("regarding.uid={},reason=ApprovalRecorded", target.uid);
+                events
+                    .list(&ListParams::default().fields(&fields))
+                    .await
+                    .ok()
+                    .and_then(|l| approver(&l.items, time))
+            }
+            _ => None,
+        };
+        let status = AgentChangeStatus {
+            outcome: outcome.to_owned(),
+            approver,
+            checked_at: Some(now.to_string()),
+            message: Some(message),
+        };
+        let params = PatchParams::default();
+        api.patch_status(&name, &params, &Patch::Merge(json!({"status": status}))).await?;
+        let label = if outcome == "Happened" { "happened" } else { "never-happened" };
+        api.patch(&name, &params, &Patch::Merge(json!({"metadata": {"labels": {OUTCOME_LABEL: label}}})))
+            .await?;
+        tracing::info!(record = %name, outcome, "audit record checked");
+    }
+    let all = api.list(&ListParams::default().labels("app.kubernetes.io/managed-by=agentguard")).await?;
+    for name in expired(&all.items, now, settings.retention, settings.max_records) {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e).context("deleting an expired record"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
