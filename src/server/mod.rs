@@ -21,7 +21,7 @@ use serde_json::Value;
 use crate::admission::{self, MAX_BODY_BYTES, Malformed, Snapshot};
 use crate::events::{Events, Record};
 use crate::index::Caches;
-use crate::metrics::{DecisionLabels, Metrics};
+use crate::metrics::{Metrics, policy_label};
 use crate::policy::identity::StaticDirectory;
 use crate::policy::{Config, Decision, Directory, PolicySet, Reason, Verdict};
 
@@ -173,30 +173,13 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
 }
 
 fn record(state: &AppState, request: &admission::AdmissionRequest, decision: &Decision, started: Instant) {
-    let policy = match &decision.verdict {
-        Verdict::Deny(d) => match &d.reason {
-            Reason::Builtin { rule, .. } => format!("builtin/{rule}"),
-            other => other.policy().map(policy_label).unwrap_or_default(),
-        },
-        Verdict::Allow(crate::policy::Allowed::Approved { policy, .. })
-        | Verdict::Allow(crate::policy::Allowed::ByPolicy { policy, .. }) => policy_label(policy),
-        Verdict::Allow(_) => String::new(),
-    };
+    let policy = policy_label(decision);
     let facts = request.facts();
     let resource = match facts.subresource {
         "" => facts.resource.to_owned(),
         sub => format!("{}/{sub}", facts.resource),
     };
-    state
-        .metrics
-        .decisions
-        .get_or_create(&DecisionLabels {
-            outcome: decision.outcome().into(),
-            policy: policy.clone(),
-            resource: resource.clone(),
-            dry_run: request.dry_run().to_string(),
-        })
-        .inc();
+    state.metrics.decided(decision, &resource, &request.user_info.username, request.dry_run());
     state.metrics.latency.observe(started.elapsed().as_secs_f64());
     let fields = (
         request.uid.as_str(),
@@ -256,13 +239,6 @@ fn event_for(request: &admission::AdmissionRequest, decision: &Decision) -> Opti
         Verdict::Allow(_) => return None,
     };
     Some(Record { regarding: request.regarding(), warning, reason, note })
-}
-
-fn policy_label(id: &crate::policy::PolicyId) -> String {
-    match &id.namespace {
-        None => format!("cluster/{}", id.name),
-        Some(ns) => format!("{ns}/{}", id.name),
-    }
 }
 
 #[cfg(test)]
