@@ -17,7 +17,7 @@ use crate::policy::{Allowed, Decision, PolicyId, Reason, Verdict};
 
 /// The API server's own webhook latency buckets
 /// (`apiserver_admission_webhook_admission_duration_seconds`), so both sides read on one scale.
-pub const LATENCY_BUCKETS: [f64; 8] = [0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 10.0, 25.0];
+const LATENCY_BUCKETS: [f64; 8] = [0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 10.0, 25.0];
 
 /// One series of `agentguard_decisions_total`.
 ///
