@@ -7,10 +7,16 @@
 #   hack/k8s-binaries.sh           build whatever is missing, then print one
 #                                  NAME=/abs/path line per binary on stdout:
 #                                    eval "$(hack/k8s-binaries.sh)"
-#                                  sets KUBE_APISERVER, KUBECTL, ETCD and HELM.
+#                                  sets KUBE_APISERVER, KUBECTL, ETCD and HELM,
+#                                  and PROMETHEUS_OPERATOR_CRDS (see below).
 #   hack/k8s-binaries.sh --print   only print the paths; exit 1 if one is missing.
 #   hack/k8s-binaries.sh --regen   rewrite hack/k8s-binaries/*/go.mod and go.sum
 #                                  from the versions below (after bumping one).
+#
+# The chart test also validates the chart's PrometheusRule and ServiceMonitor
+# against their CRDs: the Prometheus Operator's Go module ships them (in
+# example/prometheus-operator-crd); it is downloaded into the Go module cache,
+# checked against the pinned hash, and its CRD folder printed.
 #
 # Binaries are cached outside the work tree, as
 #   ${AGENTGUARD_BIN_CACHE:-$HOME/.cache/agentguard/bin}/<name>-<version>
@@ -26,6 +32,9 @@ set -euo pipefail
 KUBERNETES_VERSION=v1.35.8 # newest v1.35 patch the Go module proxy serves
 ETCD_VERSION=v3.6.16       # newest v3.6 patch the proxy serves (kubeadm 1.35 defaults to 3.6.6)
 HELM_VERSION=v3.22.0       # newest v3 release the proxy serves
+PROMETHEUS_OPERATOR_MODULE=github.com/prometheus-operator/prometheus-operator
+PROMETHEUS_OPERATOR_VERSION=v0.89.0
+PROMETHEUS_OPERATOR_SUM="h1:2HA351OwWBa10H6TDhjeSdHOA7wiY71sEivg+z2cykk="
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODS="$HERE/k8s-binaries"
@@ -150,6 +159,31 @@ build() { # name version wrapper package output
   log "built $name $version in $((SECONDS - start))s -> $out"
 }
 
+# Prints PROMETHEUS_OPERATOR_CRDS=<folder>; in build mode downloads the module
+# first and refuses one whose hash is not the pinned one. Returns 1 when missing.
+monitoring_crds() {
+  local mode="$1" json sum dir
+  if [[ $mode == build ]]; then
+    json="$(cd "$HERE" && GOWORK=off GOFLAGS=-mod=mod go mod download -json \
+      "$PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION")" ||
+      die "could not download $PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION"
+    sum="$(sed -n 's/^[[:space:]]*"Sum": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")"
+    [[ $sum == "$PROMETHEUS_OPERATOR_SUM" ]] ||
+      die "$PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION has hash ${sum:-none}, pinned $PROMETHEUS_OPERATOR_SUM"
+    dir="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")"
+  else
+    local cache
+    cache="$(go env GOMODCACHE 2>/dev/null || true)"
+    dir="${cache:-${GOPATH:-$HOME/go}/pkg/mod}/$PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION"
+  fi
+  dir="$dir/example/prometheus-operator-crd"
+  printf 'PROMETHEUS_OPERATOR_CRDS=%s\n' "$dir"
+  if [[ ! -f $dir/monitoring.coreos.com_prometheusrules.yaml ]]; then
+    log "missing: $dir (run ${BASH_SOURCE[0]} to download it)"
+    return 1
+  fi
+}
+
 main() {
   local mode=build
   case "${1:-}" in
@@ -187,6 +221,7 @@ main() {
     fi
     printf '%s=%s\n' "$var" "$out"
   done
+  monitoring_crds "$mode" || missing=1
   if [[ $mode == build ]]; then
     log "$built built, $((${#BINARIES[@]} - built)) cached; ${SECONDS}s in all (cache: $CACHE)"
   fi

@@ -24,13 +24,15 @@ cargo run --locked --quiet -- --log-format plain check --test examples/tests/dem
 
 step "Kubernetes binaries: kube-apiserver, etcd, kubectl, helm from pinned Go modules (cached by version)"
 eval "$(hack/k8s-binaries.sh)"
-export KUBE_APISERVER ETCD KUBECTL HELM
+export KUBE_APISERVER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS
 
 step "helm lint, and manifests/install.yaml matches the chart"
 "$HELM" lint --strict charts/agentguard
+"$HELM" lint --strict charts/agentguard --set prometheusRule.enabled=true --set grafanaDashboard.enabled=true \
+  --set serviceMonitor.enabled=true
 hack/render-manifests.sh --check
 
-step "the Helm chart on a real control plane (install, RBAC, agentguard down, upgrade, uninstall)"
+step "the Helm chart on a real control plane (install, RBAC, monitoring objects, agentguard down, upgrade, uninstall)"
 cargo test --locked --test chart
 
 step "the quick start's demo runs to the end"

@@ -19,6 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ObjectMeta, PostParams};
 use sha2::{Digest, Sha256};
 
+use crate::metrics::policy_id_label;
 use crate::policy::ChurnBudget;
 
 pub const POLICY_ANNOTATION: &str = "agentguard.io/churn-policy";
@@ -34,10 +35,7 @@ const ATTEMPTS: usize = 10;
 /// The Lease holding one agent's count under one policy: a stable name from a digest, since
 /// usernames and policy names together can exceed a name's length or contain `:`.
 pub fn lease_name(budget: &ChurnBudget, agent: &str) -> String {
-    let policy = match &budget.policy.namespace {
-        None => format!("cluster/{}", budget.policy.name),
-        Some(ns) => format!("{ns}/{}", budget.policy.name),
-    };
+    let policy = policy_id_label(&budget.policy);
     let digest = Sha256::digest(format!("{policy}\n{agent}").as_bytes());
     let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     format!("agentguard-churn-{hex}")
@@ -171,10 +169,7 @@ impl Breaker {
         tally: &Tally,
         rv: Option<String>,
     ) -> Lease {
-        let policy = match &budget.policy.namespace {
-            None => budget.policy.name.clone(),
-            Some(ns) => format!("{ns}/{}", budget.policy.name),
-        };
+        let policy = policy_id_label(&budget.policy);
         Lease {
             metadata: ObjectMeta {
                 name: Some(name.to_owned()),

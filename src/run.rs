@@ -66,6 +66,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     let cert_files = tls::CertFiles { cert: tls_cert, key: tls_key };
     let resolver = tls::CertResolver::load(&cert_files).context("loading the serving certificate")?;
+    metrics.certificate_loaded(resolver.not_after());
 
     let (caches, reflectors) = Caches::start(client.clone(), metrics.clone());
     let (events, event_worker) =
@@ -110,6 +111,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         cert_files,
         Duration::from_secs(cert_reload_seconds.max(1)),
         shutdown_rx.clone(),
+        {
+            let metrics = metrics.clone();
+            move |r: &tls::CertResolver| metrics.certificate_reloaded(r.not_after())
+        },
     ));
     let reflectors = tokio::spawn(reflectors);
     let renewal = certs.map(|(api, cfg, every)| tokio::spawn(certs::keep_current(api, cfg, every)));

@@ -3,21 +3,28 @@
 //! and the fail-safe topology holds: with agentguard down an agent's delete is refused while a
 //! human's and a controller's requests go through without waiting. No kubelet runs here, so the
 //! chart's webhooks point at agentguard running as a local process (a `webhook.url` override).
+//! The monitoring objects (ServiceMonitor, PrometheusRule, dashboard) pass the Prometheus
+//! Operator's CRDs, and every alert reads a series agentguard or this API server exports.
 
 #[allow(dead_code)]
 #[path = "e2e/cluster.rs"]
 mod cluster;
+#[path = "support/monitoring.rs"]
+mod monitoring;
 #[allow(dead_code)]
 #[path = "e2e/world.rs"]
 mod world;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use cluster::{Binaries, ControlPlane, Process, free_port, spawn};
-use world::{accepts, http_ok, must, rejects};
+use monitoring::{API_SERVER_SERIES, agentguard_series, exposed, metric_names, unknown_names};
+use serde::Deserialize;
+use world::{accepts, http_get, http_ok, must, rejects};
 
 const NS: &str = "agentguard-system";
 
@@ -105,6 +112,30 @@ fn decode_base64(text: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(text.trim()).unwrap_or_default()
 }
 
+/// `(alert, expr)` of every rule in the rendered PrometheusRule(s).
+fn alerts(rendered: &str) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(rendered) {
+        let doc = serde_json::Value::deserialize(doc)?;
+        if doc["kind"] != "PrometheusRule" {
+            continue;
+        }
+        for group in doc["spec"]["groups"].as_array().into_iter().flatten() {
+            for rule in group["rules"].as_array().into_iter().flatten() {
+                let name = rule["alert"].as_str().context("a rule without an alert name")?;
+                let expr = rule["expr"].as_str().context("a rule without an expr")?;
+                out.push((name.to_owned(), expr.to_owned()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The value of the unlabelled sample `name` in a text exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let started = Instant::now();
     let out = f();
@@ -115,12 +146,16 @@ fn run() -> Result<()> {
     let bins = Binaries::from_env()?;
     let helm =
         PathBuf::from(std::env::var("HELM").context("HELM is not set: eval \"$(hack/k8s-binaries.sh)\"")?);
+    let monitoring_crds = PathBuf::from(
+        std::env::var("PROMETHEUS_OPERATOR_CRDS")
+            .context("PROMETHEUS_OPERATOR_CRDS is not set: eval \"$(hack/k8s-binaries.sh)\"")?,
+    );
     let plane = ControlPlane::start(&bins)?;
     let setup =
         Setup { plane, helm, root: PathBuf::from(env!("CARGO_MANIFEST_DIR")), webhook_port: free_port() };
     let root = setup.root.clone();
-    let chart = root.join("charts/agentguard");
-    let chart = chart.to_string_lossy();
+    let chart_dir = root.join("charts/agentguard");
+    let chart = chart_dir.to_string_lossy();
 
     // Rendered objects and the example policies pass the API server's own validation.
     setup.admin(&[
@@ -136,6 +171,17 @@ fn run() -> Result<()> {
         "--timeout=60s",
         "crd/clusteragentpolicies.agentguard.io",
         "crd/agentpolicies.agentguard.io",
+    ])?;
+    for crd in ["monitoring.coreos.com_prometheusrules.yaml", "monitoring.coreos.com_servicemonitors.yaml"] {
+        setup.admin(&["apply", "--server-side", "-f", &monitoring_crds.join(crd).to_string_lossy()])?;
+    }
+    setup.admin(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout=60s",
+        "crd/prometheusrules.monitoring.coreos.com",
+        "crd/servicemonitors.monitoring.coreos.com",
     ])?;
     for ns in [NS, "team-a", "agents", "demo"] {
         setup.admin(&["create", "namespace", ns])?;
@@ -154,6 +200,58 @@ fn run() -> Result<()> {
         .admin(&["apply", "--dry-run=server", "-f", &root.join("manifests/examples").to_string_lossy()])
         .context("server-side validation of manifests/examples")?;
     println!("check rendered chart and examples pass server-side validation ... ok");
+
+    // Monitoring: the objects pass their CRDs; alerts and dashboard read series that exist.
+    let mut template_monitoring = template.clone();
+    for set in ["serviceMonitor.enabled=true", "prometheusRule.enabled=true", "grafanaDashboard.enabled=true"]
+    {
+        template_monitoring.extend(["--set".to_string(), set.into()]);
+    }
+    for file in ["servicemonitor.yaml", "prometheusrule.yaml", "grafana-dashboard.yaml"] {
+        template_monitoring.extend(["--show-only".to_string(), format!("templates/{file}")]);
+    }
+    let monitoring = setup.helm(&template_monitoring.iter().map(String::as_str).collect::<Vec<_>>())?;
+    must(setup.plane.kubectl_stdin(
+        &setup.plane.admin,
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&monitoring),
+    ))
+    .context("server-side validation of the ServiceMonitor, PrometheusRule and dashboard ConfigMap")?;
+    let alerts = alerts(&monitoring)?;
+    let names: BTreeSet<&str> = alerts.iter().map(|(n, _)| n.as_str()).collect();
+    for alert in [
+        "AgentguardDown",
+        "AgentguardWebhookErrors",
+        "AgentguardSlowDecisions",
+        "AgentguardCertificateExpiresSoon",
+        "AgentguardBreakerTripped",
+        "AgentguardCachesNotReady",
+    ] {
+        ensure!(names.contains(alert), "the PrometheusRule has no {alert}: {names:?}");
+    }
+    let mut known = agentguard_series();
+    known.extend(API_SERVER_SERIES.iter().map(|s| s.to_string()));
+    known.insert("up".into());
+    for (alert, expr) in &alerts {
+        let unknown = unknown_names(expr, &known);
+        ensure!(unknown.is_empty(), "{alert} reads {unknown:?}, which nothing exports: {expr}");
+    }
+    let dashboard = serde_yaml::Deserializer::from_str(&monitoring)
+        .map(|doc| serde_json::Value::deserialize(doc))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .find(|doc| doc["kind"] == "ConfigMap")
+        .context("no dashboard ConfigMap rendered")?;
+    ensure!(dashboard["metadata"]["labels"]["grafana_dashboard"] == "1", "the Grafana sidecar label");
+    let shipped: serde_json::Value =
+        serde_json::from_str(dashboard["data"]["agentguard.json"].as_str().context("no agentguard.json")?)?;
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(chart_dir.join("dashboards/agentguard.json"))?)?;
+    ensure!(shipped == file, "the ConfigMap does not carry dashboards/agentguard.json");
+    println!(
+        "check {} alerts and the dashboard pass their CRDs and read exported series ... ok",
+        alerts.len()
+    );
 
     // Install.
     let dir = setup.plane.dir.path().to_owned();
@@ -341,6 +439,28 @@ fn run() -> Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    // Its metrics after real reviews and a rotation: decisions by agent and action, and the
+    // expiry of the certificate it serves now.
+    let (_, text) = http_get(&format!("http://127.0.0.1:{admin_port}/metrics"))?;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+    let expiry =
+        sample(&text, "agentguard_certificate_expiry_timestamp_seconds").context("no expiry gauge")?;
+    ensure!(
+        expiry > now - 5.0 && expiry < now + 120.0,
+        "certificate expiry {expiry} is not the 60s certificate in use (now {now})"
+    );
+    ensure!(sample(&text, "agentguard_certificate_reloads_total").unwrap_or_default() >= 1.0, "{text}");
+    let held = r#"action="RequireApproval",mode="Enforce",resource="deployments",agent="system:serviceaccount:agents:coder""#;
+    ensure!(
+        text.lines()
+            .any(|l| l.starts_with(r#"agentguard_decisions_total{outcome="held""#) && l.contains(held)),
+        "no held decision counted for the agent:\n{text}"
+    );
+    println!(
+        "check agentguard's metrics: decisions by agent and action, certificate expiry {:.0}s ahead ... ok",
+        expiry - now
+    );
+
     // agentguard down: agents refused, everyone else untouched and not slowed.
     drop(agentguard.take());
     let (out, agent_took) =
@@ -386,6 +506,25 @@ fn run() -> Result<()> {
         "agentguard-default",
     )?;
     println!("check restart resumes guarding ... ok");
+
+    // The API server counted the outage under the names and labels the alerts read.
+    let apiserver = setup.admin(&["get", "--raw", "/metrics"])?;
+    let served = exposed(&apiserver);
+    for (alert, expr) in &alerts {
+        for name in metric_names(expr).into_iter().filter(|n| !n.starts_with("agentguard_") && n != "up") {
+            ensure!(served.contains(&name), "{alert} reads {name}, which this API server does not export");
+        }
+    }
+    for name in API_SERVER_SERIES {
+        ensure!(served.contains(*name), "the API server does not export {name}");
+    }
+    ensure!(
+        apiserver.lines().any(|l| l.starts_with("apiserver_admission_webhook_rejection_count{")
+            && l.contains(r#"error_type="calling_webhook_error""#)
+            && l.contains(r#"name="agents.agentguard.io""#)),
+        "the outage is not in apiserver_admission_webhook_rejection_count"
+    );
+    println!("check the API server counted the outage as AgentguardWebhookErrors reads it ... ok");
 
     // helm upgrade keeps working, and the agent list survives (or is restored at once).
     let mut upgrade =

@@ -4,7 +4,7 @@ use std::fmt;
 
 use jiff::Timestamp;
 
-use crate::api::{APPROVE_ANNOTATION, Action};
+use crate::api::{APPROVE_ANNOTATION, Action, Mode};
 use crate::approval::Refusal;
 use crate::diff::Change;
 
@@ -33,6 +33,11 @@ pub struct Decision {
     pub warnings: Vec<String>,
     /// Audit-mode findings: logged and counted, never shown to the client.
     pub audits: Vec<String>,
+    /// The Warn and Audit findings as values, one per dry-run policy that would have refused.
+    pub dry_runs: Vec<DryRun>,
+    /// Whether the requester is an agent. False for everyone else, who only reaches a
+    /// decision by writing an approval.
+    pub agent: bool,
     /// Churn budgets an admitted request spends: one per enforced policy with a churn limit
     /// that matched it.
     pub churn: Vec<ChurnBudget>,
@@ -46,17 +51,44 @@ pub struct ChurnBudget {
     pub window: jiff::SignedDuration,
 }
 
+/// What a Warn- or Audit-mode policy would have done had it been enforced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DryRun {
+    pub mode: Mode,
+    pub policy: PolicyId,
+    /// `Deny` or `RequireApproval`: dry-run policies that would admit are not reported.
+    pub action: Action,
+}
+
 impl Decision {
     pub fn allow(why: Allowed) -> Self {
-        Self { verdict: Verdict::Allow(why), warnings: Vec::new(), audits: Vec::new(), churn: Vec::new() }
+        Self::new(Verdict::Allow(why))
     }
 
     pub fn deny(denial: Denial) -> Self {
+        Self::new(Verdict::Deny(Box::new(denial)))
+    }
+
+    fn new(verdict: Verdict) -> Self {
         Self {
-            verdict: Verdict::Deny(Box::new(denial)),
+            verdict,
             warnings: Vec::new(),
             audits: Vec::new(),
+            dry_runs: Vec::new(),
+            agent: false,
             churn: Vec::new(),
+        }
+    }
+
+    /// The action of the enforced policy (or built-in rule, or unmatched default) that decided;
+    /// `None` when nothing judged the request (not an agent, not a guarded operation, no change,
+    /// no policy matched and the default admits).
+    pub fn action(&self) -> Option<Action> {
+        match &self.verdict {
+            Verdict::Deny(d) => Some(d.reason.action()),
+            Verdict::Allow(Allowed::ByPolicy { .. }) => Some(Action::Allow),
+            Verdict::Allow(Allowed::Approved { .. }) => Some(Action::RequireApproval),
+            Verdict::Allow(_) => None,
         }
     }
 

@@ -30,7 +30,7 @@ use crate::api::{
 use crate::approval::{self, Lifetime, Stamp, Wanted};
 use crate::diff::Change;
 
-pub use decision::{Allowed, ChurnBudget, Decision, Denial, PolicyId, Reason, Target, Verdict};
+pub use decision::{Allowed, ChurnBudget, Decision, Denial, DryRun, PolicyId, Reason, Target, Verdict};
 pub use identity::{Directory, Requester};
 use index::ResourceIndex;
 use selector::{Globs, Labels, Selector};
@@ -635,6 +635,18 @@ pub fn evaluate(
     now: Timestamp,
 ) -> Decision {
     let agent = policies.is_agent(requester, config);
+    Decision { agent, ..decide(agent, facts, requester, policies, directory, config, now) }
+}
+
+fn decide(
+    agent: bool,
+    facts: &Facts<'_>,
+    requester: &Requester,
+    policies: &PolicySet,
+    directory: &dyn Directory,
+    config: &Config,
+    now: Timestamp,
+) -> Decision {
     let deny = |reason: Reason, change: Option<Change>| {
         Decision::deny(Denial {
             reason,
@@ -713,6 +725,7 @@ pub fn evaluate(
             seen.push(&m.policy.id);
             let mine: Vec<&Match<'_>> = matches.iter().filter(|x| x.policy.id == m.policy.id).collect();
             if let Judgement::Refuse(reason) = judge(&mine) {
+                decision.dry_runs.push(DryRun { mode, policy: m.policy.id.clone(), action: reason.action() });
                 let denial = Denial {
                     reason,
                     requester: requester.username.clone(),

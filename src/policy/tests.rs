@@ -204,9 +204,10 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
     let d = decide(&policies, who, &f);
     let row = format!("{op:?} {who:?} {action:?} {mode} {state:?}: {d:?}");
     let agent = !matches!(who, Who::Human | Who::UnlabelledServiceAccount);
+    assert_eq!(d.agent, agent, "{row}");
     if !agent {
         assert_eq!(d.verdict, Verdict::Allow(Allowed::NotAgent), "{row}");
-        assert!(d.warnings.is_empty() && d.audits.is_empty(), "{row}");
+        assert!(d.warnings.is_empty() && d.audits.is_empty() && d.dry_runs.is_empty(), "{row}");
         return;
     }
     let approved = state == ApprovalState::Valid;
@@ -259,7 +260,7 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
                 }
                 _ => assert_eq!(d.verdict, Verdict::Allow(Allowed::Unmatched), "{row}"),
             }
-            assert!(d.warnings.is_empty() && d.audits.is_empty(), "{row}");
+            assert!(d.warnings.is_empty() && d.audits.is_empty() && d.dry_runs.is_empty(), "{row}");
         }
         dry_run => {
             assert!(d.allowed(), "dry-run policies never refuse: {row}");
@@ -275,8 +276,14 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
                 };
                 assert!(reported[0].starts_with(prefix), "{row}");
                 assert!(reported[0].len() < 256 || dry_run == "Audit", "{row}");
+                let finding = DryRun {
+                    mode: if dry_run == "Warn" { Mode::Warn } else { Mode::Audit },
+                    policy: PolicyId { namespace: None, name: "p".into() },
+                    action: if action == Some("Deny") { Action::Deny } else { Action::RequireApproval },
+                };
+                assert_eq!(d.dry_runs, [finding], "{row}");
             } else {
-                assert!(reported.is_empty(), "{row}");
+                assert!(reported.is_empty() && d.dry_runs.is_empty(), "{row}");
             }
         }
     }

@@ -23,7 +23,7 @@ use crate::admission::{self, MAX_BODY_BYTES, Malformed, Snapshot};
 use crate::breaker::Tripped;
 use crate::events::{Events, Record};
 use crate::index::Caches;
-use crate::metrics::{DecisionLabels, Metrics};
+use crate::metrics::{Metrics, policy_label};
 use crate::policy::identity::StaticDirectory;
 use crate::policy::{ChurnBudget, Config, Decision, Directory, PolicySet, Reason, Verdict};
 use crate::webhook::AgentSet;
@@ -236,8 +236,16 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
         && let Some(breaker) = &state.breaker
     {
         match breaker.charge(&request.user_info.username, &decision.churn, request.dry_run()).await {
-            Ok(None) => {}
+            Ok(None) => {
+                for budget in &decision.churn {
+                    let policy = crate::metrics::policy_id_label(&budget.policy);
+                    state.metrics.set_breaker(&policy, &request.user_info.username, false);
+                }
+            }
             Ok(Some(tripped)) => {
+                let policy = crate::metrics::policy_id_label(&tripped.budget.policy);
+                state.metrics.set_breaker(&policy, &request.user_info.username, true);
+                state.metrics.breaker_refused(&policy, &request.user_info.username);
                 tracing::warn!(uid = %request.uid, agent = %request.user_info.username, %tripped, "churn breaker refused");
                 let message =
                     format!("agentguard: {} by {}: {tripped}", request.operation, request.user_info.username);
@@ -287,30 +295,13 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
 }
 
 fn record(state: &AppState, request: &admission::AdmissionRequest, decision: &Decision, started: Instant) {
-    let policy = match &decision.verdict {
-        Verdict::Deny(d) => match &d.reason {
-            Reason::Builtin { rule, .. } => format!("builtin/{rule}"),
-            other => other.policy().map(policy_label).unwrap_or_default(),
-        },
-        Verdict::Allow(crate::policy::Allowed::Approved { policy, .. })
-        | Verdict::Allow(crate::policy::Allowed::ByPolicy { policy, .. }) => policy_label(policy),
-        Verdict::Allow(_) => String::new(),
-    };
+    let policy = policy_label(decision);
     let facts = request.facts();
     let resource = match facts.subresource {
         "" => facts.resource.to_owned(),
         sub => format!("{}/{sub}", facts.resource),
     };
-    state
-        .metrics
-        .decisions
-        .get_or_create(&DecisionLabels {
-            outcome: decision.outcome().into(),
-            policy: policy.clone(),
-            resource: resource.clone(),
-            dry_run: request.dry_run().to_string(),
-        })
-        .inc();
+    state.metrics.decided(decision, &resource, &request.user_info.username, request.dry_run());
     state.metrics.latency.observe(started.elapsed().as_secs_f64());
     let fields = (
         request.uid.as_str(),
@@ -370,13 +361,6 @@ fn event_for(request: &admission::AdmissionRequest, decision: &Decision) -> Opti
         Verdict::Allow(_) => return None,
     };
     Some(Record { regarding: request.regarding(), warning, reason, note })
-}
-
-fn policy_label(id: &crate::policy::PolicyId) -> String {
-    match &id.namespace {
-        None => format!("cluster/{}", id.name),
-        Some(ns) => format!("{ns}/{}", id.name),
-    }
 }
 
 #[cfg(test)]

@@ -197,7 +197,7 @@ async fn admin_port_reports_readiness_and_metrics() {
     let (status, text) = get(admin_router(st.clone()), "/metrics").await;
     assert_eq!(status, StatusCode::OK);
     assert!(
-        text.contains(r#"agentguard_decisions_total{outcome="held",policy="cluster/protect-workloads",resource="deployments",dry_run="false"} 1"#),
+        text.contains(r#"agentguard_decisions_total{outcome="held",policy="cluster/protect-workloads",action="RequireApproval",mode="Enforce",resource="deployments",agent="system:serviceaccount:agents:coder",dry_run="false"} 1"#),
         "{text}"
     );
     assert!(text.contains("agentguard_review_duration_seconds_count 1"), "{text}");

@@ -188,7 +188,8 @@ impl fmt::Debug for CertResolver {
 }
 
 /// Poll `files` every `every` and reload the resolver when they change, until
-/// `shutdown` turns true (or its sender is dropped).
+/// `shutdown` turns true (or its sender is dropped). `on_reload` runs after
+/// each swap (for metrics: this module knows nothing of them).
 ///
 /// Polling rather than inotify: Kubernetes Secret volumes update by swapping a
 /// `..data` symlink, which file watches on the visible paths do not see
@@ -198,6 +199,7 @@ pub async fn watch(
     files: CertFiles,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
+    on_reload: impl Fn(&CertResolver) + Send + 'static,
 ) {
     let files = Arc::new(files);
     loop {
@@ -207,9 +209,11 @@ pub async fn watch(
         }
         // File reads and key parsing are blocking work; keep them off the
         // async workers. Errors are logged by `reload` itself.
-        let (resolver, files) = (Arc::clone(&resolver), Arc::clone(&files));
-        if let Err(err) = tokio::task::spawn_blocking(move || resolver.reload(&files)).await {
-            warn!(error = %err, "certificate reload task failed");
+        let (task_resolver, files) = (Arc::clone(&resolver), Arc::clone(&files));
+        match tokio::task::spawn_blocking(move || task_resolver.reload(&files)).await {
+            Ok(Ok(true)) => on_reload(&resolver),
+            Ok(_) => {}
+            Err(err) => warn!(error = %err, "certificate reload task failed"),
         }
     }
     debug!("certificate watcher stopped");
@@ -808,6 +812,7 @@ mod tests {
             files.clone(),
             Duration::from_millis(50),
             server.stop.subscribe(),
+            |_: &CertResolver| {},
         ));
 
         let addr = server.addr;
@@ -858,7 +863,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = files_in(dir.path());
         let ca = Ca::new("ca");
-        let (leaf1, leaf2) = (ca.issue(), ca.issue());
+        let leaf1 = ca.issue();
+        let leaf2 = ca.issue_with(KeyPair::generate().unwrap(), |params| {
+            params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        });
         write_leaf(&files, &leaf1);
         let resolver = CertResolver::load(&files).unwrap();
         let server = start(&resolver, ok_app(), Duration::from_secs(1)).await;
@@ -878,12 +886,16 @@ mod tests {
         assert!(matches!(err, Error::KeyMismatch { .. }), "{err:?}");
         assert_eq!(fetch_cert(&client, server.addr, "/").await.unwrap(), leaf1.der);
 
-        // The watcher rides out the broken files and picks up the fixed ones.
+        // The watcher rides out the broken files and picks up the fixed ones,
+        // reporting only the swap.
+        let reloads = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&reloads);
         let watcher = tokio::spawn(watch(
             Arc::clone(&resolver),
             files.clone(),
             Duration::from_millis(20),
             server.stop.subscribe(),
+            move |r: &CertResolver| seen.lock().unwrap().push(r.not_after()),
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(fetch_cert(&client, server.addr, "/").await.unwrap(), leaf1.der);
@@ -898,6 +910,9 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "fixed files never loaded");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // A few more polls of the same files: no further swap is reported.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(*reloads.lock().unwrap(), [Some(1_936_742_400)]);
 
         server.stop.send(true).unwrap();
         watcher.await.unwrap();

@@ -160,7 +160,10 @@ pub fn three_replicas_share_the_count(w: &World) -> Result<()> {
         &["get", "leases", "-n", "agentguard-system", "-l", "agentguard.io/churn=true", "-o",
           "jsonpath={range .items[*]}{.metadata.annotations.agentguard\\.io/churn-policy}={.metadata.annotations.agentguard\\.io/churn-count}{\"\\n\"}{end}"],
     ))?;
-    ensure!(leases.lines().any(|l| l == "e2e-churn-replicas=10"), "the shared count is not 10: {leases}");
+    ensure!(
+        leases.lines().any(|l| l == "cluster/e2e-churn-replicas=10"),
+        "the shared count is not 10: {leases}"
+    );
     println!(
         "  3 replicas, 30 concurrent DELETEs, budget 10: {admitted} admitted, 20 refused, Lease count 10 ({:.0} ms)",
         took.as_secs_f64() * 1000.0

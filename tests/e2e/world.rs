@@ -36,19 +36,20 @@ impl Agentguard {
         http_get(&format!("{}/metrics", self.admin)).map(|(_, body)| body)
     }
 
-    /// Sum of `agentguard_decisions_total` over all labels.
+    /// Reviews decided: `agentguard_decisions_total` with `mode="Enforce"` (one per review; the
+    /// other modes count dry-run policies' findings).
     pub fn decisions(&self) -> Result<f64> {
         Ok(self
             .metrics()?
             .lines()
-            .filter(|l| l.starts_with("agentguard_decisions_total{"))
+            .filter(|l| l.starts_with("agentguard_decisions_total{") && l.contains(r#"mode="Enforce""#))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum())
     }
 }
 
 /// A plain HTTP/1.0 GET on loopback: (status line, body).
-fn http_get(url: &str) -> Result<(String, String)> {
+pub fn http_get(url: &str) -> Result<(String, String)> {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").context("http URL")?;
     let (addr, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
