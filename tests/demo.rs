@@ -23,6 +23,28 @@ fn show(world: &World, who: &str, kubeconfig: &Path, args: &[&str], stdin: Optio
     text
 }
 
+/// Runs `agentguard ARGS` as the admin and prints it; retried for up to 5 s while `until`
+/// does not hold (Events and records are written off the request path).
+fn show_agentguard(world: &World, args: &[&str], until: impl Fn(&str) -> bool) -> String {
+    println!("\n[admin] $ agentguard {}", args.join(" "));
+    let started = std::time::Instant::now();
+    loop {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentguard"))
+            .env("KUBECONFIG", &world.plane.admin)
+            .args(args)
+            .arg("--log-format=plain")
+            .output();
+        let text = out
+            .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)));
+        let text = text.unwrap_or_else(|e| format!("cannot run agentguard: {e}"));
+        if until(&text) || started.elapsed() > std::time::Duration::from_secs(5) {
+            println!("{}", text.trim_end());
+            return text;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 fn main() -> Result<()> {
     let exit = std::env::args().any(|a| a == "--exit");
     println!("Starting etcd, kube-apiserver and agentguard on 127.0.0.1 ...");
@@ -42,8 +64,11 @@ fn main() -> Result<()> {
         .map(|(cmd, _)| cmd.split_whitespace().map(str::to_owned).collect())
         .context("the denial carries no approve command")?;
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
+    show_agentguard(&world, &["pending", "-n", "demo"], |out| out.contains("approve:"));
     show(&world, "alice (sre, an approver)", &world.alice, &args, None);
     show(&world, "agent", &world.agent, &["delete", "deployment", "web", "-n", "demo"], None);
+    // The audit trail: the record of that delete, with the Deployment as it was.
+    show(&world, "admin", &admin, &["get", "agentchanges", "-n", "agentguard-system"], None);
     show(
         &world,
         "agent",
