@@ -1,5 +1,5 @@
-# agentguard: a static binary on a distroless, non-root base.
 # syntax=docker/dockerfile:1
+# agentguard: a static binary on a distroless, non-root base.
 
 FROM rust:1.95-bookworm AS build
 RUN rustup target add x86_64-unknown-linux-musl && apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/*
