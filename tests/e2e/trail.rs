@@ -113,7 +113,11 @@ pub fn records_and_restores(w: &World) -> Result<()> {
     let out = must(agentguard(w, &["restore", name, "-n", "agentguard-system"]))?;
     ensure!(out.contains("re-created") && out.contains("garbage-collected children"), "{out}");
     ensure!(replicas(w, "web")? == "2", "the deleted Deployment is not back as it was");
-    println!("  scale rolled back and delete undone from records; approver alice read from the trail");
+    println!(
+        "  scale rolled back and delete undone from records; approver alice read from the trail; \
+         a Deployment's record is {} bytes",
+        deleted.to_string().len()
+    );
     Ok(())
 }
 
