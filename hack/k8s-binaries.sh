@@ -8,7 +8,8 @@
 #                                  NAME=/abs/path line per binary on stdout:
 #                                    eval "$(hack/k8s-binaries.sh)"
 #                                  sets KUBE_APISERVER, KUBECTL, ETCD and HELM,
-#                                  and PROMETHEUS_OPERATOR_CRDS (see below).
+#                                  and PROMETHEUS_OPERATOR_CRDS and
+#                                  CERT_MANAGER_CRDS (see below).
 #   hack/k8s-binaries.sh --print   only print the paths; exit 1 if one is missing.
 #   hack/k8s-binaries.sh --regen   rewrite hack/k8s-binaries/*/go.mod and go.sum
 #                                  from the versions below (after bumping one).
@@ -16,7 +17,10 @@
 # The chart test also validates the chart's PrometheusRule and ServiceMonitor
 # against their CRDs: the Prometheus Operator's Go module ships them (in
 # example/prometheus-operator-crd); it is downloaded into the Go module cache,
-# checked against the pinned hash, and its CRD folder printed.
+# checked against the pinned hash, and its CRD folder printed. Likewise its
+# cert-manager objects (Issuer, Certificate) against cert-manager's CRDs, from
+# deploy/crds of its Go module: plain YAML whose spec is the one its Helm chart
+# installs (the chart's copies only add Helm-templated labels and annotations).
 #
 # Binaries are cached outside the work tree, as
 #   ${AGENTGUARD_BIN_CACHE:-$HOME/.cache/agentguard/bin}/<name>-<version>
@@ -35,6 +39,9 @@ HELM_VERSION=v3.22.0       # newest v3 release the proxy serves
 PROMETHEUS_OPERATOR_MODULE=github.com/prometheus-operator/prometheus-operator
 PROMETHEUS_OPERATOR_VERSION=v0.89.0
 PROMETHEUS_OPERATOR_SUM="h1:2HA351OwWBa10H6TDhjeSdHOA7wiY71sEivg+z2cykk="
+CERT_MANAGER_MODULE=github.com/cert-manager/cert-manager
+CERT_MANAGER_VERSION=v1.21.2 # newest release the proxy serves
+CERT_MANAGER_SUM="h1:UWgoYM+KLNtRlqmoWOKjKBOBUPVHeepQ6/ac3ERJW68="
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODS="$HERE/k8s-binaries"
@@ -159,29 +166,38 @@ build() { # name version wrapper package output
   log "built $name $version in $((SECONDS - start))s -> $out"
 }
 
-# Prints PROMETHEUS_OPERATOR_CRDS=<folder>; in build mode downloads the module
-# first and refuses one whose hash is not the pinned one. Returns 1 when missing.
-monitoring_crds() {
-  local mode="$1" json sum dir
+# Prints <var>=<folder of module@version>/<subdir>; in build mode downloads the
+# module first and refuses one whose hash is not the pinned one. Returns 1 when
+# <file> is missing from that folder.
+module_crds() { # mode var module version sum subdir file
+  local mode="$1" var="$2" module="$3" version="$4" pinned="$5" subdir="$6" file="$7" json sum dir
   if [[ $mode == build ]]; then
-    json="$(cd "$HERE" && GOWORK=off GOFLAGS=-mod=mod go mod download -json \
-      "$PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION")" ||
-      die "could not download $PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION"
+    json="$(cd "$HERE" && GOWORK=off GOFLAGS=-mod=mod go mod download -json "$module@$version")" ||
+      die "could not download $module@$version"
     sum="$(sed -n 's/^[[:space:]]*"Sum": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")"
-    [[ $sum == "$PROMETHEUS_OPERATOR_SUM" ]] ||
-      die "$PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION has hash ${sum:-none}, pinned $PROMETHEUS_OPERATOR_SUM"
+    [[ $sum == "$pinned" ]] || die "$module@$version has hash ${sum:-none}, pinned $pinned"
     dir="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")"
   else
     local cache
     cache="$(go env GOMODCACHE 2>/dev/null || true)"
-    dir="${cache:-${GOPATH:-$HOME/go}/pkg/mod}/$PROMETHEUS_OPERATOR_MODULE@$PROMETHEUS_OPERATOR_VERSION"
+    dir="${cache:-${GOPATH:-$HOME/go}/pkg/mod}/$module@$version"
   fi
-  dir="$dir/example/prometheus-operator-crd"
-  printf 'PROMETHEUS_OPERATOR_CRDS=%s\n' "$dir"
-  if [[ ! -f $dir/monitoring.coreos.com_prometheusrules.yaml ]]; then
-    log "missing: $dir (run ${BASH_SOURCE[0]} to download it)"
+  dir="$dir/$subdir"
+  printf '%s=%s\n' "$var" "$dir"
+  if [[ ! -f $dir/$file ]]; then
+    log "missing: $dir/$file (run ${BASH_SOURCE[0]} to download it)"
     return 1
   fi
+}
+
+crds() { # mode
+  local status=0
+  module_crds "$1" PROMETHEUS_OPERATOR_CRDS "$PROMETHEUS_OPERATOR_MODULE" "$PROMETHEUS_OPERATOR_VERSION" \
+    "$PROMETHEUS_OPERATOR_SUM" example/prometheus-operator-crd monitoring.coreos.com_prometheusrules.yaml ||
+    status=1
+  module_crds "$1" CERT_MANAGER_CRDS "$CERT_MANAGER_MODULE" "$CERT_MANAGER_VERSION" \
+    "$CERT_MANAGER_SUM" deploy/crds cert-manager.io_certificates.yaml || status=1
+  return "$status"
 }
 
 main() {
@@ -221,7 +237,7 @@ main() {
     fi
     printf '%s=%s\n' "$var" "$out"
   done
-  monitoring_crds "$mode" || missing=1
+  crds "$mode" || missing=1
   if [[ $mode == build ]]; then
     log "$built built, $((${#BINARIES[@]} - built)) cached; ${SECONDS}s in all (cache: $CACHE)"
   fi

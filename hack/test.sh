@@ -24,15 +24,16 @@ cargo run --locked --quiet -- --log-format plain check --test examples/tests/dem
 
 step "Kubernetes binaries: kube-apiserver, etcd, kubectl, helm from pinned Go modules (cached by version)"
 eval "$(hack/k8s-binaries.sh)"
-export KUBE_APISERVER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS
+export KUBE_APISERVER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS CERT_MANAGER_CRDS
 
 step "helm lint, and manifests/install.yaml matches the chart"
 "$HELM" lint --strict charts/agentguard
 "$HELM" lint --strict charts/agentguard --set prometheusRule.enabled=true --set grafanaDashboard.enabled=true \
   --set serviceMonitor.enabled=true
+"$HELM" lint --strict charts/agentguard --set certManager.enabled=true
 hack/render-manifests.sh --check
 
-step "the Helm chart on a real control plane (install, RBAC, monitoring objects, agentguard down, upgrade, uninstall)"
+step "the Helm chart on a real control plane (install, RBAC, monitoring and cert-manager objects, agentguard down, upgrade, uninstall)"
 cargo test --locked --test chart
 
 step "the quick start's demo runs to the end"

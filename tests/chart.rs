@@ -4,7 +4,9 @@
 //! human's and a controller's requests go through without waiting. No kubelet runs here, so the
 //! chart's webhooks point at agentguard running as a local process (a `webhook.url` override).
 //! The monitoring objects (ServiceMonitor, PrometheusRule, dashboard) pass the Prometheus
-//! Operator's CRDs, and every alert reads a series agentguard or this API server exports.
+//! Operator's CRDs, and every alert reads a series agentguard or this API server exports. The
+//! cert-manager mode's objects pass cert-manager's CRDs, and its CA injection names the
+//! certificate the Deployment serves with.
 
 #[allow(dead_code)]
 #[path = "e2e/cluster.rs"]
@@ -131,6 +133,90 @@ fn alerts(rendered: &str) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
+/// The rendered cert-manager.io object `kind`/`name`.
+fn cert_manager_doc(rendered: &str, kind: &str, name: &str) -> Result<serde_json::Value> {
+    docs(rendered)?
+        .into_iter()
+        .find(|d| {
+            d["apiVersion"] == "cert-manager.io/v1" && d["kind"] == kind && d["metadata"]["name"] == name
+        })
+        .with_context(|| format!("no {kind} {name} rendered"))
+}
+
+fn docs(rendered: &str) -> Result<Vec<serde_json::Value>> {
+    Ok(serde_yaml::Deserializer::from_str(rendered)
+        .map(serde_json::Value::deserialize)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|d| !d.is_null())
+        .collect())
+}
+
+/// In the chart rendered with cert-manager: the webhook configuration's `inject-ca-from` names a
+/// rendered Certificate for the Service's DNS name, whose Secret is the one the Deployment
+/// mounts, issued through rendered Issuers down to a self-signed one. Returns the Issuers seen.
+fn check_cert_manager_wiring(rendered: &str) -> Result<usize> {
+    let docs = docs(rendered)?;
+    let find = |kind: &str, name: &str| {
+        docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name).cloned()
+    };
+    let vwc = find("ValidatingWebhookConfiguration", "agentguard").context("no webhook configuration")?;
+    let inject = vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        .as_str()
+        .context("the webhook configuration has no cert-manager.io/inject-ca-from")?;
+    let (ns, name) = inject.split_once('/').context("inject-ca-from is not namespace/name")?;
+    ensure!(ns == NS, "inject-ca-from names namespace {ns}, the release is in {NS}");
+    let cert = cert_manager_doc(rendered, "Certificate", name)?;
+    ensure!(cert["metadata"]["namespace"] == NS, "Certificate {name} is not in {NS}");
+
+    let deployment = find("Deployment", "agentguard").context("no Deployment")?;
+    let mounted: Vec<&str> = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    let secret = cert["spec"]["secretName"].as_str().context("the Certificate has no secretName")?;
+    ensure!(mounted == [secret], "the Deployment mounts {mounted:?}, Certificate {name} writes {secret}");
+
+    for webhook in vwc["webhooks"].as_array().context("no webhooks")? {
+        let service = &webhook["clientConfig"]["service"];
+        let dns = format!(
+            "{}.{}.svc",
+            service["name"].as_str().unwrap_or_default(),
+            service["namespace"].as_str().unwrap_or_default()
+        );
+        ensure!(
+            cert["spec"]["dnsNames"].as_array().into_iter().flatten().any(|n| n == dns.as_str()),
+            "Certificate {name} does not cover {dns}, which {} calls",
+            webhook["name"]
+        );
+    }
+
+    // issuerRef chain: each Issuer is rendered; a CA Issuer's Secret is a rendered CA Certificate.
+    let (mut issuer_ref, mut seen) = (cert["spec"]["issuerRef"].clone(), 0);
+    loop {
+        ensure!(issuer_ref["kind"] == "Issuer", "issuerRef {issuer_ref} is not a namespaced Issuer");
+        let issuer_name = issuer_ref["name"].as_str().context("issuerRef without a name")?;
+        let issuer = cert_manager_doc(rendered, "Issuer", issuer_name)?;
+        seen += 1;
+        ensure!(seen <= 4, "the issuerRef chain does not end in a self-signed Issuer");
+        if issuer["spec"].get("selfSigned").is_some() {
+            return Ok(seen);
+        }
+        let ca_secret =
+            issuer["spec"]["ca"]["secretName"].as_str().context("an Issuer neither CA nor self-signed")?;
+        let ca = docs
+            .iter()
+            .find(|d| d["kind"] == "Certificate" && d["spec"]["secretName"] == ca_secret)
+            .with_context(|| {
+                format!("no Certificate writes {ca_secret}, which Issuer {issuer_name} signs with")
+            })?;
+        ensure!(ca["spec"]["isCA"] == true, "the Certificate writing {ca_secret} is not a CA");
+        issuer_ref = ca["spec"]["issuerRef"].clone();
+    }
+}
+
 /// The value of the unlabelled sample `name` in a text exposition.
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
@@ -149,6 +235,10 @@ fn run() -> Result<()> {
     let monitoring_crds = PathBuf::from(
         std::env::var("PROMETHEUS_OPERATOR_CRDS")
             .context("PROMETHEUS_OPERATOR_CRDS is not set: eval \"$(hack/k8s-binaries.sh)\"")?,
+    );
+    let cert_manager_crds = PathBuf::from(
+        std::env::var("CERT_MANAGER_CRDS")
+            .context("CERT_MANAGER_CRDS is not set: eval \"$(hack/k8s-binaries.sh)\"")?,
     );
     let plane = ControlPlane::start(&bins)?;
     let setup =
@@ -175,6 +265,9 @@ fn run() -> Result<()> {
     for crd in ["monitoring.coreos.com_prometheusrules.yaml", "monitoring.coreos.com_servicemonitors.yaml"] {
         setup.admin(&["apply", "--server-side", "-f", &monitoring_crds.join(crd).to_string_lossy()])?;
     }
+    for crd in ["cert-manager.io_certificates.yaml", "cert-manager.io_issuers.yaml"] {
+        setup.admin(&["apply", "--server-side", "-f", &cert_manager_crds.join(crd).to_string_lossy()])?;
+    }
     setup.admin(&[
         "wait",
         "--for",
@@ -182,6 +275,8 @@ fn run() -> Result<()> {
         "--timeout=60s",
         "crd/prometheusrules.monitoring.coreos.com",
         "crd/servicemonitors.monitoring.coreos.com",
+        "crd/certificates.cert-manager.io",
+        "crd/issuers.cert-manager.io",
     ])?;
     for ns in [NS, "team-a", "agents", "demo"] {
         setup.admin(&["create", "namespace", ns])?;
@@ -236,9 +331,7 @@ fn run() -> Result<()> {
         let unknown = unknown_names(expr, &known);
         ensure!(unknown.is_empty(), "{alert} reads {unknown:?}, which nothing exports: {expr}");
     }
-    let dashboard = serde_yaml::Deserializer::from_str(&monitoring)
-        .map(|doc| serde_json::Value::deserialize(doc))
-        .collect::<Result<Vec<_>, _>>()?
+    let dashboard = docs(&monitoring)?
         .into_iter()
         .find(|doc| doc["kind"] == "ConfigMap")
         .context("no dashboard ConfigMap rendered")?;
@@ -251,6 +344,34 @@ fn run() -> Result<()> {
     println!(
         "check {} alerts and the dashboard pass their CRDs and read exported series ... ok",
         alerts.len()
+    );
+
+    // cert-manager mode, as installed (webhooks on the Service): every object passes the API
+    // server and cert-manager's CRDs, and the pieces name each other.
+    let cert_manager =
+        setup.helm(&["template", "agentguard", &chart, "-n", NS, "--set", "certManager.enabled=true"])?;
+    must(setup.plane.kubectl_stdin(
+        &setup.plane.admin,
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&cert_manager),
+    ))
+    .context("server-side validation of the chart with certManager.enabled=true")?;
+    let issuers = check_cert_manager_wiring(&cert_manager)?;
+    // The CRDs' schema is enforced: a field outside it is refused, so the pass above means something.
+    let mut bad = cert_manager_doc(&cert_manager, "Certificate", "agentguard-serving")?;
+    bad["spec"]["privateKey"]["rotationPolicy"] = "Sometimes".into();
+    let out = setup.plane.kubectl_stdin(
+        &setup.plane.admin,
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&serde_json::to_string(&bad)?),
+    );
+    ensure!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("rotationPolicy"),
+        "cert-manager's Certificate CRD accepted rotationPolicy: Sometimes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "check cert-manager mode: {issuers} Issuers and their Certificates pass cert-manager's CRDs; the injected CA is the served certificate's ... ok"
     );
 
     // Install.
