@@ -17,6 +17,7 @@ use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams, PostParams,
 };
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::admission::AdmissionRequest;
 use crate::api::{AgentChange, AgentChangeSpec, AgentChangeStatus, ChangeTarget};
@@ -101,7 +102,11 @@ pub fn record_for(
         prior,
         prior_omitted,
     };
-    let mut record = AgentChange::new(&format!("{}-{}", request.operation.to_lowercase(), request.uid), spec);
+    // A deletecollection reviews every item under one request uid: the target is part of the name.
+    let key =
+        format!("{}\n{}\n{}\n{}", request.uid, spec.target.namespace, spec.target.name, spec.target.uid);
+    let digest: String = Sha256::digest(key.as_bytes()).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let mut record = AgentChange::new(&format!("{}-{digest}", request.operation.to_lowercase()), spec);
     record.metadata.namespace = Some(settings.namespace.clone());
     record.metadata.labels = Some(
         [
@@ -203,16 +208,14 @@ pub fn approver(events: &[Event], time: Timestamp) -> Option<String> {
 
 /// Records past `retention`, and beyond `max_records` counting from the newest: the ones to delete.
 pub fn expired(
-    records: &[AgentChange],
+    records: &[ObjectMeta],
     now: Timestamp,
     retention: Duration,
     max_records: usize,
 ) -> Vec<String> {
     let cutoff = now - jiff::SignedDuration::try_from(retention).unwrap_or(jiff::SignedDuration::MAX);
-    let mut by_age: Vec<(Timestamp, &str)> = records
-        .iter()
-        .filter_map(|r| Some((r.metadata.creation_timestamp.as_ref()?.0, r.metadata.name.as_deref()?)))
-        .collect();
+    let mut by_age: Vec<(Timestamp, &str)> =
+        records.iter().filter_map(|m| Some((m.creation_timestamp.as_ref()?.0, m.name.as_deref()?))).collect();
     by_age.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
     by_age
         .iter()
@@ -222,26 +225,48 @@ pub fn expired(
         .collect()
 }
 
-/// Checks new records and applies retention, every `every`, on every replica (the writes are
-/// idempotent, so replicas need no coordination). A record is checked once it is `settle` old.
+/// How often retention is applied: it lists every record's metadata, so not on every pass.
+const RETENTION_EVERY: Duration = Duration::from_secs(300);
+
+/// Checks new records every `every` and applies retention every few minutes, on every replica
+/// (the writes are idempotent, so replicas need no coordination). A record is checked once it
+/// is `settle` old, so the change it describes has had time to land.
 pub async fn keep_checked(client: kube::Client, settings: Settings, every: Duration, settle: Duration) {
     let api: Api<AgentChange> = Api::namespaced(client.clone(), &settings.namespace);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retained_at: Option<tokio::time::Instant> = None;
     loop {
         tick.tick().await;
-        if let Err(e) = check_pass(&client, &api, &settings, settle).await {
+        if let Err(e) = check_pass(&client, &api, settle).await {
             tracing::warn!(error = format!("{e:#}"), "cannot check the audit trail");
+        }
+        if retained_at.is_none_or(|at| at.elapsed() >= RETENTION_EVERY) {
+            match retain(&api, &settings).await {
+                Ok(()) => retained_at = Some(tokio::time::Instant::now()),
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "cannot apply the audit trail's retention")
+                }
+            }
         }
     }
 }
 
-async fn check_pass(
-    client: &kube::Client,
-    api: &Api<AgentChange>,
-    settings: &Settings,
-    settle: Duration,
-) -> Result<()> {
+async fn retain(api: &Api<AgentChange>, settings: &Settings) -> Result<()> {
+    let all =
+        api.list_metadata(&ListParams::default().labels("app.kubernetes.io/managed-by=agentguard")).await?;
+    let metas: Vec<ObjectMeta> = all.items.into_iter().map(|m| m.metadata).collect();
+    for name in expired(&metas, Timestamp::now(), settings.retention, settings.max_records) {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => tracing::info!(record = %name, "audit record expired"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e).context("deleting an expired record"),
+        }
+    }
+    Ok(())
+}
+
+async fn check_pass(client: &kube::Client, api: &Api<AgentChange>, settle: Duration) -> Result<()> {
     let now = Timestamp::now();
     let settle = jiff::SignedDuration::try_from(settle).unwrap_or_default();
     let pending = api.list(&ListParams::default().labels(&format!("{OUTCOME_LABEL}=pending"))).await?;
@@ -298,14 +323,6 @@ async fn check_pass(
         api.patch(&name, &params, &Patch::Merge(json!({"metadata": {"labels": {OUTCOME_LABEL: label}}})))
             .await?;
         tracing::info!(record = %name, outcome, "audit record checked");
-    }
-    let all = api.list(&ListParams::default().labels("app.kubernetes.io/managed-by=agentguard")).await?;
-    for name in expired(&all.items, now, settings.retention, settings.max_records) {
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e).context("deleting an expired record"),
-        }
     }
     Ok(())
 }

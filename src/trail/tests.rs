@@ -59,7 +59,19 @@ fn now() -> Timestamp {
 fn an_approved_delete_is_recorded_with_the_object_it_removes() {
     let req = request("DELETE", "Deployment", "apps", "deployments", deployment(), false);
     let record = record_for(&req, &approved(), &settings(), now()).expect("recorded");
-    assert_eq!(record.metadata.name.as_deref(), Some("delete-0a1b2c3d-0000-4000-8000-000000000001"));
+    let name = record.metadata.name.clone().unwrap();
+    assert!(name.starts_with("delete-") && name.len() == "delete-".len() + 16, "{name}");
+    // Items of one deletecollection share the request uid, never a record.
+    let mut other = deployment();
+    other["metadata"]["name"] = json!("api");
+    other["metadata"]["uid"] = json!("u-2");
+    let sibling = record_for(
+        &request("DELETE", "Deployment", "apps", "deployments", other, false),
+        &approved(),
+        &settings(),
+        now(),
+    );
+    assert_ne!(sibling.unwrap().metadata.name.unwrap(), name);
     assert_eq!(record.metadata.namespace.as_deref(), Some("agentguard-system"));
     assert_eq!(record.metadata.labels.as_ref().unwrap()[OUTCOME_LABEL], "pending");
     let spec = &record.spec;
@@ -161,20 +173,10 @@ fn the_approver_is_who_approved_last_before_the_change() {
 
 #[test]
 fn retention_drops_old_records_and_keeps_the_newest_few() {
-    let record = |name: &str, at: &str| {
-        let mut r = AgentChange::new(
-            name,
-            record_for(
-                &request("DELETE", "Deployment", "apps", "deployments", deployment(), false),
-                &approved(),
-                &settings(),
-                now(),
-            )
-            .unwrap()
-            .spec,
-        );
-        r.metadata.creation_timestamp = Some(Time(at.parse().unwrap()));
-        r
+    let record = |name: &str, at: &str| ObjectMeta {
+        name: Some(name.into()),
+        creation_timestamp: Some(Time(at.parse().unwrap())),
+        ..Default::default()
     };
     let records = [
         record("a", "2026-11-27T10:00:00Z"), // older than the hour of retention

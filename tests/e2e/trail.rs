@@ -112,6 +112,10 @@ pub fn records_and_restores(w: &World) -> Result<()> {
     ensure!(!w.plane.kubectl(&w.plane.admin, &["get", "deployment", "web", "-n", NS]).status.success());
     let out = must(agentguard(w, &["restore", name, "-n", "agentguard-system"]))?;
     ensure!(out.contains("re-created") && out.contains("garbage-collected children"), "{out}");
+    println!(
+        "  $ agentguard restore {name} -n agentguard-system\n  {}",
+        out.trim_end().replace('\n', "\n  ")
+    );
     ensure!(replicas(w, "web")? == "2", "the deleted Deployment is not back as it was");
     println!(
         "  scale rolled back and delete undone from records; approver alice read from the trail; \
