@@ -231,6 +231,11 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
         };
         admission::review(&request, &snapshot)
     };
+    if decision.allowed() && !decision.churn.is_empty() && state.breaker.is_none() {
+        // A limit that cannot be counted is not waived: the agent is refused, loudly.
+        let message = "agentguard: a churn limit applies, but agentguard has no namespace to count in (--self-namespace)";
+        return json(StatusCode::OK, &admission::unavailable(&request.uid, message));
+    }
     if decision.allowed()
         && !decision.churn.is_empty()
         && let Some(breaker) = &state.breaker

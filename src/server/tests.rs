@@ -234,3 +234,196 @@ async fn events_are_left_for_real_requests_only() {
     post(st.clone(), fixture("10-human-deletes-deployment.json").to_string()).await;
     assert!(rx.try_recv().is_err(), "no Event for a dry run or a human's request");
 }
+
+/// The demo world plus `extra` ClusterAgentPolicies (YAML), with the given side services.
+fn state_with(
+    extra: &str,
+    breaker: Option<Arc<dyn Charge>>,
+    trail: Option<Arc<dyn Recorder>>,
+) -> Arc<AppState> {
+    use serde::Deserialize as _;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (mut cluster, namespaced, directory) =
+        crate::cli::load_world(&[root.join("examples/policies/demo.yaml")]).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(extra).filter(|_| !extra.is_empty()) {
+        cluster.push(crate::api::ClusterAgentPolicy::deserialize(doc).unwrap());
+    }
+    let (policies, problems) = PolicySet::compile(&cluster, &namespaced);
+    assert!(problems.is_empty(), "{problems:?}");
+    let cluster = Arc::new(StaticCluster { policies: Arc::new(policies), directory });
+    let mut state = AppState::new(cluster, Config::default(), Arc::new(Metrics::default()));
+    state.clock = at_fixed_time;
+    state.breaker = breaker;
+    state.trail = trail;
+    Arc::new(state)
+}
+
+const CHURN_LIMITED: &str = "apiVersion: agentguard.io/v1alpha1\nkind: ClusterAgentPolicy\nmetadata: {name: churn}\n\
+    spec:\n  action: Allow\n  churnLimit: {maxOperations: 2, window: 10m}\n  rules:\n  - name: any\n    \
+    operations: [DELETE]\n    resources: [{apiGroups: [apps], resources: [deployments]}]\n";
+
+/// A breaker that answers from a fixed count.
+struct FixedCount(u32);
+
+impl Charge for FixedCount {
+    fn charge<'a>(
+        &'a self,
+        _: &'a str,
+        budgets: &'a [ChurnBudget],
+        _: bool,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Tripped>>> {
+        let budget = budgets[0].clone();
+        let tally = crate::breaker::Tally { count: self.0, window_start: at_fixed_time() };
+        let tripped = tally.spent(&budget).then(|| Tripped {
+            budget,
+            tally,
+            lease: "agentguard-churn-0000000000000000".into(),
+            namespace: "agentguard-system".into(),
+        });
+        Box::pin(async move { Ok(tripped) })
+    }
+}
+
+#[tokio::test]
+async fn a_churn_limit_refuses_once_spent_and_is_never_waived() {
+    // The approved delete of fixture 04 also matches the churn-limited Allow policy.
+    let review = fixture("04-agent-deletes-approved-deployment.json");
+    let within = state_with(CHURN_LIMITED, Some(Arc::new(FixedCount(1))), None);
+    assert_eq!(post(within, review.to_string()).await.1["response"]["allowed"], true);
+    let (_, spent) =
+        post(state_with(CHURN_LIMITED, Some(Arc::new(FixedCount(2))), None), review.to_string()).await;
+    assert_eq!(spent["response"]["allowed"], false);
+    assert_eq!(spent["response"]["status"]["code"], 403);
+    let message = spent["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("churn limit of ClusterAgentPolicy \"churn\" reached: 2 guarded operations"),
+        "{message}"
+    );
+    // Without anywhere to count, the limit is not waived.
+    let (_, uncounted) = post(state_with(CHURN_LIMITED, None, None), review.to_string()).await;
+    assert_eq!(uncounted["response"]["allowed"], false);
+    assert_eq!(uncounted["response"]["status"]["code"], 503);
+}
+
+/// A trail that keeps records in memory, or fails every write.
+struct MemoryTrail {
+    settings: crate::trail::Settings,
+    records: std::sync::Mutex<Vec<crate::api::AgentChange>>,
+    fail: bool,
+}
+
+impl MemoryTrail {
+    fn new(fail: bool) -> Arc<Self> {
+        Arc::new(Self {
+            settings: crate::trail::Settings {
+                namespace: "agentguard-system".into(),
+                max_object_bytes: 262_144,
+                keep_secret_data: false,
+                retention: std::time::Duration::from_secs(3600),
+                max_records: 10,
+            },
+            records: Default::default(),
+            fail,
+        })
+    }
+}
+
+impl Recorder for MemoryTrail {
+    fn settings(&self) -> &crate::trail::Settings {
+        &self.settings
+    }
+    fn write<'a>(&'a self, record: &'a crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            anyhow::ensure!(!self.fail, "the API server is unreachable");
+            self.records.lock().unwrap().push(record.clone());
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_admitted_change_is_recorded_first_or_not_admitted() {
+    let review = fixture("04-agent-deletes-approved-deployment.json");
+    let trail = MemoryTrail::new(false);
+    let (_, body) = post(state_with("", None, Some(trail.clone())), review.to_string()).await;
+    assert_eq!(body["response"]["allowed"], true);
+    let records = trail.records.lock().unwrap().clone();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].spec.requester, "system:serviceaccount:agents:coder");
+    assert_eq!(records[0].spec.admission, "approved");
+
+    let (_, body) = post(state_with("", None, Some(MemoryTrail::new(true))), review.to_string()).await;
+    assert_eq!(body["response"]["allowed"], false);
+    let message = body["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("could not record this change in its audit trail"), "{message}");
+
+    // Held requests and dry runs leave no record.
+    let trail = MemoryTrail::new(false);
+    post(state_with("", None, Some(trail.clone())), fixture("01-agent-deletes-deployment.json").to_string())
+        .await;
+    post(
+        state_with("", None, Some(trail.clone())),
+        fixture("09-agent-deletes-volume-dry-run.json").to_string(),
+    )
+    .await;
+    assert!(trail.records.lock().unwrap().is_empty());
+}
+
+/// A registrar that remembers what it was asked to register, or fails.
+struct Registrations {
+    asked: std::sync::Mutex<Vec<AgentSet>>,
+    fail: bool,
+}
+
+impl Register for Registrations {
+    fn ensure<'a>(&'a self, marked: &'a AgentSet) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            anyhow::ensure!(!self.fail, "the webhook configuration cannot be written");
+            self.asked.lock().unwrap().push(marked.clone());
+            Ok(())
+        })
+    }
+    fn current(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn marking_an_agent_is_admitted_only_once_it_is_registered() {
+    let label = |labels: Value| {
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "newcomer", "namespace": "agents", "uid": "sa-1", "labels": labels}})
+    };
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "mark-1",
+            "kind": {"group": "", "version": "v1", "kind": "ServiceAccount"},
+            "resource": {"group": "", "version": "v1", "resource": "serviceaccounts"},
+            "name": "newcomer", "namespace": "agents", "operation": "UPDATE",
+            "userInfo": {"username": "alice", "groups": ["sre", "system:authenticated"]},
+            "object": label(json!({"agentguard.io/agent": "true"})),
+            "oldObject": label(json!({})),
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "UpdateOptions"}
+        }
+    });
+    for fail in [false, true] {
+        let registrations = Arc::new(Registrations { asked: Default::default(), fail });
+        let mut state = AppState::new(
+            Arc::new(StaticCluster { policies: Arc::default(), directory: Default::default() }),
+            Config::default(),
+            Arc::new(Metrics::default()),
+        );
+        state.registrar = Some(registrations.clone());
+        let (_, body) = post(Arc::new(state), review.to_string()).await;
+        assert_eq!(body["response"]["allowed"], !fail, "{body}");
+        if fail {
+            let message = body["response"]["status"]["message"].as_str().unwrap();
+            assert!(message.contains("could not register the new agent"), "{message}");
+        } else {
+            let asked = registrations.asked.lock().unwrap();
+            assert_eq!(asked.len(), 1);
+            assert!(asked[0].usernames.contains("system:serviceaccount:agents:newcomer"));
+        }
+    }
+}
