@@ -115,6 +115,11 @@ pub fn marked_agents(facts: &Facts<'_>, policies: &PolicySet, config: &Config) -
 pub const AHEAD_ANNOTATION: &str = "agentguard.io/registered-ahead";
 const AHEAD_FOR: SignedDuration = SignedDuration::from_secs(60);
 
+/// The raw [`AHEAD_ANNOTATION`] of a configuration.
+fn ahead_listed(vwc: &ValidatingWebhookConfiguration) -> Option<&String> {
+    vwc.metadata.annotations.as_ref()?.get(AHEAD_ANNOTATION)
+}
+
 /// The entries of [`AHEAD_ANNOTATION`] still in force at `now`.
 fn ahead(vwc: Option<&ValidatingWebhookConfiguration>, now: Timestamp) -> BTreeMap<String, Timestamp> {
     vwc.and_then(|v| v.metadata.annotations.as_ref()?.get(AHEAD_ANNOTATION))
@@ -424,7 +429,12 @@ impl Registrar {
                     continue;
                 }
             };
-            if live.object.as_ref().is_some_and(|l| !drifted(l, &want)) {
+            // A lapsed registered-ahead entry counts as drift too, so the annotation shrinks back.
+            if live
+                .object
+                .as_ref()
+                .is_some_and(|l| !drifted(l, &want) && ahead_listed(l) == ahead_listed(&want))
+            {
                 self.current.store(true, std::sync::atomic::Ordering::Release);
                 continue;
             }
