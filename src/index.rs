@@ -277,11 +277,11 @@ impl Directory for Caches {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::api::AGENT_LABEL;
 
-    fn meta(namespace: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    pub(crate) fn meta(namespace: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
         ObjectMeta {
             name: Some(name.into()),
             namespace: namespace.map(Into::into),

@@ -871,14 +871,7 @@ mod tests {
     use super::*;
     use crate::api::{AGENT_LABEL, AGENT_NAMESPACE_LABEL};
 
-    fn meta(namespace: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
-        ObjectMeta {
-            name: Some(name.into()),
-            namespace: namespace.map(Into::into),
-            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-            ..Default::default()
-        }
-    }
+    use crate::index::tests::meta;
 
     fn policy_naming(usernames: &[&str], groups: &[&str]) -> PolicySet {
         let policy: ClusterAgentPolicy = serde_json::from_value(serde_json::json!({

@@ -16,6 +16,17 @@ fn names(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// The series an operator watches: exported under these names, and each read by a panel.
+const WATCHED: [&str; 7] = [
+    "agentguard_decisions_total",
+    "agentguard_review_duration_seconds_bucket",
+    "agentguard_caches_ready",
+    "agentguard_certificate_expiry_timestamp_seconds",
+    "agentguard_breaker_tripped",
+    "agentguard_breaker_refusals_total",
+    "agentguard_events_dropped_total",
+];
+
 #[test]
 fn promql_names_skip_functions_labels_strings_and_numbers() {
     let expr = r#"histogram_quantile(0.99, sum by (le, name) (rate(a_bucket{name=~"x\"y{z}", job!='b'}[$__rate_interval])))
@@ -29,15 +40,7 @@ fn promql_names_skip_functions_labels_strings_and_numbers() {
 #[test]
 fn agentguard_series_are_sample_names() {
     let series = agentguard_series();
-    for name in [
-        "agentguard_decisions_total",
-        "agentguard_review_duration_seconds_bucket",
-        "agentguard_caches_ready",
-        "agentguard_certificate_expiry_timestamp_seconds",
-        "agentguard_breaker_tripped",
-        "agentguard_breaker_refusals_total",
-        "agentguard_events_dropped_total",
-    ] {
+    for name in WATCHED {
         assert!(series.contains(name), "{name} not in {series:?}");
     }
     assert!(!series.contains("agentguard_decisions"), "a family name is not a series");
@@ -84,16 +87,7 @@ fn dashboard_queries_read_only_exported_series() {
         read.extend(metric_names(q));
     }
     // The panels the dashboard promises.
-    for name in [
-        "agentguard_decisions_total",
-        "agentguard_review_duration_seconds_bucket",
-        "agentguard_caches_ready",
-        "agentguard_certificate_expiry_timestamp_seconds",
-        "agentguard_breaker_tripped",
-        "agentguard_breaker_refusals_total",
-        "agentguard_events_dropped_total",
-        "apiserver_admission_webhook_rejection_count",
-    ] {
+    for &name in WATCHED.iter().chain(&["apiserver_admission_webhook_rejection_count"]) {
         assert!(read.contains(name), "no panel reads {name}");
     }
 }
