@@ -485,15 +485,13 @@ fn compile_rule(
 }
 
 impl CompiledPolicy {
-    fn applies_to(&self, requester: &Requester, config: &Config) -> bool {
+    /// Whether the policy's subjects include the requester. `default_agent` is whether the
+    /// requester is an agent by the default subjects (the agent label, configured identities):
+    /// the same for every policy, so it is worked out once per decision.
+    fn applies_to(&self, requester: &Requester, default_agent: bool) -> bool {
         let labels = requester.labels();
         let by_selector = match &self.subjects.service_accounts {
-            None => {
-                let (k, v) = &config.agent_label;
-                labels.is_some_and(|l| l.get(k) == Some(v))
-                    || config.agent_usernames.contains(&requester.username)
-                    || requester.groups.iter().any(|g| config.agent_groups.contains(g))
-            }
+            None => default_agent,
             Some(sel) => labels.is_some() && sel.matches(labels),
         };
         by_selector
@@ -675,7 +673,13 @@ fn decide(
     if matches!(facts.operation, Operation::Create | Operation::Connect) {
         return Decision::allow(Allowed::NotGuarded);
     }
-    let matches = policies.matching(facts, directory, |p| p.applies_to(requester, config));
+    let default_agent = {
+        let (k, v) = &config.agent_label;
+        requester.labels().is_some_and(|l| l.get(k) == Some(v))
+            || config.agent_usernames.contains(&requester.username)
+            || requester.groups.iter().any(|g| config.agent_groups.contains(g))
+    };
+    let matches = policies.matching(facts, directory, |p| p.applies_to(requester, default_agent));
     if matches.is_empty() && config.unmatched == Action::Allow {
         // Nothing to judge, so the change need not be computed: the common case stays cheap.
         return Decision::allow(Allowed::Unmatched);
