@@ -259,8 +259,9 @@ fn run() -> Result<()> {
         "--for",
         "condition=established",
         "--timeout=60s",
-        "crd/clusteragentpolicies.agentguard.io",
-        "crd/agentpolicies.agentguard.io",
+        // Every CRD applied so far: a list of names would fall behind the generator.
+        "--all",
+        "crd",
     ])?;
     for crd in ["monitoring.coreos.com_prometheusrules.yaml", "monitoring.coreos.com_servicemonitors.yaml"] {
         setup.admin(&["apply", "--server-side", "-f", &monitoring_crds.join(crd).to_string_lossy()])?;

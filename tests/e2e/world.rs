@@ -84,9 +84,9 @@ impl World {
                 "--for",
                 "condition=established",
                 "--timeout=60s",
-                "crd/clusteragentpolicies.agentguard.io",
-                "crd/agentpolicies.agentguard.io",
-                "crd/agentchanges.agentguard.io",
+                // Every CRD the chart ships: a list of names would fall behind the generator.
+                "--all",
+                "crd",
             ],
         ))?;
         for args in [
