@@ -48,6 +48,10 @@ pub struct Requester {
     /// For a ServiceAccount: its labels, plus the agent label when its namespace is an agent
     /// namespace (every ServiceAccount there is an agent, known to the cache yet or not).
     pub service_account: Option<ServiceAccount>,
+    /// The API server already judged the requester an agent: the request came through the
+    /// `agents` webhook, whose conditions list exactly the registered agents. A cache that has
+    /// not yet seen the label cannot turn it back into a non-agent.
+    pub selected_as_agent: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -83,7 +87,7 @@ impl Requester {
             }
             ServiceAccount { namespace: ns.to_owned(), name: name.to_owned(), labels }
         });
-        Self { username: username.to_owned(), groups: groups.to_vec(), service_account }
+        Self { username: username.to_owned(), groups: groups.to_vec(), service_account, selected_as_agent: false }
     }
 
     pub fn labels(&self) -> Option<&Labels> {

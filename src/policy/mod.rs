@@ -325,7 +325,8 @@ impl PolicySet {
     pub fn is_agent(&self, requester: &Requester, config: &Config) -> bool {
         let labels = requester.labels();
         let (key, value) = &config.agent_label;
-        labels.is_some_and(|l| l.get(key) == Some(value))
+        requester.selected_as_agent
+            || labels.is_some_and(|l| l.get(key) == Some(value))
             || config.agent_usernames.contains(&requester.username)
             || requester.groups.iter().any(|g| config.agent_groups.contains(g))
             || self.subject_usernames.contains(&requester.username)
