@@ -23,9 +23,9 @@ cargo test --locked
 step "policy unit tests of the examples (agentguard check --test)"
 cargo run --locked --quiet -- --log-format plain check --test examples/tests/demo.yaml
 
-step "Kubernetes binaries: kube-apiserver, etcd, kubectl, helm from pinned Go modules (cached by version)"
+step "Kubernetes binaries: kube-apiserver, kube-controller-manager, etcd, kubectl, helm from pinned Go modules (cached by version)"
 eval "$(hack/k8s-binaries.sh)"
-export KUBE_APISERVER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS CERT_MANAGER_CRDS
+export KUBE_APISERVER KUBE_CONTROLLER_MANAGER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS CERT_MANAGER_CRDS
 
 step "helm lint, and manifests/install.yaml matches the chart"
 "$HELM" lint --strict charts/agentguard
@@ -40,5 +40,5 @@ cargo test --locked --test chart
 step "the quick start's demo runs to the end"
 cargo test --locked --test demo -- --exit
 
-step "end-to-end tests against a real kube-apiserver and etcd"
+step "end-to-end tests against a real kube-apiserver, kube-controller-manager and etcd"
 cargo test --locked --test e2e

@@ -47,7 +47,7 @@ fn show_agentguard(world: &World, args: &[&str], until: impl Fn(&str) -> bool) -
 
 fn main() -> Result<()> {
     let exit = std::env::args().any(|a| a == "--exit");
-    println!("Starting etcd, kube-apiserver and agentguard on 127.0.0.1 ...");
+    println!("Starting etcd, kube-apiserver, kube-controller-manager and agentguard on 127.0.0.1 ...");
     let world = World::start()?;
     let admin = world.plane.admin.clone();
     println!(

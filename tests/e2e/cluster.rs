@@ -1,6 +1,10 @@
-//! A throwaway Kubernetes control plane on loopback: etcd and kube-apiserver built from their
-//! Go modules (`hack/k8s-binaries.sh`), certificates made per run, and kubectl as the client.
-//! Dropping [`ControlPlane`] stops exactly the processes it started and removes its directory.
+//! A throwaway Kubernetes control plane on loopback: etcd, kube-apiserver and
+//! kube-controller-manager built from their Go modules (`hack/k8s-binaries.sh`), certificates
+//! made per run, and kubectl as the client. The controller-manager makes it a control plane that
+//! really deletes: the garbage collector, the namespace controller, ServiceAccount tokens, the
+//! aggregated `edit`/`admin` roles and the workload controllers run as in a real cluster (no
+//! kubelet or scheduler runs, so Pods stay Pending). Dropping [`ControlPlane`] stops exactly the
+//! processes it started and removes its directory.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -13,6 +17,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose
 /// Binaries from `hack/k8s-binaries.sh`, named by environment variables.
 pub struct Binaries {
     pub kube_apiserver: PathBuf,
+    pub kube_controller_manager: PathBuf,
     pub etcd: PathBuf,
     pub kubectl: PathBuf,
 }
@@ -26,7 +31,12 @@ impl Binaries {
             anyhow::ensure!(path.is_file(), "{var}={} does not exist", path.display());
             Ok(path)
         };
-        Ok(Self { kube_apiserver: get("KUBE_APISERVER")?, etcd: get("ETCD")?, kubectl: get("KUBECTL")? })
+        Ok(Self {
+            kube_apiserver: get("KUBE_APISERVER")?,
+            kube_controller_manager: get("KUBE_CONTROLLER_MANAGER")?,
+            etcd: get("ETCD")?,
+            kubectl: get("KUBECTL")?,
+        })
     }
 }
 
@@ -37,6 +47,9 @@ pub fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A port that was free a moment ago. Another process may take it before the one it is handed to
+/// binds it: [`ControlPlane::start`] retries on that race, and agentguard's own ports are bound by
+/// a process that exits at once if they are taken.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -59,6 +72,11 @@ impl Pki {
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok(Self { ca_pem: cert.pem(), ca_params: params, ca_key: key })
+    }
+
+    /// The CA's private key (PEM): the controller-manager signs approved CSRs with it.
+    pub fn ca_key_pem(&self) -> String {
+        self.ca_key.serialize_pem()
     }
 
     /// A serving certificate for 127.0.0.1: (cert PEM, key PEM).
@@ -91,6 +109,22 @@ impl Pki {
 pub struct Process {
     name: &'static str,
     child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    /// An error if the process has exited, with the end of its log.
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            return Err(EarlyExit {
+                port_taken: log.contains("address already in use"),
+                message: format!("{} exited early ({status}):\n{}", self.name, tail(&self.log, 30)),
+            }
+            .into());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Process {
@@ -109,28 +143,81 @@ pub fn spawn(name: &'static str, mut command: Command, log: &Path) -> Result<Pro
         .stderr(out)
         .spawn()
         .with_context(|| format!("starting {name}"))?;
-    Ok(Process { name, child })
+    Ok(Process { name, child, log: log.to_owned() })
 }
 
-/// etcd + kube-apiserver. Fields drop in order: the API server stops before etcd.
+/// A process of the control plane exited while it started: most often a port [`free_port`]
+/// handed out was taken by someone else before the process bound it.
+#[derive(Debug)]
+struct EarlyExit {
+    port_taken: bool,
+    message: String,
+}
+
+impl std::fmt::Display for EarlyExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for EarlyExit {}
+
+/// Whole start-ups tried, each on fresh ports and a fresh directory, before giving up.
+const START_ATTEMPTS: u32 = 4;
+
+/// etcd, kube-apiserver and kube-controller-manager, stopped in the reverse of the order they
+/// started (the controller-manager first, etcd last) before the directory is removed.
 pub struct ControlPlane {
-    apiserver: Process,
-    etcd: Process,
+    /// In start order; [`Drop`] stops them last first.
+    processes: Vec<Process>,
     pub dir: tempfile::TempDir,
     pub pki: Pki,
     pub url: String,
     pub kubectl: PathBuf,
     pub admin: PathBuf,
+    /// From the first attempt to a ready controller-manager, retries included.
     pub startup: Duration,
 }
 
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        while let Some(process) = self.processes.pop() {
+            drop(process);
+        }
+    }
+}
+
 impl ControlPlane {
+    /// Starts the control plane, again from scratch on new ports if a process exits early
+    /// (`bind: address already in use` when a port was taken between [`free_port`] and the bind).
     pub fn start(bins: &Binaries) -> Result<Self> {
         let started = Instant::now();
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(bins) {
+                Ok(mut plane) => {
+                    plane.startup = started.elapsed();
+                    return Ok(plane);
+                }
+                Err(e) if attempt < START_ATTEMPTS && e.downcast_ref::<EarlyExit>().is_some() => {
+                    let port = e.downcast_ref::<EarlyExit>().is_some_and(|x| x.port_taken);
+                    eprintln!(
+                        "control plane start {attempt} of {START_ATTEMPTS} failed{}, starting again on new ports: {e:#}",
+                        if port { " (a port was taken)" } else { "" }
+                    );
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start_once(bins: &Binaries) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("agentguard-e2e-").tempdir()?;
         let path = |name: &str| dir.path().join(name);
         let pki = Pki::new()?;
         std::fs::write(path("ca.crt"), &pki.ca_pem)?;
+        std::fs::write(path("ca.key"), pki.ca_key_pem())?;
         let (cert, key) = pki.serving()?;
         std::fs::write(path("apiserver.crt"), cert)?;
         std::fs::write(path("apiserver.key"), key)?;
@@ -170,8 +257,7 @@ impl ControlPlane {
 
         let url = format!("https://127.0.0.1:{api_port}");
         let mut plane = Self {
-            apiserver,
-            etcd,
+            processes: vec![etcd, apiserver],
             pki,
             url,
             kubectl: bins.kubectl.clone(),
@@ -180,28 +266,79 @@ impl ControlPlane {
             dir,
         };
         plane.admin = plane.user_kubeconfig("admin", &["system:masters"])?;
-        plane.wait_ready(Duration::from_secs(120))?;
-        plane.startup = started.elapsed();
+        plane.wait_until("kube-apiserver ready", Duration::from_secs(120), "kube-apiserver.log", |p| {
+            p.kubectl(&p.admin, &["get", "--raw", "/readyz"]).status.success()
+        })?;
+        plane.start_controller_manager(bins)?;
         Ok(plane)
     }
 
-    fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+    /// kube-controller-manager with every default controller, each acting as its own
+    /// ServiceAccount (as a real cluster runs it), signing CSRs and tokens with this run's keys.
+    /// Ready once the clusterrole-aggregation controller has filled `edit` and the
+    /// serviceaccount controller has made `default/default`: both run only after the
+    /// controller-manager's informers synced.
+    fn start_controller_manager(&mut self, bins: &Binaries) -> Result<()> {
+        let path = |name: &str| self.dir.path().join(name);
+        let kubeconfig = self.user_kubeconfig("system:kube-controller-manager", &[])?;
+        let kubeconfig = kubeconfig.display();
+        let mut kcm = Command::new(&bins.kube_controller_manager);
+        kcm.arg(format!("--kubeconfig={kubeconfig}"))
+            .arg(format!("--authentication-kubeconfig={kubeconfig}"))
+            .arg(format!("--authorization-kubeconfig={kubeconfig}"))
+            .args(["--bind-address=127.0.0.1", &format!("--secure-port={}", free_port())])
+            .arg(format!("--cert-dir={}", path("controller-manager-certs").display()))
+            .args(["--leader-elect=false", "--use-service-account-credentials", "--controllers=*"])
+            .arg(format!("--service-account-private-key-file={}", path("sa.key").display()))
+            .arg(format!("--root-ca-file={}", path("ca.crt").display()))
+            .arg(format!("--cluster-signing-cert-file={}", path("ca.crt").display()))
+            .arg(format!("--cluster-signing-key-file={}", path("ca.key").display()))
+            .args(["--profiling=false", "--v=1"]);
+        self.processes.push(spawn("kube-controller-manager", kcm, &path("kube-controller-manager.log"))?);
+        self.wait_until(
+            "kube-controller-manager running its controllers",
+            Duration::from_secs(120),
+            "kube-controller-manager.log",
+            |p| {
+                let edit = p.kubectl(&p.admin, &["get", "clusterrole", "edit", "-o", "jsonpath={.rules}"]);
+                edit.status.success()
+                    && !edit.stdout.trim_ascii().is_empty()
+                    && p.kubectl(&p.admin, &["get", "serviceaccount", "default", "-n", "default"])
+                        .status
+                        .success()
+            },
+        )
+    }
+
+    /// Polls `ready` until it holds; an error if a process exits first or `limit` passes.
+    fn wait_until(
+        &mut self,
+        what: &str,
+        limit: Duration,
+        log: &str,
+        ready: impl Fn(&Self) -> bool,
+    ) -> Result<()> {
         let deadline = Instant::now() + limit;
         loop {
-            for (p, log) in [(&mut self.etcd, "etcd.log"), (&mut self.apiserver, "kube-apiserver.log")] {
-                if let Some(status) = p.child.try_wait()? {
-                    bail!("{} exited early ({status}):\n{}", p.name, tail(&self.dir.path().join(log), 30));
-                }
+            for process in &mut self.processes {
+                process.check_running()?;
             }
-            let out = self.kubectl(&self.admin, &["get", "--raw", "/readyz"]);
-            if out.status.success() {
+            if ready(self) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "kube-apiserver not ready after {limit:?}:\n{}",
-                    tail(&self.dir.path().join("kube-apiserver.log"), 30)
-                );
+                let log = self.dir.path().join(log);
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                // A process that could not bind may keep running (the controller-manager's
+                // serving port): start again on new ports.
+                if text.contains("address already in use") {
+                    return Err(EarlyExit {
+                        port_taken: true,
+                        message: format!("not {what} after {limit:?}:\n{}", tail(&log, 30)),
+                    }
+                    .into());
+                }
+                bail!("not {what} after {limit:?}:\n{}", tail(&log, 30));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -222,12 +359,14 @@ impl ControlPlane {
     /// A kubeconfig authenticating as `user` in `groups` by client certificate.
     pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf> {
         let (cert, key) = self.pki.client(user, groups)?;
+        // The identity is in the certificate; file and kubeconfig entry names avoid `:`.
+        let name = user.replace(':', "-");
         let (cert_path, key_path) =
-            (self.dir.path().join(format!("{user}.crt")), self.dir.path().join(format!("{user}.key")));
+            (self.dir.path().join(format!("{name}.crt")), self.dir.path().join(format!("{name}.key")));
         std::fs::write(&cert_path, cert)?;
         std::fs::write(&key_path, key)?;
         self.write_kubeconfig(
-            user,
+            &name,
             &format!(
                 "    client-certificate: {}\n    client-key: {}\n",
                 cert_path.display(),

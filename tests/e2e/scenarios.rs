@@ -36,9 +36,11 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];
 
-fn namespace(w: &World, name: &str) -> Result<String> {
+/// A fresh namespace `e2e-NAME`, where the `editor` agent has the real `edit` ClusterRole.
+pub fn namespace(w: &World, name: &str) -> Result<String> {
     let ns = format!("e2e-{name}");
     must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", &ns]))?;
+    w.grant_edit(&ns)?;
     Ok(ns)
 }
 
@@ -85,15 +87,15 @@ fn delete_held_then_approved(w: &World) -> Result<()> {
     let ns = namespace(w, "approve")?;
     deployment(w, &ns, "web")?;
     let denial = rejects(
-        w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", &ns]),
+        w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns]),
         "the agent's delete",
         &format!("kubectl annotate deployments.apps web -n {ns} agentguard.io/approve=delete --overwrite"),
     )?;
     ensure!(denial.contains("ClusterAgentPolicy \"e2e-workloads\", rule \"workloads\""), "{denial}");
-    ensure!(denial.contains("system:serviceaccount:agents:coder"), "{denial}");
+    ensure!(denial.contains("system:serviceaccount:agents:editor"), "{denial}");
     ensure!(exists(w, &ns, "deployment", "web"), "the held deployment is gone");
     accepts(run_as(w, &w.alice, &approve_command(&denial)?), "alice's approval")?;
-    accepts(w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", &ns]), "the approved delete")?;
+    accepts(w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns]), "the approved delete")?;
     ensure!(!exists(w, &ns, "deployment", "web"), "the approved delete did not delete");
     // The story is left as Events on the object: held, approval recorded, approved.
     let started = Instant::now();
@@ -120,13 +122,13 @@ fn approval_expires(w: &World) -> Result<()> {
         "alice's approval",
     )?;
     accepts(
-        w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", &ns, "--dry-run=server"]),
+        w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns, "--dry-run=server"]),
         "a delete while the approval is valid",
     )?;
     let wait = expires.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0) + 1.5;
     std::thread::sleep(Duration::from_secs_f64(wait));
     rejects(
-        w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", &ns]),
+        w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns]),
         "a delete after the approval expired",
         "the approval expired at",
     )?;
@@ -138,7 +140,7 @@ fn only_approvers_approve(w: &World) -> Result<()> {
     deployment(w, &ns, "web")?;
     let annotate = ["annotate", "deployment", "web", "-n", &ns, "agentguard.io/approve=delete"];
     rejects(
-        w.plane.kubectl(&w.agent, &annotate),
+        w.plane.kubectl(&w.editor, &annotate),
         "the agent approving itself",
         "built-in rule \"approval-annotation\"",
     )?;
@@ -161,7 +163,7 @@ fn updates_held_with_diff(w: &World) -> Result<()> {
     let mut replaced = get_json(w, &ns, "deployment", "web")?;
     replaced["spec"]["template"]["spec"]["containers"][0]["image"] = "nginx:1.28".into();
     let denial = rejects(
-        w.plane.kubectl_stdin(&w.agent, &["replace", "-f", "-"], Some(&replaced.to_string())),
+        w.plane.kubectl_stdin(&w.editor, &["replace", "-f", "-"], Some(&replaced.to_string())),
         "kubectl replace",
         "spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28",
     )?;
@@ -173,30 +175,31 @@ fn updates_held_with_diff(w: &World) -> Result<()> {
          spec: {{containers: [{{name: web, image: 'nginx:1.27'}}]}}\n"
     );
     rejects(
-        w.plane.kubectl_stdin(&w.agent, &["apply", "-f", "-"], Some(&applied)),
+        w.plane.kubectl_stdin(&w.editor, &["apply", "-f", "-"], Some(&applied)),
         "kubectl apply",
         "spec.replicas: 1 → 5",
     )?;
 
     let pause = ["patch", "deployment", "web", "-n", &ns, "-p", r#"{"spec":{"paused":true}}"#];
-    let denial = rejects(w.plane.kubectl(&w.agent, &pause), "kubectl patch", "spec.paused: (absent) → true")?;
+    let denial =
+        rejects(w.plane.kubectl(&w.editor, &pause), "kubectl patch", "spec.paused: (absent) → true")?;
 
     rejects(
-        w.plane.kubectl(&w.agent, &["scale", "deployment", "web", "-n", &ns, "--replicas=0"]),
+        w.plane.kubectl(&w.editor, &["scale", "deployment", "web", "-n", &ns, "--replicas=0"]),
         "kubectl scale --replicas=0",
         "spec.replicas: 1 → 0",
     )?;
 
     // Approving the shown change admits exactly that change, and nothing after it.
     accepts(run_as(w, &w.alice, &approve_command(&denial)?), "alice's approval of the pause")?;
-    accepts(w.plane.kubectl(&w.agent, &pause), "the approved patch")?;
+    accepts(w.plane.kubectl(&w.editor, &pause), "the approved patch")?;
     ensure!(
         get_json(w, &ns, "deployment", "web")?["spec"]["paused"] == true,
         "the approved patch was not applied"
     );
     rejects(
         w.plane.kubectl(
-            &w.agent,
+            &w.editor,
             &["patch", "deployment", "web", "-n", &ns, "-p", r#"{"spec":{"paused":false}}"#],
         ),
         "a second, different patch",
@@ -214,8 +217,8 @@ fn dry_run(w: &World) -> Result<()> {
     deployment(w, &ns, "web")?;
     let delete = ["delete", "deployment", "web", "-n", &ns];
     let dry = ["delete", "deployment", "web", "-n", &ns, "--dry-run=server"];
-    let real_answer = rejects(w.plane.kubectl(&w.agent, &delete), "the delete", "requires approval")?;
-    let dry_answer = rejects(w.plane.kubectl(&w.agent, &dry), "the dry-run delete", "requires approval")?;
+    let real_answer = rejects(w.plane.kubectl(&w.editor, &delete), "the delete", "requires approval")?;
+    let dry_answer = rejects(w.plane.kubectl(&w.editor, &dry), "the dry-run delete", "requires approval")?;
     ensure!(
         denial_text(&real_answer) == denial_text(&dry_answer),
         "dry run answered differently:\n{real_answer}\n{dry_answer}"
@@ -228,7 +231,7 @@ fn dry_run(w: &World) -> Result<()> {
         Ok(out.lines().filter(|l| *l == reason).count())
     };
     let approved_before = count("Approved")?;
-    accepts(w.plane.kubectl(&w.agent, &dry), "the approved dry-run delete")?;
+    accepts(w.plane.kubectl(&w.editor, &dry), "the approved dry-run delete")?;
     std::thread::sleep(Duration::from_millis(500));
     ensure!(count("Approved")? == approved_before, "the dry run left an Event");
     let after = get_json(w, &ns, "deployment", "web")?;
@@ -236,7 +239,7 @@ fn dry_run(w: &World) -> Result<()> {
         after["metadata"]["annotations"]["agentguard.io/approve"] == "delete",
         "the dry run consumed the approval"
     );
-    accepts(w.plane.kubectl(&w.agent, &delete), "the real delete after the dry run")?;
+    accepts(w.plane.kubectl(&w.editor, &delete), "the real delete after the dry run")?;
     Ok(())
 }
 
@@ -245,11 +248,11 @@ fn delete_collection(w: &World) -> Result<()> {
     for name in ["a", "b", "c"] {
         deployment(w, &ns, name)?;
     }
-    let all = w.plane.kubectl(&w.agent, &["delete", "deployments", "--all", "-n", &ns]);
+    let all = w.plane.kubectl(&w.editor, &["delete", "deployments", "--all", "-n", &ns]);
     ensure!(!all.status.success(), "delete --all was admitted");
     let raw = w
         .plane
-        .kubectl(&w.agent, &["delete", "--raw", &format!("/apis/apps/v1/namespaces/{ns}/deployments")]);
+        .kubectl(&w.editor, &["delete", "--raw", &format!("/apis/apps/v1/namespaces/{ns}/deployments")]);
     ensure!(!raw.status.success(), "deletecollection was admitted: {}", String::from_utf8_lossy(&raw.stdout));
     let raw_error = String::from_utf8_lossy(&raw.stderr);
     ensure!(
@@ -312,7 +315,7 @@ fn warn_mode(w: &World) -> Result<()> {
     ))?;
     let out = accepts(
         w.plane.kubectl(
-            &w.agent,
+            &w.editor,
             &["patch", "configmap", "settings", "-n", &ns, "-p", r#"{"data":{"level":"debug"}}"#],
         ),
         "a change under a Warn-mode policy",
@@ -363,20 +366,7 @@ fn labelled_later(w: &World) -> Result<()> {
     let ns = namespace(w, "late")?;
     deployment(w, &ns, "web")?;
     let probe = ["delete", "deployment", "web", "-n", &ns, "--dry-run=server"];
-    let bind = |sa_ns: &str, sa: &str| {
-        must(w.plane.kubectl(
-            &w.plane.admin,
-            &[
-                "create",
-                "rolebinding",
-                &format!("{sa_ns}-{sa}"),
-                "-n",
-                &ns,
-                "--clusterrole=e2e-editor",
-                &format!("--serviceaccount={sa_ns}:{sa}"),
-            ],
-        ))
-    };
+    let bind = |sa_ns: &str, sa: &str| w.bind_edit(&ns, sa_ns, sa);
     let mut took = Vec::new();
     for i in 0..5 {
         let sa = format!("late-{i}");
@@ -493,18 +483,7 @@ fn thousand_agents(w: &World) -> Result<()> {
         object.len()
     );
     // One of them is guarded, through that large condition.
-    must(w.plane.kubectl(
-        &w.plane.admin,
-        &[
-            "create",
-            "rolebinding",
-            "scale",
-            "-n",
-            "scale-42",
-            "--clusterrole=e2e-editor",
-            "--serviceaccount=scale-42:agent-7",
-        ],
-    ))?;
+    w.bind_edit("scale-42", "scale-42", "agent-7")?;
     deployment(w, "scale-42", "web")?;
     let agent = w.plane.service_account_kubeconfig("scale-42", "agent-7")?;
     rejects(

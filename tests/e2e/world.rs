@@ -1,5 +1,5 @@
 //! The world every end-to-end run starts from: a control plane, agentguard serving it, and the
-//! identities that act in it (an agent, a controller, an approver, a non-approver).
+//! identities that act in it (two agents, a controller, an approver, a non-approver).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -16,11 +16,15 @@ pub struct World {
     /// `system:serviceaccount:agents:coder`, labelled as an agent, bound to cluster-admin
     /// (the overly broad credentials agentguard exists to put brakes on).
     pub agent: PathBuf,
+    /// `system:serviceaccount:agents:editor`, labelled as an agent, with the real (aggregated)
+    /// `edit` ClusterRole bound only in the namespaces a scenario grants it
+    /// ([`World::grant_edit`]): what an agent gets in a real cluster.
+    pub editor: PathBuf,
     /// An unlabelled ServiceAccount with the same rights: a controller, not an agent.
     pub helper: PathBuf,
     /// `alice` in group `sre`: an approver.
     pub alice: PathBuf,
-    /// `mallory` with `edit` rights, not an approver.
+    /// `mallory` with the real `edit` ClusterRole cluster-wide, not an approver.
     pub mallory: PathBuf,
 }
 
@@ -95,6 +99,8 @@ impl World {
             vec!["create", "namespace", "agentguard-system"],
             vec!["create", "serviceaccount", "coder", "-n", "agents"],
             vec!["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent=true"],
+            vec!["create", "serviceaccount", "editor", "-n", "agents"],
+            vec!["label", "serviceaccount", "editor", "-n", "agents", "agentguard.io/agent=true"],
             vec!["create", "serviceaccount", "helper", "-n", "agents"],
             vec![
                 "create",
@@ -111,16 +117,7 @@ impl World {
                 "--serviceaccount=agents:helper",
             ],
             vec!["create", "clusterrolebinding", "e2e-sre", "--clusterrole=cluster-admin", "--group=sre"],
-            // No controller-manager runs, so the aggregated `edit`/`admin` roles stay empty:
-            // an explicit role stands in for them.
-            vec![
-                "create",
-                "clusterrole",
-                "e2e-editor",
-                "--verb=*",
-                "--resource=deployments.apps,deployments.apps/scale,configmaps",
-            ],
-            vec!["create", "clusterrolebinding", "e2e-mallory", "--clusterrole=e2e-editor", "--user=mallory"],
+            vec!["create", "clusterrolebinding", "e2e-mallory", "--clusterrole=edit", "--user=mallory"],
         ] {
             must(plane.kubectl(&admin, &args))?;
         }
@@ -128,12 +125,45 @@ impl World {
 
         let agentguard = start_agentguard(&plane, "agentguard", true)?;
         let agent = plane.service_account_kubeconfig("agents", "coder")?;
+        let editor = plane.service_account_kubeconfig("agents", "editor")?;
         let helper = plane.service_account_kubeconfig("agents", "helper")?;
         let alice = plane.user_kubeconfig("alice", &["sre"])?;
         let mallory = plane.user_kubeconfig("mallory", &["devs"])?;
-        let world = Self { plane, agentguard, agent, helper, alice, mallory };
+        let world = Self { plane, agentguard, agent, editor, helper, alice, mallory };
         world.wait_for_registration("system:serviceaccount:agents:coder", Duration::from_secs(60))?;
+        world.wait_for_registration("system:serviceaccount:agents:editor", Duration::from_secs(60))?;
         Ok(world)
+    }
+
+    /// Binds the real `edit` ClusterRole to the ServiceAccount `sa_ns:sa` in `ns` and waits until
+    /// the API server's authorizer sees it.
+    pub fn bind_edit(&self, ns: &str, sa_ns: &str, sa: &str) -> Result<()> {
+        let who = format!("{sa_ns}:{sa}");
+        let (binding, subject) = (format!("edit-{sa_ns}-{sa}"), format!("--serviceaccount={who}"));
+        must(self.plane.kubectl(
+            &self.plane.admin,
+            &["create", "rolebinding", &binding, "-n", ns, "--clusterrole=edit", &subject],
+        ))?;
+        let user = format!("--as=system:serviceaccount:{who}");
+        let started = Instant::now();
+        while !self
+            .plane
+            .kubectl(&self.plane.admin, &["auth", "can-i", "delete", "configmaps", "-n", ns, &user])
+            .status
+            .success()
+        {
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "{who} has no edit rights in {ns} after 10s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Grants the `editor` agent the real `edit` ClusterRole in `ns`.
+    pub fn grant_edit(&self, ns: &str) -> Result<()> {
+        self.bind_edit(ns, "agents", "editor")
     }
 
     /// Waits until the webhook configuration names `username` as an agent.
