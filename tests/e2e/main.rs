@@ -7,6 +7,7 @@ mod audit;
 mod churn;
 mod cluster;
 mod pending;
+mod routes;
 mod scenarios;
 mod trail;
 mod world;

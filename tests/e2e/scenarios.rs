@@ -32,6 +32,29 @@ pub const ALL: &[(&str, Scenario)] = &[
         "a_recorded_change_refused_later_is_marked_never_happened",
         crate::trail::a_change_refused_later_is_marked,
     ),
+    ("route_status_writes_cannot_unmark_or_escape_selectors", crate::routes::subresources_carry_metadata),
+    (
+        "route_agentguard_namespace_kube_system_and_custom_events_are_guarded",
+        crate::routes::no_unguarded_corners,
+    ),
+    ("route_webhook_configuration_tampering_is_restored", crate::routes::tampering_is_restored),
+    ("route_eviction_is_judged_as_the_pods_delete", crate::routes::eviction_is_a_delete),
+    ("route_removing_finalizers_is_judged_as_the_delete", crate::routes::finalizers_complete_a_delete),
+    (
+        "route_owner_delete_cascading_to_guarded_dependents_is_refused",
+        crate::routes::owner_cascades_are_judged,
+    ),
+    (
+        "route_namespace_and_crd_deletes_reaching_guarded_objects_are_refused",
+        crate::routes::namespace_and_crd_cascades_are_judged,
+    ),
+    (
+        "route_arming_a_controller_to_delete_is_judged_as_the_delete",
+        crate::routes::arming_a_deletion_is_judged,
+    ),
+    ("route_connect_to_pods_exec_can_be_guarded", crate::routes::connect_can_be_guarded),
+    ("route_policy_subjects_are_confined", crate::routes::policy_subjects_are_confined),
+    ("route_churn_is_counted_per_agent_namespace", crate::routes::churn_counts_per_agent_namespace),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];

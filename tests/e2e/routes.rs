@@ -1,0 +1,935 @@
+//! Routes around the brakes: each scenario tries one class of route to destruction as an agent,
+//! with kubectl and a real ServiceAccount token, and checks the refusal, its reason, and that the
+//! object is unchanged or still there — waiting for the real garbage collector where the route
+//! is a cascade. Policies a scenario needs are its own (`e2e-routes-*`, narrowed to its
+//! namespaces or names) and are deleted when it ends, however it ends.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_json::{Value, json};
+
+use crate::scenarios::namespace;
+use crate::world::{World, accepts, must, rejects};
+
+/// The reason of the Warning Event agentguard leaves when it restores its tampered-with webhook
+/// configuration contains this.
+const TAMPER_REASON: &str = "Tamper";
+
+/// How long a cascade is given to happen (the garbage collector acts within seconds).
+const GC_WAIT: Duration = Duration::from_secs(60);
+
+/// Objects a scenario made outside its own namespaces (policies, CRDs, …): deleted by the admin
+/// when the scenario ends, however it ends.
+struct Leftovers<'w> {
+    w: &'w World,
+    /// `kubectl delete` arguments, one object each.
+    objects: Vec<Vec<String>>,
+}
+
+impl<'w> Leftovers<'w> {
+    fn new(w: &'w World) -> Self {
+        Self { w, objects: Vec::new() }
+    }
+
+    /// Creates or updates `object` as the admin; it is deleted when the scenario ends.
+    fn apply(&mut self, object: &Value) -> Result<()> {
+        let kind = object["kind"].as_str().context("an object without a kind")?;
+        let name = object["metadata"]["name"].as_str().context("an object without a name")?;
+        let mut delete = vec![kind.to_owned(), name.to_owned()];
+        if let Some(ns) = object["metadata"]["namespace"].as_str() {
+            delete.extend(["-n".to_owned(), ns.to_owned()]);
+        }
+        self.objects.push(delete);
+        apply(self.w, object)
+    }
+
+    /// Applies a policy and waits until agentguard reports it Ready (so it is in force).
+    fn policy(&mut self, policy: Value) -> Result<()> {
+        self.apply(&policy)?;
+        let target = format!(
+            "{}/{}",
+            policy["kind"].as_str().unwrap_or_default().to_lowercase(),
+            policy["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        let mut args = vec!["wait", "--for=condition=Ready", "--timeout=30s", &target];
+        if let Some(ns) = policy["metadata"]["namespace"].as_str() {
+            args.extend(["-n", ns]);
+        }
+        admin(self.w, &args).map(drop)
+    }
+
+    /// A CustomResourceDefinition of a namespaced `kind` in group `e2e.example.com`, established.
+    fn crd(&mut self, plural: &str, kind: &str) -> Result<()> {
+        let name = format!("{plural}.e2e.example.com");
+        self.apply(&json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": name},
+            "spec": {
+                "group": "e2e.example.com",
+                "scope": "Namespaced",
+                "names": {"plural": plural, "singular": kind.to_lowercase(), "kind": kind},
+                "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema":
+                    {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+            }
+        }))?;
+        admin(self.w, &["wait", "--for=condition=established", "--timeout=30s", &format!("crd/{name}")])
+            .map(drop)
+    }
+}
+
+impl Drop for Leftovers<'_> {
+    fn drop(&mut self) {
+        for object in self.objects.iter().rev() {
+            let mut args: Vec<&str> = vec!["delete"];
+            args.extend(object.iter().map(String::as_str));
+            args.extend(["--ignore-not-found", "--wait=false"]);
+            let _ = self.w.plane.kubectl(&self.w.plane.admin, &args);
+        }
+    }
+}
+
+/// A ClusterAgentPolicy that holds what its `rules` match for an approver in group `sre`
+/// (`action` RequireApproval) or refuses it outright (`Deny`).
+fn cluster_policy(name: &str, action: &str, rules: Value) -> Value {
+    let mut spec = json!({"action": action, "rules": rules});
+    if action == "RequireApproval" {
+        spec["approval"] = json!({"approvers": {"groups": ["sre"]}});
+    }
+    json!({
+        "apiVersion": "agentguard.io/v1alpha1",
+        "kind": "ClusterAgentPolicy",
+        "metadata": {"name": name},
+        "spec": spec
+    })
+}
+
+/// A rule guarding `operations` of `group`/`resource`; `extra` adds fields (names, selectors …).
+fn rule(name: &str, operations: &[&str], group: &str, resource: &str, extra: Value) -> Value {
+    let mut rule = json!({
+        "name": name,
+        "operations": operations,
+        "resources": [{"apiGroups": [group], "resources": [resource]}],
+    });
+    if let (Some(rule), Some(extra)) = (rule.as_object_mut(), extra.as_object()) {
+        rule.extend(extra.clone());
+    }
+    rule
+}
+
+fn admin(w: &World, args: &[&str]) -> Result<String> {
+    must(w.plane.kubectl(&w.plane.admin, args))
+}
+
+fn apply(w: &World, object: &Value) -> Result<()> {
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&object.to_string()))).map(drop)
+}
+
+/// The object `kubectl get ARGS` names, as the admin sees it.
+fn object(w: &World, args: &[&str]) -> Result<Value> {
+    let mut args = args.to_vec();
+    args.extend(["-o", "json"]);
+    let out = w.plane.kubectl(&w.plane.admin, &args);
+    ensure!(out.status.success(), "kubectl get {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Whether `kubectl get ARGS` finds the object.
+fn exists(w: &World, args: &[&str]) -> bool {
+    let mut get = vec!["get"];
+    get.extend_from_slice(args);
+    w.plane.kubectl(&w.plane.admin, &get).status.success()
+}
+
+/// Polls `done` every 200 ms until it holds; how long that took, or an error after `limit`.
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        if done()? {
+            return Ok(started.elapsed());
+        }
+        ensure!(started.elapsed() < limit, "{what}: not after {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The request was refused by `policy`'s rule `rule` (a ClusterAgentPolicy); returns stderr.
+fn refused_by(out: Output, what: &str, policy: &str, rule: &str) -> Result<String> {
+    let stderr = rejects(out, what, &format!("ClusterAgentPolicy \"{policy}\""))?;
+    ensure!(
+        stderr.contains(&format!("rule \"{rule}\"")),
+        "{what} was refused, but not under rule {rule:?}: {stderr}"
+    );
+    Ok(stderr)
+}
+
+fn kubectl(w: &World, who: &Path, args: &[&str]) -> Output {
+    w.plane.kubectl(who, args)
+}
+
+/// A ConfigMap made by the admin, owned by `owner` (name, uid) if given; returns its uid.
+fn configmap(w: &World, ns: &str, name: &str, owner: Option<(&str, &str)>) -> Result<String> {
+    let mut cm =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": ns}});
+    if let Some((owner, uid)) = owner {
+        cm["metadata"]["ownerReferences"] =
+            json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": owner, "uid": uid}]);
+    }
+    create(w, &cm)
+}
+
+/// Creates `object` as the admin; returns its uid.
+fn create(w: &World, object: &Value) -> Result<String> {
+    let uid = must(w.plane.kubectl_stdin(
+        &w.plane.admin,
+        &["create", "-f", "-", "-o", "jsonpath={.metadata.uid}"],
+        Some(&object.to_string()),
+    ))?;
+    Ok(uid.trim().to_owned())
+}
+
+/// A Pod (Pending for ever: no scheduler or kubelet runs), once the namespace's `default`
+/// ServiceAccount exists.
+fn pod(w: &World, ns: &str, name: &str) -> Result<()> {
+    wait_for("the namespace's default ServiceAccount", Duration::from_secs(30), || {
+        Ok(exists(w, &["serviceaccount", "default", "-n", ns]))
+    })?;
+    create(
+        w,
+        &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
+            "spec": {"containers": [{"name": "db", "image": "postgres:17"}]}}),
+    )
+    .map(drop)
+}
+
+/// Writes through `/status` store metadata: unmarking an agent namespace, relabelling a
+/// Deployment out of an objectSelector, adding an owner to a guarded PVC and relabelling a
+/// Namespace out of a namespaceSelector are each refused (the agent: cluster-admin, which any
+/// `*/status` right would do).
+pub fn subresources_carry_metadata(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let marked = namespace(w, "routes-status-agents")?;
+    admin(w, &["label", "namespace", &marked, "agentguard.io/agent-namespace=true"])?;
+    let selected = namespace(w, "routes-status-selected")?;
+    admin(w, &["label", "namespace", &selected, "e2e-routes-status=guarded"])?;
+    let ns = namespace(w, "routes-status")?;
+    left.policy(cluster_policy(
+        "e2e-routes-status",
+        "Deny",
+        json!([
+            rule(
+                "tier-db",
+                &["DELETE"],
+                "apps",
+                "deployments",
+                json!({"namespaces": [ns], "objectSelector": {"matchLabels": {"e2e-routes": "guarded"}}})
+            ),
+            rule("claims", &["DELETE"], "", "persistentvolumeclaims", json!({"namespaces": [ns]})),
+            rule(
+                "selected-config",
+                &["DELETE"],
+                "",
+                "configmaps",
+                json!({"namespaceSelector": {"matchLabels": {"e2e-routes-status": "guarded"}}})
+            ),
+        ]),
+    ))?;
+
+    let unmark = r#"{"metadata":{"labels":{"agentguard.io/agent-namespace":null}}}"#;
+    rejects(
+        kubectl(
+            w,
+            &w.agent,
+            &["patch", "namespace", &marked, "--subresource=status", "--type=merge", "-p", unmark],
+        ),
+        "unmarking an agent namespace through namespaces/status",
+        "built-in rule \"agent-namespace-label\"",
+    )?;
+    let labels = &object(w, &["namespace", &marked])?["metadata"]["labels"];
+    ensure!(labels["agentguard.io/agent-namespace"] == "true", "the agent-namespace label is gone: {labels}");
+
+    create(
+        w,
+        &json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "db", "namespace": ns, "labels": {"e2e-routes": "guarded"}},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "db"}},
+                "template": {"metadata": {"labels": {"app": "db"}},
+                    "spec": {"containers": [{"name": "db", "image": "postgres:17"}]}}}}),
+    )?;
+    let relabel = r#"{"metadata":{"labels":{"e2e-routes":null}}}"#;
+    let denial = refused_by(
+        kubectl(
+            w,
+            &w.agent,
+            &["patch", "deployment", "db", "-n", &ns, "--subresource=status", "--type=merge", "-p", relabel],
+        ),
+        "relabelling a Deployment out of an objectSelector through deployments/status",
+        "e2e-routes-status",
+        "tier-db",
+    )?;
+    ensure!(denial.contains("objectSelector"), "the refusal does not name the objectSelector: {denial}");
+    let labels = &object(w, &["deployment", "db", "-n", &ns])?["metadata"]["labels"];
+    ensure!(labels["e2e-routes"] == "guarded", "the Deployment was relabelled: {labels}");
+
+    create(
+        w,
+        &json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "data", "namespace": ns},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
+    )?;
+    let owner = configmap(w, &ns, "owner", None)?;
+    let own = json!({"metadata": {"ownerReferences":
+        [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner}]}});
+    refused_by(
+        kubectl(
+            w,
+            &w.agent,
+            &[
+                "patch",
+                "pvc",
+                "data",
+                "-n",
+                &ns,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &own.to_string(),
+            ],
+        ),
+        "adding an owner to a guarded PVC through persistentvolumeclaims/status",
+        "e2e-routes-status",
+        "claims",
+    )?;
+    let meta = &object(w, &["pvc", "data", "-n", &ns])?["metadata"];
+    ensure!(meta["ownerReferences"].is_null(), "the PVC got an owner: {meta}");
+
+    let unselect = r#"{"metadata":{"labels":{"e2e-routes-status":null}}}"#;
+    let denial = refused_by(
+        kubectl(
+            w,
+            &w.agent,
+            &["patch", "namespace", &selected, "--subresource=status", "--type=merge", "-p", unselect],
+        ),
+        "relabelling a Namespace out of a namespaceSelector through namespaces/status",
+        "e2e-routes-status",
+        "selected-config",
+    )?;
+    ensure!(
+        denial.contains("namespaceSelector"),
+        "the refusal does not name the namespaceSelector: {denial}"
+    );
+    let labels = &object(w, &["namespace", &selected])?["metadata"]["labels"];
+    ensure!(labels["e2e-routes-status"] == "guarded", "the Namespace was relabelled: {labels}");
+    Ok(())
+}
+
+/// agentguard's own namespace, kube-system and a custom resource whose plural is `events` are
+/// guarded for agents like any other place.
+pub fn no_unguarded_corners(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    left.apply(&json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "e2e-routes-probe", "namespace": "agentguard-system"}, "data": {"k": "v"}}))?;
+    for (what, args) in [
+        (
+            "patching a ConfigMap in agentguard's namespace",
+            vec![
+                "patch",
+                "configmap",
+                "e2e-routes-probe",
+                "-n",
+                "agentguard-system",
+                "-p",
+                r#"{"data":{"k":"w"}}"#,
+            ],
+        ),
+        (
+            "deleting a ConfigMap in agentguard's namespace",
+            vec!["delete", "configmap", "e2e-routes-probe", "-n", "agentguard-system"],
+        ),
+    ] {
+        rejects(kubectl(w, &w.agent, &args), what, "built-in rule \"agentguard-self\"")?;
+    }
+    let probe = object(w, &["configmap", "e2e-routes-probe", "-n", "agentguard-system"])?;
+    ensure!(probe["data"]["k"] == "v", "the ConfigMap in agentguard's namespace changed: {}", probe["data"]);
+
+    left.crd("events", "Event")?;
+    let ns = namespace(w, "routes-events")?;
+    left.policy(cluster_policy(
+        "e2e-routes-corners",
+        "RequireApproval",
+        json!([
+            rule(
+                "kube-system-config",
+                &["DELETE"],
+                "",
+                "configmaps",
+                json!({"namespaces": ["kube-system"], "names": ["e2e-routes-*"]})
+            ),
+            rule("custom-events", &["DELETE"], "e2e.example.com", "events", json!({"namespaces": [ns]})),
+        ]),
+    ))?;
+    left.apply(&json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "e2e-routes-guarded", "namespace": "kube-system"}}))?;
+    refused_by(
+        kubectl(w, &w.agent, &["delete", "configmap", "e2e-routes-guarded", "-n", "kube-system"]),
+        "deleting a guarded ConfigMap in kube-system",
+        "e2e-routes-corners",
+        "kube-system-config",
+    )?;
+    ensure!(
+        exists(w, &["configmap", "e2e-routes-guarded", "-n", "kube-system"]),
+        "the kube-system ConfigMap is gone"
+    );
+
+    create(
+        w,
+        &json!({"apiVersion": "e2e.example.com/v1", "kind": "Event",
+            "metadata": {"name": "launch", "namespace": ns}}),
+    )?;
+    refused_by(
+        kubectl(w, &w.agent, &["delete", "events.e2e.example.com", "launch", "-n", &ns]),
+        "deleting a guarded custom resource named `events`",
+        "e2e-routes-corners",
+        "custom-events",
+    )?;
+    ensure!(exists(w, &["events.e2e.example.com", "launch", "-n", &ns]), "the custom Event is gone");
+    Ok(())
+}
+
+/// Changes to the agents webhook's objectSelector, failurePolicy and timeoutSeconds (which
+/// Kubernetes never sends to a webhook) are undone by agentguard within seconds, with a Warning.
+pub fn tampering_is_restored(w: &World) -> Result<()> {
+    let vwc = object(w, &["validatingwebhookconfiguration", "agentguard"])?;
+    let index = vwc["webhooks"]
+        .as_array()
+        .and_then(|hooks| hooks.iter().position(|h| h["name"] == "agents.agentguard.io"))
+        .context("no agents.agentguard.io webhook")?;
+    let original = vwc["webhooks"][index].clone();
+    let timeout = if original["timeoutSeconds"] == 29 { 28 } else { 29 };
+    let mut took = Vec::new();
+    for (field, value) in [
+        ("objectSelector", json!({"matchLabels": {"e2e-routes": "never"}})),
+        ("failurePolicy", json!("Ignore")),
+        ("timeoutSeconds", json!(timeout)),
+    ] {
+        let path = format!("/webhooks/{index}/{field}");
+        let tamper = json!([{"op": "add", "path": path, "value": value}]).to_string();
+        admin(w, &["patch", "validatingwebhookconfiguration", "agentguard", "--type=json", "-p", &tamper])?;
+        let restored = wait_for(&format!("{field} restored"), Duration::from_secs(5), || {
+            Ok(object(w, &["validatingwebhookconfiguration", "agentguard"])?["webhooks"][index][field]
+                == original[field])
+        });
+        match restored {
+            Ok(after) => took.push(format!("{field} {:.1}s", after.as_secs_f64())),
+            Err(e) => {
+                // Put it back, so that the scenarios after this one still run guarded.
+                let back = match &original[field] {
+                    Value::Null => json!([{"op": "remove", "path": path}]),
+                    value => json!([{"op": "add", "path": path, "value": value}]),
+                };
+                admin(
+                    w,
+                    &[
+                        "patch",
+                        "validatingwebhookconfiguration",
+                        "agentguard",
+                        "--type=json",
+                        "-p",
+                        &back.to_string(),
+                    ],
+                )?;
+                bail!("agentguard left the tampered {field} in place: {e:#}");
+            }
+        }
+    }
+    let warned = wait_for("a Warning Event about the tampering", Duration::from_secs(10), || {
+        let events = admin(
+            w,
+            &[
+                "get",
+                "events.events.k8s.io",
+                "-A",
+                "-o",
+                "jsonpath={range .items[*]}{.type}/{.reason}{\"\\n\"}{end}",
+            ],
+        )?;
+        Ok(events.lines().any(|l| l.starts_with("Warning/") && l.contains(TAMPER_REASON)))
+    });
+    warned?;
+    println!("  restored: {}", took.join(", "));
+    Ok(())
+}
+
+/// `pods/eviction` of a guarded Pod is judged as the Pod's DELETE (the agent: `edit`).
+pub fn eviction_is_a_delete(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-eviction")?;
+    left.policy(cluster_policy(
+        "e2e-routes-eviction",
+        "RequireApproval",
+        json!([rule("pods", &["DELETE"], "", "pods", json!({"namespaces": [ns]}))]),
+    ))?;
+    pod(w, &ns, "worker")?;
+    let eviction = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "worker", "namespace": ns}});
+    refused_by(
+        w.plane.kubectl_stdin(
+            &w.editor,
+            &["create", "--raw", &format!("/api/v1/namespaces/{ns}/pods/worker/eviction"), "-f", "-"],
+            Some(&eviction.to_string()),
+        ),
+        "evicting a guarded Pod",
+        "e2e-routes-eviction",
+        "pods",
+    )?;
+    ensure!(exists(w, &["pod", "worker", "-n", &ns]), "the evicted Pod is gone");
+    Ok(())
+}
+
+/// Removing the finalizers of an object being deleted completes its DELETE: judged as that
+/// DELETE (the agent: `edit`).
+pub fn finalizers_complete_a_delete(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-finalizers")?;
+    left.policy(cluster_policy(
+        "e2e-routes-finalizers",
+        "RequireApproval",
+        json!([rule(
+            "held-config",
+            &["DELETE"],
+            "",
+            "configmaps",
+            json!({"namespaces": [ns], "names": ["held"]})
+        )]),
+    ))?;
+    create(
+        w,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "held", "namespace": ns, "finalizers": ["e2e.example.com/hold"]}}),
+    )?;
+    admin(w, &["delete", "configmap", "held", "-n", &ns, "--wait=false"])?;
+    ensure!(
+        !object(w, &["configmap", "held", "-n", &ns])?["metadata"]["deletionTimestamp"].is_null(),
+        "the admin's delete did not mark the ConfigMap as being deleted"
+    );
+    let result = refused_by(
+        kubectl(
+            w,
+            &w.editor,
+            &[
+                "patch",
+                "configmap",
+                "held",
+                "-n",
+                &ns,
+                "--type=json",
+                "-p",
+                r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+            ],
+        ),
+        "removing the finalizers of a guarded ConfigMap being deleted",
+        "e2e-routes-finalizers",
+        "held-config",
+    )
+    .and_then(|_| {
+        let meta = object(w, &["configmap", "held", "-n", &ns])?["metadata"].clone();
+        ensure!(meta["finalizers"] == json!(["e2e.example.com/hold"]), "the finalizers changed: {meta}");
+        Ok(())
+    });
+    // Let the admin's delete finish either way.
+    let _ = kubectl(
+        w,
+        &w.plane.admin,
+        &[
+            "patch",
+            "configmap",
+            "held",
+            "-n",
+            &ns,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ],
+    );
+    result
+}
+
+/// Deleting an unguarded owner whose dependents (directly, or two levels down) a DELETE rule
+/// guards is refused, and the real garbage collector — seen collecting an unguarded dependent
+/// in the same namespace — leaves them; with `--cascade=orphan` the owner goes and the
+/// dependent stays (the agent: `edit`).
+pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-cascade")?;
+    left.policy(cluster_policy(
+        "e2e-routes-cascade",
+        "RequireApproval",
+        json!([rule(
+            "dependents",
+            &["DELETE"],
+            "",
+            "configmaps",
+            json!({"namespaces": [ns], "names": ["dependent*"]})
+        )]),
+    ))?;
+    let owner = configmap(w, &ns, "owner", None)?;
+    configmap(w, &ns, "dependent", Some(("owner", &owner)))?;
+    let root = configmap(w, &ns, "root", None)?;
+    let middle = configmap(w, &ns, "middle", Some(("root", &root)))?;
+    configmap(w, &ns, "dependent-deep", Some(("middle", &middle)))?;
+    let control = configmap(w, &ns, "control-owner", None)?;
+    configmap(w, &ns, "control-dependent", Some(("control-owner", &control)))?;
+
+    refused_by(
+        kubectl(w, &w.editor, &["delete", "configmap", "owner", "-n", &ns]),
+        "deleting the owner of a guarded dependent",
+        "e2e-routes-cascade",
+        "dependents",
+    )?;
+    refused_by(
+        kubectl(w, &w.editor, &["delete", "configmap", "root", "-n", &ns]),
+        "deleting the owner of the owner of a guarded dependent",
+        "e2e-routes-cascade",
+        "dependents",
+    )?;
+    // The garbage collector is at work here: the admin's delete of the control owner takes its
+    // dependent with it.
+    admin(w, &["delete", "configmap", "control-owner", "-n", &ns])?;
+    let collected = wait_for("the garbage collector collecting an unguarded dependent", GC_WAIT, || {
+        Ok(!exists(w, &["configmap", "control-dependent", "-n", &ns]))
+    })?;
+    for name in ["owner", "dependent", "root", "middle", "dependent-deep"] {
+        ensure!(exists(w, &["configmap", name, "-n", &ns]), "{name} is gone");
+    }
+
+    accepts(
+        kubectl(w, &w.editor, &["delete", "configmap", "owner", "-n", &ns, "--cascade=orphan"]),
+        "deleting the owner, orphaning its dependents",
+    )?;
+    wait_for("the orphaning delete finished", GC_WAIT, || {
+        Ok(!exists(w, &["configmap", "owner", "-n", &ns]))
+    })?;
+    let meta = object(w, &["configmap", "dependent", "-n", &ns])?["metadata"].clone();
+    ensure!(meta["ownerReferences"].is_null(), "the orphaned dependent still has owners: {meta}");
+    println!("  the garbage collector collected the control dependent in {:.1}s", collected.as_secs_f64());
+    Ok(())
+}
+
+/// Deleting a Namespace that holds a guarded object, or a CRD whose custom resources are
+/// guarded, is refused (the agent: cluster-admin).
+pub fn namespace_and_crd_cascades_are_judged(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    // Named outside `e2e-*`, which the world's e2e-namespaces policy guards as a whole.
+    let doomed = "routes-doomed";
+    admin(w, &["create", "namespace", doomed])?;
+    left.crd("widgets", "Widget")?;
+    let ns = namespace(w, "routes-widgets")?;
+    left.policy(cluster_policy(
+        "e2e-routes-contents",
+        "RequireApproval",
+        json!([
+            rule(
+                "precious-config",
+                &["DELETE"],
+                "",
+                "configmaps",
+                json!({"namespaces": [doomed], "names": ["precious"]})
+            ),
+            rule(
+                "precious-widgets",
+                &["DELETE"],
+                "e2e.example.com",
+                "widgets",
+                json!({"names": ["precious"]})
+            ),
+        ]),
+    ))?;
+    configmap(w, doomed, "precious", None)?;
+    create(
+        w,
+        &json!({"apiVersion": "e2e.example.com/v1", "kind": "Widget",
+            "metadata": {"name": "precious", "namespace": ns}}),
+    )?;
+
+    refused_by(
+        kubectl(w, &w.agent, &["delete", "namespace", doomed, "--wait=false"]),
+        "deleting a Namespace holding a guarded ConfigMap",
+        "e2e-routes-contents",
+        "precious-config",
+    )?;
+    let phase = object(w, &["namespace", doomed])?["status"]["phase"].clone();
+    ensure!(phase == "Active", "the namespace is {phase}");
+    ensure!(exists(w, &["configmap", "precious", "-n", doomed]), "the guarded ConfigMap is gone");
+
+    refused_by(
+        kubectl(w, &w.agent, &["delete", "crd", "widgets.e2e.example.com", "--wait=false"]),
+        "deleting a CRD whose custom resources are guarded",
+        "e2e-routes-contents",
+        "precious-widgets",
+    )?;
+    let crd = object(w, &["crd", "widgets.e2e.example.com"])?;
+    ensure!(crd["metadata"]["deletionTimestamp"].is_null(), "the CRD is being deleted");
+    ensure!(exists(w, &["widgets.e2e.example.com", "precious", "-n", &ns]), "the guarded Widget is gone");
+    Ok(())
+}
+
+/// Changes that arm a controller to delete later are judged as the deletion they arm: PVC
+/// retention, a PV's reclaim policy, a rewritten ownerReference, the cloud controllers'
+/// deletion policies. Changes beside them that arm nothing are admitted.
+pub fn arming_a_deletion_is_judged(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-arming")?;
+    left.policy(cluster_policy(
+        "e2e-routes-arming",
+        "RequireApproval",
+        json!([
+            rule("claims", &["DELETE"], "", "persistentvolumeclaims", json!({"namespaces": [ns]})),
+            rule("volumes", &["DELETE"], "", "persistentvolumes", json!({"names": ["e2e-routes-*"]})),
+            rule("config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]})),
+        ]),
+    ))?;
+
+    create(
+        w,
+        &json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": ns},
+        "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+            "template": {"metadata": {"labels": {"app": "db"}},
+                "spec": {"containers": [{"name": "db", "image": "postgres:17"}]}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec":
+                {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}}),
+    )?;
+    accepts(
+        kubectl(w, &w.editor, &["label", "statefulset", "db", "-n", &ns, "e2e-routes=checked"]),
+        "a StatefulSet change that arms nothing",
+    )?;
+    refused_by(
+        kubectl(
+            w,
+            &w.editor,
+            &[
+                "patch",
+                "statefulset",
+                "db",
+                "-n",
+                &ns,
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"persistentVolumeClaimRetentionPolicy":{"whenDeleted":"Delete"}}}"#,
+            ],
+        ),
+        "arming a StatefulSet to delete its guarded PVCs",
+        "e2e-routes-arming",
+        "claims",
+    )?;
+    let retention =
+        object(w, &["statefulset", "db", "-n", &ns])?["spec"]["persistentVolumeClaimRetentionPolicy"].clone();
+    ensure!(retention["whenDeleted"] == "Retain", "the retention policy changed: {retention}");
+
+    left.apply(
+        &json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "e2e-routes-pv"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "e2e-routes-none", "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": "/tmp/e2e-routes"}}}),
+    )?;
+    refused_by(
+        kubectl(
+            w,
+            &w.agent,
+            &[
+                "patch",
+                "pv",
+                "e2e-routes-pv",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"persistentVolumeReclaimPolicy":"Delete"}}"#,
+            ],
+        ),
+        "arming a guarded PV to be deleted with its claim",
+        "e2e-routes-arming",
+        "volumes",
+    )?;
+    let reclaim = object(w, &["pv", "e2e-routes-pv"])?["spec"]["persistentVolumeReclaimPolicy"].clone();
+    ensure!(reclaim == "Retain", "the reclaim policy changed: {reclaim}");
+
+    let parent = configmap(w, &ns, "parent", None)?;
+    let other = configmap(w, &ns, "other", None)?;
+    configmap(w, &ns, "child", Some(("parent", &parent)))?;
+    let rewrite = json!([
+        {"op": "replace", "path": "/metadata/ownerReferences/0/name", "value": "other"},
+        {"op": "replace", "path": "/metadata/ownerReferences/0/uid", "value": other},
+    ]);
+    refused_by(
+        kubectl(
+            w,
+            &w.editor,
+            &["patch", "configmap", "child", "-n", &ns, "--type=json", "-p", &rewrite.to_string()],
+        ),
+        "rewriting a guarded object's ownerReference",
+        "e2e-routes-arming",
+        "config",
+    )?;
+    let owners = object(w, &["configmap", "child", "-n", &ns])?["metadata"]["ownerReferences"].clone();
+    ensure!(owners[0]["name"] == "parent", "the ownerReference changed: {owners}");
+
+    create(
+        w,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bucket", "namespace": ns,
+        "annotations": {"cnrm.cloud.google.com/deletion-policy": "abandon"}}}),
+    )?;
+    configmap(w, &ns, "table", None)?;
+    accepts(
+        kubectl(w, &w.editor, &["annotate", "configmap", "table", "-n", &ns, "e2e-routes/note=unrelated"]),
+        "an annotation that arms nothing",
+    )?;
+    refused_by(
+        kubectl(
+            w,
+            &w.editor,
+            &["annotate", "configmap", "table", "-n", &ns, "services.k8s.aws/deletion-policy=delete"],
+        ),
+        "setting ACK's deletion policy to delete on a guarded object",
+        "e2e-routes-arming",
+        "config",
+    )?;
+    refused_by(
+        kubectl(
+            w,
+            &w.editor,
+            &["annotate", "configmap", "bucket", "-n", &ns, "cnrm.cloud.google.com/deletion-policy-"],
+        ),
+        "removing Config Connector's abandon deletion policy from a guarded object",
+        "e2e-routes-arming",
+        "config",
+    )?;
+    let table = object(w, &["configmap", "table", "-n", &ns])?["metadata"]["annotations"].clone();
+    ensure!(table["services.k8s.aws/deletion-policy"].is_null(), "ACK's deletion policy was set: {table}");
+    let bucket = object(w, &["configmap", "bucket", "-n", &ns])?["metadata"]["annotations"].clone();
+    ensure!(
+        bucket["cnrm.cloud.google.com/deletion-policy"] == "abandon",
+        "the abandon policy is gone: {bucket}"
+    );
+    Ok(())
+}
+
+/// A policy may guard CONNECT to `pods/exec`: admission runs before the API server dials the
+/// kubelet, so the agent's `kubectl exec` is refused by agentguard (the agent: `edit`).
+pub fn connect_can_be_guarded(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-exec")?;
+    left.policy(cluster_policy(
+        "e2e-routes-exec",
+        "RequireApproval",
+        json!([rule("exec", &["CONNECT"], "", "pods/exec", json!({"namespaces": [ns]}))]),
+    ))?;
+    pod(w, &ns, "db")?;
+    refused_by(
+        kubectl(w, &w.editor, &["exec", "db", "-n", &ns, "--", "rm", "-rf", "/var/lib/postgresql/data"]),
+        "kubectl exec into a guarded Pod",
+        "e2e-routes-exec",
+        "exec",
+    )?;
+    Ok(())
+}
+
+/// Policy subjects cannot be turned against the cluster: an AgentPolicy naming every
+/// authenticated user or another namespace's ServiceAccount, and a ClusterAgentPolicy naming a
+/// reserved user, are refused at apply time. Applied with a server-side dry run: should one be
+/// admitted, it is not stored (it would make the admin an agent).
+pub fn policy_subjects_are_confined(w: &World) -> Result<()> {
+    let ns = namespace(w, "routes-subjects")?;
+    let spec = |subjects: Value| {
+        json!({"action": "Allow", "mode": "Audit", "subjects": subjects,
+            "rules": [rule("any", &["DELETE"], "", "configmaps", json!({}))]})
+    };
+    let namespaced = |subjects: Value| {
+        json!({"apiVersion": "agentguard.io/v1alpha1", "kind": "AgentPolicy",
+            "metadata": {"name": "e2e-routes-subjects", "namespace": ns}, "spec": spec(subjects)})
+    };
+    let cluster = |subjects: Value| {
+        json!({"apiVersion": "agentguard.io/v1alpha1", "kind": "ClusterAgentPolicy",
+            "metadata": {"name": "e2e-routes-subjects"}, "spec": spec(subjects)})
+    };
+    let dry_run = |policy: &Value| {
+        w.plane.kubectl_stdin(
+            &w.plane.admin,
+            &["apply", "--dry-run=server", "-f", "-"],
+            Some(&policy.to_string()),
+        )
+    };
+    for (what, policy, value) in [
+        (
+            "an AgentPolicy naming every authenticated user",
+            namespaced(json!({"groups": ["system:authenticated"]})),
+            "system:authenticated",
+        ),
+        (
+            "an AgentPolicy naming another namespace's ServiceAccount",
+            namespaced(json!({"usernames": ["system:serviceaccount:agents:x"]})),
+            "system:serviceaccount:agents:x",
+        ),
+        (
+            "a ClusterAgentPolicy naming system:masters",
+            cluster(json!({"usernames": ["system:masters"]})),
+            "system:masters",
+        ),
+        (
+            "a ClusterAgentPolicy naming system:anonymous",
+            cluster(json!({"usernames": ["system:anonymous"]})),
+            "system:anonymous",
+        ),
+        (
+            "a ClusterAgentPolicy naming the group system:masters",
+            cluster(json!({"groups": ["system:masters"]})),
+            "system:masters",
+        ),
+    ] {
+        let out = dry_run(&policy);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        ensure!(!out.status.success(), "{what} was admitted");
+        ensure!(
+            stderr.contains("subjects") || stderr.contains(value),
+            "{what} was refused, but not for its subjects: {stderr}"
+        );
+    }
+    accepts(
+        dry_run(&namespaced(json!({"usernames": [format!("system:serviceaccount:{ns}:bot")]}))),
+        "an AgentPolicy naming a ServiceAccount of its own namespace",
+    )?;
+    Ok(())
+}
+
+/// A churn budget counted per agent namespace is not reset by acting as a fresh ServiceAccount
+/// of that namespace: the third delete, by a third new ServiceAccount, is refused.
+pub fn churn_counts_per_agent_namespace(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-churn")?;
+    admin(w, &["label", "namespace", &ns, "agentguard.io/agent-namespace=true"])?;
+    let group = format!("--group=system:serviceaccounts:{ns}");
+    admin(w, &["create", "rolebinding", "edit-everyone", "-n", &ns, "--clusterrole=edit", &group])?;
+    let mut policy = cluster_policy(
+        "e2e-routes-churn",
+        "Allow",
+        json!([rule("churn", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]}))]),
+    );
+    policy["spec"]["churnLimit"] = json!({"maxOperations": 2, "window": "10m", "scope": "perNamespace"});
+    left.policy(policy)?;
+    for i in 0..3 {
+        configmap(w, &ns, &format!("c{i}"), None)?;
+    }
+    for i in 0..3 {
+        let sa = format!("worker-{i}");
+        admin(w, &["create", "serviceaccount", &sa, "-n", &ns])?;
+        let kubeconfig = w.plane.service_account_kubeconfig(&ns, &sa)?;
+        let delete = kubectl(w, &kubeconfig, &["delete", "configmap", &format!("c{i}"), "-n", &ns]);
+        if i < 2 {
+            accepts(delete, &format!("delete {} by a fresh ServiceAccount, within the budget", i + 1))?;
+        } else {
+            rejects(delete, "the third delete, by a third fresh ServiceAccount", "churn limit")?;
+        }
+    }
+    ensure!(exists(w, &["configmap", "c2", "-n", &ns]), "c2 is gone");
+    Ok(())
+}
