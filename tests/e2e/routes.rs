@@ -130,8 +130,7 @@ fn apply(w: &World, object: &Value) -> Result<()> {
 
 /// The object `kubectl get ARGS` names, as the admin sees it.
 fn object(w: &World, args: &[&str]) -> Result<Value> {
-    let mut args = args.to_vec();
-    args.extend(["-o", "json"]);
+    let args = [&["get"][..], args, &["-o", "json"]].concat();
     let out = w.plane.kubectl(&w.plane.admin, &args);
     ensure!(out.status.success(), "kubectl get {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(serde_json::from_slice(&out.stdout)?)
@@ -205,6 +204,29 @@ fn pod(w: &World, ns: &str, name: &str) -> Result<()> {
     .map(drop)
 }
 
+/// The routes of one class, each tried even when one before it is open, so that one run reports
+/// every open route.
+#[derive(Default)]
+struct Routes {
+    tried: usize,
+    open: Vec<String>,
+}
+
+impl Routes {
+    fn check(&mut self, route: &str, attempt: impl FnOnce() -> Result<()>) {
+        self.tried += 1;
+        if let Err(e) = attempt() {
+            self.open.push(format!("{route}: {e:#}"));
+        }
+    }
+
+    fn done(self) -> Result<()> {
+        let Self { tried, open } = self;
+        ensure!(open.is_empty(), "{} of {tried} routes not closed:\n  {}", open.len(), open.join("\n  "));
+        Ok(())
+    }
+}
+
 /// Writes through `/status` store metadata: unmarking an agent namespace, relabelling a
 /// Deployment out of an objectSelector, adding an owner to a guarded PVC and relabelling a
 /// Namespace out of a namespaceSelector are each refused (the agent: cluster-admin, which any
@@ -216,6 +238,7 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
     let selected = namespace(w, "routes-status-selected")?;
     admin(w, &["label", "namespace", &selected, "e2e-routes-status=guarded"])?;
     let ns = namespace(w, "routes-status")?;
+    // Deny, so that it decides over the world's e2e-workloads policy should that one match too.
     left.policy(cluster_policy(
         "e2e-routes-status",
         "Deny",
@@ -237,20 +260,6 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
             ),
         ]),
     ))?;
-
-    let unmark = r#"{"metadata":{"labels":{"agentguard.io/agent-namespace":null}}}"#;
-    rejects(
-        kubectl(
-            w,
-            &w.agent,
-            &["patch", "namespace", &marked, "--subresource=status", "--type=merge", "-p", unmark],
-        ),
-        "unmarking an agent namespace through namespaces/status",
-        "built-in rule \"agent-namespace-label\"",
-    )?;
-    let labels = &object(w, &["namespace", &marked])?["metadata"]["labels"];
-    ensure!(labels["agentguard.io/agent-namespace"] == "true", "the agent-namespace label is gone: {labels}");
-
     create(
         w,
         &json!({"apiVersion": "apps/v1", "kind": "Deployment",
@@ -259,21 +268,6 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
                 "template": {"metadata": {"labels": {"app": "db"}},
                     "spec": {"containers": [{"name": "db", "image": "postgres:17"}]}}}}),
     )?;
-    let relabel = r#"{"metadata":{"labels":{"e2e-routes":null}}}"#;
-    let denial = refused_by(
-        kubectl(
-            w,
-            &w.agent,
-            &["patch", "deployment", "db", "-n", &ns, "--subresource=status", "--type=merge", "-p", relabel],
-        ),
-        "relabelling a Deployment out of an objectSelector through deployments/status",
-        "e2e-routes-status",
-        "tier-db",
-    )?;
-    ensure!(denial.contains("objectSelector"), "the refusal does not name the objectSelector: {denial}");
-    let labels = &object(w, &["deployment", "db", "-n", &ns])?["metadata"]["labels"];
-    ensure!(labels["e2e-routes"] == "guarded", "the Deployment was relabelled: {labels}");
-
     create(
         w,
         &json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
@@ -281,49 +275,72 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
     )?;
     let owner = configmap(w, &ns, "owner", None)?;
-    let own = json!({"metadata": {"ownerReferences":
-        [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner}]}});
-    refused_by(
-        kubectl(
-            w,
-            &w.agent,
-            &[
-                "patch",
-                "pvc",
-                "data",
-                "-n",
-                &ns,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &own.to_string(),
-            ],
-        ),
-        "adding an owner to a guarded PVC through persistentvolumeclaims/status",
-        "e2e-routes-status",
-        "claims",
-    )?;
-    let meta = &object(w, &["pvc", "data", "-n", &ns])?["metadata"];
-    ensure!(meta["ownerReferences"].is_null(), "the PVC got an owner: {meta}");
+    let status_patch = |kind: &str, name: &str, ns: Option<&str>, patch: &str| {
+        let mut args = vec!["patch", kind, name, "--subresource=status", "--type=merge", "-p", patch];
+        if let Some(ns) = ns {
+            args.extend(["-n", ns]);
+        }
+        kubectl(w, &w.agent, &args)
+    };
 
-    let unselect = r#"{"metadata":{"labels":{"e2e-routes-status":null}}}"#;
-    let denial = refused_by(
-        kubectl(
-            w,
-            &w.agent,
-            &["patch", "namespace", &selected, "--subresource=status", "--type=merge", "-p", unselect],
-        ),
-        "relabelling a Namespace out of a namespaceSelector through namespaces/status",
-        "e2e-routes-status",
-        "selected-config",
-    )?;
-    ensure!(
-        denial.contains("namespaceSelector"),
-        "the refusal does not name the namespaceSelector: {denial}"
-    );
-    let labels = &object(w, &["namespace", &selected])?["metadata"]["labels"];
-    ensure!(labels["e2e-routes-status"] == "guarded", "the Namespace was relabelled: {labels}");
-    Ok(())
+    let mut routes = Routes::default();
+    routes.check("namespaces/status unmarking an agent namespace", || {
+        let unmark = r#"{"metadata":{"labels":{"agentguard.io/agent-namespace":null}}}"#;
+        rejects(
+            status_patch("namespace", &marked, None, unmark),
+            "unmarking an agent namespace through namespaces/status",
+            "built-in rule \"agent-namespace-label\"",
+        )?;
+        let labels = &object(w, &["namespace", &marked])?["metadata"]["labels"];
+        ensure!(labels["agentguard.io/agent-namespace"] == "true", "the label is gone: {labels}");
+        Ok(())
+    });
+    routes.check("deployments/status relabelling out of an objectSelector", || {
+        let denial = refused_by(
+            status_patch("deployment", "db", Some(&ns), r#"{"metadata":{"labels":{"e2e-routes":null}}}"#),
+            "relabelling a Deployment out of an objectSelector through deployments/status",
+            "e2e-routes-status",
+            "tier-db",
+        )?;
+        ensure!(denial.contains("objectSelector"), "the refusal does not name the objectSelector: {denial}");
+        let labels = &object(w, &["deployment", "db", "-n", &ns])?["metadata"]["labels"];
+        ensure!(labels["e2e-routes"] == "guarded", "the Deployment was relabelled: {labels}");
+        Ok(())
+    });
+    routes.check("persistentvolumeclaims/status adding an owner", || {
+        let own = json!({"metadata": {"ownerReferences":
+            [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner}]}});
+        refused_by(
+            status_patch("pvc", "data", Some(&ns), &own.to_string()),
+            "adding an owner to a guarded PVC through persistentvolumeclaims/status",
+            "e2e-routes-status",
+            "claims",
+        )?;
+        let meta = &object(w, &["pvc", "data", "-n", &ns])?["metadata"];
+        ensure!(meta["ownerReferences"].is_null(), "the PVC got an owner: {meta}");
+        Ok(())
+    });
+    routes.check("namespaces/status relabelling out of a namespaceSelector", || {
+        let denial = refused_by(
+            status_patch(
+                "namespace",
+                &selected,
+                None,
+                r#"{"metadata":{"labels":{"e2e-routes-status":null}}}"#,
+            ),
+            "relabelling a Namespace out of a namespaceSelector through namespaces/status",
+            "e2e-routes-status",
+            "selected-config",
+        )?;
+        ensure!(
+            denial.contains("namespaceSelector"),
+            "the refusal does not name the namespaceSelector: {denial}"
+        );
+        let labels = &object(w, &["namespace", &selected])?["metadata"]["labels"];
+        ensure!(labels["e2e-routes-status"] == "guarded", "the Namespace was relabelled: {labels}");
+        Ok(())
+    });
+    routes.done()
 }
 
 /// agentguard's own namespace, kube-system and a custom resource whose plural is `events` are
@@ -332,29 +349,6 @@ pub fn no_unguarded_corners(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
     left.apply(&json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "e2e-routes-probe", "namespace": "agentguard-system"}, "data": {"k": "v"}}))?;
-    for (what, args) in [
-        (
-            "patching a ConfigMap in agentguard's namespace",
-            vec![
-                "patch",
-                "configmap",
-                "e2e-routes-probe",
-                "-n",
-                "agentguard-system",
-                "-p",
-                r#"{"data":{"k":"w"}}"#,
-            ],
-        ),
-        (
-            "deleting a ConfigMap in agentguard's namespace",
-            vec!["delete", "configmap", "e2e-routes-probe", "-n", "agentguard-system"],
-        ),
-    ] {
-        rejects(kubectl(w, &w.agent, &args), what, "built-in rule \"agentguard-self\"")?;
-    }
-    let probe = object(w, &["configmap", "e2e-routes-probe", "-n", "agentguard-system"])?;
-    ensure!(probe["data"]["k"] == "v", "the ConfigMap in agentguard's namespace changed: {}", probe["data"]);
-
     left.crd("events", "Event")?;
     let ns = namespace(w, "routes-events")?;
     left.policy(cluster_policy(
@@ -373,30 +367,50 @@ pub fn no_unguarded_corners(w: &World) -> Result<()> {
     ))?;
     left.apply(&json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "e2e-routes-guarded", "namespace": "kube-system"}}))?;
-    refused_by(
-        kubectl(w, &w.agent, &["delete", "configmap", "e2e-routes-guarded", "-n", "kube-system"]),
-        "deleting a guarded ConfigMap in kube-system",
-        "e2e-routes-corners",
-        "kube-system-config",
-    )?;
-    ensure!(
-        exists(w, &["configmap", "e2e-routes-guarded", "-n", "kube-system"]),
-        "the kube-system ConfigMap is gone"
-    );
-
     create(
         w,
         &json!({"apiVersion": "e2e.example.com/v1", "kind": "Event",
             "metadata": {"name": "launch", "namespace": ns}}),
     )?;
-    refused_by(
-        kubectl(w, &w.agent, &["delete", "events.e2e.example.com", "launch", "-n", &ns]),
-        "deleting a guarded custom resource named `events`",
-        "e2e-routes-corners",
-        "custom-events",
-    )?;
-    ensure!(exists(w, &["events.e2e.example.com", "launch", "-n", &ns]), "the custom Event is gone");
-    Ok(())
+
+    let mut routes = Routes::default();
+    routes.check("agentguard's namespace", || {
+        let probe = ["configmap", "e2e-routes-probe", "-n", "agentguard-system"];
+        rejects(
+            kubectl(w, &w.agent, &[&["patch"][..], &probe, &["-p", r#"{"data":{"k":"w"}}"#]].concat()),
+            "patching a ConfigMap in agentguard's namespace",
+            "built-in rule \"agentguard-self\"",
+        )?;
+        rejects(
+            kubectl(w, &w.agent, &[&["delete"][..], &probe].concat()),
+            "deleting a ConfigMap in agentguard's namespace",
+            "built-in rule \"agentguard-self\"",
+        )?;
+        let data = object(w, &probe)?["data"].clone();
+        ensure!(data["k"] == "v", "the ConfigMap in agentguard's namespace changed: {data}");
+        Ok(())
+    });
+    routes.check("kube-system", || {
+        refused_by(
+            kubectl(w, &w.agent, &["delete", "configmap", "e2e-routes-guarded", "-n", "kube-system"]),
+            "deleting a guarded ConfigMap in kube-system",
+            "e2e-routes-corners",
+            "kube-system-config",
+        )?;
+        ensure!(exists(w, &["configmap", "e2e-routes-guarded", "-n", "kube-system"]), "it is gone");
+        Ok(())
+    });
+    routes.check("a custom resource named events", || {
+        refused_by(
+            kubectl(w, &w.agent, &["delete", "events.e2e.example.com", "launch", "-n", &ns]),
+            "deleting a guarded custom resource named `events`",
+            "e2e-routes-corners",
+            "custom-events",
+        )?;
+        ensure!(exists(w, &["events.e2e.example.com", "launch", "-n", &ns]), "the custom Event is gone");
+        Ok(())
+    });
+    routes.done()
 }
 
 /// Changes to the agents webhook's objectSelector, failurePolicy and timeoutSeconds (which
@@ -409,6 +423,13 @@ pub fn tampering_is_restored(w: &World) -> Result<()> {
         .context("no agents.agentguard.io webhook")?;
     let original = vwc["webhooks"][index].clone();
     let timeout = if original["timeoutSeconds"] == 29 { 28 } else { 29 };
+    let patch = |ops: Value| {
+        admin(
+            w,
+            &["patch", "validatingwebhookconfiguration", "agentguard", "--type=json", "-p", &ops.to_string()],
+        )
+    };
+    let mut routes = Routes::default();
     let mut took = Vec::new();
     for (field, value) in [
         ("objectSelector", json!({"matchLabels": {"e2e-routes": "never"}})),
@@ -416,51 +437,49 @@ pub fn tampering_is_restored(w: &World) -> Result<()> {
         ("timeoutSeconds", json!(timeout)),
     ] {
         let path = format!("/webhooks/{index}/{field}");
-        let tamper = json!([{"op": "add", "path": path, "value": value}]).to_string();
-        admin(w, &["patch", "validatingwebhookconfiguration", "agentguard", "--type=json", "-p", &tamper])?;
-        let restored = wait_for(&format!("{field} restored"), Duration::from_secs(5), || {
-            Ok(object(w, &["validatingwebhookconfiguration", "agentguard"])?["webhooks"][index][field]
-                == original[field])
-        });
-        match restored {
-            Ok(after) => took.push(format!("{field} {:.1}s", after.as_secs_f64())),
-            Err(e) => {
-                // Put it back, so that the scenarios after this one still run guarded.
-                let back = match &original[field] {
-                    Value::Null => json!([{"op": "remove", "path": path}]),
-                    value => json!([{"op": "add", "path": path, "value": value}]),
-                };
-                admin(
-                    w,
-                    &[
-                        "patch",
-                        "validatingwebhookconfiguration",
-                        "agentguard",
-                        "--type=json",
-                        "-p",
-                        &back.to_string(),
-                    ],
-                )?;
-                bail!("agentguard left the tampered {field} in place: {e:#}");
+        routes.check(&format!("a changed {field}"), || {
+            patch(json!([{"op": "add", "path": path, "value": value}]))?;
+            let restored = wait_for(&format!("{field} restored"), Duration::from_secs(5), || {
+                let live = object(w, &["validatingwebhookconfiguration", "agentguard"])?;
+                Ok(live["webhooks"][index][field] == original[field])
+            });
+            match restored {
+                Ok(after) => {
+                    took.push(format!("{field} in {:.1}s", after.as_secs_f64()));
+                    ensure!(after < Duration::from_secs(3), "restored only after {after:?}");
+                    Ok(())
+                }
+                Err(e) => {
+                    // Put it back, so that the scenarios after this one still run guarded.
+                    patch(match &original[field] {
+                        Value::Null => json!([{"op": "remove", "path": path}]),
+                        value => json!([{"op": "add", "path": path, "value": value}]),
+                    })?;
+                    bail!("agentguard left it in place: {e:#}")
+                }
             }
-        }
+        });
     }
-    let warned = wait_for("a Warning Event about the tampering", Duration::from_secs(10), || {
-        let events = admin(
-            w,
-            &[
-                "get",
-                "events.events.k8s.io",
-                "-A",
-                "-o",
-                "jsonpath={range .items[*]}{.type}/{.reason}{\"\\n\"}{end}",
-            ],
-        )?;
-        Ok(events.lines().any(|l| l.starts_with("Warning/") && l.contains(TAMPER_REASON)))
+    routes.check("the alarm", || {
+        wait_for("a Warning Event about the tampering", Duration::from_secs(10), || {
+            let events = admin(
+                w,
+                &[
+                    "get",
+                    "events.events.k8s.io",
+                    "-A",
+                    "-o",
+                    "jsonpath={range .items[*]}{.type}/{.reason}{\"\\n\"}{end}",
+                ],
+            )?;
+            Ok(events.lines().any(|l| l.starts_with("Warning/") && l.contains(TAMPER_REASON)))
+        })
+        .map(drop)
     });
-    warned?;
-    println!("  restored: {}", took.join(", "));
-    Ok(())
+    if !took.is_empty() {
+        println!("  restored: {}", took.join(", "));
+    }
+    routes.done()
 }
 
 /// `pods/eviction` of a guarded Pod is judged as the Pod's DELETE (the agent: `edit`).
@@ -507,28 +526,16 @@ pub fn finalizers_complete_a_delete(w: &World) -> Result<()> {
     create(
         w,
         &json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "held", "namespace": ns, "finalizers": ["e2e.example.com/hold"]}}),
+            "metadata": {"name": "held", "namespace": ns, "finalizers": ["e2e.example.com/hold"]}}),
     )?;
     admin(w, &["delete", "configmap", "held", "-n", &ns, "--wait=false"])?;
     ensure!(
         !object(w, &["configmap", "held", "-n", &ns])?["metadata"]["deletionTimestamp"].is_null(),
         "the admin's delete did not mark the ConfigMap as being deleted"
     );
+    let unhold = r#"[{"op":"remove","path":"/metadata/finalizers"}]"#;
     let result = refused_by(
-        kubectl(
-            w,
-            &w.editor,
-            &[
-                "patch",
-                "configmap",
-                "held",
-                "-n",
-                &ns,
-                "--type=json",
-                "-p",
-                r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
-            ],
-        ),
+        kubectl(w, &w.editor, &["patch", "configmap", "held", "-n", &ns, "--type=json", "-p", unhold]),
         "removing the finalizers of a guarded ConfigMap being deleted",
         "e2e-routes-finalizers",
         "held-config",
@@ -539,26 +546,14 @@ pub fn finalizers_complete_a_delete(w: &World) -> Result<()> {
         Ok(())
     });
     // Let the admin's delete finish either way.
-    let _ = kubectl(
-        w,
-        &w.plane.admin,
-        &[
-            "patch",
-            "configmap",
-            "held",
-            "-n",
-            &ns,
-            "--type=merge",
-            "-p",
-            r#"{"metadata":{"finalizers":null}}"#,
-        ],
-    );
+    let _ =
+        kubectl(w, &w.plane.admin, &["patch", "configmap", "held", "-n", &ns, "--type=json", "-p", unhold]);
     result
 }
 
 /// Deleting an unguarded owner whose dependents (directly, or two levels down) a DELETE rule
 /// guards is refused, and the real garbage collector — seen collecting an unguarded dependent
-/// in the same namespace — leaves them; with `--cascade=orphan` the owner goes and the
+/// in the same namespace first — leaves them; with `--cascade=orphan` the owner goes and the
 /// dependent stays (the agent: `edit`).
 pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
@@ -579,42 +574,62 @@ pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
     let root = configmap(w, &ns, "root", None)?;
     let middle = configmap(w, &ns, "middle", Some(("root", &root)))?;
     configmap(w, &ns, "dependent-deep", Some(("middle", &middle)))?;
+    let orphaner = configmap(w, &ns, "orphaner", None)?;
+    configmap(w, &ns, "dependent-orphan", Some(("orphaner", &orphaner)))?;
     let control = configmap(w, &ns, "control-owner", None)?;
     configmap(w, &ns, "control-dependent", Some(("control-owner", &control)))?;
 
-    refused_by(
-        kubectl(w, &w.editor, &["delete", "configmap", "owner", "-n", &ns]),
-        "deleting the owner of a guarded dependent",
-        "e2e-routes-cascade",
-        "dependents",
-    )?;
-    refused_by(
-        kubectl(w, &w.editor, &["delete", "configmap", "root", "-n", &ns]),
-        "deleting the owner of the owner of a guarded dependent",
-        "e2e-routes-cascade",
-        "dependents",
-    )?;
     // The garbage collector is at work here: the admin's delete of the control owner takes its
-    // dependent with it.
+    // dependent with it. Refused cascades are then given twice that time (at least 5 s).
     admin(w, &["delete", "configmap", "control-owner", "-n", &ns])?;
     let collected = wait_for("the garbage collector collecting an unguarded dependent", GC_WAIT, || {
         Ok(!exists(w, &["configmap", "control-dependent", "-n", &ns]))
     })?;
-    for name in ["owner", "dependent", "root", "middle", "dependent-deep"] {
-        ensure!(exists(w, &["configmap", name, "-n", &ns]), "{name} is gone");
-    }
-
-    accepts(
-        kubectl(w, &w.editor, &["delete", "configmap", "owner", "-n", &ns, "--cascade=orphan"]),
-        "deleting the owner, orphaning its dependents",
-    )?;
-    wait_for("the orphaning delete finished", GC_WAIT, || {
-        Ok(!exists(w, &["configmap", "owner", "-n", &ns]))
-    })?;
-    let meta = object(w, &["configmap", "dependent", "-n", &ns])?["metadata"].clone();
-    ensure!(meta["ownerReferences"].is_null(), "the orphaned dependent still has owners: {meta}");
     println!("  the garbage collector collected the control dependent in {:.1}s", collected.as_secs_f64());
-    Ok(())
+    let grace = (collected * 2).max(Duration::from_secs(5));
+    let survives = |name: &str| -> Result<()> {
+        let gone = wait_for(name, grace, || Ok(!exists(w, &["configmap", name, "-n", &ns])));
+        ensure!(gone.is_err(), "the garbage collector deleted {name}");
+        Ok(())
+    };
+
+    // A refused cascade leaves the dependent in place; an admitted one is reported with what the
+    // garbage collector then did.
+    let cascade = |owner: &str, dependent: &str, what: &str| -> Result<()> {
+        let refused = refused_by(
+            kubectl(w, &w.editor, &["delete", "configmap", owner, "-n", &ns]),
+            what,
+            "e2e-routes-cascade",
+            "dependents",
+        );
+        match (refused, survives(dependent)) {
+            (Ok(_), survived) => survived,
+            (Err(e), Ok(())) => Err(e),
+            (Err(e), Err(gone)) => Err(e.context(gone)),
+        }
+    };
+
+    let mut routes = Routes::default();
+    routes.check("deleting the owner of a guarded dependent", || {
+        cascade("owner", "dependent", "deleting the owner of a guarded dependent")
+    });
+    routes.check("deleting the owner of the owner of a guarded dependent", || {
+        cascade("root", "dependent-deep", "deleting the owner of the owner of a guarded dependent")
+    });
+    routes.check("deleting the owner with --cascade=orphan is admitted", || {
+        accepts(
+            kubectl(w, &w.editor, &["delete", "configmap", "orphaner", "-n", &ns, "--cascade=orphan"]),
+            "deleting the owner, orphaning its dependents",
+        )?;
+        wait_for("the orphaning delete finished", GC_WAIT, || {
+            Ok(!exists(w, &["configmap", "orphaner", "-n", &ns]))
+        })?;
+        survives("dependent-orphan")?;
+        let meta = object(w, &["configmap", "dependent-orphan", "-n", &ns])?["metadata"].clone();
+        ensure!(meta["ownerReferences"].is_null(), "the orphaned dependent still has owners: {meta}");
+        Ok(())
+    });
+    routes.done()
 }
 
 /// Deleting a Namespace that holds a guarded object, or a CRD whose custom resources are
@@ -653,26 +668,32 @@ pub fn namespace_and_crd_cascades_are_judged(w: &World) -> Result<()> {
             "metadata": {"name": "precious", "namespace": ns}}),
     )?;
 
-    refused_by(
-        kubectl(w, &w.agent, &["delete", "namespace", doomed, "--wait=false"]),
-        "deleting a Namespace holding a guarded ConfigMap",
-        "e2e-routes-contents",
-        "precious-config",
-    )?;
-    let phase = object(w, &["namespace", doomed])?["status"]["phase"].clone();
-    ensure!(phase == "Active", "the namespace is {phase}");
-    ensure!(exists(w, &["configmap", "precious", "-n", doomed]), "the guarded ConfigMap is gone");
-
-    refused_by(
-        kubectl(w, &w.agent, &["delete", "crd", "widgets.e2e.example.com", "--wait=false"]),
-        "deleting a CRD whose custom resources are guarded",
-        "e2e-routes-contents",
-        "precious-widgets",
-    )?;
-    let crd = object(w, &["crd", "widgets.e2e.example.com"])?;
-    ensure!(crd["metadata"]["deletionTimestamp"].is_null(), "the CRD is being deleted");
-    ensure!(exists(w, &["widgets.e2e.example.com", "precious", "-n", &ns]), "the guarded Widget is gone");
-    Ok(())
+    let mut routes = Routes::default();
+    routes.check("deleting a Namespace holding a guarded object", || {
+        refused_by(
+            kubectl(w, &w.agent, &["delete", "namespace", doomed, "--wait=false"]),
+            "deleting a Namespace holding a guarded ConfigMap",
+            "e2e-routes-contents",
+            "precious-config",
+        )?;
+        let phase = object(w, &["namespace", doomed])?["status"]["phase"].clone();
+        ensure!(phase == "Active", "the namespace is {phase}");
+        ensure!(exists(w, &["configmap", "precious", "-n", doomed]), "the guarded ConfigMap is gone");
+        Ok(())
+    });
+    routes.check("deleting a CRD whose custom resources are guarded", || {
+        refused_by(
+            kubectl(w, &w.agent, &["delete", "crd", "widgets.e2e.example.com", "--wait=false"]),
+            "deleting a CRD whose custom resources are guarded",
+            "e2e-routes-contents",
+            "precious-widgets",
+        )?;
+        let crd = object(w, &["crd", "widgets.e2e.example.com"])?;
+        ensure!(crd["metadata"]["deletionTimestamp"].is_null(), "the CRD is being deleted");
+        ensure!(exists(w, &["widgets.e2e.example.com", "precious", "-n", &ns]), "the guarded Widget is gone");
+        Ok(())
+    });
+    routes.done()
 }
 
 /// Changes that arm a controller to delete later are judged as the deletion they arm: PVC
@@ -690,128 +711,151 @@ pub fn arming_a_deletion_is_judged(w: &World) -> Result<()> {
             rule("config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]})),
         ]),
     ))?;
-
     create(
         w,
         &json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": ns},
-        "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
-            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
-            "template": {"metadata": {"labels": {"app": "db"}},
-                "spec": {"containers": [{"name": "db", "image": "postgres:17"}]}},
-            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec":
-                {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}}),
+            "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
+                "template": {"metadata": {"labels": {"app": "db"}},
+                    "spec": {"containers": [{"name": "db", "image": "postgres:17"}]}},
+                "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec":
+                    {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}}),
     )?;
-    accepts(
-        kubectl(w, &w.editor, &["label", "statefulset", "db", "-n", &ns, "e2e-routes=checked"]),
-        "a StatefulSet change that arms nothing",
-    )?;
-    refused_by(
-        kubectl(
-            w,
-            &w.editor,
-            &[
-                "patch",
-                "statefulset",
-                "db",
-                "-n",
-                &ns,
-                "--type=merge",
-                "-p",
-                r#"{"spec":{"persistentVolumeClaimRetentionPolicy":{"whenDeleted":"Delete"}}}"#,
-            ],
-        ),
-        "arming a StatefulSet to delete its guarded PVCs",
-        "e2e-routes-arming",
-        "claims",
-    )?;
-    let retention =
-        object(w, &["statefulset", "db", "-n", &ns])?["spec"]["persistentVolumeClaimRetentionPolicy"].clone();
-    ensure!(retention["whenDeleted"] == "Retain", "the retention policy changed: {retention}");
-
     left.apply(
         &json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "e2e-routes-pv"},
         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
             "storageClassName": "e2e-routes-none", "persistentVolumeReclaimPolicy": "Retain",
             "hostPath": {"path": "/tmp/e2e-routes"}}}),
     )?;
-    refused_by(
-        kubectl(
-            w,
-            &w.agent,
-            &[
-                "patch",
-                "pv",
-                "e2e-routes-pv",
-                "--type=merge",
-                "-p",
-                r#"{"spec":{"persistentVolumeReclaimPolicy":"Delete"}}"#,
-            ],
-        ),
-        "arming a guarded PV to be deleted with its claim",
-        "e2e-routes-arming",
-        "volumes",
-    )?;
-    let reclaim = object(w, &["pv", "e2e-routes-pv"])?["spec"]["persistentVolumeReclaimPolicy"].clone();
-    ensure!(reclaim == "Retain", "the reclaim policy changed: {reclaim}");
-
     let parent = configmap(w, &ns, "parent", None)?;
     let other = configmap(w, &ns, "other", None)?;
     configmap(w, &ns, "child", Some(("parent", &parent)))?;
-    let rewrite = json!([
-        {"op": "replace", "path": "/metadata/ownerReferences/0/name", "value": "other"},
-        {"op": "replace", "path": "/metadata/ownerReferences/0/uid", "value": other},
-    ]);
-    refused_by(
-        kubectl(
-            w,
-            &w.editor,
-            &["patch", "configmap", "child", "-n", &ns, "--type=json", "-p", &rewrite.to_string()],
-        ),
-        "rewriting a guarded object's ownerReference",
-        "e2e-routes-arming",
-        "config",
-    )?;
-    let owners = object(w, &["configmap", "child", "-n", &ns])?["metadata"]["ownerReferences"].clone();
-    ensure!(owners[0]["name"] == "parent", "the ownerReference changed: {owners}");
-
     create(
         w,
         &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bucket", "namespace": ns,
-        "annotations": {"cnrm.cloud.google.com/deletion-policy": "abandon"}}}),
+            "annotations": {"cnrm.cloud.google.com/deletion-policy": "abandon"}}}),
     )?;
     configmap(w, &ns, "table", None)?;
-    accepts(
-        kubectl(w, &w.editor, &["annotate", "configmap", "table", "-n", &ns, "e2e-routes/note=unrelated"]),
-        "an annotation that arms nothing",
-    )?;
-    refused_by(
-        kubectl(
-            w,
-            &w.editor,
-            &["annotate", "configmap", "table", "-n", &ns, "services.k8s.aws/deletion-policy=delete"],
-        ),
-        "setting ACK's deletion policy to delete on a guarded object",
-        "e2e-routes-arming",
-        "config",
-    )?;
-    refused_by(
-        kubectl(
-            w,
-            &w.editor,
-            &["annotate", "configmap", "bucket", "-n", &ns, "cnrm.cloud.google.com/deletion-policy-"],
-        ),
-        "removing Config Connector's abandon deletion policy from a guarded object",
-        "e2e-routes-arming",
-        "config",
-    )?;
-    let table = object(w, &["configmap", "table", "-n", &ns])?["metadata"]["annotations"].clone();
-    ensure!(table["services.k8s.aws/deletion-policy"].is_null(), "ACK's deletion policy was set: {table}");
-    let bucket = object(w, &["configmap", "bucket", "-n", &ns])?["metadata"]["annotations"].clone();
-    ensure!(
-        bucket["cnrm.cloud.google.com/deletion-policy"] == "abandon",
-        "the abandon policy is gone: {bucket}"
-    );
-    Ok(())
+
+    let mut routes = Routes::default();
+    routes.check("changes that arm nothing are admitted", || {
+        accepts(
+            kubectl(w, &w.editor, &["label", "statefulset", "db", "-n", &ns, "e2e-routes=checked"]),
+            "a StatefulSet change that arms nothing",
+        )?;
+        accepts(
+            kubectl(
+                w,
+                &w.editor,
+                &["annotate", "configmap", "table", "-n", &ns, "e2e-routes/note=unrelated"],
+            ),
+            "an annotation that arms nothing",
+        )
+        .map(drop)
+    });
+    routes.check("StatefulSet PVC retention set to Delete", || {
+        refused_by(
+            kubectl(
+                w,
+                &w.editor,
+                &[
+                    "patch",
+                    "statefulset",
+                    "db",
+                    "-n",
+                    &ns,
+                    "--type=merge",
+                    "-p",
+                    r#"{"spec":{"persistentVolumeClaimRetentionPolicy":{"whenDeleted":"Delete"}}}"#,
+                ],
+            ),
+            "arming a StatefulSet to delete its guarded PVCs",
+            "e2e-routes-arming",
+            "claims",
+        )?;
+        let sts = object(w, &["statefulset", "db", "-n", &ns])?;
+        let retention = &sts["spec"]["persistentVolumeClaimRetentionPolicy"];
+        ensure!(retention["whenDeleted"] == "Retain", "the retention policy changed: {retention}");
+        Ok(())
+    });
+    routes.check("PV reclaim policy set to Delete", || {
+        refused_by(
+            kubectl(
+                w,
+                &w.agent,
+                &[
+                    "patch",
+                    "pv",
+                    "e2e-routes-pv",
+                    "--type=merge",
+                    "-p",
+                    r#"{"spec":{"persistentVolumeReclaimPolicy":"Delete"}}"#,
+                ],
+            ),
+            "arming a guarded PV to be deleted with its claim",
+            "e2e-routes-arming",
+            "volumes",
+        )?;
+        let reclaim = object(w, &["pv", "e2e-routes-pv"])?["spec"]["persistentVolumeReclaimPolicy"].clone();
+        ensure!(reclaim == "Retain", "the reclaim policy changed: {reclaim}");
+        Ok(())
+    });
+    routes.check("an ownerReference rewritten to another owner", || {
+        let rewrite = json!([
+            {"op": "replace", "path": "/metadata/ownerReferences/0/name", "value": "other"},
+            {"op": "replace", "path": "/metadata/ownerReferences/0/uid", "value": other},
+        ]);
+        refused_by(
+            kubectl(
+                w,
+                &w.editor,
+                &["patch", "configmap", "child", "-n", &ns, "--type=json", "-p", &rewrite.to_string()],
+            ),
+            "rewriting a guarded object's ownerReference",
+            "e2e-routes-arming",
+            "config",
+        )?;
+        let owners = object(w, &["configmap", "child", "-n", &ns])?["metadata"]["ownerReferences"].clone();
+        ensure!(owners[0]["name"] == "parent", "the ownerReference changed: {owners}");
+        Ok(())
+    });
+    routes.check("ACK deletion policy set to delete", || {
+        refused_by(
+            kubectl(
+                w,
+                &w.editor,
+                &["annotate", "configmap", "table", "-n", &ns, "services.k8s.aws/deletion-policy=delete"],
+            ),
+            "setting ACK's deletion policy to delete on a guarded object",
+            "e2e-routes-arming",
+            "config",
+        )?;
+        let table = object(w, &["configmap", "table", "-n", &ns])?["metadata"]["annotations"].clone();
+        ensure!(
+            table["services.k8s.aws/deletion-policy"].is_null(),
+            "ACK's deletion policy was set: {table}"
+        );
+        Ok(())
+    });
+    routes.check("Config Connector abandon policy removed", || {
+        refused_by(
+            kubectl(
+                w,
+                &w.editor,
+                &["annotate", "configmap", "bucket", "-n", &ns, "cnrm.cloud.google.com/deletion-policy-"],
+            ),
+            "removing Config Connector's abandon deletion policy from a guarded object",
+            "e2e-routes-arming",
+            "config",
+        )?;
+        let bucket = object(w, &["configmap", "bucket", "-n", &ns])?["metadata"]["annotations"].clone();
+        ensure!(
+            bucket["cnrm.cloud.google.com/deletion-policy"] == "abandon",
+            "the abandon policy is gone: {bucket}"
+        );
+        Ok(())
+    });
+    routes.done()
 }
 
 /// A policy may guard CONNECT to `pods/exec`: admission runs before the API server dials the
@@ -836,8 +880,8 @@ pub fn connect_can_be_guarded(w: &World) -> Result<()> {
 
 /// Policy subjects cannot be turned against the cluster: an AgentPolicy naming every
 /// authenticated user or another namespace's ServiceAccount, and a ClusterAgentPolicy naming a
-/// reserved user, are refused at apply time. Applied with a server-side dry run: should one be
-/// admitted, it is not stored (it would make the admin an agent).
+/// reserved user or group, are refused at apply time. Applied with a server-side dry run: should
+/// one be admitted, it is not stored (it would make the admin an agent).
 pub fn policy_subjects_are_confined(w: &World) -> Result<()> {
     let ns = namespace(w, "routes-subjects")?;
     let spec = |subjects: Value| {
@@ -859,6 +903,8 @@ pub fn policy_subjects_are_confined(w: &World) -> Result<()> {
             Some(&policy.to_string()),
         )
     };
+    let other = "system:serviceaccount:agents:x";
+    let mut routes = Routes::default();
     for (what, policy, value) in [
         (
             "an AgentPolicy naming every authenticated user",
@@ -867,11 +913,11 @@ pub fn policy_subjects_are_confined(w: &World) -> Result<()> {
         ),
         (
             "an AgentPolicy naming another namespace's ServiceAccount",
-            namespaced(json!({"usernames": ["system:serviceaccount:agents:x"]})),
-            "system:serviceaccount:agents:x",
+            namespaced(json!({"usernames": [other]})),
+            other,
         ),
         (
-            "a ClusterAgentPolicy naming system:masters",
+            "a ClusterAgentPolicy naming the user system:masters",
             cluster(json!({"usernames": ["system:masters"]})),
             "system:masters",
         ),
@@ -886,19 +932,25 @@ pub fn policy_subjects_are_confined(w: &World) -> Result<()> {
             "system:masters",
         ),
     ] {
-        let out = dry_run(&policy);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        ensure!(!out.status.success(), "{what} was admitted");
-        ensure!(
-            stderr.contains("subjects") || stderr.contains(value),
-            "{what} was refused, but not for its subjects: {stderr}"
-        );
+        routes.check(what, || {
+            let out = dry_run(&policy);
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            ensure!(!out.status.success(), "admitted");
+            ensure!(
+                stderr.contains("subjects") || stderr.contains(value),
+                "refused, but not for its subjects: {stderr}"
+            );
+            Ok(())
+        });
     }
-    accepts(
-        dry_run(&namespaced(json!({"usernames": [format!("system:serviceaccount:{ns}:bot")]}))),
-        "an AgentPolicy naming a ServiceAccount of its own namespace",
-    )?;
-    Ok(())
+    routes.check("an AgentPolicy naming a ServiceAccount of its own namespace is admitted", || {
+        accepts(
+            dry_run(&namespaced(json!({"usernames": [format!("system:serviceaccount:{ns}:bot")]}))),
+            "an AgentPolicy naming a ServiceAccount of its own namespace",
+        )
+        .map(drop)
+    });
+    routes.done()
 }
 
 /// A churn budget counted per agent namespace is not reset by acting as a fresh ServiceAccount
