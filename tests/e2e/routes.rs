@@ -228,9 +228,10 @@ impl Routes {
 }
 
 /// Writes through `/status` store metadata: unmarking an agent namespace, relabelling a
-/// Deployment out of an objectSelector, adding an owner to a guarded PVC and relabelling a
+/// StatefulSet out of an objectSelector, adding an owner to a guarded PVC and relabelling a
 /// Namespace out of a namespaceSelector are each refused (the agent: cluster-admin, which any
-/// `*/status` right would do).
+/// `*/status` right would do). (`deployments/status` is not among them: the API server keeps a
+/// Deployment's labels on a status write.)
 pub fn subresources_carry_metadata(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
     let marked = namespace(w, "routes-status-agents")?;
@@ -238,7 +239,6 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
     let selected = namespace(w, "routes-status-selected")?;
     admin(w, &["label", "namespace", &selected, "e2e-routes-status=guarded"])?;
     let ns = namespace(w, "routes-status")?;
-    // Deny, so that it decides over the world's e2e-workloads policy should that one match too.
     left.policy(cluster_policy(
         "e2e-routes-status",
         "Deny",
@@ -247,7 +247,7 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
                 "tier-db",
                 &["DELETE"],
                 "apps",
-                "deployments",
+                "statefulsets",
                 json!({"namespaces": [ns], "objectSelector": {"matchLabels": {"e2e-routes": "guarded"}}})
             ),
             rule("claims", &["DELETE"], "", "persistentvolumeclaims", json!({"namespaces": [ns]})),
@@ -262,9 +262,9 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
     ))?;
     create(
         w,
-        &json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        &json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
             "metadata": {"name": "db", "namespace": ns, "labels": {"e2e-routes": "guarded"}},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "db"}},
+            "spec": {"replicas": 1, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
                 "template": {"metadata": {"labels": {"app": "db"}},
                     "spec": {"containers": [{"name": "db", "image": "postgres:17"}]}}}}),
     )?;
@@ -295,16 +295,16 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
         ensure!(labels["agentguard.io/agent-namespace"] == "true", "the label is gone: {labels}");
         Ok(())
     });
-    routes.check("deployments/status relabelling out of an objectSelector", || {
+    routes.check("statefulsets/status relabelling out of an objectSelector", || {
         let denial = refused_by(
-            status_patch("deployment", "db", Some(&ns), r#"{"metadata":{"labels":{"e2e-routes":null}}}"#),
-            "relabelling a Deployment out of an objectSelector through deployments/status",
+            status_patch("statefulset", "db", Some(&ns), r#"{"metadata":{"labels":{"e2e-routes":null}}}"#),
+            "relabelling a StatefulSet out of an objectSelector through statefulsets/status",
             "e2e-routes-status",
             "tier-db",
         )?;
         ensure!(denial.contains("objectSelector"), "the refusal does not name the objectSelector: {denial}");
-        let labels = &object(w, &["deployment", "db", "-n", &ns])?["metadata"]["labels"];
-        ensure!(labels["e2e-routes"] == "guarded", "the Deployment was relabelled: {labels}");
+        let labels = &object(w, &["statefulset", "db", "-n", &ns])?["metadata"]["labels"];
+        ensure!(labels["e2e-routes"] == "guarded", "the StatefulSet was relabelled: {labels}");
         Ok(())
     });
     routes.check("persistentvolumeclaims/status adding an owner", || {
