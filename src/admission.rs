@@ -193,6 +193,7 @@ impl AdmissionRequest {
             name,
             object: self.object.as_ref(),
             old_object: self.old_object.as_ref(),
+            collateral: &[],
         }
     }
 }

@@ -118,10 +118,8 @@ pub(super) fn self_protection(
     if cluster_scoped_self {
         return Some((SELF_RULE, "agents may not change agentguard's webhook configurations or RBAC".into()));
     }
-    if !matches!(facts.operation, Operation::Update { .. })
-        || !facts.group.is_empty()
-        || !facts.subresource.is_empty()
-    {
+    // Any subresource: writes through `namespaces/status` or `/finalize` store labels too.
+    if !matches!(facts.operation, Operation::Update { .. }) || !facts.group.is_empty() {
         return None;
     }
     let old = Facts::labels(facts.old_object);
@@ -136,7 +134,7 @@ pub(super) fn self_protection(
                     format!("agents may not change the {key} label of a ServiceAccount"),
                 ));
             }
-            if old != new && policies.labels_make_agent(old.as_ref(), config) {
+            if old != new && policies.labels_make_agent(facts.namespace, old.as_ref(), config) {
                 return Some((
                     AGENT_LABEL_RULE,
                     "agents may not change the labels of an agent ServiceAccount".into(),
