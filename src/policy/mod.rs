@@ -265,6 +265,8 @@ pub struct PolicySet {
     subject_groups: HashSet<String>,
     /// ServiceAccount selectors, each with the namespace it is confined to (an AgentPolicy's).
     subject_selectors: Vec<(Option<String>, Selector)>,
+    /// (api groups, resource) of every rule guarding DELETE: what a cascade must be checked for.
+    delete_resources: Vec<(Vec<String>, String)>,
 }
 
 struct Match<'p> {
@@ -312,6 +314,14 @@ impl PolicySet {
                     Some(ns) => set.namespaced.entry(ns.clone()).or_default(),
                 };
                 index.insert(rule, (pi, ri));
+                if rule.delete {
+                    for (groups, resource, sub) in &rule.resources {
+                        let entry = (groups.clone(), resource.clone());
+                        if sub.is_none() && !set.delete_resources.contains(&entry) {
+                            set.delete_resources.push(entry);
+                        }
+                    }
+                }
                 if rule.namespace_selector.is_some() {
                     set.namespace_selector_rules.push((pi, ri));
                 }
@@ -336,6 +346,12 @@ impl PolicySet {
 
     pub fn policies(&self) -> impl Iterator<Item = &CompiledPolicy> {
         self.policies.iter()
+    }
+
+    /// (api groups, resource) patterns of the rules that guard DELETE (`*` a wildcard): the
+    /// resource types a DELETE's cascade is looked up in.
+    pub fn delete_guarded_resources(&self) -> &[(Vec<String>, String)] {
+        &self.delete_resources
     }
 
     /// Usernames some policy names as agents.
