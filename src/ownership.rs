@@ -60,11 +60,14 @@ pub struct Ownership {
     discovered: tokio::sync::Mutex<Option<(Instant, Arc<Types>)>>,
 }
 
+/// A resource type and whether it is namespaced.
+type Served = (ApiResource, bool);
+
 /// The API's listable resource types, by (group, resource) and by (group, kind).
 #[derive(Default)]
 struct Types {
-    by_resource: BTreeMap<(String, String), (ApiResource, bool)>,
-    by_kind: HashMap<(String, String), (ApiResource, bool)>,
+    by_resource: BTreeMap<(String, String), Served>,
+    by_kind: HashMap<(String, String), Served>,
 }
 
 impl Ownership {
@@ -112,7 +115,7 @@ impl Ownership {
     async fn find(&self, request: &AdmissionRequest, policies: &PolicySet) -> Result<Vec<Collateral>> {
         let types = self.types().await?;
         let patterns = policies.delete_guarded_resources();
-        let guarded: Vec<(&(String, String), &(ApiResource, bool))> = types
+        let guarded: Vec<(&(String, String), &Served)> = types
             .by_resource
             .iter()
             .filter(|((group, resource), _)| {
