@@ -771,7 +771,7 @@ fn decide(
     }
 
     // 2. Built-in rules: agents may not loosen their own brakes.
-    if let Some((rule, detail)) = builtin::self_protection(facts, policies, config) {
+    if let Some((rule, detail)) = builtin::self_protection(facts, policies, directory, config) {
         return deny(Reason::Builtin { rule, detail }, None);
     }
 

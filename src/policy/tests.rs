@@ -1259,4 +1259,24 @@ mod routes {
         assert_eq!(churn_subject(ChurnScope::PerPolicy, &coder, &dir), "*");
         assert_eq!(churn_subject(ChurnScope::PerNamespace, &who("oidc:claude"), &dir), "oidc:claude");
     }
+
+    #[test]
+    fn agents_may_not_mint_tokens_for_identities_without_brakes() {
+        let request = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest"});
+        let token_for = |ns: &'static str, name: &'static str| Facts {
+            group: "",
+            resource: "serviceaccounts",
+            subresource: "token",
+            namespace: ns,
+            name,
+            ..facts(Operation::Create, None, Some(&request))
+        };
+        let none = PolicySet::default();
+        let d = decide(&none, Who::LabelledAgent, &token_for("agents", "ci"));
+        assert!(refused(&d).contains(builtin::AGENT_IDENTITY_RULE));
+        // Another agent, or any account of an agent namespace, is still held by the brakes.
+        assert!(decide(&none, Who::LabelledAgent, &token_for("agents", "coder")).allowed());
+        assert!(decide(&none, Who::LabelledAgent, &token_for("bots", "fresh")).allowed());
+        assert!(decide(&none, Who::Human, &token_for("agents", "ci")).allowed());
+    }
 }
