@@ -156,10 +156,11 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> Result<bool>)
 }
 
 /// The request was refused by `policy`'s rule `rule` (a ClusterAgentPolicy); returns stderr.
+/// The rule's name may be followed, inside the quotes, by what the request was judged as.
 fn refused_by(out: Output, what: &str, policy: &str, rule: &str) -> Result<String> {
     let stderr = rejects(out, what, &format!("ClusterAgentPolicy \"{policy}\""))?;
     ensure!(
-        stderr.contains(&format!("rule \"{rule}\"")),
+        [format!("rule \"{rule}\""), format!("rule \"{rule} (")].iter().any(|n| stderr.contains(n)),
         "{what} was refused, but not under rule {rule:?}: {stderr}"
     );
     Ok(stderr)
@@ -735,7 +736,11 @@ pub fn arming_a_deletion_is_judged(w: &World) -> Result<()> {
         &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bucket", "namespace": ns,
             "annotations": {"cnrm.cloud.google.com/deletion-policy": "abandon"}}}),
     )?;
-    configmap(w, &ns, "table", None)?;
+    create(
+        w,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "table", "namespace": ns,
+            "annotations": {"services.k8s.aws/deletion-policy": "retain"}}}),
+    )?;
 
     let mut routes = Routes::default();
     routes.check("changes that arm nothing are admitted", || {
@@ -819,21 +824,21 @@ pub fn arming_a_deletion_is_judged(w: &World) -> Result<()> {
         ensure!(owners[0]["name"] == "parent", "the ownerReference changed: {owners}");
         Ok(())
     });
-    routes.check("ACK deletion policy set to delete", || {
+    routes.check("ACK deletion policy retain set to delete", || {
         refused_by(
             kubectl(
                 w,
                 &w.editor,
                 &["annotate", "configmap", "table", "-n", &ns, "services.k8s.aws/deletion-policy=delete"],
             ),
-            "setting ACK's deletion policy to delete on a guarded object",
+            "setting ACK's deletion policy from retain to delete on a guarded object",
             "e2e-routes-arming",
             "config",
         )?;
         let table = object(w, &["configmap", "table", "-n", &ns])?["metadata"]["annotations"].clone();
         ensure!(
-            table["services.k8s.aws/deletion-policy"].is_null(),
-            "ACK's deletion policy was set: {table}"
+            table["services.k8s.aws/deletion-policy"] == "retain",
+            "ACK's deletion policy changed: {table}"
         );
         Ok(())
     });
@@ -943,10 +948,10 @@ pub fn policy_subjects_are_confined(w: &World) -> Result<()> {
             Ok(())
         });
     }
-    routes.check("an AgentPolicy naming a ServiceAccount of its own namespace is admitted", || {
+    routes.check("an AgentPolicy selecting ServiceAccounts of its own namespace is admitted", || {
         accepts(
-            dry_run(&namespaced(json!({"usernames": [format!("system:serviceaccount:{ns}:bot")]}))),
-            "an AgentPolicy naming a ServiceAccount of its own namespace",
+            dry_run(&namespaced(json!({"serviceAccountSelector": {"matchLabels": {"team": "bots"}}}))),
+            "an AgentPolicy selecting ServiceAccounts of its own namespace",
         )
         .map(drop)
     });
