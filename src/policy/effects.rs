@@ -107,7 +107,7 @@ fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<
         && old.get("kind").is_some()
         && old.get("kind") == new.get("kind")
         && old.get("kind").and_then(Value::as_str) != Some("Scale");
-    if carries_object && old.get("metadata") != new.get("metadata") {
+    if carries_object && stored_metadata_changes(old, new) {
         // Writes through /status and /finalize store labels, annotations and owners too.
         out.push(Effect::derived(
             main.clone(),
@@ -150,6 +150,14 @@ fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<
             });
         }
     }
+}
+
+/// Whether the metadata a policy can act on (labels, annotations, owners, finalizers) differs.
+/// Fields every write touches (managedFields, resourceVersion) do not count.
+fn stored_metadata_changes(old: &Value, new: &Value) -> bool {
+    ["labels", "annotations", "ownerReferences", "finalizers"]
+        .iter()
+        .any(|field| old.pointer(&format!("/metadata/{field}")) != new.pointer(&format!("/metadata/{field}")))
 }
 
 fn strings(v: Option<&Value>) -> Vec<&str> {
@@ -305,6 +313,11 @@ mod tests {
         assert!(
             derived(&of(&facts(UPDATE, ("", "namespaces", "status"), Some(&old), Some(&status)))).is_empty()
         );
+        let mut touched = status.clone();
+        touched["metadata"]["managedFields"] = json!([{"manager": "kube-controller-manager"}]);
+        touched["metadata"]["resourceVersion"] = json!("12");
+        let e = of(&facts(UPDATE, ("", "namespaces", "status"), Some(&old), Some(&touched)));
+        assert!(derived(&e).is_empty(), "managedFields and resourceVersion change on every write");
         let s1 = json!({"kind": "Scale", "metadata": {"name": "x", "resourceVersion": "1"}});
         let s2 = json!({"kind": "Scale", "metadata": {"name": "x", "resourceVersion": "2"}});
         assert!(
