@@ -15,7 +15,7 @@ const AGENT: &str = "system:serviceaccount:e2e-audit:auditee";
 /// An agent group named on the command line, bound to `escalate` on roles.
 const GROUP: &str = "e2e-audit-bots";
 
-fn audit(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
+pub fn audit(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_agentguard"))
         .env("KUBECONFIG", kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")

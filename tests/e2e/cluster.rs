@@ -367,8 +367,11 @@ impl ControlPlane {
     /// A kubeconfig authenticating as `user` in `groups` by client certificate.
     pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf> {
         let (cert, key) = self.pki.client(user, groups)?;
-        // The identity is in the certificate; file and kubeconfig entry names avoid `:`.
-        let name = user.replace(':', "-");
+        // The identity is in the certificate; file and kubeconfig entry names are plain.
+        let name: String = user
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+            .collect();
         let (cert_path, key_path) =
             (self.dir.path().join(format!("{name}.crt")), self.dir.path().join(format!("{name}.key")));
         std::fs::write(&cert_path, cert)?;

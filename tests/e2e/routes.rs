@@ -49,16 +49,7 @@ impl<'w> Leftovers<'w> {
     /// Applies a policy and waits until agentguard reports it Ready (so it is in force).
     fn policy(&mut self, policy: Value) -> Result<()> {
         self.apply(&policy)?;
-        let target = format!(
-            "{}/{}",
-            policy["kind"].as_str().unwrap_or_default().to_lowercase(),
-            policy["metadata"]["name"].as_str().unwrap_or_default()
-        );
-        let mut args = vec!["wait", "--for=condition=Ready", "--timeout=30s", &target];
-        if let Some(ns) = policy["metadata"]["namespace"].as_str() {
-            args.extend(["-n", ns]);
-        }
-        admin(self.w, &args).map(drop)
+        ready(self.w, &policy)
     }
 
     /// A CustomResourceDefinition of a namespaced `kind` in group `e2e.example.com`, established.
@@ -90,6 +81,20 @@ impl Drop for Leftovers<'_> {
             let _ = self.w.plane.kubectl(&self.w.plane.admin, &args);
         }
     }
+}
+
+/// Waits until agentguard reports `policy` Ready (so it is in force).
+fn ready(w: &World, policy: &Value) -> Result<()> {
+    let target = format!(
+        "{}/{}",
+        policy["kind"].as_str().unwrap_or_default().to_lowercase(),
+        policy["metadata"]["name"].as_str().unwrap_or_default()
+    );
+    let mut args = vec!["wait", "--for=condition=Ready", "--timeout=30s", &target];
+    if let Some(ns) = policy["metadata"]["namespace"].as_str() {
+        args.extend(["-n", ns]);
+    }
+    admin(w, &args).map(drop)
 }
 
 /// A ClusterAgentPolicy that holds what its `rules` match for an approver in group `sre`
@@ -997,5 +1002,184 @@ pub fn churn_counts_per_agent_namespace(w: &World) -> Result<()> {
         }
     }
     ensure!(exists(w, &["configmap", "c2", "-n", &ns]), "c2 is gone");
+    Ok(())
+}
+
+/// One semantics for subjects: a policy without `subjects` covers every agent, including a user
+/// who is an agent only because another policy names it; a policy with `subjects` covers
+/// exactly those.
+pub fn subjects_mean_one_thing(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-subject-scope")?;
+    let bot = "e2e-routes-bot";
+    admin(
+        w,
+        &["create", "rolebinding", "bot-edit", "-n", &ns, "--clusterrole=edit", &format!("--user={bot}")],
+    )?;
+    let mut named = cluster_policy(
+        "e2e-routes-bot-only",
+        "RequireApproval",
+        json!([rule("bot-secrets", &["DELETE"], "", "secrets", json!({"namespaces": [ns]}))]),
+    );
+    named["spec"]["subjects"] = json!({"usernames": [bot]});
+    left.policy(named)?;
+    left.policy(cluster_policy(
+        "e2e-routes-everyone",
+        "RequireApproval",
+        json!([rule("all-config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]}))]),
+    ))?;
+    w.wait_for_registration(bot, Duration::from_secs(30))?;
+    let kubeconfig = w.plane.user_kubeconfig(bot, &[])?;
+    configmap(w, &ns, "settings", None)?;
+    for secret in ["bots", "editors"] {
+        admin(w, &["create", "secret", "generic", secret, "-n", &ns, "--from-literal=k=v"])?;
+    }
+
+    let mut routes = Routes::default();
+    routes.check("a policy without subjects covers a user named only in another policy", || {
+        refused_by(
+            kubectl(w, &kubeconfig, &["delete", "configmap", "settings", "-n", &ns]),
+            "a delete by a user who is an agent through another policy's subjects",
+            "e2e-routes-everyone",
+            "all-config",
+        )
+        .map(drop)
+    });
+    routes.check("a policy with subjects covers them", || {
+        refused_by(
+            kubectl(w, &kubeconfig, &["delete", "secret", "bots", "-n", &ns]),
+            "a delete by a policy's subject",
+            "e2e-routes-bot-only",
+            "bot-secrets",
+        )
+        .map(drop)
+    });
+    routes.check("a policy with subjects covers exactly them", || {
+        accepts(
+            kubectl(w, &w.editor, &["delete", "secret", "editors", "-n", &ns]),
+            "a delete by an agent the policy does not name",
+        )
+        .map(drop)
+    });
+    routes.done()
+}
+
+/// Usernames with quotes, a backslash or a newline either are refused at apply time or render
+/// into a webhook configuration the API server accepts: the odd user is guarded, and an agent
+/// marked afterwards is still registered.
+pub fn odd_usernames_render(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-odd-names")?;
+    let odd = r#"e2e-routes "odd" \bot"#;
+    let broken = "e2e-routes-line\nbreak";
+    admin(
+        w,
+        &["create", "rolebinding", "odd-edit", "-n", &ns, "--clusterrole=edit", &format!("--user={odd}")],
+    )?;
+    let mut policy = cluster_policy(
+        "e2e-routes-odd-names",
+        "RequireApproval",
+        json!([rule("odd-config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]}))]),
+    );
+    policy["spec"]["subjects"] = json!({"usernames": [odd, broken]});
+    if let Err(e) = left.apply(&policy) {
+        println!("  refused at apply time: {e:#}");
+        return Ok(());
+    }
+    ready(w, &policy)?;
+    configmap(w, &ns, "settings", None)?;
+    let kubeconfig = w.plane.user_kubeconfig(odd, &[])?;
+    let probe = ["delete", "configmap", "settings", "-n", &ns, "--dry-run=server"];
+    wait_for("the odd user guarded", Duration::from_secs(30), || {
+        Ok(!kubectl(w, &kubeconfig, &probe).status.success())
+    })?;
+    refused_by(
+        kubectl(w, &kubeconfig, &probe),
+        "the odd user's delete",
+        "e2e-routes-odd-names",
+        "odd-config",
+    )?;
+    admin(w, &["create", "serviceaccount", "after", "-n", &ns])?;
+    admin(w, &["label", "serviceaccount", "after", "-n", &ns, "agentguard.io/agent=true"])?;
+    w.wait_for_registration(&format!("system:serviceaccount:{ns}:after"), Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// A denial under several policies names each once, with its own approvers and reason, even
+/// when two rules of one policy match.
+pub fn denial_names_each_policy_once(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-messages")?;
+    let mut dba = cluster_policy(
+        "e2e-routes-msg-dba",
+        "RequireApproval",
+        json!([
+            rule("namespace-config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]})),
+            rule("schema-config", &["DELETE"], "", "configmaps", json!({"names": ["e2e-routes-schema"]})),
+        ]),
+    );
+    dba["spec"]["approval"] =
+        json!({"approvers": {"users": ["e2e-routes-dba"]}, "reason": "the database team owns the schema"});
+    left.policy(dba)?;
+    let mut sre = cluster_policy(
+        "e2e-routes-msg-sre",
+        "RequireApproval",
+        json!([rule("freeze", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]}))]),
+    );
+    sre["spec"]["approval"] = json!({"approvers": {"groups": ["sre"]}, "reason": "platform change freeze"});
+    left.policy(sre)?;
+    configmap(w, &ns, "e2e-routes-schema", None)?;
+    let denial = rejects(
+        kubectl(w, &w.editor, &["delete", "configmap", "e2e-routes-schema", "-n", &ns]),
+        "a delete two policies hold",
+        "requires approval",
+    )?;
+    for (text, times) in [
+        ("ClusterAgentPolicy \"e2e-routes-msg-dba\"", 1),
+        ("ClusterAgentPolicy \"e2e-routes-msg-sre\"", 1),
+        ("the database team owns the schema", 1),
+        ("platform change freeze", 1),
+        ("e2e-routes-dba", 1),
+    ] {
+        let seen = denial.matches(text).count();
+        ensure!(seen == times, "{text:?} appears {seen} times, not {times}: {denial}");
+    }
+    ensure!(exists(w, &["configmap", "e2e-routes-schema", "-n", &ns]), "the ConfigMap is gone");
+    Ok(())
+}
+
+/// `agentguard audit` reports an agent's rights to write `namespaces/status` and
+/// `namespaces/finalize`, which reach agentguard's agent-namespace label.
+pub fn audit_reports_status_rights(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-audit")?;
+    admin(w, &["create", "serviceaccount", "relabeller", "-n", &ns])?;
+    admin(w, &["label", "serviceaccount", "relabeller", "-n", &ns, "agentguard.io/agent=true"])?;
+    left.apply(&json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "e2e-routes-status-writer"},
+        "rules": [{"apiGroups": [""], "resources": ["namespaces/status", "namespaces/finalize"],
+            "verbs": ["update", "patch"]}]}))?;
+    left.apply(&json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "e2e-routes-status-writer"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "e2e-routes-status-writer"},
+        "subjects": [{"kind": "ServiceAccount", "name": "relabeller", "namespace": ns}]}))?;
+    let out = crate::audit::audit(&w.plane.admin, &["--output=json"]);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("audit printed no JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let identity = format!("system:serviceaccount:{ns}:relabeller");
+    let agent = report["agents"]
+        .as_array()
+        .and_then(|agents| agents.iter().find(|a| a["identity"] == identity.as_str()))
+        .with_context(|| format!("{identity} is not listed"))?;
+    let resources: Vec<String> = agent["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|f| f["resources"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r.as_str().map(str::to_owned))
+        .collect();
+    for wanted in ["namespaces/status", "namespaces/finalize"] {
+        ensure!(resources.iter().any(|r| r == wanted), "{wanted} is not reported: {}", agent["findings"]);
+    }
     Ok(())
 }

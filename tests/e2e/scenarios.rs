@@ -55,6 +55,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("route_connect_to_pods_exec_can_be_guarded", crate::routes::connect_can_be_guarded),
     ("route_policy_subjects_are_confined", crate::routes::policy_subjects_are_confined),
     ("route_churn_is_counted_per_agent_namespace", crate::routes::churn_counts_per_agent_namespace),
+    ("route_subjects_mean_one_thing", crate::routes::subjects_mean_one_thing),
+    ("route_odd_usernames_are_refused_or_render", crate::routes::odd_usernames_render),
+    ("route_a_denial_names_each_covering_policy_once", crate::routes::denial_names_each_policy_once),
+    ("route_audit_reports_status_and_finalize_rights", crate::routes::audit_reports_status_rights),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];
