@@ -7,7 +7,8 @@
 //! the Go module proxy the project builds from: their CRDs are stand-ins with the real group,
 //! version, kind, plural and scope and a schema for the fields the examples use, unless
 //! `ACK_S3_CRDS` / `CONFIG_CONNECTOR_CRDS` name a folder holding the real ones
-//! (`config/crd/bases` of the s3-controller module, `crds` of k8s-config-connector).
+//! (`config/crd/bases` of the s3-controller module; `config/crds/resources`, or `crds` in older
+//! releases, of k8s-config-connector).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -86,11 +87,12 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A CRD file from the folder named by `var`, if that is set.
-fn crd_from(var: &str, file: &str) -> Result<Option<PathBuf>> {
+/// A CRD file, by one of its known names, from the folder named by `var`, if that is set.
+fn crd_from(var: &str, files: &[&str]) -> Result<Option<PathBuf>> {
     let Some(dir) = std::env::var_os(var) else { return Ok(None) };
-    let path = Path::new(&dir).join(file);
-    ensure!(path.is_file(), "{var}={} holds no {file}", Path::new(&dir).display());
+    let path = files.iter().map(|f| Path::new(&dir).join(f)).find(|p| p.is_file());
+    let path =
+        path.with_context(|| format!("{var}={} holds none of {files:?}", Path::new(&dir).display()))?;
     Ok(Some(path))
 }
 
@@ -105,11 +107,15 @@ fn setup(w: &World) -> Result<()> {
     .join("s3.aws.upbound.io_buckets.yaml");
     let mut files = vec![crossplane];
     let mut stand_ins = Vec::new();
-    for (var, file, stand_in) in [
-        ("ACK_S3_CRDS", "s3.services.k8s.aws_buckets.yaml", ACK_STAND_IN),
-        ("CONFIG_CONNECTOR_CRDS", "storage_v1beta1_storagebucket.yaml", CNRM_STAND_IN),
+    let cnrm = [
+        "apiextensions.k8s.io_v1_customresourcedefinition_storagebuckets.storage.cnrm.cloud.google.com.yaml",
+        "storage_v1beta1_storagebucket.yaml",
+    ];
+    for (var, names, stand_in) in [
+        ("ACK_S3_CRDS", &["s3.services.k8s.aws_buckets.yaml"][..], ACK_STAND_IN),
+        ("CONFIG_CONNECTOR_CRDS", &cnrm[..], CNRM_STAND_IN),
     ] {
-        match crd_from(var, file)? {
+        match crd_from(var, names)? {
             Some(path) => files.push(path),
             None => stand_ins.push(stand_in),
         }
