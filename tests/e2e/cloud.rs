@@ -96,8 +96,9 @@ fn crd_from(var: &str, files: &[&str]) -> Result<Option<PathBuf>> {
     Ok(Some(path))
 }
 
-/// The three CRDs (server-side apply: a real CRD outgrows the last-applied annotation) and the
-/// example policy; waits until the CRDs are Established. Idempotent: each scenario calls it.
+/// The three CRDs (server-side apply, as the chart test does: no last-applied copy of a 100 kB
+/// CRD) and the example policy; waits until the CRDs are Established. Idempotent: each scenario
+/// calls it.
 fn setup(w: &World) -> Result<()> {
     let admin = &w.plane.admin;
     let crossplane = PathBuf::from(
