@@ -59,6 +59,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("route_odd_usernames_are_refused_or_render", crate::routes::odd_usernames_render),
     ("route_a_denial_names_each_covering_policy_once", crate::routes::denial_names_each_policy_once),
     ("route_audit_reports_status_and_finalize_rights", crate::routes::audit_reports_status_rights),
+    ("cloud_examples_fit_their_crds_and_deletes_are_held", crate::cloud::examples),
+    ("cloud_ack_annotation_leaving_retain_arms_a_delete", crate::cloud::ack),
+    ("cloud_cnrm_annotation_leaving_abandon_arms_a_delete", crate::cloud::cnrm),
+    ("cloud_crossplane_policies_that_stop_orphaning_arm_a_delete", crate::cloud::crossplane),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];
