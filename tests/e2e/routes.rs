@@ -1070,39 +1070,54 @@ pub fn subjects_mean_one_thing(w: &World) -> Result<()> {
 pub fn odd_usernames_render(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
     let ns = namespace(w, "routes-odd-names")?;
-    let odd = r#"e2e-routes "odd" \bot"#;
-    let broken = "e2e-routes-line\nbreak";
-    admin(
-        w,
-        &["create", "rolebinding", "odd-edit", "-n", &ns, "--clusterrole=edit", &format!("--user={odd}")],
-    )?;
-    let mut policy = cluster_policy(
-        "e2e-routes-odd-names",
-        "RequireApproval",
-        json!([rule("odd-config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]}))]),
-    );
-    policy["spec"]["subjects"] = json!({"usernames": [odd, broken]});
-    if let Err(e) = left.apply(&policy) {
-        println!("  refused at apply time: {e:#}");
-        return Ok(());
-    }
-    ready(w, &policy)?;
     configmap(w, &ns, "settings", None)?;
-    let kubeconfig = w.plane.user_kubeconfig(odd, &[])?;
-    let probe = ["delete", "configmap", "settings", "-n", &ns, "--dry-run=server"];
-    wait_for("the odd user guarded", Duration::from_secs(30), || {
-        Ok(!kubectl(w, &kubeconfig, &probe).status.success())
-    })?;
-    refused_by(
-        kubectl(w, &kubeconfig, &probe),
-        "the odd user's delete",
-        "e2e-routes-odd-names",
-        "odd-config",
-    )?;
-    admin(w, &["create", "serviceaccount", "after", "-n", &ns])?;
-    admin(w, &["label", "serviceaccount", "after", "-n", &ns, "agentguard.io/agent=true"])?;
-    w.wait_for_registration(&format!("system:serviceaccount:{ns}:after"), Duration::from_secs(30))?;
-    Ok(())
+    let mut routes = Routes::default();
+    for (n, odd) in [r#"e2e-routes "odd" \bot"#, "e2e-routes-line\nbreak"].into_iter().enumerate() {
+        routes.check(&format!("the username {odd:?}"), || {
+            let mut policy = cluster_policy(
+                &format!("e2e-routes-odd-{n}"),
+                "RequireApproval",
+                json!([rule("odd-config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]}))]),
+            );
+            policy["spec"]["subjects"] = json!({"usernames": [odd]});
+            if let Err(e) = left.apply(&policy) {
+                println!("  {odd:?} refused at apply time: {}", format!("{e:#}").trim());
+                return Ok(());
+            }
+            ready(w, &policy)?;
+            let binding = format!("odd-{n}");
+            admin(
+                w,
+                &[
+                    "create",
+                    "rolebinding",
+                    &binding,
+                    "-n",
+                    &ns,
+                    "--clusterrole=edit",
+                    &format!("--user={odd}"),
+                ],
+            )?;
+            let kubeconfig = w.plane.user_kubeconfig(odd, &[])?;
+            let probe = ["delete", "configmap", "settings", "-n", &ns, "--dry-run=server"];
+            wait_for("the odd user guarded", Duration::from_secs(30), || {
+                Ok(!kubectl(w, &kubeconfig, &probe).status.success())
+            })?;
+            refused_by(
+                kubectl(w, &kubeconfig, &probe),
+                "the odd user's delete",
+                &format!("e2e-routes-odd-{n}"),
+                "odd-config",
+            )?;
+            let after = format!("after-{n}");
+            admin(w, &["create", "serviceaccount", &after, "-n", &ns])?;
+            admin(w, &["label", "serviceaccount", &after, "-n", &ns, "agentguard.io/agent=true"])?;
+            w.wait_for_registration(&format!("system:serviceaccount:{ns}:{after}"), Duration::from_secs(30))?;
+            println!("  {odd:?} admitted, guarded, and the configuration still updates");
+            Ok(())
+        });
+    }
+    routes.done()
 }
 
 /// A denial under several policies names each once, with its own approvers and reason, even
