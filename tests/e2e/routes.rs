@@ -15,8 +15,8 @@ use crate::scenarios::namespace;
 use crate::world::{World, accepts, must, rejects};
 
 /// The reason of the Warning Event agentguard leaves when it restores its tampered-with webhook
-/// configuration contains this.
-const TAMPER_REASON: &str = "Tamper";
+/// configuration.
+const TAMPER_REASON: &str = "WebhookConfigurationRestored";
 
 /// How long a cascade is given to happen (the garbage collector acts within seconds).
 const GC_WAIT: Duration = Duration::from_secs(60);
