@@ -233,15 +233,17 @@ impl Routes {
     }
 }
 
-/// Writes through `/status` store metadata: unmarking an agent namespace, relabelling a
-/// StatefulSet out of an objectSelector, adding an owner to a guarded PVC and relabelling a
-/// Namespace out of a namespaceSelector are each refused (the agent: cluster-admin, which any
-/// `*/status` right would do). (`deployments/status` is not among them: the API server keeps a
-/// Deployment's labels on a status write.)
+/// Writes through `/status` and `/finalize` store metadata: unmarking an agent namespace (through
+/// either), relabelling a StatefulSet out of an objectSelector, adding an owner to a guarded PVC
+/// and relabelling a Namespace out of a namespaceSelector are each refused (the agent:
+/// cluster-admin, which any `*/status` right would do). (`deployments/status` is not among them:
+/// the API server keeps a Deployment's labels on a status write.)
 pub fn subresources_carry_metadata(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
     let marked = namespace(w, "routes-status-agents")?;
     admin(w, &["label", "namespace", &marked, "agentguard.io/agent-namespace=true"])?;
+    let finalized = namespace(w, "routes-finalize-agents")?;
+    admin(w, &["label", "namespace", &finalized, "agentguard.io/agent-namespace=true"])?;
     let selected = namespace(w, "routes-status-selected")?;
     admin(w, &["label", "namespace", &selected, "e2e-routes-status=guarded"])?;
     let ns = namespace(w, "routes-status")?;
@@ -290,6 +292,24 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
     };
 
     let mut routes = Routes::default();
+    routes.check("namespaces/finalize unmarking an agent namespace", || {
+        let mut unmarked = object(w, &["namespace", &finalized])?;
+        if let Some(labels) = unmarked["metadata"]["labels"].as_object_mut() {
+            labels.remove("agentguard.io/agent-namespace");
+        }
+        rejects(
+            w.plane.kubectl_stdin(
+                &w.agent,
+                &["replace", "--raw", &format!("/api/v1/namespaces/{finalized}/finalize"), "-f", "-"],
+                Some(&unmarked.to_string()),
+            ),
+            "unmarking an agent namespace through namespaces/finalize",
+            "built-in rule \"agent-namespace-label\"",
+        )?;
+        let labels = &object(w, &["namespace", &finalized])?["metadata"]["labels"];
+        ensure!(labels["agentguard.io/agent-namespace"] == "true", "the label is gone: {labels}");
+        Ok(())
+    });
     routes.check("namespaces/status unmarking an agent namespace", || {
         let unmark = r#"{"metadata":{"labels":{"agentguard.io/agent-namespace":null}}}"#;
         rejects(
