@@ -577,8 +577,8 @@ pub fn finalizers_complete_a_delete(w: &World) -> Result<()> {
     result
 }
 
-/// Deleting an unguarded owner whose dependents (directly, or two levels down) a DELETE rule
-/// guards is refused, and the real garbage collector — seen collecting an unguarded dependent
+/// Deleting an unguarded owner whose dependents (directly, or two levels down, or the Pods a
+/// ReplicaSet made) a DELETE rule guards is refused, and the real garbage collector — seen collecting an unguarded dependent
 /// in the same namespace first — leaves them; with `--cascade=orphan` the owner goes and the
 /// dependent stays (the agent: `edit`).
 pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
@@ -587,14 +587,32 @@ pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
     left.policy(cluster_policy(
         "e2e-routes-cascade",
         "RequireApproval",
-        json!([rule(
-            "dependents",
-            &["DELETE"],
-            "",
-            "configmaps",
-            json!({"namespaces": [ns], "names": ["dependent*"]})
-        )]),
+        json!([
+            rule(
+                "dependents",
+                &["DELETE"],
+                "",
+                "configmaps",
+                json!({"namespaces": [ns], "names": ["dependent*"]})
+            ),
+            rule("pods", &["DELETE"], "", "pods", json!({"namespaces": [ns]})),
+        ]),
     ))?;
+    // Pods the real ReplicaSet controller makes (Pending: no scheduler runs).
+    wait_for("the namespace's default ServiceAccount", Duration::from_secs(30), || {
+        Ok(exists(w, &["serviceaccount", "default", "-n", &ns]))
+    })?;
+    create(
+        w,
+        &json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "api", "namespace": ns},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
+                "template": {"metadata": {"labels": {"app": "api"}},
+                    "spec": {"containers": [{"name": "api", "image": "nginx:1.27"}]}}}}),
+    )?;
+    let pods = || -> Result<usize> {
+        Ok(admin(w, &["get", "pods", "-n", &ns, "-l", "app=api", "-o", "name"])?.lines().count())
+    };
+    wait_for("the ReplicaSet controller making 2 Pods", GC_WAIT, || Ok(pods()? == 2))?;
     let owner = configmap(w, &ns, "owner", None)?;
     configmap(w, &ns, "dependent", Some(("owner", &owner)))?;
     let root = configmap(w, &ns, "root", None)?;
@@ -641,6 +659,21 @@ pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
     });
     routes.check("deleting the owner of the owner of a guarded dependent", || {
         cascade("root", "dependent-deep", "deleting the owner of the owner of a guarded dependent")
+    });
+    routes.check("deleting a ReplicaSet whose Pods are guarded", || {
+        let refused = refused_by(
+            kubectl(w, &w.editor, &["delete", "replicaset", "api", "-n", &ns]),
+            "deleting a ReplicaSet whose Pods are guarded",
+            "e2e-routes-cascade",
+            "pods",
+        );
+        std::thread::sleep(grace);
+        let remaining = pods()?;
+        match refused {
+            Ok(_) if remaining == 2 => Ok(()),
+            Ok(_) => bail!("the refused delete still lost Pods: {remaining} of 2 left"),
+            Err(e) => Err(e.context(format!("{remaining} of 2 Pods left"))),
+        }
     });
     routes.check("deleting the owner with --cascade=orphan is admitted", || {
         accepts(
