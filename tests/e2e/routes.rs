@@ -930,24 +930,40 @@ pub fn arming_a_deletion_is_judged(w: &World) -> Result<()> {
     routes.done()
 }
 
-/// A policy may guard CONNECT to `pods/exec`: admission runs before the API server dials the
-/// kubelet, so the agent's `kubectl exec` is refused by agentguard (the agent: `edit`).
+/// A policy may guard CONNECT to `pods/exec`, `pods/attach` and `pods/portforward`: admission
+/// runs before the API server dials the kubelet, so the agent's `kubectl exec` (and a raw attach
+/// or port-forward request) is refused by agentguard (the agent: `edit`).
 pub fn connect_can_be_guarded(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
     let ns = namespace(w, "routes-exec")?;
-    left.policy(cluster_policy(
-        "e2e-routes-exec",
-        "RequireApproval",
-        json!([rule("exec", &["CONNECT"], "", "pods/exec", json!({"namespaces": [ns]}))]),
-    ))?;
+    let mut data_plane = rule("data-plane", &["CONNECT"], "", "pods/exec", json!({"namespaces": [ns]}));
+    data_plane["resources"] =
+        json!([{"apiGroups": [""], "resources": ["pods/exec", "pods/attach", "pods/portforward"]}]);
+    left.policy(cluster_policy("e2e-routes-exec", "RequireApproval", json!([data_plane])))?;
     pod(w, &ns, "db")?;
-    refused_by(
-        kubectl(w, &w.editor, &["exec", "db", "-n", &ns, "--", "rm", "-rf", "/var/lib/postgresql/data"]),
-        "kubectl exec into a guarded Pod",
-        "e2e-routes-exec",
-        "exec",
-    )?;
-    Ok(())
+    let mut routes = Routes::default();
+    routes.check("kubectl exec", || {
+        refused_by(
+            kubectl(w, &w.editor, &["exec", "db", "-n", &ns, "--", "rm", "-rf", "/var/lib/postgresql/data"]),
+            "kubectl exec into a guarded Pod",
+            "e2e-routes-exec",
+            "data-plane",
+        )
+        .map(drop)
+    });
+    for (subresource, query) in [("attach", "stdin=true&stdout=true"), ("portforward", "ports=5432")] {
+        routes.check(&format!("pods/{subresource}"), || {
+            let path = format!("/api/v1/namespaces/{ns}/pods/db/{subresource}?{query}");
+            refused_by(
+                w.plane.kubectl_stdin(&w.editor, &["create", "--raw", &path, "-f", "-"], Some("{}")),
+                &format!("a CONNECT to pods/{subresource} of a guarded Pod"),
+                "e2e-routes-exec",
+                "data-plane",
+            )
+            .map(drop)
+        });
+    }
+    routes.done()
 }
 
 /// Policy subjects cannot be turned against the cluster: an AgentPolicy naming every

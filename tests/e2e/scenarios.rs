@@ -52,7 +52,7 @@ pub const ALL: &[(&str, Scenario)] = &[
         "route_arming_a_controller_to_delete_is_judged_as_the_delete",
         crate::routes::arming_a_deletion_is_judged,
     ),
-    ("route_connect_to_pods_exec_can_be_guarded", crate::routes::connect_can_be_guarded),
+    ("route_connect_to_exec_attach_and_portforward_can_be_guarded", crate::routes::connect_can_be_guarded),
     ("route_policy_subjects_are_confined", crate::routes::policy_subjects_are_confined),
     ("route_churn_is_counted_per_agent_namespace", crate::routes::churn_counts_per_agent_namespace),
     ("route_subjects_mean_one_thing", crate::routes::subjects_mean_one_thing),
