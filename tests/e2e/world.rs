@@ -10,9 +10,10 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::cluster::{self, Binaries, ControlPlane, Process, free_port, spawn};
 
 /// Everything a scenario needs: the control plane, agentguard, and who is who.
+/// Fields drop in order: agentguard stops before the control plane it watches.
 pub struct World {
-    pub plane: ControlPlane,
     pub agentguard: Agentguard,
+    pub plane: ControlPlane,
     /// `system:serviceaccount:agents:coder`, labelled as an agent, bound to cluster-admin
     /// (the overly broad credentials agentguard exists to put brakes on).
     pub agent: PathBuf,
