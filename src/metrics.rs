@@ -64,6 +64,7 @@ pub struct Metrics {
     pub breaker_refusals: Family<BreakerLabels, Counter>,
     pub events_dropped: Counter,
     pub events_suppressed: Counter,
+    pub webhook_configuration_restored: Counter,
 }
 
 impl Default for Metrics {
@@ -117,6 +118,12 @@ impl Default for Metrics {
             "Events not sent: the same object and reason had one within the rate-limit window",
             events_suppressed.clone(),
         );
+        let webhook_configuration_restored = Counter::default();
+        registry.register(
+            "webhook_configuration_restored",
+            "Times agentguard restored its webhook configuration after someone else changed or deleted it",
+            webhook_configuration_restored.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -131,6 +138,7 @@ impl Default for Metrics {
             breaker_refusals,
             events_dropped,
             events_suppressed,
+            webhook_configuration_restored,
         }
     }
 }
