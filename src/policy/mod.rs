@@ -676,7 +676,8 @@ fn decide(
     }
     let default_agent = {
         let (k, v) = &config.agent_label;
-        requester.labels().is_some_and(|l| l.get(k) == Some(v))
+        requester.selected_as_agent
+            || requester.labels().is_some_and(|l| l.get(k) == Some(v))
             || config.agent_usernames.contains(&requester.username)
             || requester.groups.iter().any(|g| config.agent_groups.contains(g))
     };
