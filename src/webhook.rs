@@ -517,12 +517,15 @@ struct Live {
     last_metadata: Option<ObjectMeta>,
     /// When someone else's change that only the caches could explain was first seen.
     foreign_since: Option<tokio::time::Instant>,
+    /// Its Helm release deleted the configuration on uninstall: left alone until it reappears.
+    released: bool,
 }
 
 impl Live {
     fn set(&mut self, object: Option<ValidatingWebhookConfiguration>) {
         if let Some(o) = &object {
             self.last_metadata = Some(o.metadata.clone());
+            self.released = false;
         }
         self.object = object;
         self.read_at = Some(tokio::time::Instant::now());
@@ -689,19 +692,23 @@ impl Registrar {
                     }
                 },
             };
+            let mut live = self.live.lock().await;
+            let watched = seen.is_some();
+            if let Some(object) = seen {
+                live.set(object);
+            }
             if !self.caches.ready() {
                 continue;
             }
-            let mut live = self.live.lock().await;
-            match seen {
-                Some(object) => live.set(object),
-                None if live.read_at.is_none_or(|at| at.elapsed() >= resync) => {
+            match watched {
+                true => {}
+                false if live.read_at.is_none_or(|at| at.elapsed() >= resync) => {
                     if let Err(e) = self.read(&mut live).await {
                         tracing::warn!(error = %e, name = %self.settings.name, "cannot read the webhook configuration");
                         continue;
                     }
                 }
-                None => {}
+                false => {}
             }
             if let Err(e) = self.reconcile(&mut live).await {
                 tracing::warn!(error = format!("{e:#}"), name = %self.settings.name, "cannot keep the webhook configuration");
@@ -715,7 +722,21 @@ impl Registrar {
     /// difference: an update when the caches moved, a loud restore when someone else changed
     /// or deleted the configuration.
     async fn reconcile(&self, live: &mut Live) -> Result<()> {
-        let (want, set) = self.want(live.object.as_ref(), &AgentSet::default()).await?;
+        if live.released && live.object.is_none() {
+            return Ok(());
+        }
+        let (mut want, set) = self.want(live.object.as_ref(), &AgentSet::default()).await?;
+        if live.object.is_none() {
+            // Recreated as its installer left it: Helm still owns it, so upgrades and uninstall go on.
+            let helm = live.last_metadata.iter().flat_map(|m| m.annotations.iter().flatten());
+            let helm: BTreeMap<String, String> = helm
+                .filter(|(k, _)| k.starts_with("meta.helm.sh/"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !helm.is_empty() {
+                want.metadata.annotations.get_or_insert_with(Default::default).extend(helm);
+            }
+        }
         let changed = match &live.object {
             Some(object) => differences(object, &want),
             None => {
@@ -737,6 +758,7 @@ impl Registrar {
         if foreign && live.object.is_none() && self.uninstalling(live.last_metadata.as_ref()).await {
             tracing::info!(name = %self.settings.name, "the webhook configuration was deleted by its Helm release's uninstall: not recreated");
             live.agreed = None;
+            live.released = true;
             return Ok(());
         }
         if foreign && changed.iter().all(|d| d.from_caches) {
