@@ -106,10 +106,21 @@ fn restores_its_configuration(w: &World) -> Result<()> {
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    let cases: [(&str, Vec<String>); 4] = [
+    // A condition added: server-side apply keeps what other managers add, so it is replaced.
+    let condition = patch(
+        json!([{"op": "add", "path": "/webhooks/0/matchConditions/-", "value": {"name": "off", "expression": "false"}}]),
+    );
+    // The agent list emptied: the kind of change another replica may make first, given a
+    // moment for this replica's caches to agree before it counts as tampering.
+    let nobody = patch(
+        json!([{"op": "replace", "path": "/webhooks/0/matchConditions/1/expression", "value": "false"}]),
+    );
+    let cases: [(&str, Vec<String>); 6] = [
         ("an objectSelector on the agents webhook", patched(&selector)),
         ("failurePolicy Ignore", patched(&ignore)),
         ("another timeoutSeconds", patched(&timeout)),
+        ("a matchCondition added", patched(&condition)),
+        ("the agent list emptied", patched(&nobody)),
         ("the whole configuration deleted", vec!["delete".into(), vwc[0].into(), vwc[1].into()]),
     ];
     let mut took = Vec::new();
