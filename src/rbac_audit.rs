@@ -406,7 +406,7 @@ pub fn checks(identity: &Identity, self_namespace: &str, webhook_configuration: 
     // Status and finalize of a Namespace store its labels too: relabelling through them takes a
     // namespace out of a policy's namespaceSelector, or an agent namespace out of agentguard's sight.
     for subresource in NAMESPACE_LABEL_SUBRESOURCES {
-        add("status-label", Severity::High, UPDATE, sub("", "namespaces", *subresource), Scope::Cluster);
+        add("status-label", Severity::High, UPDATE, sub("", "namespaces", subresource), Scope::Cluster);
     }
     for check in &mut out {
         check.becomes_service_account = matches!(check.id, "token-create" | "pod-create")
@@ -441,7 +441,7 @@ pub fn checks(identity: &Identity, self_namespace: &str, webhook_configuration: 
         if identity.why.contains(&Why::AgentNamespace) {
             let own = [res("", "namespaces")]
                 .into_iter()
-                .chain(NAMESPACE_LABEL_SUBRESOURCES.iter().map(|s| sub("", "namespaces", *s)));
+                .chain(NAMESPACE_LABEL_SUBRESOURCES.iter().map(|s| sub("", "namespaces", s)));
             for resource in own {
                 out.push(Check {
                     id: "own-label",

@@ -1,13 +1,14 @@
 //! The ValidatingWebhookConfiguration agentguard keeps current, so the API server only calls it
 //! for requests that can concern an agent or an approval.
 //!
-//! Two webhooks, both `failurePolicy: Fail`:
+//! Two webhooks, both `failurePolicy: Fail`, each on its own path, neither excluding a namespace:
 //!
-//! * `agents.agentguard.io` — CREATE/UPDATE/DELETE on everything, narrowed by `matchConditions`
+//! * `agents.agentguard.io` ([`AGENTS_PATH`]; a request on it is judged as an agent's) —
+//!   CREATE/UPDATE/DELETE on everything, narrowed by `matchConditions`
 //!   to the exact agent identities the caches know (labelled ServiceAccounts, every
 //!   ServiceAccount of an agent namespace by prefix, configured and policy-named users and
 //!   groups). When agentguard is down only these requests fail; nobody else is ever called.
-//! * `approvals.agentguard.io` — CREATE/UPDATE whose object sets or changes
+//! * `approvals.agentguard.io` ([`APPROVALS_PATH`]) — CREATE/UPDATE whose object sets or changes
 //!   `agentguard.io/approve`, or changes a label that can make a ServiceAccount or Namespace an
 //!   agent, whoever sends them (CEL on object and oldObject, so ordinary updates never leave the
 //!   API server).
@@ -20,8 +21,12 @@
 //! annotation with a lapse time, so another replica whose caches lag cannot drop them, and every
 //! write carries the resourceVersion it was computed from.
 //!
-//! Leases and events never reach either webhook. [`desired`] is pure; [`Registrar::keep_current`]
-//! applies it with server-side apply whenever the agent set or the CA bundle changes.
+//! Leases and events (in their own groups only) never reach either webhook. [`desired`] is pure;
+//! [`Registrar::keep_current`] applies it with server-side apply whenever the agent set or the
+//! CA bundle changes, and watches the object: Kubernetes never sends writes of webhook
+//! configurations to webhooks, so any change by someone else to any field [`differences`]
+//! compares, or the object's deletion, is undone within a second and reported (a Warning Event,
+//! a metric, a warning in the log).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -542,6 +547,8 @@ const ATTEMPTS: usize = 5;
 /// replica computed from caches ahead of this one's) is given for this replica's caches to catch
 /// up, before it is restored as tampering.
 const CACHE_GRACE: Duration = Duration::from_millis(400);
+/// The pause after a failed pass.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// The Event reason of a restored configuration.
 pub const RESTORED_REASON: &str = "WebhookConfigurationRestored";
 const FIELD_MANAGER: &str = "agentguard";
@@ -712,8 +719,11 @@ impl Registrar {
             }
             if let Err(e) = self.reconcile(&mut live).await {
                 tracing::warn!(error = format!("{e:#}"), name = %self.settings.name, "cannot keep the webhook configuration");
-                // Read it again before the next attempt: it may have changed.
+                // Read it again before the next attempt, after a pause: it may have changed, or
+                // agentguard may have lost its rights to it (an uninstall in progress).
                 live.read_at = None;
+                drop(live);
+                tokio::time::sleep(ERROR_PAUSE).await;
             }
         }
     }
@@ -922,7 +932,8 @@ mod tests {
                 ..Default::default()
             })
         };
-        let cases: Vec<(&str, Box<dyn Fn(&mut ValidatingWebhook)>)> = vec![
+        type Change = Box<dyn Fn(&mut ValidatingWebhook)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("admissionReviewVersions", Box::new(|w| w.admission_review_versions.push("v1beta1".into()))),
             (
                 "clientConfig",
