@@ -4,7 +4,7 @@
 //! Two webhooks, both `failurePolicy: Fail`, each on its own path, neither excluding a namespace:
 //!
 //! * `agents.agentguard.io` ([`AGENTS_PATH`]; a request on it is judged as an agent's) —
-//!   CREATE/UPDATE/DELETE on everything, narrowed by `matchConditions`
+//!   CREATE/UPDATE/DELETE/CONNECT on everything, narrowed by `matchConditions`
 //!   to the exact agent identities the caches know (labelled ServiceAccounts, every
 //!   ServiceAccount of an agent namespace by prefix, configured and policy-named users and
 //!   groups). When agentguard is down only these requests fail; nobody else is ever called.
@@ -116,7 +116,7 @@ pub fn marked_agents(facts: &Facts<'_>, policies: &PolicySet, config: &Config) -
     }
     let labels = Facts::labels(facts.object);
     match facts.resource {
-        "serviceaccounts" if policies.labels_make_agent(labels.as_ref(), config) => {
+        "serviceaccounts" if policies.labels_make_agent(facts.namespace, labels.as_ref(), config) => {
             set.usernames.insert(format!("system:serviceaccount:{}:{}", facts.namespace, facts.name));
         }
         "namespaces"
@@ -349,7 +349,7 @@ pub fn desired(
             webhook(
                 AGENTS_WEBHOOK,
                 AGENTS_PATH,
-                &["CREATE", "UPDATE", "DELETE"],
+                &["CREATE", "UPDATE", "DELETE", "CONNECT"],
                 vec![
                     condition("not-leases-or-events", NOT_LEASES_OR_EVENTS.into()),
                     condition(AGENTS_CONDITION, agent_condition(set)),
@@ -1219,6 +1219,7 @@ mod tests {
                 name: "coder",
                 object: Some(object),
                 old_object: None,
+                collateral: &[],
             }
         }
         let agent = labelled(json!({"agentguard.io/agent": "true"}));
