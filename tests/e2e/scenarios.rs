@@ -32,7 +32,7 @@ pub const ALL: &[(&str, Scenario)] = &[
         "a_recorded_change_refused_later_is_marked_never_happened",
         crate::trail::a_change_refused_later_is_marked,
     ),
-    ("own_webhook_configuration_is_restored_and_its_cel_literals_select_exactly", crate::tamper::scenario),
+    ("no_unguarded_corners_and_the_webhook_configuration_is_restored", crate::tamper::scenario),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];

@@ -79,10 +79,126 @@ fn restore_after(w: &World, what: &str, tamper: &[&str]) -> Result<Duration> {
     }
 }
 
-/// Both checks, as one scenario.
+/// The whole of "no unguarded corners", as one scenario.
 pub fn scenario(w: &World) -> Result<()> {
+    guarded_in_every_namespace(w).context("no namespace exclusion")?;
+    custom_events_are_guarded(w).context("a custom resource named events")?;
+    marked_through_a_subresource(w).context("an agent namespace marked through namespaces/status")?;
     restores_its_configuration(w).context("tamper repair")?;
     policy_usernames_render_to_literals_the_api_server_accepts(w).context("CEL literals")
+}
+
+/// kube-system and agentguard's own namespace reach the `agents` webhook like any other: the
+/// built-in `agentguard-self` rule and the policies fire there.
+fn guarded_in_every_namespace(w: &World) -> Result<()> {
+    let admin = |args: &[&str]| must(w.plane.kubectl(&w.plane.admin, args));
+    admin(&["create", "configmap", "e2e-probe", "-n", "agentguard-system"])?;
+    rejects(
+        w.plane.kubectl(&w.agent, &["delete", "configmap", "e2e-probe", "-n", "agentguard-system"]),
+        "an agent's delete in agentguard's namespace",
+        "agentguard-self",
+    )?;
+    rejects(
+        w.plane.kubectl(&w.agent, &["label", "configmap", "e2e-probe", "-n", "agentguard-system", "x=y"]),
+        "an agent's update in agentguard's namespace",
+        "agentguard-self",
+    )?;
+    admin(&["create", "deployment", "e2e-probe", "--image=nginx:1.27", "-n", "kube-system"])?;
+    let refused = w.plane.kubectl(&w.agent, &["delete", "deployment", "e2e-probe", "-n", "kube-system"]);
+    admin(&["delete", "deployment", "e2e-probe", "-n", "kube-system"])?;
+    admin(&["delete", "configmap", "e2e-probe", "-n", "agentguard-system"])?;
+    rejects(refused, "an agent's delete in kube-system", "requires approval")?;
+    Ok(())
+}
+
+/// Only the real leases and events skip the webhooks: a custom resource named `events` in
+/// another group is guarded like any other.
+fn custom_events_are_guarded(w: &World) -> Result<()> {
+    let admin = |args: &[&str]| must(w.plane.kubectl(&w.plane.admin, args));
+    let crd = json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "events.e2e.agentguard.io"},
+        "spec": {
+            "group": "e2e.agentguard.io",
+            "scope": "Namespaced",
+            "names": {"plural": "events", "singular": "event", "kind": "Event"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                          "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]
+        }
+    });
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&crd.to_string())))?;
+    admin(&["wait", "--for", "condition=established", "--timeout=60s", "crd/events.e2e.agentguard.io"])?;
+    let policy = json!({
+        "apiVersion": "agentguard.io/v1alpha1",
+        "kind": "ClusterAgentPolicy",
+        "metadata": {"name": "e2e-custom-events"},
+        "spec": {"action": "Deny", "rules": [{"name": "custom-events", "operations": ["DELETE"], "namespaces": [NS_EVENTS],
+                  "resources": [{"apiGroups": ["e2e.agentguard.io"], "resources": ["events"]}]}]}
+    });
+    admin(&["create", "namespace", NS_EVENTS])?;
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&policy.to_string())))?;
+    admin(&["wait", "--for=condition=Ready", "--timeout=30s", "clusteragentpolicy/e2e-custom-events"])?;
+    let object = json!({"apiVersion": "e2e.agentguard.io/v1", "kind": "Event", "metadata": {"name": "launch", "namespace": NS_EVENTS}});
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["create", "-f", "-"], Some(&object.to_string())))?;
+    let refused =
+        w.plane.kubectl(&w.agent, &["delete", "events.e2e.agentguard.io", "launch", "-n", NS_EVENTS]);
+    admin(&["delete", "clusteragentpolicy", "e2e-custom-events"])?;
+    rejects(refused, "an agent's delete of a custom resource named events", "e2e-custom-events")?;
+    Ok(())
+}
+
+const NS_EVENTS: &str = "e2e-custom-events";
+const NS_STATUS: &str = "e2e-status-marked";
+
+/// A Namespace marked as an agent namespace through `namespaces/status` (which stores labels):
+/// the `approvals` webhook sees the write, agentguard registers the namespace before admitting
+/// it, and the namespace's ServiceAccounts are guarded from that moment.
+fn marked_through_a_subresource(w: &World) -> Result<()> {
+    let admin = |args: &[&str]| must(w.plane.kubectl(&w.plane.admin, args));
+    admin(&["create", "namespace", NS_STATUS])?;
+    admin(&["create", "serviceaccount", "bot", "-n", NS_STATUS])?;
+    admin(&[
+        "create",
+        "rolebinding",
+        "bot",
+        "--clusterrole=e2e-editor",
+        &format!("--serviceaccount={NS_STATUS}:bot"),
+        "-n",
+        NS_STATUS,
+    ])?;
+    admin(&["create", "deployment", "web", "--image=nginx:1.27", "-n", NS_STATUS])?;
+    let bot = w.plane.service_account_kubeconfig(NS_STATUS, "bot")?;
+    let mark = json!({"metadata": {"labels": {"agentguard.io/agent-namespace": "true"}}}).to_string();
+    admin(&["patch", "namespace", NS_STATUS, "--subresource=status", "--type=merge", "-p", &mark])?;
+    let labels = admin(&["get", "namespace", NS_STATUS, "-o", "jsonpath={.metadata.labels}"])?;
+    ensure!(
+        labels.contains("agentguard.io/agent-namespace"),
+        "namespaces/status did not store the label: {labels}"
+    );
+    // At once: no wait for caches or a resync.
+    rejects(
+        w.plane.kubectl(&bot, &["delete", "deployment", "web", "-n", NS_STATUS]),
+        "a delete by a ServiceAccount of a namespace just marked through its status",
+        "requires approval",
+    )?;
+    let vwc = configuration(w).context("no webhook configuration")?;
+    let expression = agents_webhook(&vwc)["matchConditions"][1]["expression"].as_str().unwrap_or_default();
+    ensure!(
+        expression.contains(&format!("system:serviceaccount:{NS_STATUS}:")),
+        "not registered: {expression}"
+    );
+    // And an agent cannot unmark it the same way.
+    let unmark = json!({"metadata": {"labels": {"agentguard.io/agent-namespace": null}}}).to_string();
+    rejects(
+        w.plane.kubectl(
+            &w.agent,
+            &["patch", "namespace", NS_STATUS, "--subresource=status", "--type=merge", "-p", &unmark],
+        ),
+        "an agent removing the agent-namespace label through namespaces/status",
+        "agent-namespace-label",
+    )?;
+    Ok(())
 }
 
 fn restores_its_configuration(w: &World) -> Result<()> {
