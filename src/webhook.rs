@@ -755,27 +755,26 @@ impl Registrar {
         };
         // A lapsed registered-ahead entry is a difference too, so the annotation shrinks back.
         let ahead_lapsed = live.object.as_ref().is_some_and(|l| ahead_listed(l) != ahead_listed(&want));
+        // Someone else wrote (or deleted) it since this replica last agreed with it.
+        let foreign = live.agreed.is_some() && live.version() != live.agreed.as_ref();
         if changed.is_empty() {
             live.agreed = live.version().cloned();
             live.foreign_since = None;
             self.current.store(true, std::sync::atomic::Ordering::Release);
-            if !ahead_lapsed {
-                return Ok(());
-            }
+        } else if foreign {
+            live.foreign_since.get_or_insert_with(tokio::time::Instant::now);
         }
-        // Someone else wrote (or deleted) it since this replica last agreed with it.
-        let foreign = !changed.is_empty() && live.agreed.is_some() && live.version() != live.agreed.as_ref();
-        if foreign && live.object.is_none() && self.uninstalling(live.last_metadata.as_ref()).await {
+        let foreign_for = live.foreign_since.map(|at| at.elapsed()).unwrap_or_default();
+        let restore = match next_step(&changed, ahead_lapsed, foreign, foreign_for) {
+            Step::Nothing | Step::Wait => return Ok(()),
+            Step::Update => false,
+            Step::Restore => true,
+        };
+        if restore && live.object.is_none() && self.uninstalling(live.last_metadata.as_ref()).await {
             tracing::info!(name = %self.settings.name, "the webhook configuration was deleted by its Helm release's uninstall: not recreated");
             live.agreed = None;
             live.released = true;
             return Ok(());
-        }
-        if foreign && changed.iter().all(|d| d.from_caches) {
-            let since = *live.foreign_since.get_or_insert_with(tokio::time::Instant::now);
-            if since.elapsed() < CACHE_GRACE {
-                return Ok(());
-            }
         }
         let before = live.object.clone();
         match self.write(live, &want).await {
@@ -788,7 +787,7 @@ impl Registrar {
             Err(e) => return Err(e).context("writing the webhook configuration"),
         }
         self.current.store(true, std::sync::atomic::Ordering::Release);
-        if foreign {
+        if restore {
             self.restored(before.as_ref(), &changed, live.object.as_ref());
         } else {
             tracing::info!(
@@ -862,6 +861,36 @@ impl Registrar {
             }
         }
     }
+}
+
+/// What a pass does about the live configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// It is what agentguard wants.
+    Nothing,
+    /// Write what the caches now want (or let a lapsed registered-ahead entry go): quietly.
+    Update,
+    /// Someone else's change another replica's fresher caches may explain: give this replica's
+    /// caches [`CACHE_GRACE`] to agree.
+    Wait,
+    /// Someone else changed or deleted it: restore it, loudly.
+    Restore,
+}
+
+/// The step for `changed` (the live object against the wanted one), where `foreign` says the
+/// live object is not one this replica wrote or agreed with, first seen `foreign_for` ago.
+/// Comparing with what is wanted, never with its own last write, a replica cannot fight itself.
+fn next_step(changed: &[Difference], ahead_lapsed: bool, foreign: bool, foreign_for: Duration) -> Step {
+    if changed.is_empty() {
+        return if ahead_lapsed { Step::Update } else { Step::Nothing };
+    }
+    if !foreign {
+        return Step::Update;
+    }
+    if changed.iter().all(|d| d.from_caches) && foreign_for < CACHE_GRACE {
+        return Step::Wait;
+    }
+    Step::Restore
 }
 
 /// The field managers other than agentguard that wrote the object, for the record.
@@ -1023,6 +1052,24 @@ mod tests {
         live.webhooks.as_mut().unwrap()[1].timeout_seconds = None;
         assert_eq!(differences(&live, &want)[0].field, "webhooks[approvals.agentguard.io].timeoutSeconds");
         assert_eq!(differences(&live, &want).len(), 1);
+    }
+
+    #[test]
+    fn someone_elses_change_is_restored_and_the_caches_moving_only_updates() {
+        let field =
+            |from_caches| Difference { field: "webhooks[agents.agentguard.io].x".into(), from_caches };
+        let now = Duration::ZERO;
+        // Nothing to do, or a quiet update: the live object is this replica's own.
+        assert_eq!(next_step(&[], false, false, now), Step::Nothing);
+        assert_eq!(next_step(&[], false, true, now), Step::Nothing);
+        assert_eq!(next_step(&[], true, false, now), Step::Update);
+        assert_eq!(next_step(&[field(true)], false, false, now), Step::Update);
+        assert_eq!(next_step(&[field(false)], false, false, now), Step::Update);
+        // Someone else's: restored at once, unless only what fresher caches explain differs.
+        assert_eq!(next_step(&[field(false)], false, true, now), Step::Restore);
+        assert_eq!(next_step(&[field(true), field(false)], false, true, now), Step::Restore);
+        assert_eq!(next_step(&[field(true)], false, true, now), Step::Wait);
+        assert_eq!(next_step(&[field(true)], false, true, CACHE_GRACE), Step::Restore);
     }
 
     #[test]
