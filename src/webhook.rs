@@ -1219,7 +1219,12 @@ mod tests {
         assert!(matches(&guard, sa.clone(), labelled(agent.clone()), Value::Null));
         assert!(matches(&guard, sa.clone(), json!({"metadata": {"name": "coder"}}), labelled(agent.clone())));
         let agent_ns = json!({"agentguard.io/agent-namespace": "true"});
-        assert!(matches(&guard, write("namespaces"), labelled(agent_ns), labelled(json!({}))));
+        assert!(matches(&guard, write("namespaces"), labelled(agent_ns.clone()), labelled(json!({}))));
+        // Through a subresource too: `request.resource` names the resource, `subResource` is apart.
+        let mut status = write("namespaces");
+        status["subResource"] = json!("status");
+        assert!(matches(&guard, status.clone(), labelled(agent_ns.clone()), labelled(json!({}))));
+        assert!(matches(&guard, status, labelled(json!({})), labelled(agent_ns)));
         // Everything else stays in the API server: other labels, unchanged agents, other kinds.
         assert!(!matches(&guard, sa.clone(), labelled(json!({"team": "ml"})), labelled(json!({}))));
         assert!(!matches(&guard, sa.clone(), json!({"metadata": {"name": "coder"}}), Value::Null));
