@@ -65,6 +65,7 @@ pub struct Metrics {
     pub events_dropped: Counter,
     pub events_suppressed: Counter,
     pub webhook_configuration_restored: Counter,
+    pub webhook_configuration_restore_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -124,6 +125,12 @@ impl Default for Metrics {
             "Times agentguard restored its webhook configuration after someone else changed or deleted it",
             webhook_configuration_restored.clone(),
         );
+        let webhook_configuration_restore_failures = Counter::default();
+        registry.register(
+            "webhook_configuration_restore_failures",
+            "Attempts to restore the webhook configuration after someone else changed or deleted it that failed",
+            webhook_configuration_restore_failures.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -139,6 +146,7 @@ impl Default for Metrics {
             events_dropped,
             events_suppressed,
             webhook_configuration_restored,
+            webhook_configuration_restore_failures,
         }
     }
 }

@@ -784,6 +784,13 @@ impl Registrar {
                 live.read_at = None;
                 return Ok(());
             }
+            Err(e) if restore => {
+                // Tampered with and not repaired: the loudest case of all.
+                self.metrics.webhook_configuration_restore_failures.inc();
+                let fields = changed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                tracing::error!(error = %e, name = %self.settings.name, %fields, "webhook configuration changed by someone else and not restored");
+                return Err(e).context("restoring the webhook configuration");
+            }
             Err(e) => return Err(e).context("writing the webhook configuration"),
         }
         self.current.store(true, std::sync::atomic::Ordering::Release);
