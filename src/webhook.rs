@@ -820,11 +820,22 @@ impl Registrar {
         let fields = changed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
         let writers = before.map(writers).unwrap_or_default();
         tracing::warn!(name = %self.settings.name, %fields, writers = %writers, "webhook configuration changed by someone else: restored");
-        let by = if writers.is_empty() { String::new() } else { format!(" (last written by {writers})") };
+        let by = if writers.is_empty() {
+            String::new()
+        } else {
+            format!(" (field managers other than agentguard: {writers})")
+        };
+        let name = &self.settings.name;
+        let what = match before {
+            None => {
+                format!("agentguard recreated its webhook configuration {name}, deleted by someone else{by}.")
+            }
+            Some(_) => {
+                format!("agentguard restored its webhook configuration {name}: someone changed {fields}{by}.")
+            }
+        };
         let note = format!(
-            "agentguard restored its webhook configuration {}: {fields} had been changed{by}. \
-             Only RBAC can stop such writes; check who holds update/patch/delete on validatingwebhookconfigurations.",
-            self.settings.name
+            "{what} Only RBAC can stop such writes: `agentguard audit` lists who may update, patch or delete it."
         );
         self.events.emit(Record {
             regarding: ObjectReference {

@@ -287,6 +287,9 @@ fn restores_its_configuration(w: &World) -> Result<()> {
         events.lines().all(|l| l.starts_with("Warning ValidatingWebhookConfiguration/agentguard: ")),
         "{events}"
     );
+    for line in events.lines() {
+        println!("  event: {line}");
+    }
 
     // The recreated configuration guards: the agent is held, a human is not.
     must(w.plane.kubectl(&w.plane.admin, &["create", "deployment", "web", "--image=nginx:1.27", "-n", NS]))?;
