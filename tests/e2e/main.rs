@@ -10,6 +10,7 @@ mod cluster;
 mod pending;
 mod routes;
 mod scenarios;
+mod tamper;
 mod trail;
 mod world;
 
