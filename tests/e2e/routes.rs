@@ -1134,8 +1134,8 @@ pub fn subjects_mean_one_thing(w: &World) -> Result<()> {
 }
 
 /// Usernames with quotes, a backslash or a newline either are refused at apply time or render
-/// into a webhook configuration the API server accepts: the odd user is guarded, and an agent
-/// marked afterwards is still registered.
+/// into a webhook configuration the API server accepts: the odd user is guarded, a user whose
+/// name lacks only the odd characters is not, and an agent marked afterwards is still registered.
 pub fn odd_usernames_render(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
     let ns = namespace(w, "routes-odd-names")?;
@@ -1177,6 +1177,24 @@ pub fn odd_usernames_render(w: &World) -> Result<()> {
                 "the odd user's delete",
                 &format!("e2e-routes-odd-{n}"),
                 "odd-config",
+            )?;
+            // Exactly that user: the same name without its odd characters is no agent.
+            let plain: String = odd.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+            admin(
+                w,
+                &[
+                    "create",
+                    "rolebinding",
+                    &format!("plain-{n}"),
+                    "-n",
+                    &ns,
+                    "--clusterrole=edit",
+                    &format!("--user={plain}"),
+                ],
+            )?;
+            accepts(
+                kubectl(w, &w.plane.user_kubeconfig(&plain, &[])?, &probe),
+                "the same delete by a user whose name differs only in the odd characters",
             )?;
             let after = format!("after-{n}");
             admin(w, &["create", "serviceaccount", &after, "-n", &ns])?;
