@@ -83,7 +83,26 @@ fn deployment(w: &World, ns: &str, name: &str) -> Result<()> {
          spec: {{containers: [{{name: web, image: 'nginx:1.27'}}]}}\n"
     );
     must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&manifest)))?;
-    Ok(())
+    settled(w, ns, name)
+}
+
+/// Waits until the deployment controller has seen Deployment `name` as it is now (it writes the
+/// `deployment.kubernetes.io/revision` annotation and the status), so that the object a scenario
+/// acts on is the one a human would review, not one a controller is about to write.
+fn settled(w: &World, ns: &str, name: &str) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let d = get_json(w, ns, "deployment", name)?;
+        let revision = &d["metadata"]["annotations"]["deployment.kubernetes.io/revision"];
+        if revision.is_string() && d["status"]["observedGeneration"] == d["metadata"]["generation"] {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the deployment controller never saw {ns}/{name}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `kubectl get events.events.k8s.io` in `ns`, one line per Event rendered by `fields`
