@@ -89,7 +89,7 @@ fn deployment(w: &World, ns: &str, name: &str) -> Result<()> {
 /// Waits until the deployment controller has seen Deployment `name` as it is now (it writes the
 /// `deployment.kubernetes.io/revision` annotation and the status), so that the object a scenario
 /// acts on is the one a human would review, not one a controller is about to write.
-fn settled(w: &World, ns: &str, name: &str) -> Result<()> {
+pub(crate) fn settled(w: &World, ns: &str, name: &str) -> Result<()> {
     let started = Instant::now();
     loop {
         let d = get_json(w, ns, "deployment", name)?;
