@@ -196,12 +196,17 @@ fn create(w: &World, object: &Value) -> Result<String> {
     Ok(uid.trim().to_owned())
 }
 
-/// A Pod (Pending for ever: no scheduler or kubelet runs), once the namespace's `default`
-/// ServiceAccount exists.
-fn pod(w: &World, ns: &str, name: &str) -> Result<()> {
+/// Waits for the `default` ServiceAccount the controller-manager makes in `ns`: Pods need it.
+fn default_service_account(w: &World, ns: &str) -> Result<()> {
     wait_for("the namespace's default ServiceAccount", Duration::from_secs(30), || {
         Ok(exists(w, &["serviceaccount", "default", "-n", ns]))
-    })?;
+    })
+    .map(drop)
+}
+
+/// A Pod (Pending for ever: no scheduler or kubelet runs).
+fn pod(w: &World, ns: &str, name: &str) -> Result<()> {
+    default_service_account(w, ns)?;
     create(
         w,
         &json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns},
@@ -599,9 +604,7 @@ pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
         ]),
     ))?;
     // Pods the real ReplicaSet controller makes (Pending: no scheduler runs).
-    wait_for("the namespace's default ServiceAccount", Duration::from_secs(30), || {
-        Ok(exists(w, &["serviceaccount", "default", "-n", &ns]))
-    })?;
+    default_service_account(w, &ns)?;
     create(
         w,
         &json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "api", "namespace": ns},
