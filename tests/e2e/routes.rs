@@ -1022,6 +1022,11 @@ pub fn policy_subjects_are_confined(w: &World) -> Result<()> {
             cluster(json!({"groups": ["system:masters"]})),
             "system:masters",
         ),
+        (
+            "a ClusterAgentPolicy naming every authenticated user",
+            cluster(json!({"groups": ["system:authenticated"]})),
+            "system:authenticated",
+        ),
     ] {
         routes.check(what, || {
             let out = dry_run(&policy);
