@@ -20,6 +20,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("agent_cannot_loosen_its_own_brakes", self_protection),
     ("warn_mode_admits_with_a_kubectl_warning", warn_mode),
     ("humans_and_unlabelled_service_accounts_never_reach_the_webhook", not_called),
+    ("controllers_reconcile_an_object_that_carries_an_approval", controllers_reconcile_approved_objects),
     ("a_newly_marked_agent_is_guarded_from_the_moment_the_mark_is_stored", labelled_later),
     ("invalid_policy_is_rejected_at_apply_time", invalid_policy),
     ("kubectl_get_shows_policies_ready", policies_ready),
@@ -378,6 +379,40 @@ fn warn_mode(w: &World) -> Result<()> {
         "{out}"
     );
     Ok(())
+}
+
+/// The controllers reconcile an object that carries an approval: the deployment controller
+/// copies a Deployment's annotations, the approval among them, onto its ReplicaSet, and no
+/// controller's write may be refused. An approved scale reaches the ReplicaSet.
+fn controllers_reconcile_approved_objects(w: &World) -> Result<()> {
+    let ns = namespace(w, "reconcile")?;
+    deployment(w, &ns, "web")?;
+    let scale = ["patch", "deployment", "web", "-n", &ns, "-p", r#"{"spec":{"replicas":3}}"#];
+    let denial = rejects(w.plane.kubectl(&w.editor, &scale), "scaling to 3", "requires approval")?;
+    accepts(run_as(w, &w.alice, &approve_command(&denial)?), "alice's approval")?;
+    accepts(w.plane.kubectl(&w.editor, &scale), "the approved scale")?;
+    let started = Instant::now();
+    loop {
+        let replicas = must(w.plane.kubectl(
+            &w.plane.admin,
+            &["get", "replicasets", "-n", &ns, "-l", "app=web", "-o", "jsonpath={.items[*].spec.replicas}"],
+        ))?;
+        if replicas.trim() == "3" {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let log = std::fs::read_to_string(w.plane.dir.path().join("agentguard.log")).unwrap_or_default();
+            let refused = log
+                .lines()
+                .filter(|l| l.contains("\"refused\"") && l.contains("system:serviceaccount:kube-system:"))
+                .count();
+            anyhow::bail!(
+                "the ReplicaSet has {replicas:?} replicas 30 s after the approved scale to 3; agentguard refused \
+                 {refused} writes by kube-system controllers"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn not_called(w: &World) -> Result<()> {
