@@ -265,6 +265,8 @@ impl EngineArgs {
             },
             self_namespace: self_namespace.clone(),
             self_name_prefix: self_name_prefix.clone(),
+            // `serve` loads the cluster's key; offline commands use the fixed test key.
+            approval_keys: crate::approval::Keys::none(),
         })
     }
 }
@@ -344,7 +346,8 @@ pub fn load_world(paths: &[PathBuf]) -> Result<(Vec<ClusterAgentPolicy>, Vec<Age
 
 /// `agentguard check`: prints one line per review; exits non-zero only on unreadable input.
 pub fn check(args: &CheckArgs) -> Result<()> {
-    let config = args.engine.config()?;
+    // Offline, tickets are issued and checked under a fixed, public test key.
+    let config = Config { approval_keys: crate::approval::Keys::fixed_for_tests(), ..args.engine.config()? };
     if !args.tests.is_empty() {
         let (mut passed, mut failed) = (0, 0);
         for file in &args.tests {

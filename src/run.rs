@@ -32,12 +32,24 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         shutdown_delay_seconds,
         drain_seconds,
     } = args;
-    let config = engine.config()?;
+    let mut config = engine.config()?;
     let webhook_settings = webhook.settings(config.self_namespace.as_deref())?;
     let trail_settings = trail.settings(config.self_namespace.as_deref())?;
     let metrics = Arc::new(Metrics::default());
 
     let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
+    config.approval_keys = match &config.self_namespace {
+        Some(ns) => {
+            let name = crate::approval_key::secret_name(&config.self_name_prefix);
+            crate::approval_key::load_or_create(&Api::<Secret>::namespaced(client.clone(), ns), &name)
+                .await
+                .context("loading the approval key")?
+        }
+        None => {
+            tracing::warn!("no --self-namespace: approval tickets are signed with a key of this process only");
+            crate::approval_key::ephemeral()?
+        }
+    };
 
     // Certificates first: without them there is nothing to serve.
     let certs = match &self_signed.self_signed_secret {
