@@ -203,7 +203,13 @@ impl Ticket {
         let ttl = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
         let mut mac = key.mac();
         mac_input(&mut mac, subject.uid, subject.op, issued, ttl, subject.digest);
-        Some(Self { op: subject.op, issued, ttl, digest: *subject.digest, mac: mac.finalize().into_bytes().into() })
+        Some(Self {
+            op: subject.op,
+            issued,
+            ttl,
+            digest: *subject.digest,
+            mac: mac.finalize().into_bytes().into(),
+        })
     }
 
     /// Parses an annotation value.
@@ -406,34 +412,41 @@ mod tests {
         let update = issue(Op::Update, &digest).value();
         let at = t("2026-11-26T10:30:00Z");
         let delete = Subject { uid: UID, op: Op::Delete, digest: &digest };
-        let cases: Vec<(&str, Option<&str>, &Keys, Subject, Timestamp, Refusal)> = vec![
-            ("absent", None, &keys(), delete, at, Refusal::Absent),
-            ("old format", Some("delete"), &keys(), delete, at, Refusal::Malformed(GrammarError::Shape)),
+        let cases: Vec<(&str, Option<&str>, Keys, Subject, Timestamp, Refusal)> = vec![
+            ("absent", None, keys(), delete, at, Refusal::Absent),
+            ("old format", Some("delete"), keys(), delete, at, Refusal::Malformed(GrammarError::Shape)),
             (
                 "unknown operation",
                 Some("destroy.AAAA"),
-                &keys(),
+                keys(),
                 delete,
                 at,
                 Refusal::Malformed(GrammarError::UnknownOperation("destroy".into())),
             ),
-            ("truncated", Some(&value[..40]), &keys(), delete, at, Refusal::Malformed(GrammarError::BadTicket)),
-            ("other key", Some(&value), &other_keys(), delete, at, Refusal::Foreign),
-            ("no key", Some(&value), &Keys::none(), delete, at, Refusal::NoKey),
-            ("other object", Some(&value), &keys(), Subject { uid: "other", ..delete }, at, Refusal::Foreign),
+            (
+                "truncated",
+                Some(&value[..40]),
+                keys(),
+                delete,
+                at,
+                Refusal::Malformed(GrammarError::BadTicket),
+            ),
+            ("other key", Some(&value), other_keys(), delete, at, Refusal::Foreign),
+            ("no key", Some(&value), Keys::none(), delete, at, Refusal::NoKey),
+            ("other object", Some(&value), keys(), Subject { uid: "other", ..delete }, at, Refusal::Foreign),
             (
                 "other operation",
                 Some(&update),
-                &keys(),
+                keys(),
                 delete,
                 at,
                 Refusal::WrongOperation { approved: Op::Update, wanted: Op::Delete },
             ),
-            ("stale", Some(&value), &keys(), Subject { digest: &[2; 32], ..delete }, at, Refusal::StaleState),
+            ("stale", Some(&value), keys(), Subject { digest: &[2; 32], ..delete }, at, Refusal::StaleState),
             (
                 "other change",
                 Some(&update),
-                &keys(),
+                keys(),
                 Subject { op: Op::Update, digest: &[2; 32], ..delete },
                 at,
                 Refusal::OtherChange,
@@ -441,7 +454,7 @@ mod tests {
             (
                 "expired",
                 Some(&value),
-                &keys(),
+                keys(),
                 delete,
                 t("2026-11-26T11:00:00Z"),
                 Refusal::Expired(t("2026-11-26T11:00:00Z")),
@@ -449,14 +462,14 @@ mod tests {
             (
                 "issued in the future",
                 Some(&value),
-                &keys(),
+                keys(),
                 delete,
                 t("2026-11-26T09:58:59Z"),
                 Refusal::IssuedInFuture(t(NOW)),
             ),
         ];
         for (name, value, keys, subject, now, want) in cases {
-            assert_eq!(check(value, keys, &subject, mins(120), now), Err(want), "{name}");
+            assert_eq!(check(value, &keys, &subject, mins(120), now), Err(want), "{name}");
         }
         // Within the clock skew, a ticket from a replica whose clock runs ahead is fine.
         assert!(check(Some(&value), &keys(), &delete, mins(120), t("2026-11-26T09:59:30Z")).is_ok());
@@ -466,7 +479,8 @@ mod tests {
     fn a_rotated_key_is_accepted_during_its_grace_period() {
         let digest = [1; 32];
         let value = issue(Op::Delete, &digest).value();
-        let rotated = Keys::new(Key::from_bytes(&[9; 32]).unwrap(), vec![Key(*b"agentguard check --test key, 32B")]);
+        let rotated =
+            Keys::new(Key::from_bytes(&[9; 32]).unwrap(), vec![Key(*b"agentguard check --test key, 32B")]);
         let subject = Subject { uid: UID, op: Op::Delete, digest: &digest };
         assert!(check(Some(&value), &rotated, &subject, mins(120), t(NOW)).is_ok());
         let dropped = Keys::new(Key::from_bytes(&[9; 32]).unwrap(), Vec::new());
@@ -542,7 +556,10 @@ mod tests {
             let other_op = if op == Op::Delete { Op::Update } else { Op::Delete };
             let relabelled = format!("{other_op}.{}", value.split_once('.').unwrap().1);
             let as_other = Subject { op: other_op, ..subject };
-            assert_eq!(check(Some(&relabelled), &keys(), &as_other, mins(24 * 60), during), Err(Refusal::Foreign));
+            assert_eq!(
+                check(Some(&relabelled), &keys(), &as_other, mins(24 * 60), during),
+                Err(Refusal::Foreign)
+            );
 
             // Another object, another state or change: never accepted.
             let other_uid = format!("{uid}x");
@@ -553,13 +570,25 @@ mod tests {
             let mut other_digest = digest;
             other_digest[rng.below(32) as usize] ^= 1 + rng.below(255) as u8;
             assert!(
-                check(Some(&value), &keys(), &Subject { digest: &other_digest, ..subject }, mins(24 * 60), during)
-                    .is_err()
+                check(
+                    Some(&value),
+                    &keys(),
+                    &Subject { digest: &other_digest, ..subject },
+                    mins(24 * 60),
+                    during
+                )
+                .is_err()
             );
 
             // Expired, or issued beyond the clock skew in the future: never accepted.
-            let after = ticket.expires(mins(24 * 60)).checked_add(SignedDuration::from_secs(rng.below(1000) as i64)).unwrap();
-            assert!(matches!(check(Some(&value), &keys(), &subject, mins(24 * 60), after), Err(Refusal::Expired(_))));
+            let after = ticket
+                .expires(mins(24 * 60))
+                .checked_add(SignedDuration::from_secs(rng.below(1000) as i64))
+                .unwrap();
+            assert!(matches!(
+                check(Some(&value), &keys(), &subject, mins(24 * 60), after),
+                Err(Refusal::Expired(_))
+            ));
             let before = issued
                 .checked_sub(CLOCK_SKEW)
                 .unwrap()

@@ -34,7 +34,8 @@ pub fn keys_of(secret: &Secret) -> Result<Keys> {
         Key::from_bytes(&bytes.0)
             .with_context(|| format!("entry {name:?} of the approval key Secret is not {} bytes", Key::LEN))
     };
-    let current = data.get(CURRENT).with_context(|| format!("the approval key Secret has no {CURRENT:?} entry"))?;
+    let current =
+        data.get(CURRENT).with_context(|| format!("the approval key Secret has no {CURRENT:?} entry"))?;
     let current = key(CURRENT, current)?;
     let previous = data
         .iter()
@@ -104,8 +105,12 @@ mod tests {
 
     #[test]
     fn the_secret_holds_the_current_and_previous_keys() {
-        let keys = keys_of(&secret(&[("key", vec![1; 32]), ("previous", vec![2; 32]), ("note", vec![0])])).unwrap();
-        assert_eq!(keys, Keys::new(Key::from_bytes(&[1; 32]).unwrap(), vec![Key::from_bytes(&[2; 32]).unwrap()]));
+        let keys =
+            keys_of(&secret(&[("key", vec![1; 32]), ("previous", vec![2; 32]), ("note", vec![0])])).unwrap();
+        assert_eq!(
+            keys,
+            Keys::new(Key::from_bytes(&[1; 32]).unwrap(), vec![Key::from_bytes(&[2; 32]).unwrap()])
+        );
         assert!(keys_of(&secret(&[("previous", vec![2; 32])])).is_err());
         let short = keys_of(&secret(&[("key", vec![1; 16])])).unwrap_err();
         assert!(format!("{short:#}").contains("not 32 bytes"), "{short:#}");

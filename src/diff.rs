@@ -19,6 +19,9 @@ use crate::api::APPROVE_ANNOTATION;
 
 /// Entries shown in a summary; [`Change::full`] and the digest always cover all of them.
 const SHOWN_ENTRIES: usize = 12;
+/// Largest change (as [`Change::full`] renders it) an approver can be shown in full, in the
+/// Events `pending` reads; a larger one cannot be approved, only split.
+pub const REVIEWABLE_BYTES: usize = 48 * 1024;
 /// Longest rendering of one value in a summary.
 const SHOWN_VALUE_CHARS: usize = 80;
 
@@ -77,11 +80,25 @@ impl Change {
         hex(&self.digest[..6])
     }
 
+    /// Bytes of the full rendering, when it is within [`REVIEWABLE_BYTES`]; `Err` with the size
+    /// when it is not.
+    pub fn reviewable(&self) -> Result<usize, usize> {
+        let size: usize = self.full().iter().map(|l| l.len() + 1).sum();
+        if size <= REVIEWABLE_BYTES { Ok(size) } else { Err(size) }
+    }
+
     /// Every entry, one per line, values in full (Secret values stay redacted).
     pub fn full(&self) -> Vec<String> {
         self.fields
             .iter()
-            .map(|c| format!("{}: {} → {}", c.path, render_full(&c.old, c.redacted), render_full(&c.new, c.redacted)))
+            .map(|c| {
+                format!(
+                    "{}: {} → {}",
+                    c.path,
+                    render_full(&c.old, c.redacted),
+                    render_full(&c.new, c.redacted)
+                )
+            })
             .collect()
     }
 }

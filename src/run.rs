@@ -46,7 +46,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
                 .context("loading the approval key")?
         }
         None => {
-            tracing::warn!("no --self-namespace: approval tickets are signed with a key of this process only");
+            tracing::warn!(
+                "no --self-namespace: approval tickets are signed with a key of this process only"
+            );
             crate::approval_key::ephemeral()?
         }
     };

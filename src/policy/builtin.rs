@@ -56,7 +56,8 @@ pub(super) fn approval_write(
         .and_then(serde_json::Value::as_str)
         .filter(|u| !u.is_empty() && facts.old_object.is_some())
         .ok_or_else(|| {
-            "an approval can only be written on an existing object, with the ticket its denial printed".to_owned()
+            "an approval can only be written on an existing object, with the ticket its denial printed"
+                .to_owned()
         })?;
 
     // The enforced RequireApproval policies this approval would satisfy.
@@ -66,7 +67,9 @@ pub(super) fn approval_write(
         Op::Update => Operation::Update { patch: None },
     };
     let probe = Facts { operation, ..facts.clone() };
-    for m in policies.matching(&probe, directory, |p| p.mode == Mode::Enforce && p.action == Action::RequireApproval) {
+    for m in policies
+        .matching(&probe, directory, |p| p.mode == Mode::Enforce && p.action == Action::RequireApproval)
+    {
         if m.escape.is_none() && !covering.iter().any(|p: &&super::CompiledPolicy| p.id == m.policy.id) {
             covering.push(m.policy);
         }

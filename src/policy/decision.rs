@@ -306,8 +306,16 @@ impl fmt::Display for Denial {
                 match unapprovable {
                     Some(how) => write!(f, " {how}")?,
                     None => {
-                        let who = if covering.len() > 1 { "an approver under every policy below" } else { "an approver" };
-                        write!(f, " To approve, {who} runs: {} — then retry", target.annotate_command(approve_value))?;
+                        let who = if covering.len() > 1 {
+                            "an approver under every policy below"
+                        } else {
+                            "an approver"
+                        };
+                        write!(
+                            f,
+                            " To approve, {who} runs: {} — then retry",
+                            target.annotate_command(approve_value)
+                        )?;
                         if let Some(at) = expires {
                             write!(f, " before {at}")?;
                         }

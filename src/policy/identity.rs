@@ -87,7 +87,12 @@ impl Requester {
             }
             ServiceAccount { namespace: ns.to_owned(), name: name.to_owned(), labels }
         });
-        Self { username: username.to_owned(), groups: groups.to_vec(), service_account, selected_as_agent: false }
+        Self {
+            username: username.to_owned(),
+            groups: groups.to_vec(),
+            service_account,
+            selected_as_agent: false,
+        }
     }
 
     pub fn labels(&self) -> Option<&Labels> {

@@ -30,7 +30,9 @@ use crate::api::{
 use crate::approval::{self, Lifetime};
 use crate::diff::Change;
 
-pub use decision::{Allowed, ChurnBudget, Covering, Decision, Denial, DryRun, PolicyId, Reason, Target, Verdict};
+pub use decision::{
+    Allowed, ChurnBudget, Covering, Decision, Denial, DryRun, PolicyId, Reason, Target, Verdict,
+};
 pub use identity::{Directory, Requester};
 use index::ResourceIndex;
 use selector::{Globs, Labels, Selector};
@@ -660,11 +662,11 @@ fn decide(
     };
 
     // 1. Approval writes are checked whoever sends them.
-    let approval_written = match builtin::approval_write(facts, requester, agent, policies, directory, config, now)
-    {
-        Err(detail) => return deny(Reason::Builtin { rule: builtin::APPROVAL_RULE, detail }, None),
-        Ok(written) => written,
-    };
+    let approval_written =
+        match builtin::approval_write(facts, requester, agent, policies, directory, config, now) {
+            Err(detail) => return deny(Reason::Builtin { rule: builtin::APPROVAL_RULE, detail }, None),
+            Ok(written) => written,
+        };
     if !agent {
         return Decision::allow(if approval_written { Allowed::ApprovalAccepted } else { Allowed::NotAgent });
     }
@@ -817,14 +819,21 @@ fn hold(
         // Every policy that holds the request must accept the approval: the strictest lifetime.
         lifetime = Some(match lifetime {
             None => a.lifetime,
-            Some(l) => Lifetime { ttl: l.ttl.min(a.lifetime.ttl), max_ttl: l.max_ttl.min(a.lifetime.max_ttl) },
+            Some(l) => {
+                Lifetime { ttl: l.ttl.min(a.lifetime.ttl), max_ttl: l.max_ttl.min(a.lifetime.max_ttl) }
+            }
         });
         if !covering.iter().any(|c| c.policy == m.policy.id) {
-            covering.push(Covering { policy: m.policy.id.clone(), approvers: a.describe(), reason: a.reason.clone() });
+            covering.push(Covering {
+                policy: m.policy.id.clone(),
+                approvers: a.describe(),
+                reason: a.reason.clone(),
+            });
         }
     }
     let lifetime = lifetime.unwrap_or(Lifetime { ttl: SignedDuration::ZERO, max_ttl: SignedDuration::ZERO });
-    let uid = facts.old_object.and_then(|o| o.pointer("/metadata/uid")).and_then(Value::as_str).unwrap_or_default();
+    let uid =
+        facts.old_object.and_then(|o| o.pointer("/metadata/uid")).and_then(Value::as_str).unwrap_or_default();
     let state;
     let (op, digest) = match facts.operation {
         Operation::Delete => {
@@ -838,6 +847,12 @@ fn hold(
             "The scale subresource carries no annotations, so an approval cannot be seen on it: make this \
              change as an update of {} itself (e.g. kubectl patch), which can be approved.",
             Target { subresource: String::new(), ..facts.target() }
+        ))
+    } else if let Some(Err(size)) = change.map(Change::reviewable) {
+        Some(format!(
+            "The change is too large to show an approver in full ({size} bytes; at most {} KiB), so it \
+             cannot be approved: make it in smaller changes.",
+            crate::diff::REVIEWABLE_BYTES / 1024
         ))
     } else if uid.is_empty() || digest.is_none() {
         Some("The API server sent no prior object with a uid, so no approval can be bound to it.".into())

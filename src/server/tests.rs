@@ -39,7 +39,8 @@ fn state(ready: bool) -> Arc<AppState> {
     } else {
         Arc::new(NotReady)
     };
-    let mut state = AppState::new(cluster, Config::default(), Arc::new(Metrics::default()));
+    let config = Config { approval_keys: crate::approval::Keys::fixed_for_tests(), ..Config::default() };
+    let mut state = AppState::new(cluster, config, Arc::new(Metrics::default()));
     state.clock = at_fixed_time;
     Arc::new(state)
 }
@@ -76,7 +77,7 @@ async fn fixtures_get_the_documented_answers() {
             false,
             &[
                 "requires approval under ClusterAgentPolicy \"protect-workloads\", rule \"workloads\"",
-                "kubectl annotate deployments.apps web -n prod agentguard.io/approve=delete --overwrite",
+                "kubectl annotate deployments.apps web -n prod agentguard.io/approve=delete.",
             ],
         ),
         ("02-alice-approves-the-delete.json", true, &[]),
@@ -93,7 +94,7 @@ async fn fixtures_get_the_documented_answers() {
             &[
                 "UPDATE of deployments.apps",
                 "spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28",
-                "agentguard.io/approve=update:",
+                "agentguard.io/approve=update.",
             ],
         ),
         ("07-agent-removes-its-agent-label.json", false, &["built-in rule \"agent-label\""]),
@@ -211,7 +212,7 @@ async fn events_are_left_for_real_requests_only() {
     let base = state(true);
     let (events, mut rx) = Events::channel(base.metrics.clone(), 16);
     let cluster = base.cluster.clone();
-    let mut with_events = AppState::new(cluster, Config::default(), base.metrics.clone());
+    let mut with_events = AppState::new(cluster, base.config.clone(), base.metrics.clone());
     with_events.clock = at_fixed_time;
     with_events.events = events;
     let st = Arc::new(with_events);
@@ -251,7 +252,8 @@ fn state_with(
     let (policies, problems) = PolicySet::compile(&cluster, &namespaced);
     assert!(problems.is_empty(), "{problems:?}");
     let cluster = Arc::new(StaticCluster { policies: Arc::new(policies), directory });
-    let mut state = AppState::new(cluster, Config::default(), Arc::new(Metrics::default()));
+    let config = Config { approval_keys: crate::approval::Keys::fixed_for_tests(), ..Config::default() };
+    let mut state = AppState::new(cluster, config, Arc::new(Metrics::default()));
     state.clock = at_fixed_time;
     state.breaker = breaker;
     state.trail = trail;
