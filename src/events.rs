@@ -59,7 +59,7 @@ pub struct Stored {
 
 /// How long a claimed approval may take to be stored after it was admitted.
 const STORED_WITHIN: Duration = Duration::from_secs(10);
-const STORED_POLL: Duration = Duration::from_millis(500);
+const STORED_POLL: Duration = Duration::from_millis(100);
 
 impl Stored {
     /// Whether the live object (same uid) carries the approval, polling until it is stored or
