@@ -203,15 +203,35 @@ impl Trail {
         Self { api: Api::namespaced(client.clone(), &settings.namespace), client, settings }
     }
 
-    pub async fn write(&self, record: &AgentChange) -> Result<()> {
+    /// Checks the record's prior object against the live object (uid and resourceVersion, one
+    /// metadata-only read). Where agentguard may not read the kind (e.g. Secrets), the record is
+    /// kept but marked unverified, which `restore` refuses to replay.
+    pub async fn verify(&self, record: &mut AgentChange) -> Result<()> {
         let target = &record.spec.target;
-        let live =
-            target_api(&self.client, target).get_metadata_opt(&target.name).await.with_context(|| {
-                format!("reading {} {:?} to check the request against it", target.kind, target.name)
-            })?;
-        matches_live(target, live.as_ref().map(|m| &m.metadata)).map_err(|why| {
-            anyhow::anyhow!("the request's prior object is not the live object ({why}); not recording it")
-        })?;
+        let live = match target_api(&self.client, target).get_metadata_opt(&target.name).await {
+            Ok(live) => live,
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                let why = format!(
+                    "agentguard may not read {}, so the prior object was not checked against the live object",
+                    target.resource
+                );
+                record.spec.prior_omitted = Some(match record.spec.prior_omitted.take() {
+                    Some(before) => format!("{before}; {why}"),
+                    None => why,
+                });
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("reading {} {:?} to check the request against it", target.kind, target.name)
+                });
+            }
+        };
+        matches_live(target, live.as_ref().map(|m| &m.metadata))
+            .map_err(|why| anyhow::anyhow!("the request's prior object is not the live object ({why})"))
+    }
+
+    pub async fn write(&self, record: &AgentChange) -> Result<()> {
         match self.api.create(&PostParams::default(), record).await {
             Ok(_) => Ok(()),
             // The API server retried the same admission (same uid): already recorded.

@@ -105,12 +105,20 @@ impl Charge for crate::breaker::Breaker {
 /// Writes audit-trail records (see [`crate::trail`]).
 pub trait Recorder: Send + Sync + 'static {
     fn settings(&self) -> &crate::trail::Settings;
+    /// Checks the record's prior object against the live object before anything is spent or
+    /// written for the request (see [`crate::trail::Trail::verify`]).
+    fn verify<'a>(&'a self, _record: &'a mut crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
     fn write<'a>(&'a self, record: &'a crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>>;
 }
 
 impl Recorder for crate::trail::Trail {
     fn settings(&self) -> &crate::trail::Settings {
         &self.settings
+    }
+    fn verify<'a>(&'a self, record: &'a mut crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(crate::trail::Trail::verify(self, record))
     }
     fn write<'a>(&'a self, record: &'a crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(crate::trail::Trail::write(self, record))
@@ -231,6 +239,19 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
         };
         admission::review(&request, &snapshot)
     };
+    // The audit record, checked against the live object before any budget is spent: a request
+    // that did not come from the API server gets neither a record nor a charge.
+    let mut audit = state
+        .trail
+        .as_ref()
+        .and_then(|trail| crate::trail::record_for(&request, &decision, trail.settings(), (state.clock)()));
+    if let (Some(trail), Some(record)) = (&state.trail, audit.as_mut())
+        && let Err(e) = trail.verify(record).await
+    {
+        tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "the request does not match the live object; refusing");
+        let message = format!("agentguard could not check this change against the live object: {e:#}; retry");
+        return json(StatusCode::OK, &admission::unavailable(&request.uid, &message));
+    }
     if decision.allowed() && !decision.churn.is_empty() && state.breaker.is_none() {
         // A limit that cannot be counted is not waived: the agent is refused, loudly.
         let message = "agentguard: a churn limit applies, but agentguard has no namespace to count in (--self-namespace)";
@@ -264,9 +285,8 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
             }
         }
     }
-    if let Some(trail) = &state.trail
-        && let Some(record) = crate::trail::record_for(&request, &decision, trail.settings(), (state.clock)())
-        && let Err(e) = trail.write(&record).await
+    if let (Some(trail), Some(record)) = (&state.trail, &audit)
+        && let Err(e) = trail.write(record).await
     {
         // No record, no change: the way back must exist before the change does.
         tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "cannot record the change; refusing");
