@@ -178,22 +178,35 @@ fn target_api(client: &kube::Client, target: &ChangeTarget) -> Api<DynamicObject
     }
 }
 
-/// Whether the live object is the record's prior object: same uid and resourceVersion.
-pub fn matches_live(target: &ChangeTarget, live: Option<&ObjectMeta>) -> Result<(), String> {
+/// Whether the live object is the request's prior object: same uid, same resourceVersion and
+/// the same content (its [`crate::diff::state_digest`]).
+pub fn matches_live(
+    target: &ChangeTarget,
+    prior: Option<&Value>,
+    live: Option<&Value>,
+) -> Result<(), String> {
     let Some(live) = live else {
         return Err(format!("{} {:?} does not exist", target.kind, target.name));
     };
-    if target.uid.is_empty() || live.uid.as_deref() != Some(target.uid.as_str()) {
+    let meta =
+        |v: &Value, f: &str| v.pointer(&format!("/metadata/{f}")).and_then(Value::as_str).map(str::to_owned);
+    if target.uid.is_empty() || meta(live, "uid").as_deref() != Some(target.uid.as_str()) {
         return Err(format!("the live {} {:?} is another object (uid)", target.kind, target.name));
     }
-    if live.resource_version.as_deref() != Some(target.resource_version.as_str()) {
+    if meta(live, "resourceVersion").as_deref() != Some(target.resource_version.as_str()) {
         return Err(format!(
             "the live {} {:?} is at resourceVersion {}, not {}",
             target.kind,
             target.name,
-            live.resource_version.as_deref().unwrap_or("?"),
+            meta(live, "resourceVersion").as_deref().unwrap_or("?"),
             target.resource_version
         ));
+    }
+    // A subresource's object (a Scale) is not the stored object: uid and resourceVersion suffice.
+    if target.subresource.is_empty()
+        && prior.map(crate::diff::state_digest) != Some(crate::diff::state_digest(live))
+    {
+        return Err(format!("the live {} {:?} has other contents", target.kind, target.name));
     }
     Ok(())
 }
@@ -203,12 +216,12 @@ impl Trail {
         Self { api: Api::namespaced(client.clone(), &settings.namespace), client, settings }
     }
 
-    /// Checks the record's prior object against the live object (uid and resourceVersion, one
-    /// metadata-only read). Where agentguard may not read the kind (e.g. Secrets), the record is
-    /// kept but marked unverified, which `restore` refuses to replay.
-    pub async fn verify(&self, record: &mut AgentChange) -> Result<()> {
+    /// Checks the request's prior object against the live object: uid, resourceVersion and
+    /// contents. Where agentguard may not read the kind (e.g. Secrets), the record is kept but
+    /// marked unverified, which `restore` refuses to replay.
+    pub async fn verify(&self, record: &mut AgentChange, prior: Option<&Value>) -> Result<()> {
         let target = &record.spec.target;
-        let live = match target_api(&self.client, target).get_metadata_opt(&target.name).await {
+        let live = match target_api(&self.client, target).get_opt(&target.name).await {
             Ok(live) => live,
             Err(kube::Error::Api(e)) if e.code == 403 => {
                 let why = format!(
@@ -227,7 +240,8 @@ impl Trail {
                 });
             }
         };
-        matches_live(target, live.as_ref().map(|m| &m.metadata))
+        let live = live.map(serde_json::to_value).transpose().context("the live object as JSON")?;
+        matches_live(target, prior, live.as_ref())
             .map_err(|why| anyhow::anyhow!("the request's prior object is not the live object ({why})"))
     }
 

@@ -107,7 +107,11 @@ pub trait Recorder: Send + Sync + 'static {
     fn settings(&self) -> &crate::trail::Settings;
     /// Checks the record's prior object against the live object before anything is spent or
     /// written for the request (see [`crate::trail::Trail::verify`]).
-    fn verify<'a>(&'a self, _record: &'a mut crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn verify<'a>(
+        &'a self,
+        _record: &'a mut crate::api::AgentChange,
+        _prior: Option<&'a Value>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async { Ok(()) })
     }
     fn write<'a>(&'a self, record: &'a crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>>;
@@ -117,8 +121,12 @@ impl Recorder for crate::trail::Trail {
     fn settings(&self) -> &crate::trail::Settings {
         &self.settings
     }
-    fn verify<'a>(&'a self, record: &'a mut crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(crate::trail::Trail::verify(self, record))
+    fn verify<'a>(
+        &'a self,
+        record: &'a mut crate::api::AgentChange,
+        prior: Option<&'a Value>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(crate::trail::Trail::verify(self, record, prior))
     }
     fn write<'a>(&'a self, record: &'a crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(crate::trail::Trail::write(self, record))
@@ -246,7 +254,7 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
         .as_ref()
         .and_then(|trail| crate::trail::record_for(&request, &decision, trail.settings(), (state.clock)()));
     if let (Some(trail), Some(record)) = (&state.trail, audit.as_mut())
-        && let Err(e) = trail.verify(record).await
+        && let Err(e) = trail.verify(record, request.old_object.as_ref()).await
     {
         tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "the request does not match the live object; refusing");
         let message = format!("agentguard could not check this change against the live object: {e:#}; retry");

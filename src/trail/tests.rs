@@ -187,17 +187,29 @@ fn a_record_is_written_only_for_the_live_object() {
         uid: "u-1".into(),
         resource_version: "41".into(),
     };
-    let live = |uid: &str, rv: &str| ObjectMeta {
-        uid: Some(uid.into()),
-        resource_version: Some(rv.into()),
-        ..Default::default()
+    let object = |uid: &str, rv: &str, image: &str| {
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "prod", "uid": uid, "resourceVersion": rv,
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"template": {"spec": {"containers": [{"name": "web", "image": image}]}}},
+            "status": {"replicas": 1}})
     };
-    assert_eq!(matches_live(&target, Some(&live("u-1", "41"))), Ok(()));
-    assert!(matches_live(&target, None).unwrap_err().contains("does not exist"));
-    assert!(matches_live(&target, Some(&live("u-2", "41"))).unwrap_err().contains("another object"));
-    assert!(matches_live(&target, Some(&live("u-1", "42"))).unwrap_err().contains("resourceVersion 42"));
+    let prior = object("u-1", "41", "nginx:1.27");
+    let mut live = object("u-1", "41", "nginx:1.27");
+    live["status"]["replicas"] = serde_json::json!(2);
+    live["metadata"]["managedFields"] = serde_json::json!([]);
+    assert_eq!(matches_live(&target, Some(&prior), Some(&live)), Ok(()));
+    assert!(matches_live(&target, Some(&prior), None).unwrap_err().contains("does not exist"));
+    let other = object("u-2", "41", "nginx:1.27");
+    assert!(matches_live(&target, Some(&prior), Some(&other)).unwrap_err().contains("another object"));
+    let later = object("u-1", "42", "nginx:1.27");
+    assert!(matches_live(&target, Some(&prior), Some(&later)).unwrap_err().contains("resourceVersion 42"));
+    // Same uid and resourceVersion, other contents: a forged prior object.
+    let forged = object("u-1", "41", "evil:latest");
+    assert!(matches_live(&target, Some(&forged), Some(&live)).unwrap_err().contains("other contents"));
+    let live = Some(&live);
     let no_uid = ChangeTarget { uid: String::new(), ..target };
-    assert!(matches_live(&no_uid, Some(&live("u-1", "41"))).is_err());
+    assert!(matches_live(&no_uid, Some(&prior), live).is_err());
 }
 
 #[test]
