@@ -8,6 +8,7 @@ mod churn;
 mod cluster;
 mod pending;
 mod scenarios;
+mod tickets;
 mod trail;
 mod world;
 

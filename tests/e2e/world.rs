@@ -125,6 +125,12 @@ impl World {
             must(plane.kubectl(&admin, &args))?;
         }
         must(plane.kubectl_stdin(&admin, &["apply", "-f", "-"], Some(POLICIES)))?;
+        // Approvals written before agentguard was installed (no webhook saw them).
+        must(plane.kubectl_stdin(
+            &admin,
+            &["apply", "-f", "-"],
+            Some(&crate::tickets::planted_before_install()),
+        ))?;
 
         let agentguard = start_agentguard(&plane, "agentguard", true)?;
         let agent = plane.service_account_kubeconfig("agents", "coder")?;
