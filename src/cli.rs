@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// How often the certificate files are checked for changes, in seconds.
     #[arg(long, env = "AGENTGUARD_CERT_RELOAD_SECONDS", default_value_t = 5)]
     pub cert_reload_seconds: u64,
+    /// PEM CA bundle: require every webhook client to present a certificate it signed (the API
+    /// server's, set in its AdmissionConfiguration). Without it, any client may connect.
+    #[arg(long, env = "AGENTGUARD_CLIENT_CA_FILE")]
+    pub client_ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]

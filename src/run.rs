@@ -25,6 +25,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tls_cert,
         tls_key,
         cert_reload_seconds,
+        client_ca_file,
         engine,
         webhook,
         self_signed,
@@ -80,6 +81,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     let cert_files = tls::CertFiles { cert: tls_cert, key: tls_key };
     let resolver = tls::CertResolver::load(&cert_files).context("loading the serving certificate")?;
+    let tls_config = match &client_ca_file {
+        None => tls::server_config(resolver.clone()),
+        Some(ca) => tls::server_config_requiring_clients(resolver.clone(), ca)?,
+    };
     metrics.certificate_loaded(resolver.not_after());
 
     let (caches, reflectors) = Caches::start(client.clone(), metrics.clone());
@@ -145,7 +150,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     let webhook_server = tokio::spawn(tls::serve(
         webhook,
-        tls::server_config(resolver),
+        tls_config,
         server::webhook_router(state.clone()),
         shutdown_rx,
         Duration::from_secs(drain_seconds),

@@ -241,6 +241,37 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
     Arc::new(config)
 }
 
+/// Like [`server_config`], but every client must present a certificate signed by a CA in the
+/// PEM file `client_ca` (the API server's webhook client certificate, configured through its
+/// AdmissionConfiguration kubeconfig). Read once at start.
+pub fn server_config_requiring_clients(
+    resolver: Arc<CertResolver>,
+    client_ca: &Path,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    use anyhow::Context as _;
+    let pem = std::fs::read(client_ca).with_context(|| format!("reading {}", client_ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.with_context(|| format!("parsing {}", client_ca.display()))?;
+        roots.add(cert).with_context(|| format!("a CA certificate in {}", client_ca.display()))?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "{} holds no CA certificate", client_ca.display());
+    let provider = Arc::new(ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .context("building the client certificate verifier")?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring provider supports the default TLS versions")
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
 /// Accept TLS connections on `listener` and serve `app` over HTTP/1.1 or
 /// HTTP/2 until `shutdown` turns true (or its sender is dropped).
 ///
