@@ -316,13 +316,14 @@ pub fn check(
     if ticket.op != subject.op {
         return Err(Refusal::WrongOperation { approved: ticket.op, wanted: subject.op });
     }
+    let expires = live(&ticket, max_ttl, now)?;
     if &ticket.digest != subject.digest {
         return Err(match subject.op {
             Op::Delete => Refusal::StaleState,
             Op::Update => Refusal::OtherChange,
         });
     }
-    live(&ticket, max_ttl, now)
+    Ok(expires)
 }
 
 fn live(ticket: &Ticket, max_ttl: SignedDuration, now: Timestamp) -> Result<Timestamp, Refusal> {
@@ -355,10 +356,10 @@ pub fn check_new(
     if !ticket.authentic(keys, uid) {
         return Err(Refusal::Foreign);
     }
+    live(&ticket, max_ttl, now)?;
     if ticket.op == Op::Delete && &ticket.digest != state {
         return Err(Refusal::StaleState);
     }
-    live(&ticket, max_ttl, now)?;
     Ok(ticket)
 }
 

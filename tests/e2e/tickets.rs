@@ -295,7 +295,10 @@ pub fn forged_reviews(w: &World) -> Result<()> {
     };
     let approved_with = |old: &Value, value: &str| {
         let mut old = old.clone();
-        old["metadata"]["annotations"] = json!({"agentguard.io/approve": value});
+        if !old["metadata"]["annotations"].is_object() {
+            old["metadata"]["annotations"] = json!({});
+        }
+        old["metadata"]["annotations"]["agentguard.io/approve"] = json!(value);
         old
     };
 
