@@ -1075,6 +1075,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_client_ca_makes_client_certificates_mandatory() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files_in(dir.path());
+        let server_ca = Ca::new("server ca");
+        write_leaf(&files, &server_ca.issue());
+        let resolver = CertResolver::load(&files).unwrap();
+        let clients = Ca::new("api server clients");
+        let ca_file = dir.path().join("clients.pem");
+        std::fs::write(&ca_file, &clients.pem).unwrap();
+        let config = server_config_requiring_clients(Arc::clone(&resolver), &ca_file).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, config, ok_app(), stopped, Duration::from_secs(1)));
+        let url = format!("https://{addr}/");
+        let with = |ca: &Ca| {
+            let leaf = ca.issue_with(KeyPair::generate().unwrap(), |p| {
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            });
+            let identity =
+                reqwest::Identity::from_pem(format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes()).unwrap();
+            reqwest::Client::builder()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(server_ca.root())
+                .identity(identity)
+                .build()
+                .unwrap()
+        };
+        assert!(client(&[&server_ca]).get(&url).send().await.is_err(), "no client certificate");
+        assert!(with(&Ca::new("someone else")).get(&url).send().await.is_err(), "another CA");
+        let answer = with(&clients).get(&url).send().await.unwrap();
+        assert_eq!(answer.text().await.unwrap(), "ok");
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        // A CA file without a certificate is an error, not an open door.
+        std::fs::write(&ca_file, "").unwrap();
+        assert!(server_config_requiring_clients(resolver, &ca_file).is_err());
+    }
+
+    #[tokio::test]
     async fn alpn_offers_h2_and_http1() {
         let dir = tempfile::tempdir().unwrap();
         let files = files_in(dir.path());

@@ -94,9 +94,9 @@ pub fn trips_and_resets(w: &World) -> Result<()> {
     Ok(())
 }
 
-/// Creates Secrets `s0`… in the namespace; returns each one's (uid, resourceVersion). agentguard
-/// checks a request's prior object against the live one, so the reviews must name real objects.
-fn secrets(w: &World, n: usize) -> Result<Vec<(String, String)>> {
+/// Creates Secrets `s0`… in the namespace; returns each as stored. agentguard checks a
+/// request's prior object against the live one, so the reviews must carry the real objects.
+fn secrets(w: &World, n: usize) -> Result<Vec<Value>> {
     let _ = w.plane.kubectl(&w.plane.admin, &["create", "namespace", NS]);
     let items: Vec<Value> = (0..n)
         .map(|i| json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("s{i}"), "namespace": NS}}))
@@ -105,25 +105,15 @@ fn secrets(w: &World, n: usize) -> Result<Vec<(String, String)>> {
     must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&list.to_string())))?;
     (0..n)
         .map(|i| {
-            let out = must(w.plane.kubectl(
-                &w.plane.admin,
-                &[
-                    "get",
-                    "secret",
-                    &format!("s{i}"),
-                    "-n",
-                    NS,
-                    "-o",
-                    "jsonpath={.metadata.uid} {.metadata.resourceVersion}",
-                ],
-            ))?;
-            let (uid, rv) = out.trim().split_once(' ').context("uid and resourceVersion")?;
-            Ok((uid.to_owned(), rv.to_owned()))
+            let out = must(
+                w.plane.kubectl(&w.plane.admin, &["get", "secret", &format!("s{i}"), "-n", NS, "-o", "json"]),
+            )?;
+            Ok(serde_json::from_str(&out)?)
         })
         .collect()
 }
 
-fn review(i: usize, (uid, rv): &(String, String)) -> Value {
+fn review(i: usize, old: &Value) -> Value {
     json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -139,8 +129,7 @@ fn review(i: usize, (uid, rv): &(String, String)) -> Value {
                 "groups": ["system:serviceaccounts", "system:serviceaccounts:agents", "system:authenticated"]
             },
             "object": null,
-            "oldObject": {"apiVersion": "v1", "kind": "Secret",
-                          "metadata": {"name": format!("s{i}"), "namespace": NS, "uid": uid, "resourceVersion": rv}},
+            "oldObject": old,
             "options": {"apiVersion": "meta.k8s.io/v1", "kind": "DeleteOptions"},
             "dryRun": false
         }
