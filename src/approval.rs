@@ -413,7 +413,8 @@ mod tests {
         let update = issue(Op::Update, &digest).value();
         let at = t("2026-11-26T10:30:00Z");
         let delete = Subject { uid: UID, op: Op::Delete, digest: &digest };
-        let cases: Vec<(&str, Option<&str>, Keys, Subject, Timestamp, Refusal)> = vec![
+        type Case<'a> = (&'a str, Option<&'a str>, Keys, Subject<'a>, Timestamp, Refusal);
+        let cases: Vec<Case> = vec![
             ("absent", None, keys(), delete, at, Refusal::Absent),
             ("old format", Some("delete"), keys(), delete, at, Refusal::Malformed(GrammarError::Shape)),
             (

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::scenarios::{
@@ -27,35 +26,8 @@ fn expiry_in(refusal: &str) -> Result<jiff::Timestamp> {
     text.parse().with_context(|| format!("expiry {text:?}"))
 }
 
+/// Where the harness planted approvals before agentguard was installed (see `world.rs`).
 const PREINSTALL: &str = "e2e-preinstall";
-
-/// A well-formed ticket agentguard never issued: version 1, issued now, valid for a year.
-fn fabricated_ticket() -> String {
-    let mut bytes = vec![1u8];
-    bytes.extend_from_slice(&jiff::Timestamp::now().as_second().to_be_bytes());
-    bytes.extend_from_slice(&(365 * 86_400u32).to_be_bytes());
-    bytes.extend_from_slice(&[0u8; 64]);
-    format!("delete.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
-}
-
-/// Objects carrying approvals written before agentguard was installed: the old grammar with a
-/// far expiry, and a well-formed ticket agentguard never issued.
-pub fn planted_before_install() -> String {
-    let deployment = |name: &str, value: &str| {
-        json!({"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "namespace": PREINSTALL, "labels": {"app": name},
-                         "annotations": {"agentguard.io/approve": value}},
-            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": name}},
-                     "template": {"metadata": {"labels": {"app": name}},
-                                  "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}}}})
-    };
-    let items = json!({"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": PREINSTALL}},
-        deployment("old-grammar", "delete;expires=2099-01-01T00:00:00Z"),
-        deployment("fabricated", &fabricated_ticket()),
-    ]});
-    items.to_string()
-}
 
 fn delete<'a>(ns: &'a str, name: &'a str) -> [&'a str; 5] {
     ["delete", "deployment", name, "-n", ns]
