@@ -134,6 +134,7 @@ fn bench(c: &mut Criterion) {
         name: "app-10-web",
         object: None,
         old_object: Some(&old),
+        collateral: &[],
     };
     let update = Facts { operation: Operation::Update { patch: None }, object: Some(&new), ..delete.clone() };
     let guarded_update = Facts {

@@ -11,7 +11,9 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::policy::{self, Config, Decision, Directory, Facts, Operation, PolicySet, Requester, Verdict};
+use crate::policy::{
+    self, Collateral, Config, Decision, Directory, Facts, Operation, PolicySet, Requester, Verdict,
+};
 
 /// Largest AdmissionReview accepted (the API server's own request limit is 3 MiB per object;
 /// an AdmissionReview carries two objects plus framing).
@@ -193,6 +195,7 @@ impl AdmissionRequest {
             name,
             object: self.object.as_ref(),
             old_object: self.old_object.as_ref(),
+            collateral: &[],
         }
     }
 }
@@ -203,6 +206,9 @@ pub struct Snapshot<'a> {
     pub directory: &'a dyn Directory,
     pub config: &'a Config,
     pub now: Timestamp,
+    /// What the request would take with it, as the ownership view found it (empty until it is
+    /// asked: see [`crate::ownership`]).
+    pub collateral: &'a [Collateral],
 }
 
 /// Judges one request. Synchronous and free of I/O.
@@ -215,7 +221,7 @@ pub fn review(request: &AdmissionRequest, snapshot: &Snapshot<'_>) -> Decision {
         (key, value),
     );
     policy::evaluate(
-        &request.facts(),
+        &Facts { collateral: snapshot.collateral, ..request.facts() },
         &requester,
         snapshot.policies,
         snapshot.directory,

@@ -63,6 +63,9 @@ pub struct ClusterAgentPolicySpec {
     validation = Rule::new(
         "self.spec.rules.all(r, (!has(r.namespaces) || size(r.namespaces) == 0) && !has(r.namespaceSelector))"
     ).message("an AgentPolicy applies to its own namespace only: rules may not set namespaces or namespaceSelector"),
+    validation = Rule::new(
+        "!has(self.spec.subjects) || ((!has(self.spec.subjects.usernames) || size(self.spec.subjects.usernames) == 0) && (!has(self.spec.subjects.groups) || size(self.spec.subjects.groups) == 0))"
+    ).message("an AgentPolicy's subjects are ServiceAccounts of its own namespace: use serviceAccountSelector, not usernames or groups"),
     printcolumn = r#"{"name": "Action", "type": "string", "jsonPath": ".spec.action"}"#,
     printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
     printcolumn = r#"{"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}"#,
@@ -80,8 +83,9 @@ pub struct AgentPolicySpec {
     "self.action == 'RequireApproval' ? has(self.approval) : !has(self.approval)"
 ).message("approval must be set when action is RequireApproval, and only then"))]
 pub struct PolicySpec {
-    /// Who is an agent for this policy. Omitted: every ServiceAccount labelled
-    /// `agentguard.io/agent: "true"` or living in an agent namespace.
+    /// Who is an agent for this policy. Omitted: every identity agentguard treats as an agent
+    /// (ServiceAccounts labelled `agentguard.io/agent: "true"` or living in an agent namespace,
+    /// configured agents, and those any policy names). Set: exactly the identities listed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subjects: Option<Subjects>,
 
@@ -111,21 +115,34 @@ pub struct PolicySpec {
     pub message: Option<String>,
 }
 
-/// Identities the policy treats as agents.
+/// Identities the policy treats as agents: exactly those listed here (a policy without
+/// `subjects` covers every identity agentguard treats as an agent). Kubernetes' reserved users
+/// and groups (`system:…`, other than a named ServiceAccount) can never be subjects: naming
+/// `system:authenticated` would make every human an agent, whom nobody could then approve for.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.groups) || self.groups.all(g, !g.startsWith('system:'))"
+).message("reserved groups (system:…) cannot be subjects"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.usernames) || self.usernames.all(u, !u.startsWith('system:') || u.matches('^system:serviceaccount:[a-z0-9]([-a-z0-9.]*[a-z0-9])?:[a-z0-9]([-a-z0-9.]*[a-z0-9])?$'))"
+).message("reserved users (system:…) cannot be subjects, except a named ServiceAccount system:serviceaccount:NAMESPACE:NAME"))]
 pub struct Subjects {
-    /// ServiceAccounts whose labels match. Defaults to `agentguard.io/agent: "true"`.
-    /// ServiceAccounts in an agent namespace carry that label implicitly.
+    /// ServiceAccounts whose labels match (ServiceAccounts in an agent namespace carry
+    /// `agentguard.io/agent: "true"` implicitly). In an AgentPolicy: its own namespace's only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_selector: Option<LabelSelector>,
-    /// Exact usernames (agents authenticating as users, e.g. through OIDC).
+    /// Exact usernames (agents authenticating as users, e.g. through OIDC). ClusterAgentPolicy
+    /// only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256), inner(length(max = 256)))]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 256), regex(pattern = r"^[^\x00-\x1f\x7f]+$"))
+    )]
     pub usernames: Vec<String>,
-    /// Any requester in one of these groups.
+    /// Any requester in one of these groups. ClusterAgentPolicy only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(max = 256)))]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256), regex(pattern = r"^[^\x00-\x1f\x7f]+$")))]
     pub groups: Vec<String>,
 }
 
@@ -138,8 +155,10 @@ pub struct MatchRule {
     #[schemars(length(min = 1, max = 63))]
     pub name: Option<String>,
 
-    /// Guarded operations. UPDATE covers both REPLACE (PUT) and PATCH.
-    #[schemars(length(min = 1, max = 4))]
+    /// Guarded operations. UPDATE covers both REPLACE (PUT) and PATCH. Whatever the verb, a
+    /// request is judged by what it does: an eviction, removing the finalizers of an object being
+    /// deleted, arming a controller to delete, or a cascade is judged as the DELETE it amounts to.
+    #[schemars(length(min = 1, max = 5))]
     pub operations: Vec<Operation>,
 
     /// Guarded resources.
@@ -180,6 +199,9 @@ pub enum Operation {
     Replace,
     /// An update sent as a patch (JSON, merge, strategic merge or apply).
     Patch,
+    /// Connecting to a pod (`pods/exec`, `pods/attach`, `pods/portforward`): the data plane, where
+    /// `rm -rf` in a database pod is a deletion too. Only rules naming those subresources see it.
+    Connect,
 }
 
 /// API groups and resources a rule guards.
@@ -275,6 +297,23 @@ pub struct ChurnLimit {
     /// Window length, e.g. `10m`.
     #[schemars(regex(pattern = r"^([0-9]{1,6}(h|m|s))+$"), length(max = 32))]
     pub window: String,
+    /// Whose operations share one count.
+    #[serde(default)]
+    pub scope: ChurnScope,
+}
+
+/// Whose operations a churn limit counts together.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum ChurnScope {
+    /// One count per agent; every ServiceAccount of an agent namespace shares its namespace's
+    /// count (a fresh ServiceAccount there must not bring a fresh budget).
+    #[default]
+    PerAgent,
+    /// One count per namespace of the agent's ServiceAccount (per username for other agents).
+    PerNamespace,
+    /// One count for every agent the policy covers.
+    PerPolicy,
 }
 
 /// A Kubernetes label selector, with the operator checked by the schema.
@@ -586,6 +625,32 @@ mod tests {
             let got = check("AgentPolicy", namespaced.clone());
             assert!(got.as_ref().is_err_and(|m| m.contains("applies to its own namespace only")), "{got:?}");
             assert_eq!(check("ClusterAgentPolicy", namespaced), Ok(()));
+        }
+
+        #[test]
+        fn reserved_and_foreign_subjects_are_refused() {
+            let with = |subjects: Value| json!({"action": "Deny", "subjects": subjects, "rules": [rule()]});
+            for (subjects, message) in [
+                (json!({"groups": ["system:authenticated"]}), "reserved groups"),
+                (json!({"groups": ["system:masters"]}), "reserved groups"),
+                (json!({"usernames": ["system:anonymous"]}), "reserved users"),
+                (json!({"usernames": ["system:kube-controller-manager"]}), "reserved users"),
+                (json!({"usernames": ["system:serviceaccount:ns"]}), "reserved users"),
+            ] {
+                let got = check("ClusterAgentPolicy", with(subjects.clone()));
+                assert!(got.as_ref().is_err_and(|m| m.contains(message)), "{subjects}: {got:?}");
+            }
+            let fine =
+                json!({"usernames": ["oidc:claude", "system:serviceaccount:agents:coder"], "groups": ["ai"]});
+            assert_eq!(check("ClusterAgentPolicy", with(fine.clone())), Ok(()));
+            // An AgentPolicy is a tenant's object: its subjects are its own ServiceAccounts only.
+            let got = check("AgentPolicy", with(fine));
+            assert!(
+                got.as_ref().is_err_and(|m| m.contains("ServiceAccounts of its own namespace")),
+                "{got:?}"
+            );
+            let own = json!({"serviceAccountSelector": {"matchLabels": {"role": "bot"}}});
+            assert_eq!(check("AgentPolicy", with(own)), Ok(()));
         }
     }
 }

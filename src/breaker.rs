@@ -2,7 +2,9 @@
 //! may make per window. Once an agent has spent its budget, every further operation the policy
 //! guards is refused until the window passes or a human resets the count.
 //!
-//! Counts live in the API server, one Lease per (policy, agent) in agentguard's namespace, so
+//! Counts live in the API server, one Lease per (policy, counted subject) in agentguard's
+//! namespace — the subject is the agent, its agent namespace, or the whole policy, as the
+//! policy's `churnLimit.scope` says (see [`ChurnBudget::subject`]) — so
 //! all replicas share them. Each charge is a read and a write carrying the resourceVersion it
 //! read: when two replicas charge at once, one write fails with a conflict and is redone on the
 //! newer count, so no operation is lost or counted twice. The window is fixed: it opens with the
@@ -125,7 +127,9 @@ impl Breaker {
     }
 
     async fn charge_one(&self, agent: &str, budget: &ChurnBudget, dry_run: bool) -> Result<Option<Tripped>> {
-        let name = lease_name(budget, agent);
+        // Counted per subject; the agent is recorded as the last one to spend.
+        let subject = if budget.subject.is_empty() { agent } else { budget.subject.as_str() };
+        let name = lease_name(budget, subject);
         for _ in 0..ATTEMPTS {
             let lease = self.api.get_opt(&name).await.with_context(|| format!("reading lease {name}"))?;
             let now = Timestamp::now();
@@ -214,6 +218,8 @@ mod tests {
             policy: PolicyId { namespace: None, name: "fail-safe".into() },
             max_operations: 3,
             window: SignedDuration::from_mins(10),
+            scope: Default::default(),
+            subject: "system:serviceaccount:agents:coder".into(),
         }
     }
 

@@ -84,6 +84,7 @@ pub fn run_file(path: &Path, config: &Config) -> Result<Vec<Outcome>> {
         directory: &directory,
         config,
         now: file.now.unwrap_or_else(Timestamp::now),
+        collateral: &[],
     };
     file.cases
         .iter()

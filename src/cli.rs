@@ -376,7 +376,8 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         println!("PROBLEM {}: {}", p.policy, p.message);
     }
     let now = args.now.unwrap_or_else(Timestamp::now);
-    let snapshot = Snapshot { policies: &policies, directory: &directory, config: &config, now };
+    let snapshot =
+        Snapshot { policies: &policies, directory: &directory, config: &config, now, collateral: &[] };
     for path in &args.reviews {
         for doc in documents(path)? {
             let body = serde_json::to_vec(&doc)?;

@@ -201,7 +201,7 @@ pub fn agent_set<'a>(
         .into_iter()
         .filter(|sa| {
             let ns = sa.namespace.as_deref().unwrap_or_default();
-            !namespaces.contains(ns) && policies.labels_make_agent(sa.labels.as_ref(), config)
+            !namespaces.contains(ns) && policies.labels_make_agent(ns, sa.labels.as_ref(), config)
         })
         .map(|sa| {
             format!(

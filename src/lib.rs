@@ -21,6 +21,7 @@ pub mod diff;
 pub mod events;
 pub mod index;
 pub mod metrics;
+pub mod ownership;
 pub mod pending;
 pub mod policy;
 pub mod rbac_audit;

@@ -301,7 +301,7 @@ pub fn agents(
     sorted.sort_by_key(|&(ns, name, _)| (ns, name));
     for (ns, name, meta) in sorted {
         let mut why = Vec::new();
-        if policies.labels_make_agent(meta.labels.as_ref(), config) {
+        if policies.labels_make_agent(ns, meta.labels.as_ref(), config) {
             why.push(Why::Label);
         }
         if set.namespaces.contains(ns) {

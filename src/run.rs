@@ -99,6 +99,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         trail: trail_settings
             .clone()
             .map(|t| Arc::new(crate::trail::Trail::new(client.clone(), t)) as Arc<dyn server::Recorder>),
+        ownership: Some(Arc::new(crate::ownership::Ownership::new(client.clone()))),
         breaker: config
             .self_namespace
             .as_deref()

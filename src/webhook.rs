@@ -3,7 +3,7 @@
 //!
 //! Two webhooks, both `failurePolicy: Fail`:
 //!
-//! * `agents.agentguard.io` — CREATE/UPDATE/DELETE on everything, narrowed by `matchConditions`
+//! * `agents.agentguard.io` — CREATE/UPDATE/DELETE/CONNECT on everything, narrowed by `matchConditions`
 //!   to the exact agent identities the caches know (labelled ServiceAccounts, every
 //!   ServiceAccount of an agent namespace by prefix, configured and policy-named users and
 //!   groups). When agentguard is down only these requests fail; nobody else is ever called.
@@ -96,7 +96,7 @@ pub fn marked_agents(facts: &Facts<'_>, policies: &PolicySet, config: &Config) -
     }
     let labels = Facts::labels(facts.object);
     match facts.resource {
-        "serviceaccounts" if policies.labels_make_agent(labels.as_ref(), config) => {
+        "serviceaccounts" if policies.labels_make_agent(facts.namespace, labels.as_ref(), config) => {
             set.usernames.insert(format!("system:serviceaccount:{}:{}", facts.namespace, facts.name));
         }
         "namespaces"
@@ -272,7 +272,7 @@ pub fn desired(
         webhooks: Some(vec![
             webhook(
                 "agents.agentguard.io",
-                &["CREATE", "UPDATE", "DELETE"],
+                &["CREATE", "UPDATE", "DELETE", "CONNECT"],
                 vec![
                     condition("not-leases-or-events", NOT_LEASES_OR_EVENTS.into()),
                     condition("agents", agent_condition(set)),
@@ -627,6 +627,7 @@ mod tests {
                 name: "coder",
                 object: Some(object),
                 old_object: None,
+                collateral: &[],
             }
         }
         let agent = labelled(json!({"agentguard.io/agent": "true"}));

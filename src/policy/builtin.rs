@@ -15,6 +15,7 @@ pub const CRDS_RULE: &str = "agentguard-crds";
 pub const SELF_RULE: &str = "agentguard-self";
 pub const AGENT_LABEL_RULE: &str = "agent-label";
 pub const AGENT_NAMESPACE_RULE: &str = "agent-namespace-label";
+pub const AGENT_IDENTITY_RULE: &str = "agent-identity";
 
 /// Checks a CREATE or UPDATE that sets or changes the approval annotation.
 /// `Ok(true)`: a valid approval was written; `Ok(false)`: the request writes no approval
@@ -116,8 +117,30 @@ pub(super) fn approval_write(
 pub(super) fn self_protection(
     facts: &Facts<'_>,
     policies: &PolicySet,
+    directory: &dyn Directory,
     config: &Config,
 ) -> Option<(&'static str, String)> {
+    // Minting a token for a ServiceAccount that is not an agent is becoming someone the brakes
+    // do not hold (`edit` allows it in the agent's namespaces).
+    if facts.operation == Operation::Create
+        && facts.group.is_empty()
+        && facts.resource == "serviceaccounts"
+        && facts.subresource == "token"
+    {
+        let labels = directory.service_account_labels(facts.namespace, facts.name);
+        let agent_namespace = directory
+            .namespace_labels(facts.namespace)
+            .is_some_and(|l| l.get(AGENT_NAMESPACE_LABEL).map(String::as_str) == Some("true"));
+        if !agent_namespace && !policies.labels_make_agent(facts.namespace, labels.as_ref(), config) {
+            return Some((
+                AGENT_IDENTITY_RULE,
+                format!(
+                    "agents may not create tokens for ServiceAccount {}/{}, which is not an agent: it would act without brakes",
+                    facts.namespace, facts.name
+                ),
+            ));
+        }
+    }
     if facts.group == GROUP {
         return Some((POLICIES_RULE, "agents may not create, change or delete agentguard policies".into()));
     }
@@ -136,10 +159,8 @@ pub(super) fn self_protection(
     if cluster_scoped_self {
         return Some((SELF_RULE, "agents may not change agentguard's webhook configurations or RBAC".into()));
     }
-    if !matches!(facts.operation, Operation::Update { .. })
-        || !facts.group.is_empty()
-        || !facts.subresource.is_empty()
-    {
+    // Any subresource: writes through `namespaces/status` or `/finalize` store labels too.
+    if !matches!(facts.operation, Operation::Update { .. }) || !facts.group.is_empty() {
         return None;
     }
     let old = Facts::labels(facts.old_object);
@@ -154,7 +175,7 @@ pub(super) fn self_protection(
                     format!("agents may not change the {key} label of a ServiceAccount"),
                 ));
             }
-            if old != new && policies.labels_make_agent(old.as_ref(), config) {
+            if old != new && policies.labels_make_agent(facts.namespace, old.as_ref(), config) {
                 return Some((
                     AGENT_LABEL_RULE,
                     "agents may not change the labels of an agent ServiceAccount".into(),

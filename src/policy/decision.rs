@@ -49,6 +49,10 @@ pub struct ChurnBudget {
     pub policy: PolicyId,
     pub max_operations: u32,
     pub window: jiff::SignedDuration,
+    pub scope: crate::api::ChurnScope,
+    /// Whose count this request spends (see [`crate::api::ChurnScope`]): a username,
+    /// `namespace:NS`, or `*` for the whole policy. Empty in a compiled policy.
+    pub subject: String,
 }
 
 /// What a Warn- or Audit-mode policy would have done had it been enforced.

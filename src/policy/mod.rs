@@ -4,8 +4,13 @@
 //!  api::{Cluster,}AgentPolicy ──compile──▶ PolicySet ─┐ (rebuilt on every policy change)
 //!                                                     ▼
 //!  Facts + Requester + Directory + now ──▶ evaluate() ──▶ Decision
-//!      approval writes ▸ not an agent? ▸ built-in rules ▸ no-op update? ▸ policies
+//!      approval writes ▸ not an agent? ▸ built-in rules ▸ effects ▸ no-op update? ▸ policies
 //! ```
+//!
+//! A request is judged by what it does, not by its verb ([`effects`]): every operation it
+//! amounts to (an eviction's DELETE, a cascade's, finalizers removed, a controller armed to
+//! delete, metadata stored through a subresource) is matched against the policies, and the
+//! strictest outcome over all of them is the decision.
 //!
 //! Precedence among enforced policies that match: Deny beats RequireApproval beats Allow; ties
 //! are broken by a fixed order (ClusterAgentPolicies before AgentPolicies, then by namespace and
@@ -14,6 +19,7 @@
 
 pub mod builtin;
 pub mod decision;
+pub mod effects;
 pub mod identity;
 mod index;
 pub mod selector;
@@ -24,8 +30,8 @@ use jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
 
 use crate::api::{
-    AGENT_LABEL, Action, AgentPolicy, ClusterAgentPolicy, MatchRule, Mode, Operation as RuleOp, PolicySpec,
-    parse_duration,
+    AGENT_LABEL, Action, AgentPolicy, ChurnScope, ClusterAgentPolicy, MatchRule, Mode, Operation as RuleOp,
+    PolicySpec, parse_duration,
 };
 use crate::approval::{self, Lifetime};
 use crate::diff::Change;
@@ -33,6 +39,7 @@ use crate::diff::Change;
 pub use decision::{
     Allowed, ChurnBudget, Covering, Decision, Denial, DryRun, PolicyId, Reason, Target, Verdict,
 };
+pub use effects::Collateral;
 pub use identity::{Directory, Requester};
 use index::ResourceIndex;
 use selector::{Globs, Labels, Selector};
@@ -108,6 +115,9 @@ pub struct Facts<'a> {
     pub name: &'a str,
     pub object: Option<&'a Value>,
     pub old_object: Option<&'a Value>,
+    /// What a DELETE would take with it, as the request path found it (see [`effects`]); also
+    /// the pod an eviction or a connection concerns, when it was looked up.
+    pub collateral: &'a [Collateral],
 }
 
 impl Facts<'_> {
@@ -157,12 +167,35 @@ pub struct CompiledPolicy {
     churn: Option<ChurnBudget>,
 }
 
+/// Whom a policy covers.
 #[derive(Clone, Debug)]
-struct Subjects {
-    /// `None`: the default agent label.
-    service_accounts: Option<Selector>,
-    usernames: Vec<String>,
-    groups: Vec<String>,
+enum Subjects {
+    /// No `subjects`: every identity agentguard treats as an agent.
+    Agents,
+    /// Exactly these.
+    Listed {
+        service_accounts: Option<Selector>,
+        /// An AgentPolicy's: only ServiceAccounts of its own namespace.
+        namespace: Option<String>,
+        usernames: Vec<String>,
+        groups: Vec<String>,
+    },
+}
+
+impl Subjects {
+    fn usernames(&self) -> &[String] {
+        match self {
+            Subjects::Agents => &[],
+            Subjects::Listed { usernames, .. } => usernames,
+        }
+    }
+
+    fn groups(&self) -> &[String] {
+        match self {
+            Subjects::Agents => &[],
+            Subjects::Listed { groups, .. } => groups,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +227,7 @@ impl CompiledApproval {
 pub(crate) struct CompiledRule {
     name: String,
     delete: bool,
+    connect: bool,
     replace: bool,
     patch: bool,
     /// (api groups, resource, subresource) patterns; `*` is a wildcard in any position.
@@ -204,11 +238,11 @@ pub(crate) struct CompiledRule {
     object_selector: Option<Selector>,
 }
 
-/// How an UPDATE a rule does not guard would still escape it.
+/// How an UPDATE a rule does not guard would still escape it. (Handing an object to the garbage
+/// collector is judged as its DELETE: see [`effects`].)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Escape {
     ObjectSelector,
-    OwnerReferences,
     NamespaceSelector,
 }
 
@@ -216,9 +250,6 @@ impl Escape {
     fn describe(self) -> &'static str {
         match self {
             Escape::ObjectSelector => "this change would take the object out of the rule's objectSelector",
-            Escape::OwnerReferences => {
-                "this change adds an owner, which would hand the object's deletion to the garbage collector"
-            }
             Escape::NamespaceSelector => {
                 "this change would take the namespace's objects out of the rule's namespaceSelector"
             }
@@ -237,21 +268,30 @@ pub struct PolicySet {
     /// Every identity some policy names, so "is this an agent?" is one lookup.
     subject_usernames: HashSet<String>,
     subject_groups: HashSet<String>,
-    subject_selectors: Vec<Selector>,
+    /// ServiceAccount selectors, each with the namespace it is confined to (an AgentPolicy's).
+    subject_selectors: Vec<(Option<String>, Selector)>,
+    /// (api groups, resource) of every rule guarding DELETE: what a cascade must be checked for.
+    delete_resources: Vec<(Vec<String>, String)>,
 }
 
 struct Match<'p> {
     policy: &'p CompiledPolicy,
     rule: &'p CompiledRule,
     escape: Option<Escape>,
+    /// The operation the request amounts to, when it is not the request as sent.
+    via: Option<String>,
 }
 
 impl Match<'_> {
     fn rule_name(&self) -> String {
-        match self.escape {
-            None => self.rule.name.clone(),
-            Some(e) => format!("{} ({})", self.rule.name, e.describe()),
+        let mut name = self.rule.name.clone();
+        if let Some(e) = self.escape {
+            name = format!("{name} ({})", e.describe());
         }
+        if let Some(via) = &self.via {
+            name = format!("{name} (judged as the operation it amounts to: {via})");
+        }
+        name
     }
 }
 
@@ -279,14 +319,22 @@ impl PolicySet {
                     Some(ns) => set.namespaced.entry(ns.clone()).or_default(),
                 };
                 index.insert(rule, (pi, ri));
+                if rule.delete {
+                    for (groups, resource, sub) in &rule.resources {
+                        let entry = (groups.clone(), resource.clone());
+                        if sub.is_none() && !set.delete_resources.contains(&entry) {
+                            set.delete_resources.push(entry);
+                        }
+                    }
+                }
                 if rule.namespace_selector.is_some() {
                     set.namespace_selector_rules.push((pi, ri));
                 }
             }
-            set.subject_usernames.extend(policy.subjects.usernames.iter().cloned());
-            set.subject_groups.extend(policy.subjects.groups.iter().cloned());
-            if let Some(sel) = &policy.subjects.service_accounts {
-                set.subject_selectors.push(sel.clone());
+            set.subject_usernames.extend(policy.subjects.usernames().iter().cloned());
+            set.subject_groups.extend(policy.subjects.groups().iter().cloned());
+            if let Subjects::Listed { service_accounts: Some(sel), namespace, .. } = &policy.subjects {
+                set.subject_selectors.push((namespace.clone(), sel.clone()));
             }
             set.policies.push(policy);
         }
@@ -305,6 +353,12 @@ impl PolicySet {
         self.policies.iter()
     }
 
+    /// (api groups, resource) patterns of the rules that guard DELETE (`*` a wildcard): the
+    /// resource types a DELETE's cascade is looked up in.
+    pub fn delete_guarded_resources(&self) -> &[(Vec<String>, String)] {
+        &self.delete_resources
+    }
+
     /// Usernames some policy names as agents.
     pub fn subject_usernames(&self) -> impl Iterator<Item = &String> {
         self.subject_usernames.iter()
@@ -321,29 +375,38 @@ impl PolicySet {
     pub fn agent_label_keys(&self, config: &Config) -> std::collections::BTreeSet<String> {
         let mut keys: std::collections::BTreeSet<String> =
             [config.agent_label.0.clone(), crate::api::AGENT_NAMESPACE_LABEL.to_owned()].into();
-        keys.extend(self.subject_selectors.iter().flat_map(|s| s.keys()).map(str::to_owned));
+        keys.extend(self.subject_selectors.iter().flat_map(|(_, s)| s.keys()).map(str::to_owned));
         keys
     }
 
     /// Whether the requester is an agent for agentguard at all: marked by the agent label (or an
     /// agent namespace), configured as one, or named by any policy's subjects.
     pub fn is_agent(&self, requester: &Requester, config: &Config) -> bool {
-        let labels = requester.labels();
         let (key, value) = &config.agent_label;
         requester.selected_as_agent
-            || labels.is_some_and(|l| l.get(key) == Some(value))
+            || requester.labels().is_some_and(|l| l.get(key) == Some(value))
             || config.agent_usernames.contains(&requester.username)
             || requester.groups.iter().any(|g| config.agent_groups.contains(g))
             || self.subject_usernames.contains(&requester.username)
             || requester.groups.iter().any(|g| self.subject_groups.contains(g))
-            || (labels.is_some() && self.subject_selectors.iter().any(|s| s.matches(labels)))
+            || requester
+                .service_account
+                .as_ref()
+                .is_some_and(|sa| self.selectors_match(&sa.namespace, Some(&sa.labels)))
     }
 
-    /// Whether a ServiceAccount with these labels is an agent under any selector.
-    pub fn labels_make_agent(&self, labels: Option<&Labels>, config: &Config) -> bool {
+    /// Whether a ServiceAccount of `namespace` with these labels is an agent under any selector.
+    pub fn labels_make_agent(&self, namespace: &str, labels: Option<&Labels>, config: &Config) -> bool {
         let (key, value) = &config.agent_label;
-        labels.is_some_and(|l| l.get(key) == Some(value))
-            || self.subject_selectors.iter().any(|s| s.matches(labels))
+        labels.is_some_and(|l| l.get(key) == Some(value)) || self.selectors_match(namespace, labels)
+    }
+
+    fn selectors_match(&self, namespace: &str, labels: Option<&Labels>) -> bool {
+        labels.is_some()
+            && self
+                .subject_selectors
+                .iter()
+                .any(|(ns, s)| ns.as_deref().is_none_or(|ns| ns == namespace) && s.matches(labels))
     }
 
     /// Rules that match the request's object, resource and operation, in policy order.
@@ -351,8 +414,20 @@ impl PolicySet {
         &'p self,
         facts: &Facts<'_>,
         directory: &dyn Directory,
+        policy_filter: impl FnMut(&CompiledPolicy) -> bool,
+    ) -> Vec<Match<'p>> {
+        let effect = effects::Effect { facts: facts.clone(), via: None, any_name: false };
+        self.matching_effect(&effect, directory, policy_filter)
+    }
+
+    /// Rules that match one operation a request amounts to.
+    fn matching_effect<'p>(
+        &'p self,
+        effect: &effects::Effect<'_>,
+        directory: &dyn Directory,
         mut policy_filter: impl FnMut(&CompiledPolicy) -> bool,
     ) -> Vec<Match<'p>> {
+        let facts = &effect.facts;
         let mut candidates = Vec::new();
         self.cluster.candidates(facts.resource, facts.subresource, &mut candidates);
         if let Some(index) = self.namespaced.get(facts.namespace) {
@@ -376,8 +451,8 @@ impl PolicySet {
                 continue;
             }
             let rule = &policy.rules[ri];
-            if let Some(escape) = rule_matches(rule, facts, &object_labels, &mut ns_labels) {
-                out.push(Match { policy, rule, escape });
+            if let Some(escape) = rule_matches(rule, facts, effect.any_name, &object_labels, &mut ns_labels) {
+                out.push(Match { policy, rule, escape, via: effect.via.as_deref().map(str::to_owned) });
             }
         }
         out
@@ -391,12 +466,41 @@ fn name_of(meta: &kube::api::ObjectMeta) -> String {
 fn compile_policy(id: PolicyId, spec: &PolicySpec, problems: &mut Vec<Problem>) -> CompiledPolicy {
     let mut problem = |m: String| problems.push(Problem { policy: id.clone(), message: m });
     let subjects = match &spec.subjects {
-        None => Subjects { service_accounts: None, usernames: Vec::new(), groups: Vec::new() },
-        Some(s) => Subjects {
-            service_accounts: s.service_account_selector.as_ref().map(Selector::compile),
-            usernames: s.usernames.clone(),
-            groups: s.groups.clone(),
-        },
+        None => Subjects::Agents,
+        Some(s) => {
+            // The schema refuses these too; a policy stored before it did is read narrowly.
+            let reserved = |name: &str| {
+                name.starts_with("system:") && identity::service_account_name(name).is_none()
+                    || name.chars().any(char::is_control)
+            };
+            let mut usernames: Vec<String> = Vec::new();
+            for u in &s.usernames {
+                let foreign = match (&id.namespace, identity::service_account_name(u)) {
+                    (Some(own), Some((ns, _))) => ns != own,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if reserved(u) || foreign {
+                    problem(format!("subjects.usernames: {u:?} cannot be a subject of this policy; ignored"));
+                } else {
+                    usernames.push(u.clone());
+                }
+            }
+            let mut groups: Vec<String> = Vec::new();
+            for g in &s.groups {
+                if g.starts_with("system:") || id.namespace.is_some() || g.chars().any(char::is_control) {
+                    problem(format!("subjects.groups: {g:?} cannot be a subject of this policy; ignored"));
+                } else {
+                    groups.push(g.clone());
+                }
+            }
+            Subjects::Listed {
+                service_accounts: s.service_account_selector.as_ref().map(Selector::compile),
+                namespace: id.namespace.clone(),
+                usernames,
+                groups,
+            }
+        }
     };
     let approval = spec.approval.as_ref().map(|a| {
         let mut duration = |field: &str, text: &str, fallback: SignedDuration| {
@@ -419,9 +523,13 @@ fn compile_policy(id: PolicyId, spec: &PolicySpec, problems: &mut Vec<Problem>) 
     }
     let churn = spec.churn_limit.as_ref().and_then(|c| {
         match parse_duration(&c.window).and_then(|d| SignedDuration::try_from(d).ok()) {
-            Some(window) if window.is_positive() => {
-                Some(ChurnBudget { policy: id.clone(), max_operations: c.max_operations, window })
-            }
+            Some(window) if window.is_positive() => Some(ChurnBudget {
+                policy: id.clone(),
+                max_operations: c.max_operations,
+                window,
+                scope: c.scope,
+                subject: String::new(),
+            }),
             _ => {
                 problem(format!(
                     "churnLimit.window {:?} is not a duration; no churn limit applies",
@@ -476,6 +584,7 @@ fn compile_rule(
     CompiledRule {
         name,
         delete: has(RuleOp::Delete),
+        connect: has(RuleOp::Connect),
         replace: update || has(RuleOp::Replace),
         patch: update || has(RuleOp::Patch),
         resources,
@@ -491,18 +600,23 @@ fn compile_rule(
 }
 
 impl CompiledPolicy {
-    /// Whether the policy's subjects include the requester. `default_agent` is whether the
-    /// requester is an agent by the default subjects (the agent label, configured identities):
-    /// the same for every policy, so it is worked out once per decision.
-    fn applies_to(&self, requester: &Requester, default_agent: bool) -> bool {
-        let labels = requester.labels();
-        let by_selector = match &self.subjects.service_accounts {
-            None => default_agent,
-            Some(sel) => labels.is_some() && sel.matches(labels),
-        };
-        by_selector
-            || self.subjects.usernames.contains(&requester.username)
-            || requester.groups.iter().any(|g| self.subjects.groups.contains(g))
+    /// Whether the policy's subjects include the requester. `agent` is whether agentguard treats
+    /// the requester as an agent at all: the same for every policy, worked out once per decision.
+    fn applies_to(&self, requester: &Requester, agent: bool) -> bool {
+        match &self.subjects {
+            Subjects::Agents => agent,
+            Subjects::Listed { service_accounts, namespace, usernames, groups } => {
+                let by_selector = service_accounts.as_ref().is_some_and(|sel| {
+                    requester.service_account.as_ref().is_some_and(|sa| {
+                        namespace.as_deref().is_none_or(|ns| ns == sa.namespace)
+                            && sel.matches(Some(&sa.labels))
+                    })
+                });
+                by_selector
+                    || usernames.contains(&requester.username)
+                    || requester.groups.iter().any(|g| groups.contains(g))
+            }
+        }
     }
 }
 
@@ -544,11 +658,12 @@ impl CompiledRule {
     fn guards(&self, op: Operation) -> bool {
         match op {
             Operation::Delete => self.delete,
+            Operation::Connect => self.connect,
             Operation::Update { patch: Some(true) } => self.patch,
             Operation::Update { patch: Some(false) } => self.replace,
             // Replace and patch cannot be told apart: a rule guarding either guards it.
             Operation::Update { patch: None } => self.replace || self.patch,
-            Operation::Create | Operation::Connect => false,
+            Operation::Create => false,
         }
     }
 }
@@ -558,6 +673,7 @@ impl CompiledRule {
 fn rule_matches(
     rule: &CompiledRule,
     facts: &Facts<'_>,
+    any_name: bool,
     objects: &ObjectLabels<'_>,
     ns_labels: &mut LazyLabels<'_>,
 ) -> Option<Option<Escape>> {
@@ -573,7 +689,7 @@ fn rule_matches(
         return (in_scope && leaves).then_some(Some(Escape::NamespaceSelector));
     }
     if !rule.resource_matches(facts.group, facts.resource, facts.subresource)
-        || !rule.names.matches(facts.name)
+        || !(any_name || rule.names.matches(facts.name))
     {
         return None;
     }
@@ -596,6 +712,11 @@ fn rule_matches(
     }
     let (old_in, new_in) = match &rule.object_selector {
         None => (true, true),
+        // An object the request does not show (an eviction's pod not looked up, the volumes a
+        // StatefulSet would delete) is read in the most restrictive sense: it matches.
+        Some(_) if objects.old.is_none() && objects.new.is_none() && facts.old_object.is_none() => {
+            (true, true)
+        }
         Some(sel) => (sel.matches(objects.old), is_update && sel.matches(objects.new)),
     };
     if !old_in && !new_in {
@@ -610,23 +731,7 @@ fn rule_matches(
     if old_in && !new_in {
         return Some(Some(Escape::ObjectSelector));
     }
-    if rule.delete && adds_owner(facts.old_object, facts.object) {
-        return Some(Some(Escape::OwnerReferences));
-    }
     None
-}
-
-fn adds_owner(old: Option<&Value>, new: Option<&Value>) -> bool {
-    let uids = |o: Option<&Value>| -> Vec<String> {
-        o.and_then(|o| o.pointer("/metadata/ownerReferences"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r.get("uid")?.as_str().map(str::to_owned))
-            .collect()
-    };
-    let before = uids(old);
-    uids(new).iter().any(|u| !before.contains(u))
 }
 
 /// Decides one admission request. Pure: the same arguments always give the same decision.
@@ -672,21 +777,22 @@ fn decide(
     }
 
     // 2. Built-in rules: agents may not loosen their own brakes.
-    if let Some((rule, detail)) = builtin::self_protection(facts, policies, config) {
+    if let Some((rule, detail)) = builtin::self_protection(facts, policies, directory, config) {
         return deny(Reason::Builtin { rule, detail }, None);
     }
 
-    // 3. Only DELETE and UPDATE are guarded.
-    if matches!(facts.operation, Operation::Create | Operation::Connect) {
+    // 3. What the request does: DELETE, UPDATE and CONNECT as sent, and whatever else it
+    // amounts to (an eviction, a cascade, finalizers removed, a controller armed to delete).
+    let effects = effects::of(facts);
+    if facts.operation == Operation::Create && effects.len() == 1 {
         return Decision::allow(Allowed::NotGuarded);
     }
-    let default_agent = {
-        let (k, v) = &config.agent_label;
-        requester.labels().is_some_and(|l| l.get(k) == Some(v))
-            || config.agent_usernames.contains(&requester.username)
-            || requester.groups.iter().any(|g| config.agent_groups.contains(g))
-    };
-    let matches = policies.matching(facts, directory, |p| p.applies_to(requester, default_agent));
+    let matches: Vec<Match<'_>> = effects
+        .iter()
+        // A CREATE is judged only by what it amounts to.
+        .filter(|e| e.facts.operation != Operation::Create)
+        .flat_map(|e| policies.matching_effect(e, directory, |p| p.applies_to(requester, agent)))
+        .collect();
     if matches.is_empty() && config.unmatched == Action::Allow {
         // Nothing to judge, so the change need not be computed: the common case stays cheap.
         return Decision::allow(Allowed::Unmatched);
@@ -753,11 +859,30 @@ fn decide(
             if let Some(budget) = &m.policy.churn
                 && !decision.churn.iter().any(|b| b.policy == budget.policy)
             {
-                decision.churn.push(budget.clone());
+                let subject = churn_subject(budget.scope, requester, directory);
+                decision.churn.push(ChurnBudget { subject, ..budget.clone() });
             }
         }
     }
     decision
+}
+
+/// Whose count a churn charge spends. Every ServiceAccount of an agent namespace shares the
+/// namespace's count whatever the scope, so creating a fresh ServiceAccount there (which `edit`
+/// allows) never brings a fresh budget.
+fn churn_subject(scope: ChurnScope, requester: &Requester, directory: &dyn Directory) -> String {
+    let sa = requester.service_account.as_ref();
+    let agent_namespace = sa.is_some_and(|sa| {
+        directory
+            .namespace_labels(&sa.namespace)
+            .is_some_and(|l| l.get(crate::api::AGENT_NAMESPACE_LABEL).map(String::as_str) == Some("true"))
+    });
+    match (scope, sa) {
+        (ChurnScope::PerPolicy, _) => "*".to_owned(),
+        (ChurnScope::PerNamespace, Some(sa)) => format!("namespace:{}", sa.namespace),
+        (ChurnScope::PerAgent, Some(sa)) if agent_namespace => format!("namespace:{}", sa.namespace),
+        _ => requester.username.clone(),
+    }
 }
 
 /// What precedence makes of a set of matches.
@@ -842,11 +967,20 @@ fn hold(
         }
         _ => (approval::Op::Update, change.map(|c| &c.digest)),
     };
+    let whole = Target { subresource: String::new(), ..facts.target() };
     let unapprovable = if facts.subresource == "scale" {
         Some(format!(
             "The scale subresource carries no annotations, so an approval cannot be seen on it: make this \
-             change as an update of {} itself (e.g. kubectl patch), which can be approved.",
-            Target { subresource: String::new(), ..facts.target() }
+             change as an update of {whole} itself (e.g. kubectl patch), which can be approved."
+        ))
+    } else if facts.operation == Operation::Create && facts.subresource == "eviction" {
+        Some(format!(
+            "An eviction carries no approval: a human may approve deleting {whole}, and then the pod is \
+             deleted (kubectl delete), not evicted."
+        ))
+    } else if facts.operation == Operation::Connect {
+        Some(format!(
+            "A connection carries no approval: a human who may approve runs this on {whole} instead."
         ))
     } else if let Some(Err(size)) = change.map(Change::reviewable) {
         Some(format!(

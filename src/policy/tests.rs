@@ -133,6 +133,7 @@ fn facts<'a>(operation: Operation, old: Option<&'a Value>, new: Option<&'a Value
         name: "web",
         object: new,
         old_object: old,
+        collateral: &[],
     }
 }
 
@@ -1041,11 +1042,317 @@ fn index_finds_the_same_rules_as_a_scan() {
                     .policies()
                     .filter(|p| p.id.namespace.as_deref().is_none_or(|pns| pns == ns))
                     .flat_map(|p| p.rules.iter().map(move |r| (p, r)))
-                    .filter(|(_, r)| rule_matches(r, &f, &ol, &mut lazy).is_some())
+                    .filter(|(_, r)| rule_matches(r, &f, false, &ol, &mut lazy).is_some())
                     .map(|(p, _)| p.id.name.clone())
                     .collect();
                 assert_eq!(indexed, scanned, "{group}/{resource}/{sub} in {ns:?} named {name}");
             }
         }
+    }
+}
+
+/// Issue-9 routes: a request is judged by what it does, whatever its verb or subresource.
+mod routes {
+    use super::*;
+
+    fn policy(name: &str, action: &str, operations: Value, resources: Value) -> ClusterAgentPolicy {
+        let mut spec = json!({"action": action,
+            "rules": [{"name": name, "operations": operations, "resources": [resources]}]});
+        if action == "RequireApproval" {
+            spec["approval"] = json!({"approvers": {"groups": ["sre"]}});
+        }
+        cluster_policy(name, spec)
+    }
+
+    fn refused(d: &Decision) -> String {
+        match &d.verdict {
+            Verdict::Deny(denial) => denial.to_string(),
+            Verdict::Allow(why) => panic!("admitted: {why:?}"),
+        }
+    }
+
+    fn on<'a>(resource: &'a str, subresource: &'a str, base: Facts<'a>) -> Facts<'a> {
+        Facts { group: "", resource, subresource, name: "x", ..base }
+    }
+
+    #[test]
+    fn metadata_written_through_status_is_judged_as_an_update_of_the_object() {
+        // The agent-namespace label, dropped through namespaces/status.
+        let old = json!({"kind": "Namespace", "metadata": {"name": "bots", "labels": {AGENT_NAMESPACE_LABEL: "true"}}});
+        let new = json!({"kind": "Namespace", "metadata": {"name": "bots", "labels": {}}});
+        let f = Facts {
+            group: "",
+            resource: "namespaces",
+            subresource: "status",
+            namespace: "bots",
+            name: "bots",
+            ..facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&new))
+        };
+        let d = decide(&PolicySet::default(), Who::AgentNamespace, &f);
+        assert!(refused(&d).contains(builtin::AGENT_NAMESPACE_RULE));
+
+        // Relabelling a Deployment out of an objectSelector through deployments/status.
+        let held = set(
+            vec![cluster_policy(
+                "keep",
+                json!({"action": "Deny", "rules": [{"name": "kept", "operations": ["DELETE"],
+                    "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],
+                    "objectSelector": {"matchLabels": {"keep": "yes"}}}]}),
+            )],
+            vec![],
+        );
+        let mut old = deployment(3);
+        old["kind"] = json!("Deployment");
+        old["metadata"]["labels"] = json!({"keep": "yes"});
+        let mut new = old.clone();
+        new["metadata"]["labels"] = json!({});
+        let f = Facts {
+            subresource: "status",
+            ..facts(Operation::Update { patch: None }, Some(&old), Some(&new))
+        };
+        let denial = refused(&decide(&held, Who::LabelledAgent, &f));
+        assert!(denial.contains("objectSelector") && denial.contains("status subresource"), "{denial}");
+        // A status-only write is not an update of the object.
+        let mut status = old.clone();
+        status["status"] = json!({"replicas": 1});
+        let f = Facts {
+            subresource: "status",
+            ..facts(Operation::Update { patch: None }, Some(&old), Some(&status))
+        };
+        assert!(decide(&held, Who::LabelledAgent, &f).allowed());
+
+        // An ownerReference added to a guarded PVC through persistentvolumeclaims/status.
+        let pvcs = set(
+            vec![policy(
+                "volumes",
+                "Deny",
+                json!(["DELETE"]),
+                json!({"apiGroups": [""], "resources": ["persistentvolumeclaims"]}),
+            )],
+            vec![],
+        );
+        let old = json!({"kind": "PersistentVolumeClaim", "metadata": {"name": "x"}});
+        let mut new = old.clone();
+        new["metadata"]["ownerReferences"] =
+            json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "u"}]);
+        let f = on(
+            "persistentvolumeclaims",
+            "status",
+            facts(Operation::Update { patch: None }, Some(&old), Some(&new)),
+        );
+        assert!(refused(&decide(&pvcs, Who::LabelledAgent, &f)).contains("garbage collector"));
+    }
+
+    #[test]
+    fn evictions_finalizers_and_armed_controllers_are_the_deletes_they_amount_to() {
+        let pods = set(
+            vec![policy(
+                "pods",
+                "RequireApproval",
+                json!(["DELETE"]),
+                json!({"apiGroups": [""], "resources": ["pods"]}),
+            )],
+            vec![],
+        );
+        let eviction = json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "x"}});
+        let f = on("pods", "eviction", facts(Operation::Create, None, Some(&eviction)));
+        let denial = refused(&decide(&pods, Who::LabelledAgent, &f));
+        assert!(
+            denial.contains("an eviction deletes the pod") && denial.contains("carries no approval"),
+            "{denial}"
+        );
+        assert!(decide(&pods, Who::Human, &f).allowed());
+        // Other CREATEs stay unguarded.
+        let binding = on("pods", "binding", facts(Operation::Create, None, Some(&eviction)));
+        assert!(decide(&pods, Who::LabelledAgent, &binding).allowed());
+
+        let configmaps = set(
+            vec![policy(
+                "config",
+                "Deny",
+                json!(["DELETE"]),
+                json!({"apiGroups": [""], "resources": ["configmaps"]}),
+            )],
+            vec![],
+        );
+        let gone = "2026-11-26T11:00:00Z";
+        let old = json!({"kind": "ConfigMap", "metadata": {"name": "x", "deletionTimestamp": gone, "finalizers": ["e2e/hold"]}});
+        let new = json!({"kind": "ConfigMap", "metadata": {"name": "x", "deletionTimestamp": gone}});
+        let f = on("configmaps", "", facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&new)));
+        assert!(refused(&decide(&configmaps, Who::LabelledAgent, &f)).contains("removing finalizers"));
+
+        let pvcs = set(
+            vec![policy(
+                "volumes",
+                "Deny",
+                json!(["DELETE"]),
+                json!({"apiGroups": [""], "resources": ["persistentvolumeclaims"]}),
+            )],
+            vec![],
+        );
+        let sts = |p: &str| json!({"kind": "StatefulSet", "metadata": {"name": "db"}, "spec": {"persistentVolumeClaimRetentionPolicy": {"whenDeleted": p}}});
+        let (keep, drop) = (sts("Retain"), sts("Delete"));
+        let f = Facts {
+            resource: "statefulsets",
+            ..facts(Operation::Update { patch: None }, Some(&keep), Some(&drop))
+        };
+        assert!(
+            refused(&decide(&pvcs, Who::LabelledAgent, &f)).contains("persistentVolumeClaimRetentionPolicy")
+        );
+        let f = Facts {
+            resource: "statefulsets",
+            ..facts(Operation::Update { patch: None }, Some(&drop), Some(&keep))
+        };
+        assert!(decide(&pvcs, Who::LabelledAgent, &f).allowed());
+    }
+
+    #[test]
+    fn connections_are_guarded_only_where_a_policy_says() {
+        let exec = set(
+            vec![policy(
+                "shell",
+                "RequireApproval",
+                json!(["CONNECT"]),
+                json!({"apiGroups": [""], "resources": ["pods/exec"]}),
+            )],
+            vec![],
+        );
+        let options = json!({"kind": "PodExecOptions", "command": ["rm", "-rf", "/data"]});
+        let f = on("pods", "exec", facts(Operation::Connect, None, Some(&options)));
+        let denial = refused(&decide(&exec, Who::LabelledAgent, &f));
+        assert!(denial.contains("shell") && denial.contains("connection carries no approval"), "{denial}");
+        assert!(decide(&exec, Who::Human, &f).allowed());
+        assert!(decide(&PolicySet::default(), Who::LabelledAgent, &f).allowed());
+        let attach = on("pods", "attach", facts(Operation::Connect, None, Some(&options)));
+        assert!(decide(&exec, Who::LabelledAgent, &attach).allowed(), "only pods/exec is named");
+    }
+
+    #[test]
+    fn a_delete_is_judged_with_what_it_cascades_to() {
+        let guarded = set(
+            vec![policy(
+                "data",
+                "Deny",
+                json!(["DELETE"]),
+                json!({"apiGroups": ["apps"], "resources": ["statefulsets"]}),
+            )],
+            vec![],
+        );
+        let owner = json!({"kind": "ConfigMap", "metadata": {"name": "x"}});
+        let dependent = Collateral {
+            group: "apps".into(),
+            resource: "statefulsets".into(),
+            namespace: "prod".into(),
+            name: "db".into(),
+            object: json!({"metadata": {"name": "db"}}),
+            via: "owned by ConfigMap \"x\"".into(),
+        };
+        let collateral = [dependent];
+        let f = Facts {
+            collateral: &collateral,
+            ..on("configmaps", "", facts(Operation::Delete, Some(&owner), None))
+        };
+        let denial = refused(&decide(&guarded, Who::LabelledAgent, &f));
+        assert!(denial.contains("owned by ConfigMap"), "{denial}");
+        let alone = on("configmaps", "", facts(Operation::Delete, Some(&owner), None));
+        assert!(decide(&guarded, Who::LabelledAgent, &alone).allowed());
+    }
+
+    #[test]
+    fn a_policy_without_subjects_covers_every_agent_and_one_with_subjects_exactly_those() {
+        let rule = json!([{"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]);
+        let policies = set(
+            vec![
+                cluster_policy("fail-safe", json!({"action": "Deny", "rules": rule})),
+                // Names an OIDC agent, and guards something else.
+                cluster_policy(
+                    "oidc",
+                    json!({"action": "Deny", "subjects": {"usernames": ["oidc:claude"]},
+                    "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": [""], "resources": ["secrets"]}]}]}),
+                ),
+                cluster_policy(
+                    "only-ci",
+                    json!({"action": "Deny", "subjects": {"groups": ["ci-bots"]},
+                    "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": [""], "resources": ["configmaps"]}]}]}),
+                ),
+            ],
+            vec![],
+        );
+        let old = deployment(3);
+        let f = facts(Operation::Delete, Some(&old), None);
+        let dir = directory();
+        let r = Requester::resolve("oidc:claude", &[], &dir, ("agentguard.io/agent", "true"));
+        assert!(
+            !evaluate(&f, &r, &policies, &dir, &config(), now()).allowed(),
+            "the fail-safe policy covers it"
+        );
+        // A policy with subjects does not cover the default agents.
+        let cm = json!({"metadata": {"name": "x"}});
+        let f = on("configmaps", "", facts(Operation::Delete, Some(&cm), None));
+        assert!(decide(&policies, Who::LabelledAgent, &f).allowed());
+    }
+
+    #[test]
+    fn an_agent_policy_names_its_own_service_accounts_only() {
+        let spec = json!({"action": "Deny",
+            "subjects": {"serviceAccountSelector": {"matchLabels": {"team": "web"}},
+                         "usernames": ["system:serviceaccount:other:x", "system:serviceaccount:web:y"],
+                         "groups": ["system:authenticated"]},
+            "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}]}]});
+        let (policies, problems) = PolicySet::compile(&[], &[agent_policy("web", "p", spec)]);
+        let text = format!("{problems:?}");
+        assert!(
+            text.contains("system:serviceaccount:other:x") && text.contains("system:authenticated"),
+            "{text}"
+        );
+        assert!(!text.contains("system:serviceaccount:web:y"), "{text}");
+        let mut dir = directory();
+        dir.service_accounts.insert(
+            ("elsewhere".into(), "deployer".into()),
+            [("team".to_string(), "web".to_string())].into(),
+        );
+        let cfg = config();
+        let is_agent = |user: &str, groups: &[&str]| {
+            let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            policies.is_agent(&Requester::resolve(user, &groups, &dir, ("agentguard.io/agent", "true")), &cfg)
+        };
+        assert!(is_agent("system:serviceaccount:web:deployer", &[]));
+        assert!(is_agent("system:serviceaccount:web:y", &[]));
+        assert!(!is_agent("system:serviceaccount:elsewhere:deployer", &[]), "another namespace's label");
+        assert!(!is_agent("system:serviceaccount:other:x", &[]));
+        assert!(!is_agent("alice", &["system:authenticated"]), "every human would be an agent");
+    }
+
+    #[test]
+    fn churn_is_counted_per_agent_namespace_whatever_the_account() {
+        let dir = directory();
+        let who = |user: &str| Requester::resolve(user, &[], &dir, ("agentguard.io/agent", "true"));
+        let fresh = who("system:serviceaccount:bots:fresh-1");
+        assert_eq!(churn_subject(ChurnScope::PerAgent, &fresh, &dir), "namespace:bots");
+        let coder = who("system:serviceaccount:agents:coder");
+        assert_eq!(churn_subject(ChurnScope::PerAgent, &coder, &dir), "system:serviceaccount:agents:coder");
+        assert_eq!(churn_subject(ChurnScope::PerNamespace, &coder, &dir), "namespace:agents");
+        assert_eq!(churn_subject(ChurnScope::PerPolicy, &coder, &dir), "*");
+        assert_eq!(churn_subject(ChurnScope::PerNamespace, &who("oidc:claude"), &dir), "oidc:claude");
+    }
+
+    #[test]
+    fn agents_may_not_mint_tokens_for_identities_without_brakes() {
+        let request = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest"});
+        let token_for = |ns: &'static str, name: &'static str| Facts {
+            group: "",
+            resource: "serviceaccounts",
+            subresource: "token",
+            namespace: ns,
+            name,
+            ..facts(Operation::Create, None, Some(&request))
+        };
+        let none = PolicySet::default();
+        let d = decide(&none, Who::LabelledAgent, &token_for("agents", "ci"));
+        assert!(refused(&d).contains(builtin::AGENT_IDENTITY_RULE));
+        // Another agent, or any account of an agent namespace, is still held by the brakes.
+        assert!(decide(&none, Who::LabelledAgent, &token_for("agents", "coder")).allowed());
+        assert!(decide(&none, Who::LabelledAgent, &token_for("bots", "fresh")).allowed());
+        assert!(decide(&none, Who::Human, &token_for("agents", "ci")).allowed());
     }
 }

@@ -148,6 +148,9 @@ pub struct AppState {
     pub breaker: Option<Arc<dyn Charge>>,
     /// None when recording is off.
     pub trail: Option<Arc<dyn Recorder>>,
+    /// What an agent's DELETE would take with it (see [`crate::ownership`]). None: cascades are
+    /// not looked up (offline tests only).
+    pub ownership: Option<Arc<dyn crate::ownership::Lookup>>,
 }
 
 impl AppState {
@@ -163,6 +166,7 @@ impl AppState {
             registrar: None,
             breaker: None,
             trail: None,
+            ownership: None,
         }
     }
 }
@@ -238,15 +242,35 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
     }
     let policies = state.cluster.policies();
     // The snapshot borrows the directory, which is not Sync: decide before any await.
-    let decision = {
+    let decide = |collateral: &[crate::policy::Collateral]| {
         let snapshot = Snapshot {
             policies: &policies,
             directory: state.cluster.directory(),
             config: &state.config,
             now: (state.clock)(),
+            collateral,
         };
         admission::review(&request, &snapshot)
     };
+    let mut decision = decide(&[]);
+    // An agent's DELETE that would be admitted is judged again with what it would take with it.
+    if decision.agent
+        && decision.allowed()
+        && let Some(ownership) = &state.ownership
+        && crate::ownership::needed(&request, &policies)
+    {
+        match ownership.collateral(&request, &policies).await {
+            Ok(collateral) if collateral.is_empty() => {}
+            Ok(collateral) => decision = decide(&collateral),
+            Err(e) => {
+                // Unknown blast radius: the agent's DELETE fails closed.
+                tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "cannot look up what the delete cascades to; refusing");
+                let message =
+                    format!("agentguard could not find what this delete would take with it: {e:#}; retry");
+                return json(StatusCode::OK, &admission::unavailable(&request.uid, &message));
+            }
+        }
+    }
     // The audit record, checked against the live object before any budget is spent: a request
     // that did not come from the API server gets neither a record nor a charge.
     let mut audit = state

@@ -5,6 +5,7 @@
 
 mod audit;
 mod churn;
+mod cloud;
 mod cluster;
 mod pending;
 mod scenarios;

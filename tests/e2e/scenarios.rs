@@ -36,6 +36,10 @@ pub const ALL: &[(&str, Scenario)] = &[
         "a_recorded_change_refused_later_is_marked_never_happened",
         crate::trail::a_change_refused_later_is_marked,
     ),
+    ("cloud_examples_fit_their_crds_and_deletes_are_held", crate::cloud::examples),
+    ("cloud_ack_annotation_leaving_retain_arms_a_delete", crate::cloud::ack),
+    ("cloud_cnrm_annotation_leaving_abandon_arms_a_delete", crate::cloud::cnrm),
+    ("cloud_crossplane_policies_that_stop_orphaning_arm_a_delete", crate::cloud::crossplane),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];

@@ -1,0 +1,291 @@
+//! The ownership view on the agent's path: what an agent's DELETE would take with it.
+//!
+//! A DELETE hands its object's dependents to the garbage collector (unless
+//! `propagationPolicy: Orphan`), a Namespace's contents to the namespace controller, and a
+//! CustomResourceDefinition's custom resources to the API server itself. agentguard judges such a
+//! DELETE as the DELETE of each of those that a policy guards (see
+//! [`crate::policy::effects`]), so it must know them before it answers.
+//!
+//! Looked up, not cached: only when an agent's DELETE would otherwise be admitted and some
+//! policy guards DELETEs, with metadata-only lists of the resource types those policies name
+//! (resolved through discovery, refreshed at most once a minute). What it costs per agent DELETE:
+//! one list per guarded resource type in the namespace (cluster-wide for a cluster-scoped owner
+//! or a CRD), and one metadata read per intermediate owner not already listed (a ReplicaSet
+//! between a Deployment and its Pods). Nothing here decides: it returns [`Collateral`] for the
+//! pure engine. An error fails the agent's request closed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::future::BoxFuture;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, ObjectMeta};
+use kube::discovery::{Discovery, Scope, verbs};
+use serde_json::{Value, json};
+
+use crate::admission::AdmissionRequest;
+use crate::policy::{Collateral, PolicySet};
+
+/// How far up an ownerReference chain the view looks for the deleted object.
+const MAX_DEPTH: usize = 8;
+/// How long a discovery of the API's resource types is reused.
+const DISCOVERY_FOR: Duration = Duration::from_secs(60);
+
+/// What the request path asks of the ownership view.
+pub trait Lookup: Send + Sync + 'static {
+    fn collateral<'a>(
+        &'a self,
+        request: &'a AdmissionRequest,
+        policies: &'a PolicySet,
+    ) -> BoxFuture<'a, Result<Vec<Collateral>>>;
+}
+
+/// Whether an admitted request still needs the ownership view: an agent's DELETE, when some
+/// policy guards DELETEs.
+pub fn needed(request: &AdmissionRequest, policies: &PolicySet) -> bool {
+    request.operation == "DELETE" && !policies.delete_guarded_resources().is_empty()
+}
+
+/// Whether the DELETE hands its object's dependents to the garbage collector.
+pub fn cascades(options: Option<&Value>) -> bool {
+    let orphan = options.and_then(|o| o.get("propagationPolicy")).and_then(Value::as_str) == Some("Orphan")
+        || options.and_then(|o| o.get("orphanDependents")).and_then(Value::as_bool) == Some(true);
+    !orphan
+}
+
+/// The live view, asking the API server.
+pub struct Ownership {
+    client: kube::Client,
+    discovered: tokio::sync::Mutex<Option<(Instant, Arc<Types>)>>,
+}
+
+/// A resource type and whether it is namespaced.
+type Served = (ApiResource, bool);
+
+/// The API's listable resource types, by (group, resource) and by (group, kind).
+#[derive(Default)]
+struct Types {
+    by_resource: BTreeMap<(String, String), Served>,
+    by_kind: HashMap<(String, String), Served>,
+}
+
+impl Ownership {
+    pub fn new(client: kube::Client) -> Self {
+        Self { client, discovered: Default::default() }
+    }
+
+    async fn types(&self) -> Result<Arc<Types>> {
+        let mut slot = self.discovered.lock().await;
+        if let Some((at, types)) = slot.as_ref()
+            && at.elapsed() < DISCOVERY_FOR
+        {
+            return Ok(types.clone());
+        }
+        let discovery =
+            Discovery::new(self.client.clone()).run().await.context("discovering resource types")?;
+        let mut types = Types::default();
+        for group in discovery.groups() {
+            for (ar, caps) in group.recommended_resources() {
+                if ar.plural.contains('/') || !caps.supports_operation(verbs::LIST) {
+                    continue;
+                }
+                let namespaced = matches!(caps.scope, Scope::Namespaced);
+                types.by_kind.insert((ar.group.clone(), ar.kind.clone()), (ar.clone(), namespaced));
+                types.by_resource.insert((ar.group.clone(), ar.plural.clone()), (ar, namespaced));
+            }
+        }
+        let types = Arc::new(types);
+        *slot = Some((Instant::now(), types.clone()));
+        Ok(types)
+    }
+
+    async fn list(&self, ar: &ApiResource, namespace: Option<&str>) -> Result<Vec<ObjectMeta>> {
+        let api: Api<DynamicObject> = match namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
+            None => Api::all_with(self.client.clone(), ar),
+        };
+        let list = api
+            .list_metadata(&ListParams::default())
+            .await
+            .with_context(|| format!("listing {}.{}", ar.plural, ar.group))?;
+        Ok(list.items.into_iter().map(|o| o.metadata).collect())
+    }
+
+    async fn find(&self, request: &AdmissionRequest, policies: &PolicySet) -> Result<Vec<Collateral>> {
+        let types = self.types().await?;
+        let patterns = policies.delete_guarded_resources();
+        let guarded: Vec<(&(String, String), &Served)> = types
+            .by_resource
+            .iter()
+            .filter(|((group, resource), _)| {
+                patterns.iter().any(|(groups, res)| {
+                    groups.iter().any(|g| g == "*" || g == group) && (res == "*" || res == resource)
+                })
+            })
+            .collect();
+        let facts = request.facts();
+        let collateral = |ar: &ApiResource, meta: ObjectMeta, via: String| Collateral {
+            group: ar.group.clone(),
+            resource: ar.plural.clone(),
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            object: json!({"metadata": meta}),
+            via,
+        };
+        let mut out = Vec::new();
+
+        // A Namespace takes everything in it, whatever the propagation policy.
+        if facts.group.is_empty() && facts.resource == "namespaces" {
+            for (_, (ar, namespaced)) in guarded.iter().filter(|(_, (_, namespaced))| *namespaced) {
+                debug_assert!(namespaced);
+                for meta in self.list(ar, Some(facts.name)).await? {
+                    out.push(collateral(ar, meta, format!("in Namespace {:?}", facts.name)));
+                }
+            }
+            return Ok(out);
+        }
+        // A CRD takes its custom resources.
+        if facts.group == "apiextensions.k8s.io" && facts.resource == "customresourcedefinitions" {
+            let spec = facts.old_object.and_then(|o| o.get("spec"));
+            let group = spec.and_then(|s| s.get("group")).and_then(Value::as_str).unwrap_or_default();
+            let plural =
+                spec.and_then(|s| s.pointer("/names/plural")).and_then(Value::as_str).unwrap_or_default();
+            if let Some((_, (ar, _))) = guarded.iter().find(|((g, r), _)| g == group && r == plural) {
+                for meta in self.list(ar, None).await? {
+                    out.push(collateral(
+                        ar,
+                        meta,
+                        format!("a custom resource of CustomResourceDefinition {:?}", facts.name),
+                    ));
+                }
+            }
+            return Ok(out);
+        }
+        if !cascades(request.options.as_ref()) {
+            return Ok(out);
+        }
+        // Dependents, through ownerReferences, transitively.
+        let Some(uid) = facts.old_object.and_then(|o| o.pointer("/metadata/uid")).and_then(Value::as_str)
+        else {
+            return Ok(out);
+        };
+        let scope = (!facts.namespace.is_empty()).then_some(facts.namespace);
+        let mut known: HashMap<String, ObjectMeta> = HashMap::new();
+        let mut candidates = Vec::new();
+        for (_, (ar, namespaced)) in &guarded {
+            // A namespaced owner's dependents share its namespace; a cluster-scoped owner's may be
+            // anywhere. Cluster-scoped objects never depend on namespaced ones.
+            if scope.is_some() && !namespaced {
+                continue;
+            }
+            for meta in self.list(ar, if *namespaced { scope } else { None }).await? {
+                if let Some(u) = &meta.uid {
+                    known.insert(u.clone(), meta.clone());
+                }
+                candidates.push((ar.clone(), meta));
+            }
+        }
+        let mut memo: HashMap<String, bool> = HashMap::new();
+        for (ar, meta) in candidates {
+            let mut seen = HashSet::new();
+            if self.descends(&types, &meta, uid, &mut known, &mut memo, &mut seen, 0).await? {
+                let via =
+                    format!("a dependent of {} {:?} (garbage collector)", request.kind.kind, facts.name);
+                out.push(collateral(&ar, meta, via));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `meta` is owned, directly or through its owners, by the object with `uid`.
+    #[allow(clippy::too_many_arguments)]
+    fn descends<'a>(
+        &'a self,
+        types: &'a Types,
+        meta: &'a ObjectMeta,
+        uid: &'a str,
+        known: &'a mut HashMap<String, ObjectMeta>,
+        memo: &'a mut HashMap<String, bool>,
+        seen: &'a mut HashSet<String>,
+        depth: usize,
+    ) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(async move {
+            let refs = meta.owner_references.clone().unwrap_or_default();
+            if refs.iter().any(|r| r.uid == uid) {
+                return Ok(true);
+            }
+            if depth >= MAX_DEPTH {
+                return Ok(false);
+            }
+            for r in refs {
+                if !seen.insert(r.uid.clone()) {
+                    continue;
+                }
+                if let Some(hit) = memo.get(&r.uid) {
+                    if *hit {
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                let owner = match known.get(&r.uid) {
+                    Some(m) => Some(m.clone()),
+                    None => {
+                        let group = r.api_version.split_once('/').map(|(g, _)| g).unwrap_or_default();
+                        match types.by_kind.get(&(group.to_owned(), r.kind.clone())) {
+                            // An owner of a kind the API does not serve cannot be followed.
+                            None => None,
+                            Some((ar, namespaced)) => {
+                                let api: Api<DynamicObject> = match (namespaced, meta.namespace.as_deref()) {
+                                    (true, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, ar),
+                                    _ => Api::all_with(self.client.clone(), ar),
+                                };
+                                let got = api
+                                    .get_metadata_opt(&r.name)
+                                    .await
+                                    .with_context(|| format!("reading owner {} {:?}", r.kind, r.name))?;
+                                // Only the owner the reference names by uid counts.
+                                got.map(|o| o.metadata).filter(|m| m.uid.as_deref() == Some(r.uid.as_str()))
+                            }
+                        }
+                    }
+                };
+                let Some(owner) = owner else {
+                    memo.insert(r.uid.clone(), false);
+                    continue;
+                };
+                known.insert(r.uid.clone(), owner.clone());
+                let hit = self.descends(types, &owner, uid, known, memo, seen, depth + 1).await?;
+                memo.insert(r.uid.clone(), hit);
+                if hit {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })
+    }
+}
+
+impl Lookup for Ownership {
+    fn collateral<'a>(
+        &'a self,
+        request: &'a AdmissionRequest,
+        policies: &'a PolicySet,
+    ) -> BoxFuture<'a, Result<Vec<Collateral>>> {
+        Box::pin(self.find(request, policies))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orphaning_stops_the_garbage_collector_cascade() {
+        assert!(cascades(None));
+        assert!(cascades(Some(&json!({"kind": "DeleteOptions", "propagationPolicy": "Background"}))));
+        assert!(cascades(Some(&json!({"propagationPolicy": "Foreground"}))));
+        assert!(!cascades(Some(&json!({"propagationPolicy": "Orphan"}))));
+        assert!(!cascades(Some(&json!({"orphanDependents": true}))));
+    }
+}

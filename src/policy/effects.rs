@@ -1,0 +1,533 @@
+//! What a request does, whatever its verb: the operations it amounts to, each judged by the
+//! policies as if it had been sent.
+//!
+//! ```text
+//!  DELETE x                       ▸ DELETE x, and DELETE of each collateral object (cascade)
+//!  CREATE pods/eviction           ▸ DELETE of the pod
+//!  UPDATE x/status (metadata)     ▸ UPDATE x/status, and UPDATE x (labels, owners are stored)
+//!  UPDATE removing finalizers     ▸ UPDATE x, and DELETE x (when x is being deleted)
+//!  UPDATE arming a controller     ▸ UPDATE x, and DELETE of what the controller would delete
+//!  CONNECT pods/exec              ▸ CONNECT pods/exec
+//! ```
+//!
+//! Pure: the objects a cascade would take are found by the request path (it asks the API
+//! server) and arrive as [`Collateral`]; everything else is read from the request itself.
+
+use std::borrow::Cow;
+
+use serde_json::Value;
+
+use super::{Facts, Operation};
+
+/// An object the request would destroy besides its own target, found by the request path: a
+/// dependent the garbage collector would delete, an object inside a Namespace being deleted, a
+/// custom resource of a CRD being deleted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Collateral {
+    pub group: String,
+    pub resource: String,
+    /// Empty for cluster-scoped objects.
+    pub namespace: String,
+    pub name: String,
+    /// Its metadata at least (labels are matched by objectSelectors).
+    pub object: Value,
+    /// How the request would take it, e.g. `owned by ConfigMap "owner"`.
+    pub via: String,
+}
+
+/// One operation a request amounts to.
+#[derive(Clone, Debug)]
+pub struct Effect<'a> {
+    pub facts: Facts<'a>,
+    /// Why the request amounts to this; `None` for the request as sent.
+    pub via: Option<Cow<'a, str>>,
+    /// The target's name is not known (the volumes a StatefulSet would delete): name globs are
+    /// read in their most restrictive sense and match any name.
+    pub any_name: bool,
+}
+
+impl<'a> Effect<'a> {
+    fn derived(facts: Facts<'a>, via: impl Into<Cow<'a, str>>) -> Self {
+        Self { facts, via: Some(via.into()), any_name: false }
+    }
+}
+
+/// Every operation `facts` amounts to, the request as sent first.
+pub fn of<'a>(facts: &Facts<'a>) -> Vec<Effect<'a>> {
+    let mut out = vec![Effect { facts: facts.clone(), via: None, any_name: false }];
+    match facts.operation {
+        Operation::Delete => {
+            for c in facts.collateral {
+                let f = Facts {
+                    operation: Operation::Delete,
+                    group: &c.group,
+                    resource: &c.resource,
+                    subresource: "",
+                    namespace: if c.group.is_empty() && c.resource == "namespaces" {
+                        &c.name
+                    } else {
+                        &c.namespace
+                    },
+                    name: &c.name,
+                    object: None,
+                    old_object: Some(&c.object),
+                    collateral: &[],
+                };
+                out.push(Effect::derived(f, c.via.as_str()));
+            }
+        }
+        Operation::Create
+            if facts.group.is_empty() && facts.resource == "pods" && facts.subresource == "eviction" =>
+        {
+            // The pod itself, when the request path looked it up; otherwise judged unseen.
+            let pod = facts.collateral.iter().find(|c| c.resource == "pods" && c.name == facts.name);
+            let f = Facts {
+                operation: Operation::Delete,
+                subresource: "",
+                object: None,
+                old_object: pod.map(|c| &c.object),
+                collateral: &[],
+                ..facts.clone()
+            };
+            out.push(Effect::derived(f, "an eviction deletes the pod"));
+        }
+        Operation::Update { .. } => {
+            if let (Some(old), Some(new)) = (facts.old_object, facts.object) {
+                updates(facts, old, new, &mut out);
+            }
+        }
+        Operation::Create | Operation::Connect => {}
+    }
+    out
+}
+
+fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<Effect<'a>>) {
+    let main = Facts { subresource: "", ..facts.clone() };
+    let carries_object = !facts.subresource.is_empty()
+        && old.get("kind").is_some()
+        && old.get("kind") == new.get("kind")
+        && old.get("kind").and_then(Value::as_str) != Some("Scale");
+    if carries_object && stored_metadata_changes(old, new) {
+        // Writes through /status and /finalize store labels, annotations and owners too.
+        out.push(Effect::derived(
+            main.clone(),
+            format!("the {} subresource changes the object's metadata", facts.subresource),
+        ));
+    }
+    if facts.subresource.is_empty() || carries_object {
+        let delete = Facts { operation: Operation::Delete, object: None, ..main.clone() };
+        if completes_deletion(facts, old, new) {
+            out.push(Effect::derived(delete.clone(), "removing finalizers completes the deletion"));
+        }
+        if let Some(why) = hands_to_garbage_collector(old, new) {
+            out.push(Effect::derived(delete.clone(), why));
+        }
+        if let Some(why) = arms_deletion_of_itself(facts, old, new) {
+            out.push(Effect::derived(delete, why));
+        }
+        if facts.group == "apps"
+            && facts.resource == "statefulsets"
+            && statefulset_arms_volume_deletion(old, new)
+        {
+            let volumes = Facts {
+                operation: Operation::Delete,
+                group: "",
+                resource: "persistentvolumeclaims",
+                subresource: "",
+                name: "",
+                object: None,
+                old_object: None,
+                collateral: &[],
+                ..facts.clone()
+            };
+            out.push(Effect {
+                facts: volumes,
+                via: Some(
+                    "persistentVolumeClaimRetentionPolicy: Delete arms the StatefulSet controller to delete its volumes"
+                        .into(),
+                ),
+                any_name: true,
+            });
+        }
+    }
+}
+
+/// Whether the metadata a policy can act on (labels, annotations, owners, finalizers) differs.
+/// Fields every write touches (managedFields, resourceVersion) do not count.
+fn stored_metadata_changes(old: &Value, new: &Value) -> bool {
+    ["labels", "annotations", "ownerReferences", "finalizers"]
+        .iter()
+        .any(|field| old.pointer(&format!("/metadata/{field}")) != new.pointer(&format!("/metadata/{field}")))
+}
+
+fn strings(v: Option<&Value>) -> Vec<&str> {
+    v.and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect()
+}
+
+/// An object being deleted that loses a finalizer: the last one gone completes the deletion,
+/// and any one gone skips the cleanup it stood for. A Namespace's `spec.finalizers` (written
+/// through `namespaces/finalize`) count too.
+fn completes_deletion(facts: &Facts<'_>, old: &Value, new: &Value) -> bool {
+    if old.pointer("/metadata/deletionTimestamp").is_none_or(Value::is_null) {
+        return false;
+    }
+    let lost = |path: &str| {
+        let after = strings(new.pointer(path));
+        strings(old.pointer(path)).iter().any(|f| !after.contains(f))
+    };
+    lost("/metadata/finalizers")
+        || (facts.group.is_empty() && facts.resource == "namespaces" && lost("/spec/finalizers"))
+}
+
+/// An ownerReference added or rewritten: the garbage collector deletes an object whose owner is
+/// gone, or was never there (a reference to a missing kind/name counts as gone).
+fn hands_to_garbage_collector(old: &Value, new: &Value) -> Option<&'static str> {
+    let refs = |o: &Value| -> Vec<(String, String, String, String)> {
+        o.pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let f = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
+                (f("apiVersion"), f("kind"), f("name"), f("uid"))
+            })
+            .collect()
+    };
+    let before = refs(old);
+    refs(new).iter().any(|r| !before.contains(r)).then_some(
+        "an added or rewritten ownerReference hands the object's deletion to the garbage collector",
+    )
+}
+
+/// Fields that tell a controller to destroy the object's backing resource when the object goes,
+/// flipped from keeping it to destroying it.
+fn arms_deletion_of_itself(facts: &Facts<'_>, old: &Value, new: &Value) -> Option<&'static str> {
+    let text = |o: &Value, path: &str| o.pointer(path).and_then(Value::as_str).map(str::to_ascii_lowercase);
+    let annotation = |o: &Value, key: &str| {
+        o.pointer("/metadata/annotations")
+            .and_then(|a| a.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase)
+    };
+    if facts.group.is_empty() && facts.resource == "persistentvolumes" {
+        let deletes = |o: &Value| text(o, "/spec/persistentVolumeReclaimPolicy").as_deref() == Some("delete");
+        if !deletes(old) && deletes(new) {
+            return Some("persistentVolumeReclaimPolicy: Delete deletes the volume's storage with it");
+        }
+    }
+    // AWS Controllers for Kubernetes: the resource's annotation decides, else the Namespace's
+    // `<service>.services.k8s.aws/deletion-policy`, else the controller's `--deletion-policy`;
+    // `retain` keeps the AWS resource. Unset, the resource follows a default this request cannot
+    // see: leaving `retain`, or setting any other value where none or `retain` was, may arm it.
+    let ack = |o: &Value| annotation(o, "services.k8s.aws/deletion-policy");
+    let (before, after) = (ack(old), ack(new));
+    let retains = |v: &Option<String>| v.as_deref() == Some("retain");
+    let deletes = |v: &Option<String>| v.is_some() && !retains(v);
+    if (retains(&before) && !retains(&after)) || (!deletes(&before) && deletes(&after)) {
+        return Some("the services.k8s.aws/deletion-policy annotation no longer retains the AWS resource");
+    }
+    // Config Connector: `abandon` keeps the Google Cloud resource; the default deletes it.
+    let cnrm =
+        |o: &Value| annotation(o, "cnrm.cloud.google.com/deletion-policy").as_deref() == Some("abandon");
+    if cnrm(old) && !cnrm(new) {
+        return Some(
+            "the cnrm.cloud.google.com/deletion-policy annotation no longer abandons the cloud resource",
+        );
+    }
+    // Crossplane managed resources: armed when the external resource would be deleted with the
+    // object after the change and kept before, with management policies enabled or disabled.
+    if [true, false].into_iter().any(|on| !crossplane_deletes(old, on) && crossplane_deletes(new, on)) {
+        return Some("spec.deletionPolicy/managementPolicies no longer keep the external resource");
+    }
+    None
+}
+
+/// Whether Crossplane deletes a managed resource's external resource when the object is deleted,
+/// as crossplane-runtime's `ManagementPoliciesResolver::ShouldDelete` decides. With management
+/// policies enabled: `deletionPolicy: Delete` (the default) with policies holding `Delete` or `*`,
+/// or non-default policies holding `Delete`, whatever the deletionPolicy (so `Orphan` with
+/// `[Observe, Delete]` deletes); no policies at all pause the resource. Disabled: any
+/// deletionPolicy but `Orphan`, unless non-default policies make the reconciler refuse the object.
+/// Absent policies are the CRDs' default, `["*"]`.
+fn crossplane_deletes(o: &Value, policies_enabled: bool) -> bool {
+    let orphan = o
+        .pointer("/spec/deletionPolicy")
+        .and_then(Value::as_str)
+        .is_some_and(|p| p.eq_ignore_ascii_case("orphan"));
+    let policies = o.pointer("/spec/managementPolicies").filter(|m| m.is_array()).map(|m| strings(Some(m)));
+    let default = policies.as_ref().is_none_or(|p| !p.is_empty() && p.iter().all(|p| *p == "*"));
+    let has = |action: &str| policies.iter().flatten().any(|p| p.eq_ignore_ascii_case(action));
+    if !policies_enabled {
+        return !orphan && (default || policies.as_ref().is_some_and(Vec::is_empty));
+    }
+    (!orphan && (default || has("delete") || has("*"))) || (!default && has("delete"))
+}
+
+/// `persistentVolumeClaimRetentionPolicy` flipped to Delete (when the set is deleted or scaled
+/// down): the StatefulSet controller would delete the volume claims, and with them the data.
+fn statefulset_arms_volume_deletion(old: &Value, new: &Value) -> bool {
+    let deletes = |o: &Value, when: &str| {
+        o.pointer(&format!("/spec/persistentVolumeClaimRetentionPolicy/{when}")).and_then(Value::as_str)
+            == Some("Delete")
+    };
+    ["whenDeleted", "whenScaled"].iter().any(|when| !deletes(old, when) && deletes(new, when))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn facts<'a>(
+        operation: Operation,
+        (group, resource, subresource): (&'a str, &'a str, &'a str),
+        old: Option<&'a Value>,
+        new: Option<&'a Value>,
+    ) -> Facts<'a> {
+        Facts {
+            operation,
+            group,
+            resource,
+            subresource,
+            namespace: "prod",
+            name: "x",
+            object: new,
+            old_object: old,
+            collateral: &[],
+        }
+    }
+
+    const UPDATE: Operation = Operation::Update { patch: None };
+
+    fn derived(effects: &[Effect<'_>]) -> Vec<(Operation, String, String)> {
+        effects[1..]
+            .iter()
+            .map(|e| {
+                (
+                    e.facts.operation,
+                    format!("{}/{}", e.facts.resource, e.facts.subresource),
+                    e.facts.name.into(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_plain_update_is_itself_only() {
+        let old = json!({"kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": "1"}});
+        let new = json!({"kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"a": "2"}});
+        assert!(derived(&of(&facts(UPDATE, ("", "configmaps", ""), Some(&old), Some(&new)))).is_empty());
+    }
+
+    #[test]
+    fn status_writes_that_change_metadata_are_updates_of_the_object() {
+        let old = json!({"kind": "Namespace", "metadata": {"name": "x", "labels": {"a": "1"}}});
+        let new = json!({"kind": "Namespace", "metadata": {"name": "x", "labels": {}}});
+        let e = of(&facts(UPDATE, ("", "namespaces", "status"), Some(&old), Some(&new)));
+        assert_eq!(derived(&e), [(UPDATE, "namespaces/".into(), "x".into())]);
+        // A status-only write stays a status write; a scale carries no metadata of the object.
+        let status =
+            json!({"kind": "Namespace", "metadata": {"name": "x", "labels": {"a": "1"}}, "status": {}});
+        assert!(
+            derived(&of(&facts(UPDATE, ("", "namespaces", "status"), Some(&old), Some(&status)))).is_empty()
+        );
+        let mut touched = status.clone();
+        touched["metadata"]["managedFields"] = json!([{"manager": "kube-controller-manager"}]);
+        touched["metadata"]["resourceVersion"] = json!("12");
+        let e = of(&facts(UPDATE, ("", "namespaces", "status"), Some(&old), Some(&touched)));
+        assert!(derived(&e).is_empty(), "managedFields and resourceVersion change on every write");
+        let s1 = json!({"kind": "Scale", "metadata": {"name": "x", "resourceVersion": "1"}});
+        let s2 = json!({"kind": "Scale", "metadata": {"name": "x", "resourceVersion": "2"}});
+        assert!(
+            derived(&of(&facts(UPDATE, ("apps", "deployments", "scale"), Some(&s1), Some(&s2)))).is_empty()
+        );
+    }
+
+    #[test]
+    fn evictions_are_deletes_of_the_pod() {
+        let e = of(&facts(Operation::Create, ("", "pods", "eviction"), None, None));
+        assert_eq!(derived(&e), [(Operation::Delete, "pods/".into(), "x".into())]);
+        assert!(derived(&of(&facts(Operation::Create, ("", "pods", "binding"), None, None))).is_empty());
+    }
+
+    #[test]
+    fn removing_finalizers_of_an_object_being_deleted_is_its_delete() {
+        let gone = "2026-11-26T12:00:00Z";
+        let old = json!({"kind": "ConfigMap", "metadata": {"name": "x", "deletionTimestamp": gone, "finalizers": ["a", "b"]}});
+        let new = json!({"kind": "ConfigMap", "metadata": {"name": "x", "deletionTimestamp": gone, "finalizers": ["b"]}});
+        let e = of(&facts(UPDATE, ("", "configmaps", ""), Some(&old), Some(&new)));
+        assert_eq!(derived(&e), [(Operation::Delete, "configmaps/".into(), "x".into())]);
+        // Not being deleted: dropping a finalizer deletes nothing.
+        let live = json!({"kind": "ConfigMap", "metadata": {"name": "x", "finalizers": ["a"]}});
+        let none = json!({"kind": "ConfigMap", "metadata": {"name": "x"}});
+        assert!(derived(&of(&facts(UPDATE, ("", "configmaps", ""), Some(&live), Some(&none)))).is_empty());
+        // namespaces/finalize empties spec.finalizers.
+        let ns_old = json!({"kind": "Namespace", "metadata": {"name": "x", "deletionTimestamp": gone}, "spec": {"finalizers": ["kubernetes"]}});
+        let ns_new = json!({"kind": "Namespace", "metadata": {"name": "x", "deletionTimestamp": gone}, "spec": {"finalizers": []}});
+        let e = of(&facts(UPDATE, ("", "namespaces", "finalize"), Some(&ns_old), Some(&ns_new)));
+        assert_eq!(derived(&e), [(Operation::Delete, "namespaces/".into(), "x".into())]);
+    }
+
+    #[test]
+    fn owner_references_added_or_rewritten_hand_deletion_to_the_collector() {
+        let r = |name: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "name": name, "uid": "u1"});
+        let old = json!({"kind": "Secret", "metadata": {"name": "x", "ownerReferences": [r("a")]}});
+        let renamed = json!({"kind": "Secret", "metadata": {"name": "x", "ownerReferences": [r("gone")]}});
+        let removed = json!({"kind": "Secret", "metadata": {"name": "x"}});
+        let e = of(&facts(UPDATE, ("", "secrets", ""), Some(&old), Some(&renamed)));
+        assert_eq!(derived(&e), [(Operation::Delete, "secrets/".into(), "x".into())]);
+        assert!(derived(&of(&facts(UPDATE, ("", "secrets", ""), Some(&old), Some(&removed)))).is_empty());
+        // Through /status, too.
+        let e = of(&facts(UPDATE, ("", "persistentvolumeclaims", "status"), Some(&removed), Some(&old)));
+        let kinds: Vec<Operation> = derived(&e).into_iter().map(|d| d.0).collect();
+        assert_eq!(kinds, [UPDATE, Operation::Delete]);
+    }
+
+    #[test]
+    fn arming_a_controller_is_the_delete_it_arms() {
+        let pv = |p: &str| json!({"kind": "PersistentVolume", "metadata": {"name": "x"}, "spec": {"persistentVolumeReclaimPolicy": p}});
+        let (retain, delete) = (pv("Retain"), pv("Delete"));
+        let e = of(&facts(UPDATE, ("", "persistentvolumes", ""), Some(&retain), Some(&delete)));
+        assert_eq!(derived(&e), [(Operation::Delete, "persistentvolumes/".into(), "x".into())]);
+        assert!(
+            derived(&of(&facts(UPDATE, ("", "persistentvolumes", ""), Some(&delete), Some(&retain))))
+                .is_empty()
+        );
+
+        let sts = |p: &str| json!({"kind": "StatefulSet", "metadata": {"name": "x"}, "spec": {"persistentVolumeClaimRetentionPolicy": {"whenDeleted": p}}});
+        let (keep, drop) = (sts("Retain"), sts("Delete"));
+        let e = of(&facts(UPDATE, ("apps", "statefulsets", ""), Some(&keep), Some(&drop)));
+        assert_eq!(derived(&e), [(Operation::Delete, "persistentvolumeclaims/".into(), String::new())]);
+        assert!(e[1].any_name);
+
+        let ann = |k: &str, v: Option<&str>| {
+            let mut o = json!({"kind": "Bucket", "metadata": {"name": "x", "annotations": {}}});
+            if let Some(v) = v {
+                o["metadata"]["annotations"][k] = json!(v);
+            }
+            o
+        };
+        for (key, keep, other) in [
+            ("services.k8s.aws/deletion-policy", "retain", Some("delete")),
+            ("services.k8s.aws/deletion-policy", "retain", None),
+            ("cnrm.cloud.google.com/deletion-policy", "abandon", None),
+        ] {
+            let (old, new) = (ann(key, Some(keep)), ann(key, other));
+            let e = of(&facts(UPDATE, ("s3.services.k8s.aws", "buckets", ""), Some(&old), Some(&new)));
+            assert_eq!(derived(&e).len(), 1, "{key}: {other:?}");
+            let e = of(&facts(UPDATE, ("s3.services.k8s.aws", "buckets", ""), Some(&new), Some(&old)));
+            assert!(derived(&e).is_empty(), "{key}: protecting is not destroying");
+        }
+
+        let xp = |spec: Value| json!({"kind": "Instance", "metadata": {"name": "x"}, "spec": spec});
+        let orphan = xp(json!({"deletionPolicy": "Orphan"}));
+        let delete = xp(json!({"deletionPolicy": "Delete"}));
+        let observe = xp(json!({"managementPolicies": ["Observe"]}));
+        let all = xp(json!({"managementPolicies": ["*"]}));
+        let rds = ("rds.aws.upbound.io", "instances", "");
+        assert_eq!(derived(&of(&facts(UPDATE, rds, Some(&orphan), Some(&delete)))).len(), 1);
+        assert_eq!(derived(&of(&facts(UPDATE, rds, Some(&observe), Some(&all)))).len(), 1);
+        assert!(derived(&of(&facts(UPDATE, rds, Some(&delete), Some(&orphan)))).is_empty());
+    }
+
+    #[test]
+    fn an_ack_annotation_set_over_a_namespace_default_arms_the_delete() {
+        // Unset, the Namespace's `s3.services.k8s.aws/deletion-policy: retain` or the
+        // controller's default may keep the bucket: an explicit `delete` arms it.
+        let bucket = |v: Option<&str>| {
+            let mut o = json!({"kind": "Bucket", "metadata": {"name": "x", "annotations": {}}});
+            if let Some(v) = v {
+                o["metadata"]["annotations"]["services.k8s.aws/deletion-policy"] = json!(v);
+            }
+            o
+        };
+        let s3 = ("s3.services.k8s.aws", "buckets", "");
+        let armed = |old: Option<&str>, new: Option<&str>| {
+            let (old, new) = (bucket(old), bucket(new));
+            derived(&of(&facts(UPDATE, s3, Some(&old), Some(&new)))).len() == 1
+        };
+        assert!(armed(None, Some("delete")));
+        assert!(armed(Some("retain"), Some("DELETE")));
+        assert!(armed(Some("retain"), None));
+        assert!(!armed(Some("delete"), None), "back to the default keeps at least as much");
+        assert!(!armed(Some("delete"), Some("Delete")));
+        assert!(!armed(None, Some("retain")));
+        assert!(!armed(None, None));
+    }
+
+    #[test]
+    fn crossplane_policies_arm_the_delete_as_crossplane_runtime_decides() {
+        let mr = |spec: Value| json!({"kind": "Bucket", "metadata": {"name": "x"}, "spec": spec});
+        let s3 = ("s3.aws.upbound.io", "buckets", "");
+        let armed = |old: Value, new: Value| {
+            let (old, new) = (mr(old), mr(new));
+            derived(&of(&facts(UPDATE, s3, Some(&old), Some(&new)))).len() == 1
+        };
+        let all = json!(["*"]);
+        // Orphan with non-default policies that hold Delete deletes: the deletionPolicy is
+        // ignored when the management policies are not the default.
+        assert!(armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+            json!({"deletionPolicy": "Orphan", "managementPolicies": ["Observe", "Delete"]}),
+        ));
+        assert!(armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+            json!({"deletionPolicy": "Orphan", "managementPolicies": ["Observe", "Create", "Update", "LateInitialize", "Delete"]}),
+        ));
+        assert!(armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+            json!({"deletionPolicy": "Delete", "managementPolicies": all}),
+        ));
+        assert!(armed(
+            json!({"deletionPolicy": "Delete", "managementPolicies": ["Observe", "Create", "Update", "LateInitialize"]}),
+            json!({"deletionPolicy": "Delete", "managementPolicies": all}),
+        ));
+        // Unpausing (no policies) a resource whose deletionPolicy deletes.
+        assert!(armed(
+            json!({"deletionPolicy": "Delete", "managementPolicies": []}),
+            json!({"deletionPolicy": "Delete", "managementPolicies": all}),
+        ));
+        // Kept before and after: Orphan with the default policies, or policies without Delete.
+        assert!(!armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+            json!({"deletionPolicy": "Orphan", "managementPolicies": ["Observe"]}),
+        ));
+        assert!(!armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": ["Observe"]}),
+            json!({"deletionPolicy": "Delete", "managementPolicies": ["Observe"]}),
+        ));
+        // Namespaced (Crossplane v2) managed resources have managementPolicies only.
+        assert!(armed(json!({"managementPolicies": ["Observe"]}), json!({"managementPolicies": all})));
+        assert!(!armed(
+            json!({"managementPolicies": all}),
+            json!({"managementPolicies": all, "forProvider": {}})
+        ));
+        // Protecting is not destroying.
+        assert!(!armed(
+            json!({"deletionPolicy": "Delete", "managementPolicies": all}),
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+        ));
+    }
+
+    #[test]
+    fn collateral_objects_are_deletes_of_their_own() {
+        let dependent = Collateral {
+            group: "apps".into(),
+            resource: "deployments".into(),
+            namespace: "prod".into(),
+            name: "db".into(),
+            object: json!({"metadata": {"name": "db", "labels": {"tier": "data"}}}),
+            via: "in Namespace \"prod\"".into(),
+        };
+        let collateral = [dependent];
+        let old = json!({"kind": "Namespace", "metadata": {"name": "prod"}});
+        let f = Facts {
+            collateral: &collateral,
+            ..facts(Operation::Delete, ("", "namespaces", ""), Some(&old), None)
+        };
+        let e = of(&f);
+        assert_eq!(derived(&e), [(Operation::Delete, "deployments/".into(), "db".into())]);
+        assert_eq!(e[1].via.as_deref(), Some("in Namespace \"prod\""));
+    }
+}
