@@ -59,7 +59,14 @@ pub struct Stored {
 
 /// How long a claimed approval may take to be stored after it was admitted.
 const STORED_WITHIN: Duration = Duration::from_secs(10);
-const STORED_POLL: Duration = Duration::from_millis(100);
+/// Reads of the live object: every 100 ms for the first 2 s (the write lands within
+/// milliseconds of the answer), then every second.
+const STORED_POLL_FAST: Duration = Duration::from_millis(100);
+const STORED_POLL_SLOW: Duration = Duration::from_secs(1);
+const STORED_FAST_FOR: Duration = Duration::from_secs(2);
+/// Claimed approvals checked at once; more are dropped (and counted), so a flood of requests
+/// that did not come from the API server cannot turn into a flood of reads.
+const STORED_AT_ONCE: usize = 16;
 
 impl Stored {
     /// Whether the live object (same uid) carries the approval, polling until it is stored or
@@ -69,7 +76,8 @@ impl Stored {
             Some(ns) => Api::namespaced_with(client.clone(), ns, &self.resource),
             None => Api::all_with(client.clone(), &self.resource),
         };
-        let deadline = Instant::now() + STORED_WITHIN;
+        let started = Instant::now();
+        let deadline = started + STORED_WITHIN;
         loop {
             match api.get_metadata_opt(&self.name).await {
                 Ok(Some(live)) => {
@@ -91,7 +99,8 @@ impl Stored {
             if Instant::now() >= deadline {
                 return false;
             }
-            tokio::time::sleep(STORED_POLL).await;
+            let fast = started.elapsed() < STORED_FAST_FOR;
+            tokio::time::sleep(if fast { STORED_POLL_FAST } else { STORED_POLL_SLOW }).await;
         }
     }
 }
@@ -103,18 +112,19 @@ pub struct Events {
     metrics: Arc<Metrics>,
     /// Reads back claimed approvals; without it, such Events are dropped.
     client: Option<kube::Client>,
+    checking: Arc<tokio::sync::Semaphore>,
 }
 
 impl Events {
     /// Events that go nowhere (tests, offline use).
     pub fn disabled(metrics: Arc<Metrics>) -> Self {
-        Self { tx: None, metrics, client: None }
+        Self { tx: None, metrics, client: None, checking: checks() }
     }
 
     /// Events delivered to a receiver instead of the API server (tests).
     pub fn channel(metrics: Arc<Metrics>, capacity: usize) -> (Self, mpsc::Receiver<Record>) {
         let (tx, rx) = mpsc::channel(capacity);
-        (Self { tx: Some(tx), metrics, client: None }, rx)
+        (Self { tx: Some(tx), metrics, client: None, checking: checks() }, rx)
     }
 
     /// Queues an Event; drops it (and counts the drop) when the queue is full. An Event about a
@@ -129,8 +139,14 @@ impl Events {
                 );
                 return;
             };
+            let Ok(permit) = self.checking.clone().try_acquire_owned() else {
+                tracing::warn!(name = %stored.name, "too many approvals being checked at once; Event dropped");
+                self.metrics.events_dropped.inc();
+                return;
+            };
             let (tx, metrics) = (tx.clone(), self.metrics.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 if !stored.confirmed(&client).await {
                     tracing::warn!(
                         name = %stored.name, uid = %stored.uid,
@@ -182,7 +198,7 @@ impl Events {
                 tokio::time::sleep(SPACING).await;
             }
         };
-        (Self { tx: Some(tx), metrics, client: Some(client) }, worker.boxed())
+        (Self { tx: Some(tx), metrics, client: Some(client), checking: checks() }, worker.boxed())
     }
 }
 
@@ -209,6 +225,10 @@ pub fn change_parts(change: &crate::diff::Change) -> Vec<String> {
     let n = chunks.len();
     let id = change.id();
     chunks.iter().enumerate().map(|(i, c)| format!("{PART_PREFIX}{id} part {}/{n}: {c}", i + 1)).collect()
+}
+
+fn checks() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(STORED_AT_ONCE))
 }
 
 fn object_key(r: &ObjectReference) -> String {
@@ -262,7 +282,7 @@ mod tests {
     async fn a_full_queue_drops_instead_of_blocking() {
         let metrics = Arc::new(Metrics::default());
         let (tx, _rx) = mpsc::channel(1);
-        let events = Events { tx: Some(tx), metrics: metrics.clone(), client: None };
+        let events = Events { tx: Some(tx), metrics: metrics.clone(), client: None, checking: checks() };
         let record = Record::new(ObjectReference::default(), true, "Denied", String::new());
         events.emit(record.clone());
         events.emit(record);
