@@ -97,19 +97,20 @@ impl fmt::Debug for Key {
     }
 }
 
-/// The keys agentguard issues and checks tickets with: it signs with `current` and accepts
-/// tickets under `current` or any of `previous` (a rotation's grace period). Cheap to clone.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Keys(Option<Arc<(Key, Vec<Key>)>>);
+/// The keys agentguard issues and checks tickets with: it signs with the current key and accepts
+/// tickets under it or any previous one (a rotation's grace period). Clones share one slot, so
+/// [`Keys::replace`] (a reloaded Secret) reaches every holder; each use reads one consistent set.
+#[derive(Clone, Default)]
+pub struct Keys(Arc<arc_swap::ArcSwapOption<(Key, Vec<Key>)>>);
 
 impl Keys {
     pub fn new(current: Key, previous: Vec<Key>) -> Self {
-        Self(Some(Arc::new((current, previous))))
+        Self(Arc::new(arc_swap::ArcSwapOption::from_pointee((current, previous))))
     }
 
     /// No key: nothing can be issued or approved.
     pub fn none() -> Self {
-        Self(None)
+        Self::default()
     }
 
     /// A fixed, public key for offline use (`check --test`) and tests. Never for a cluster.
@@ -118,21 +119,30 @@ impl Keys {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_none()
+        self.0.load().is_none()
     }
 
-    fn current(&self) -> Option<&Key> {
-        self.0.as_ref().map(|k| &k.0)
+    /// Puts `other`'s keys in place of these, for every clone.
+    pub fn replace(&self, other: &Keys) {
+        self.0.store(other.0.load_full());
     }
 
-    fn all(&self) -> impl Iterator<Item = &Key> {
-        self.0.iter().flat_map(|k| std::iter::once(&k.0).chain(k.1.iter()))
+    fn set(&self) -> Option<Arc<(Key, Vec<Key>)>> {
+        self.0.load_full()
     }
 }
 
+impl PartialEq for Keys {
+    fn eq(&self, other: &Self) -> bool {
+        self.set() == other.set()
+    }
+}
+
+impl Eq for Keys {}
+
 impl fmt::Debug for Keys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
+        match self.set() {
             None => f.write_str("Keys(none)"),
             Some(k) => write!(f, "Keys(current + {} previous)", k.1.len()),
         }
@@ -198,7 +208,8 @@ impl Ticket {
     /// Issues a ticket for `subject` at `now`, living `ttl` (whole seconds; at least one).
     /// `None` without a key.
     pub fn issue(keys: &Keys, subject: &Subject<'_>, now: Timestamp, ttl: SignedDuration) -> Option<Self> {
-        let key = keys.current()?;
+        let set = keys.set()?;
+        let key = &set.0;
         let issued = now.as_second();
         let ttl = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
         let mut mac = key.mac();
@@ -255,7 +266,8 @@ impl Ticket {
     /// Whether agentguard issued this ticket for the object `uid` (its operation, digest and
     /// lifetime as carried). Constant-time in the MAC.
     pub fn authentic(&self, keys: &Keys, uid: &str) -> bool {
-        keys.all().any(|key| {
+        let Some(set) = keys.set() else { return false };
+        std::iter::once(&set.0).chain(set.1.iter()).any(|key| {
             let mut mac = key.mac();
             mac_input(&mut mac, uid, self.op, self.issued, self.ttl, &self.digest);
             mac.verify_slice(&self.mac).is_ok()

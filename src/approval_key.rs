@@ -7,8 +7,10 @@
 //! * Data: `key` is the current key (tickets are issued under it); every other entry whose
 //!   name starts with `previous` is a former key still accepted, so a rotation need not
 //!   invalidate the tickets outstanding (see the README's approval protocol).
+//! * Reload: every replica re-reads the Secret every 30 s ([`keep_current`]), so a rotation
+//!   reaches all replicas without a restart.
 //! * The key never leaves this process except in that Secret; only agentguard's ServiceAccount
-//!   may read it (its Role names it), and agents may not touch anything in agentguard's namespace.
+//!   may read it (its Role names it), and agents must get no rights in agentguard's namespace.
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::ByteString;
@@ -82,6 +84,27 @@ pub async fn load_or_create(api: &Api<Secret>, name: &str) -> Result<Keys> {
     }
 }
 
+/// Re-reads the Secret every `every` and puts its keys in place of `keys` (every clone sees
+/// them). A Secret that cannot be read or parsed leaves the keys as they were, loudly.
+pub async fn keep_current(api: Api<Secret>, name: String, keys: Keys, every: std::time::Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match api.get(&name).await.map_err(anyhow::Error::from).and_then(|s| keys_of(&s)) {
+            Ok(loaded) if loaded != keys => {
+                keys.replace(&loaded);
+                tracing::info!(secret = %name, keys = ?loaded, "approval keys reloaded");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(secret = %name, error = format!("{e:#}"), "cannot reload the approval keys; keeping the loaded ones")
+            }
+        }
+    }
+}
+
 /// Keys for a process that has no namespace to keep a Secret in: random, this process only.
 /// Tickets it issues are refused by any other replica and after a restart.
 pub fn ephemeral() -> Result<Keys> {
@@ -114,6 +137,16 @@ mod tests {
         assert!(keys_of(&secret(&[("previous", vec![2; 32])])).is_err());
         let short = keys_of(&secret(&[("key", vec![1; 16])])).unwrap_err();
         assert!(format!("{short:#}").contains("not 32 bytes"), "{short:#}");
+    }
+
+    #[test]
+    fn a_replaced_key_reaches_every_clone() {
+        let keys = Keys::new(Key::from_bytes(&[1; 32]).unwrap(), Vec::new());
+        let held_elsewhere = keys.clone();
+        let rotated = Keys::new(Key::from_bytes(&[2; 32]).unwrap(), vec![Key::from_bytes(&[1; 32]).unwrap()]);
+        keys.replace(&rotated);
+        assert_eq!(held_elsewhere, rotated);
+        assert_ne!(Keys::none(), rotated);
     }
 
     #[test]

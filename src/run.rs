@@ -39,12 +39,16 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
 
     let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
+    let mut key_reload = None;
     config.approval_keys = match &config.self_namespace {
         Some(ns) => {
             let name = crate::approval_key::secret_name(&config.self_name_prefix);
-            crate::approval_key::load_or_create(&Api::<Secret>::namespaced(client.clone(), ns), &name)
-                .await
-                .context("loading the approval key")?
+            let api = Api::<Secret>::namespaced(client.clone(), ns);
+            let keys =
+                crate::approval_key::load_or_create(&api, &name).await.context("loading the approval key")?;
+            key_reload =
+                Some(crate::approval_key::keep_current(api, name, keys.clone(), Duration::from_secs(30)));
+            keys
         }
         None => {
             tracing::warn!(
@@ -53,6 +57,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             crate::approval_key::ephemeral()?
         }
     };
+    let key_reload = key_reload.map(tokio::spawn);
 
     // Certificates first: without them there is nothing to serve.
     let certs = match &self_signed.self_signed_secret {
@@ -171,6 +176,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         r.abort();
     }
     status.abort();
+    if let Some(k) = key_reload {
+        k.abort();
+    }
     if let Some(t) = trail_checker {
         t.abort();
     }
