@@ -9,6 +9,7 @@ mod cloud;
 mod cluster;
 mod pending;
 mod scenarios;
+mod tamper;
 mod tickets;
 mod trail;
 mod world;

@@ -40,6 +40,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("cloud_ack_annotation_leaving_retain_arms_a_delete", crate::cloud::ack),
     ("cloud_cnrm_annotation_leaving_abandon_arms_a_delete", crate::cloud::cnrm),
     ("cloud_crossplane_policies_that_stop_orphaning_arm_a_delete", crate::cloud::crossplane),
+    ("no_unguarded_corners_and_the_webhook_configuration_is_restored", crate::tamper::scenario),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];
