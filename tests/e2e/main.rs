@@ -10,6 +10,7 @@ mod cluster;
 mod pending;
 mod scenarios;
 mod tamper;
+mod tickets;
 mod trail;
 mod world;
 
