@@ -11,6 +11,7 @@ mod pending;
 mod routes;
 mod scenarios;
 mod tamper;
+mod tickets;
 mod trail;
 mod world;
 
