@@ -53,6 +53,12 @@ fn main() {
         }
     }
     scenarios::report_latency(&world);
+    let refused = scenarios::controller_refusals(&world);
+    if refused > 0 {
+        println!(
+            "agentguard refused {refused} writes by the controller-manager's controllers (see agentguard.log)"
+        );
+    }
     if failed > 0 {
         eprintln!(
             "--- agentguard log (last 40 lines) ---\n{}",

@@ -104,7 +104,9 @@ pub(crate) fn settled(w: &World, ns: &str, name: &str) -> Result<()> {
         }
         ensure!(
             started.elapsed() < Duration::from_secs(30),
-            "the deployment controller never saw {ns}/{name}"
+            "the deployment controller never saw {ns}/{name} as it is ({} writes by kube-system controllers \
+             refused by agentguard)",
+            controller_refusals(w)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -385,6 +387,15 @@ fn warn_mode(w: &World) -> Result<()> {
     Ok(())
 }
 
+/// How many writes by the controller-manager's controllers agentguard has refused so far (its
+/// log): there should be none.
+pub(crate) fn controller_refusals(w: &World) -> usize {
+    let log = std::fs::read_to_string(w.plane.dir.path().join("agentguard.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("\"refused\"") && l.contains("system:serviceaccount:kube-system:"))
+        .count()
+}
+
 /// The controllers reconcile an object that carries an approval: the deployment controller
 /// copies a Deployment's annotations, the approval among them, onto its ReplicaSet, and no
 /// controller's write may be refused. An approved scale reaches the ReplicaSet.
@@ -404,17 +415,12 @@ fn controllers_reconcile_approved_objects(w: &World) -> Result<()> {
         if replicas.trim() == "3" {
             return Ok(());
         }
-        if started.elapsed() > Duration::from_secs(30) {
-            let log = std::fs::read_to_string(w.plane.dir.path().join("agentguard.log")).unwrap_or_default();
-            let refused = log
-                .lines()
-                .filter(|l| l.contains("\"refused\"") && l.contains("system:serviceaccount:kube-system:"))
-                .count();
-            anyhow::bail!(
-                "the ReplicaSet has {replicas:?} replicas 30 s after the approved scale to 3; agentguard refused \
-                 {refused} writes by kube-system controllers"
-            );
-        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the ReplicaSet has {replicas:?} replicas 30 s after the approved scale to 3; agentguard refused {} \
+             writes by kube-system controllers",
+            controller_refusals(w)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
