@@ -593,6 +593,14 @@ nodePortAddresses: ["{GATEWAY}/32"]
         }
     }
 
+    /// How many endpoints kube-proxy's rules send Service port `namespace/name:port` to.
+    pub fn routed_endpoints(&self, namespace: &str, name: &str, port: &str) -> usize {
+        let rules = Command::new(&self.bins.iptables).args(["-t", "nat", "-S"]).output();
+        let rules = rules.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        let comment = format!("\"{namespace}/{name}:{port}\"");
+        rules.lines().filter(|l| l.starts_with("-A KUBE-SEP-") && l.contains(&comment) && l.contains("-j DNAT")).count()
+    }
+
     /// The last `lines` lines of each container log of pods in `namespace` (the kubelet writes
     /// them under the node's folder; `kubectl logs` would need the API server to authenticate to
     /// the kubelet, which this node does not set up).
@@ -635,7 +643,8 @@ nodePortAddresses: ["{GATEWAY}/32"]
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             let tasks = self.ctr(&["tasks", "list", "--quiet"]).unwrap_or_default();
-            if tasks.trim().is_empty() {
+            let netns = netns_names().difference(&self.netns_before).any(|n| n.starts_with("cni-"));
+            if tasks.trim().is_empty() && !netns {
                 return;
             }
             std::thread::sleep(Duration::from_millis(250));
