@@ -224,6 +224,7 @@ pub struct Node {
     kubectl: PathBuf,
     admin: PathBuf,
     netns_before: BTreeSet<String>,
+    chains_before: BTreeSet<(PathBuf, &'static str, String)>,
     forwarder: Option<Forwarder>,
     scheduler: Option<Daemon>,
     containerd: Option<Daemon>,
@@ -257,6 +258,41 @@ fn netns_names() -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// The iptables programs of both families: `iptables` and the `ip6tables` beside it.
+fn iptables_families(iptables: &Path) -> Vec<PathBuf> {
+    let v6 = iptables.with_file_name("ip6tables");
+    [iptables.to_path_buf(), v6].into_iter().filter(|p| p.exists()).collect()
+}
+
+/// Chains named `KUBE-*` in the filter, nat and mangle tables of both families: the kubelet makes
+/// some (KUBE-FIREWALL, KUBE-IPTABLES-HINT, KUBE-KUBELET-CANARY) that `kube-proxy --cleanup`
+/// leaves.
+fn kube_chains(iptables: &Path) -> BTreeSet<(PathBuf, &'static str, String)> {
+    let mut chains = BTreeSet::new();
+    for bin in iptables_families(iptables) {
+        for table in ["filter", "nat", "mangle"] {
+            let out = Command::new(&bin).args(["-t", table, "-S"]).output();
+            let rules = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+            for chain in rules.lines().filter_map(|l| l.strip_prefix("-N KUBE-")) {
+                chains.insert((bin.clone(), table, format!("KUBE-{chain}")));
+            }
+        }
+    }
+    chains
+}
+
+/// Removes a chain: the rules that jump to it, then its own rules, then the chain.
+fn remove_chain(bin: &Path, table: &str, chain: &str) {
+    let out = Command::new(bin).args(["-t", table, "-S"]).output();
+    let rules = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    for rule in rules.lines().filter(|l| l.starts_with("-A ") && l.ends_with(&format!("-j {chain}"))) {
+        let args: Vec<&str> = rule.trim_start_matches("-A ").split_whitespace().collect();
+        let _ = Command::new(bin).args(["-t", table, "-D"]).args(&args).output();
+    }
+    let _ = Command::new(bin).args(["-t", table, "-F", chain]).output();
+    let _ = Command::new(bin).args(["-t", table, "-X", chain]).output();
+}
+
 /// Mount points at or under `dir`, deepest first.
 fn mounts_under(dir: &Path) -> Vec<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -281,6 +317,7 @@ impl Node {
         let dir = tempfile::Builder::new().prefix("agentguard-node-").tempdir()?;
         let socket = dir.path().join("containerd.sock");
         Self::remove_leftovers(&bins);
+        let chains_before = kube_chains(&bins.iptables);
         let mut node = Self {
             name,
             socket,
@@ -288,6 +325,7 @@ impl Node {
             kubectl: plane.kubectl.clone(),
             admin: plane.admin.clone(),
             netns_before: netns_names(),
+            chains_before: BTreeSet::new(),
             forwarder: None,
             scheduler: None,
             containerd: None,
@@ -296,6 +334,7 @@ impl Node {
             startup: Startup::default(),
             dir,
         };
+        node.chains_before = chains_before;
         node.start_scheduler(plane)?;
         node.network(plane)?;
         let runtime = Instant::now();
@@ -713,6 +752,10 @@ impl Drop for Node {
         let cleanup = Command::new(&self.bins.kube_proxy).arg("--cleanup").output();
         if !cleanup.as_ref().is_ok_and(|o| o.status.success()) {
             eprintln!("node teardown: kube-proxy --cleanup failed: {cleanup:?}");
+        }
+        let left = kube_chains(&self.bins.iptables);
+        for (bin, table, chain) in left.difference(&self.chains_before) {
+            remove_chain(bin, table, chain);
         }
         let _ = Command::new("ip").args(["route", "delete", SERVICE_CIDR, "dev", BRIDGE]).status();
         let _ = Command::new("ip").args(["link", "delete", BRIDGE]).status();
