@@ -87,7 +87,12 @@ impl Cluster {
 
     fn image_values(&self, tag: &str) -> Vec<String> {
         let repository = self.image.rsplit_once(':').map_or(self.image.as_str(), |(r, _)| r);
-        vec!["--set".into(), format!("image.repository={repository}"), "--set".into(), format!("image.tag={tag}")]
+        vec![
+            "--set".into(),
+            format!("image.repository={repository}"),
+            "--set".into(),
+            format!("image.tag={tag}"),
+        ]
     }
 
     /// Names of agentguard's pods that are Ready.
@@ -119,7 +124,16 @@ impl Cluster {
                 return Ok(started.elapsed());
             }
             let crashing = self
-                .admin(&["get", "pods", "-n", NS, "-l", SELECTOR, "-o", "jsonpath={.items[*].status.containerStatuses[*].restartCount}"])?
+                .admin(&[
+                    "get",
+                    "pods",
+                    "-n",
+                    NS,
+                    "-l",
+                    SELECTOR,
+                    "-o",
+                    "jsonpath={.items[*].status.containerStatuses[*].restartCount}",
+                ])?
                 .split_whitespace()
                 .any(|n| n.parse::<u32>().unwrap_or(0) >= 3);
             if started.elapsed() > limit || crashing {
@@ -179,15 +193,26 @@ impl Cluster {
 
     /// The containerd id of a pod's agentguard container.
     fn container_id(&self, pod: &str) -> Result<String> {
-        let id = self.admin(&["get", "pod", pod, "-n", NS, "-o", "jsonpath={.status.containerStatuses[0].containerID}"])?;
-        id.strip_prefix("containerd://").map(str::to_owned).with_context(|| format!("{pod} has container {id:?}"))
+        let id = self.admin(&[
+            "get",
+            "pod",
+            pod,
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].containerID}",
+        ])?;
+        id.strip_prefix("containerd://")
+            .map(str::to_owned)
+            .with_context(|| format!("{pod} has container {id:?}"))
     }
 }
 
 /// The approve command a denial carries (`kubectl annotate ...`), as kubectl's arguments. Read
 /// from the message rather than built here, so that the test follows the message's format.
 fn approve_command(denial: &str) -> Result<Vec<String>> {
-    let start = denial.find("kubectl annotate").context("the denial carries no `kubectl annotate` command")?;
+    let start =
+        denial.find("kubectl annotate").context("the denial carries no `kubectl annotate` command")?;
     let rest = &denial[start..];
     let end = rest.find(['—', '`', '\n', '"', '\'']).unwrap_or(rest.len());
     let command = rest[..end].trim().trim_end_matches(['.', ',', ';', ')']);
@@ -245,7 +270,11 @@ fn stream<T>(
                 let name = format!("keep-{}", i % 3);
                 i += 1;
                 t.agent_requests += 1;
-                let out = kubectl(&kubectl_bin, agent, &["delete", "deployment", &name, "-n", "demo", "--wait=false"]);
+                let out = kubectl(
+                    &kubectl_bin,
+                    agent,
+                    &["delete", "deployment", &name, "-n", "demo", "--wait=false"],
+                );
                 let msg = text(&out);
                 if out.status.success() {
                     t.agent_admitted += 1;
@@ -253,7 +282,15 @@ fn stream<T>(
                     let _ = kubectl(
                         &kubectl_bin,
                         &admin,
-                        &["create", "deployment", &name, "-n", "demo", "--image=localhost/none:0", "--replicas=0"],
+                        &[
+                            "create",
+                            "deployment",
+                            &name,
+                            "-n",
+                            "demo",
+                            "--image=localhost/none:0",
+                            "--replicas=0",
+                        ],
                     );
                 } else if msg.contains("kubectl annotate") {
                     t.agent_held += 1;
@@ -272,7 +309,15 @@ fn stream<T>(
                 let name = format!("human-{i}");
                 i += 1;
                 for args in [
-                    vec!["create", "deployment", &name, "-n", "demo", "--image=localhost/none:0", "--replicas=0"],
+                    vec![
+                        "create",
+                        "deployment",
+                        &name,
+                        "-n",
+                        "demo",
+                        "--image=localhost/none:0",
+                        "--replicas=0",
+                    ],
                     vec!["delete", "deployment", &name, "-n", "demo", "--wait=false"],
                 ] {
                     t.human_requests += 1;
@@ -297,7 +342,11 @@ fn stream<T>(
 }
 
 fn check(tally: &Tally, what: &str) -> Result<()> {
-    ensure!(tally.agent_admitted == 0, "{what}: {} agent deletes were admitted ({tally})", tally.agent_admitted);
+    ensure!(
+        tally.agent_admitted == 0,
+        "{what}: {} agent deletes were admitted ({tally})",
+        tally.agent_admitted
+    );
     ensure!(tally.human_failed.is_empty(), "{what}: human requests failed: {:?}", tally.human_failed);
     ensure!(tally.agent_other.is_empty(), "{what}: agent requests failed otherwise: {:?}", tally.agent_other);
     ensure!(tally.agent_held > 0, "{what}: agentguard answered no agent request ({tally})");
@@ -312,9 +361,12 @@ fn setup(verbose: bool) -> Result<Cluster> {
     let bins = Binaries::from_env()?;
     let node_bins = NodeBinaries::from_env()?;
     let helm = env_path("HELM", "hack/k8s-binaries.sh")?;
-    let image = std::env::var("AGENTGUARD_IMAGE").context("AGENTGUARD_IMAGE is not set: eval \"$(hack/image.sh)\"")?;
-    let archives =
-        [env_path("PAUSE_IMAGE_ARCHIVE", "hack/image.sh")?, env_path("AGENTGUARD_IMAGE_ARCHIVE", "hack/image.sh")?];
+    let image = std::env::var("AGENTGUARD_IMAGE")
+        .context("AGENTGUARD_IMAGE is not set: eval \"$(hack/image.sh)\"")?;
+    let archives = [
+        env_path("PAUSE_IMAGE_ARCHIVE", "hack/image.sh")?,
+        env_path("AGENTGUARD_IMAGE_ARCHIVE", "hack/image.sh")?,
+    ];
     let plane = ControlPlane::start(&bins)?;
     println!("control plane ready in {:.1}s", plane.startup.as_secs_f64());
     let node = Node::start(&plane, node_bins, &archives)?;
@@ -342,7 +394,9 @@ fn install(c: &Cluster) -> Result<Duration> {
     let tag = c.image.rsplit_once(':').map_or("latest", |(_, t)| t).to_owned();
     let started = Instant::now();
     let mut args: Vec<String> =
-        ["install", RELEASE, &chart.to_string_lossy(), "-n", NS, "--create-namespace"].map(String::from).to_vec();
+        ["install", RELEASE, &chart.to_string_lossy(), "-n", NS, "--create-namespace"]
+            .map(String::from)
+            .to_vec();
     args.extend(c.image_values(&tag));
     if c.verbose {
         println!("\n[admin] $ helm {}", args.join(" "));
@@ -370,19 +424,40 @@ fn people(c: &Cluster) -> Result<(PathBuf, PathBuf)> {
     }
     c.admin(&["create", "serviceaccount", "coder", "-n", "agents"])?;
     c.admin(&["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent=true"])?;
-    c.admin(&["create", "rolebinding", "coder-edit", "-n", "demo", "--clusterrole=edit", "--serviceaccount=agents:coder"])?;
+    c.admin(&[
+        "create",
+        "rolebinding",
+        "coder-edit",
+        "-n",
+        "demo",
+        "--clusterrole=edit",
+        "--serviceaccount=agents:coder",
+    ])?;
     c.admin(&["create", "rolebinding", "alice-edit", "-n", "demo", "--clusterrole=edit", "--user=alice"])?;
     let agent = c.plane.service_account_kubeconfig("agents", "coder")?;
     let alice = c.plane.user_kubeconfig("alice", &["developers"])?;
     let registered = c.wait_for_agent("system:serviceaccount:agents:coder")?;
     println!("agent agents/coder registered in {:.1}s", registered.as_secs_f64());
     for i in 0..3 {
-        c.admin(&["create", "deployment", &format!("keep-{i}"), "-n", "demo", "--image=localhost/none:0", "--replicas=0"])?;
+        c.admin(&[
+            "create",
+            "deployment",
+            &format!("keep-{i}"),
+            "-n",
+            "demo",
+            "--image=localhost/none:0",
+            "--replicas=0",
+        ])?;
     }
     // RBAC is read from a cache: wait until it grants the new bindings.
     let started = Instant::now();
     for who in ["--as=system:serviceaccount:agents:coder", "--as=alice"] {
-        while !c.plane.kubectl(&c.plane.admin, &["auth", "can-i", "delete", "deployments", "-n", "demo", who]).status.success() {
+        while !c
+            .plane
+            .kubectl(&c.plane.admin, &["auth", "can-i", "delete", "deployments", "-n", "demo", who])
+            .status
+            .success()
+        {
             ensure!(started.elapsed() < Duration::from_secs(20), "{who} has no edit rights in demo");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -394,7 +469,11 @@ fn people(c: &Cluster) -> Result<(PathBuf, PathBuf)> {
 /// from the denial; the retry is admitted and the Deployment goes. A human's delete is untouched.
 fn deny_approve(c: &Cluster, agent: &Path, alice: &Path) -> Result<()> {
     let pause = std::env::var("PAUSE_IMAGE").unwrap_or_else(|_| "localhost/agentguard-pause:3.10".into());
-    let out = c.as_user("admin", &c.plane.admin, &["create", "deployment", "web", "-n", "demo", &format!("--image={pause}")]);
+    let out = c.as_user(
+        "admin",
+        &c.plane.admin,
+        &["create", "deployment", "web", "-n", "demo", &format!("--image={pause}")],
+    );
     must(out)?;
     c.admin(&["rollout", "status", "deployment/web", "-n", "demo", "--timeout=120s"])?;
     let denial = rejects(
@@ -405,15 +484,23 @@ fn deny_approve(c: &Cluster, agent: &Path, alice: &Path) -> Result<()> {
     let command = approve_command(&denial)?;
     let args: Vec<&str> = command.iter().map(String::as_str).collect();
     accepts(c.as_user("admin (an approver)", &c.plane.admin, &args), "the approve command from the denial")?;
-    accepts(c.as_user("agent", agent, &["delete", "deployment", "web", "-n", "demo"]), "the agent's approved delete")?;
+    accepts(
+        c.as_user("agent", agent, &["delete", "deployment", "web", "-n", "demo"]),
+        "the agent's approved delete",
+    )?;
     ensure!(
         !c.plane.kubectl(&c.plane.admin, &["get", "deployment", "web", "-n", "demo"]).status.success(),
         "the approved delete left the Deployment"
     );
-    println!("check an agent's delete is held, approved with the command from the denial, then admitted ... ok");
+    println!(
+        "check an agent's delete is held, approved with the command from the denial, then admitted ... ok"
+    );
 
     c.admin(&["create", "deployment", "site", "-n", "demo", "--image=localhost/none:0", "--replicas=0"])?;
-    accepts(c.as_user("alice (a human)", alice, &["delete", "deployment", "site", "-n", "demo"]), "a human's delete")?;
+    accepts(
+        c.as_user("alice (a human)", alice, &["delete", "deployment", "site", "-n", "demo"]),
+        "a human's delete",
+    )?;
     println!("check a human's delete is untouched ... ok");
     Ok(())
 }
@@ -422,7 +509,8 @@ fn deny_approve(c: &Cluster, agent: &Path, alice: &Path) -> Result<()> {
 fn hardened(c: &Cluster) -> Result<()> {
     let pods = c.ready_pods()?;
     for pod in &pods {
-        let info: serde_json::Value = serde_json::from_str(&c.node.ctr(&["containers", "info", &c.container_id(pod)?])?)?;
+        let info: serde_json::Value =
+            serde_json::from_str(&c.node.ctr(&["containers", "info", &c.container_id(pod)?])?)?;
         let spec = &info["Spec"];
         ensure!(spec["process"]["user"]["uid"] == 65532, "{pod} runs as {}", spec["process"]["user"]);
         ensure!(spec["root"]["readonly"] == true, "{pod}: root filesystem not read-only");
@@ -460,7 +548,9 @@ fn rollout(c: &Cluster, agent: &Path, alice: &Path) -> Result<Tally> {
     })?;
     println!("rollout restart took {:.1}s; during it: {tally}", took.as_secs_f64());
     check(&tally, "rollout restart")?;
-    println!("check rollout restart under agent and human requests: no agent delete admitted, no human request failed ... ok");
+    println!(
+        "check rollout restart under agent and human requests: no agent delete admitted, no human request failed ... ok"
+    );
     Ok(tally)
 }
 
@@ -487,9 +577,14 @@ fn kill_replicas(c: &Cluster, agent: &Path, alice: &Path) -> Result<Tally> {
         Ok(started.elapsed())
     })?;
     ensure!(restarts(&pods[0]) > before, "the kubelet did not restart the killed container of {}", pods[0]);
-    println!("a replica killed and another deleted: 3 Ready again after {:.1}s; meanwhile: {tally}", recovered.as_secs_f64());
+    println!(
+        "a replica killed and another deleted: 3 Ready again after {:.1}s; meanwhile: {tally}",
+        recovered.as_secs_f64()
+    );
     check(&tally, "replicas killed")?;
-    println!("check a killed replica is restarted, a deleted one replaced, requests answered meanwhile ... ok");
+    println!(
+        "check a killed replica is restarted, a deleted one replaced, requests answered meanwhile ... ok"
+    );
     Ok(tally)
 }
 
@@ -525,15 +620,24 @@ fn upgrade(c: &Cluster, agent: &Path) -> Result<()> {
     let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/agentguard");
     let tag = new.rsplit_once(':').map_or("latest", |(_, t)| t).to_owned();
     let started = Instant::now();
-    let mut args: Vec<String> = ["upgrade", RELEASE, &chart.to_string_lossy(), "-n", NS].map(String::from).to_vec();
+    let mut args: Vec<String> =
+        ["upgrade", RELEASE, &chart.to_string_lossy(), "-n", NS].map(String::from).to_vec();
     args.extend(c.image_values(&tag));
     c.helm(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     c.admin(&["rollout", "status", "deployment/agentguard", "-n", NS, "--timeout=300s"])?;
     // The old pods are gone once their graceful shutdown is over.
     let waiting = Instant::now();
     loop {
-        let images =
-            c.admin(&["get", "pods", "-n", NS, "-l", SELECTOR, "-o", "jsonpath={.items[*].spec.containers[0].image}"])?;
+        let images = c.admin(&[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            SELECTOR,
+            "-o",
+            "jsonpath={.items[*].spec.containers[0].image}",
+        ])?;
         if images.split_whitespace().all(|i| i == new) {
             break;
         }
@@ -581,17 +685,26 @@ fn uninstall(c: &Cluster, agent: &Path) -> Result<()> {
             _ => helm_made.push(object),
         }
     }
-    let cluster_wide = c.admin(&["get", "clusterroles,clusterrolebindings,validatingwebhookconfigurations", "-o", "name"])?;
+    let cluster_wide =
+        c.admin(&["get", "clusterroles,clusterrolebindings,validatingwebhookconfigurations", "-o", "name"])?;
     let cluster_left: Vec<&str> = cluster_wide.lines().filter(|l| l.contains("agentguard")).collect();
-    accepts(c.plane.kubectl(agent, &["delete", "deployment", "keep-0", "-n", "demo"]), "an agent's delete after uninstall")?;
+    accepts(
+        c.plane.kubectl(agent, &["delete", "deployment", "keep-0", "-n", "demo"]),
+        "an agent's delete after uninstall",
+    )?;
     ensure!(
         helm_made.is_empty() && cluster_left.is_empty(),
         "helm uninstall left {helm_made:?} {cluster_left:?} behind"
     );
-    println!("check helm uninstall leaves no webhook configuration, pod or object of the chart's behind ... ok");
+    println!(
+        "check helm uninstall leaves no webhook configuration, pod or object of the chart's behind ... ok"
+    );
     if !runtime_made.is_empty() {
         // Not the chart's: agentguard writes them while it runs, and nothing owns them.
-        println!("note: objects agentguard made at run time outlive helm uninstall: {}", runtime_made.join(", "));
+        println!(
+            "note: objects agentguard made at run time outlive helm uninstall: {}",
+            runtime_made.join(", ")
+        );
     }
     Ok(())
 }
@@ -620,7 +733,9 @@ fn full() -> Result<u32> {
 }
 
 fn demo(exit: bool) -> Result<()> {
-    println!("Starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler and a node (kubelet, kube-proxy, containerd) ...");
+    println!(
+        "Starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler and a node (kubelet, kube-proxy, containerd) ..."
+    );
     let c = setup(true)?;
     install(&c)?;
     let (agent, alice) = people(&c)?;

@@ -75,13 +75,19 @@ pub fn unsupported() -> Option<String> {
     {
         let uid = std::fs::read_to_string("/proc/self/status")
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().next().map(str::to_owned))))
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("Uid:").map(|v| v.split_whitespace().next().map(str::to_owned))
+                })
+            })
             .flatten();
         if uid.as_deref() != Some("0") {
             return Some("the node needs root (bridges, iptables, mounts, containers)".into());
         }
     }
-    if !Path::new("/sys/fs/cgroup/memory").is_dir() && !Path::new("/sys/fs/cgroup/cgroup.controllers").is_file() {
+    if !Path::new("/sys/fs/cgroup/memory").is_dir()
+        && !Path::new("/sys/fs/cgroup/cgroup.controllers").is_file()
+    {
         return Some("no cgroup hierarchy under /sys/fs/cgroup".into());
     }
     if !Path::new("/dev/kmsg").exists() {
@@ -165,12 +171,10 @@ impl Forwarder {
                 }
                 let Ok(client) = conn else { continue };
                 let Ok(server) = TcpStream::connect(&to) else { continue };
-                for (mut from, mut into) in [
-                    (client.try_clone(), server.try_clone()),
-                    (server.try_clone(), client.try_clone()),
-                ]
-                .into_iter()
-                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                for (mut from, mut into) in
+                    [(client.try_clone(), server.try_clone()), (server.try_clone(), client.try_clone())]
+                        .into_iter()
+                        .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
                 {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
@@ -197,7 +201,10 @@ impl Drop for Forwarder {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so that it sees the flag.
-        let _ = TcpStream::connect_timeout(&format!("{GATEWAY}:{}", self.port).parse().expect("an address"), Duration::from_secs(1));
+        let _ = TcpStream::connect_timeout(
+            &format!("{GATEWAY}:{}", self.port).parse().expect("an address"),
+            Duration::from_secs(1),
+        );
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -404,7 +411,8 @@ impl Node {
         ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", BRIDGE])?;
         ip(&["link", "set", BRIDGE, "up"])?;
         ip(&["route", "replace", SERVICE_CIDR, "dev", BRIDGE])?;
-        let service = self.admin_kubectl(&["get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"])?;
+        let service =
+            self.admin_kubectl(&["get", "service", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"])?;
         ensure!(
             service.starts_with("10.0.0."),
             "the kubernetes Service has {service}, outside {SERVICE_CIDR}: the control plane's range changed"
@@ -452,7 +460,11 @@ impl Node {
                 c.stdin.take().expect("stdin").write_all(slice.as_bytes())?;
                 c.wait_with_output()
             })?;
-        ensure!(out.status.success(), "the kubernetes EndpointSlice: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "the kubernetes EndpointSlice: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     }
 
@@ -495,7 +507,11 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.ctr(&["version"]).is_err() {
             self.containerd.as_mut().expect("containerd").check()?;
-            ensure!(Instant::now() < deadline, "containerd not serving after 30s:\n{}", tail(&self.path("containerd.log"), 30));
+            ensure!(
+                Instant::now() < deadline,
+                "containerd not serving after 30s:\n{}",
+                tail(&self.path("containerd.log"), 30)
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(())
@@ -618,8 +634,9 @@ nodePortAddresses: ["{GATEWAY}/32"]
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             self.kube_proxy.as_mut().expect("kube-proxy").check()?;
-            let rules = must_run(Command::new(&self.bins.iptables).args(["-t", "nat", "-S", "KUBE-SERVICES"]))
-                .unwrap_or_default();
+            let rules =
+                must_run(Command::new(&self.bins.iptables).args(["-t", "nat", "-S", "KUBE-SERVICES"]))
+                    .unwrap_or_default();
             if rules.contains("default/kubernetes:https") {
                 return Ok(());
             }
@@ -637,7 +654,10 @@ nodePortAddresses: ["{GATEWAY}/32"]
         let rules = Command::new(&self.bins.iptables).args(["-t", "nat", "-S"]).output();
         let rules = rules.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
         let comment = format!("\"{namespace}/{name}:{port}\"");
-        rules.lines().filter(|l| l.starts_with("-A KUBE-SEP-") && l.contains(&comment) && l.contains("-j DNAT")).count()
+        rules
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SEP-") && l.contains(&comment) && l.contains("-j DNAT"))
+            .count()
     }
 
     /// The last `lines` lines of each container log of pods in `namespace` (the kubelet writes
@@ -646,10 +666,16 @@ nodePortAddresses: ["{GATEWAY}/32"]
     pub fn pod_logs(&self, namespace: &str, lines: usize) -> String {
         let mut out = String::new();
         let Ok(pods) = std::fs::read_dir(self.path("pod-logs")) else { return out };
-        for pod in pods.flatten().filter(|p| p.file_name().to_string_lossy().starts_with(&format!("{namespace}_"))) {
+        for pod in
+            pods.flatten().filter(|p| p.file_name().to_string_lossy().starts_with(&format!("{namespace}_")))
+        {
             for container in std::fs::read_dir(pod.path()).into_iter().flatten().flatten() {
-                let mut files: Vec<PathBuf> =
-                    std::fs::read_dir(container.path()).into_iter().flatten().flatten().map(|f| f.path()).collect();
+                let mut files: Vec<PathBuf> = std::fs::read_dir(container.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|f| f.path())
+                    .collect();
                 files.sort();
                 if let Some(last) = files.last() {
                     out.push_str(&format!("--- {}\n{}\n", last.display(), tail(last, lines)));
@@ -676,7 +702,13 @@ nodePortAddresses: ["{GATEWAY}/32"]
         }
         let field = format!("spec.nodeName={}", self.name);
         let _ = self.admin_kubectl(&[
-            "delete", "pods", "--all-namespaces", "--field-selector", &field, "--grace-period=0", "--force",
+            "delete",
+            "pods",
+            "--all-namespaces",
+            "--field-selector",
+            &field,
+            "--grace-period=0",
+            "--force",
             "--wait=false",
         ]);
         let deadline = Instant::now() + Duration::from_secs(30);
