@@ -224,6 +224,10 @@ pub struct Startup {
 
 pub struct Node {
     pub name: String,
+    /// Held while the node runs: one node per machine, since the bridge and the iptables chains
+    /// are the machine's (a second run waits; a run that finds the lock free may remove what a
+    /// killed one left).
+    _lock: std::fs::File,
     pub dir: tempfile::TempDir,
     pub startup: Startup,
     socket: PathBuf,
@@ -321,11 +325,14 @@ impl Node {
     pub fn start(plane: &ControlPlane, bins: NodeBinaries, images: &[PathBuf]) -> Result<Self> {
         let started = Instant::now();
         let name = "agentguard-node".to_string();
+        let lock = std::fs::File::create(std::env::temp_dir().join("agentguard-node.lock"))?;
+        lock.lock().context("waiting for another run's node to stop")?;
         let dir = tempfile::Builder::new().prefix("agentguard-node-").tempdir()?;
         let socket = dir.path().join("containerd.sock");
         Self::remove_leftovers(&bins);
         let chains_before = kube_chains(&bins.iptables);
         let mut node = Self {
+            _lock: lock,
             name,
             socket,
             bins,
