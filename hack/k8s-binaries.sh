@@ -11,8 +11,9 @@
 #                                  sets KUBE_APISERVER, KUBE_CONTROLLER_MANAGER,
 #                                  KUBECTL, KUBE_SCHEDULER, KUBELET, KUBE_PROXY,
 #                                  ETCD and HELM,
-#                                  and PROMETHEUS_OPERATOR_CRDS and
-#                                  CERT_MANAGER_CRDS (see below).
+#                                  and PROMETHEUS_OPERATOR_CRDS,
+#                                  CERT_MANAGER_CRDS and CROSSPLANE_AWS_CRDS
+#                                  (see below).
 #   hack/k8s-binaries.sh --print   only print the paths; exit 1 if one is missing.
 #   hack/k8s-binaries.sh --regen   rewrite hack/k8s-binaries/*/go.mod and go.sum
 #                                  from the versions below (after bumping one).
@@ -24,6 +25,11 @@
 # cert-manager objects (Issuer, Certificate) against cert-manager's CRDs, from
 # deploy/crds of its Go module: plain YAML whose spec is the one its Helm chart
 # installs (the chart's copies only add Helm-templated labels and annotations).
+# The end-to-end tests guard cloud resources: Crossplane's AWS provider module
+# (github.com/upbound/provider-aws) ships its managed resources' CRDs in
+# package/crds, exactly what the provider package installs. (The AWS Controllers
+# for Kubernetes and Config Connector modules are not served by the Go module
+# proxy this project builds from, so those two are not pinned here.)
 #
 # Binaries are cached outside the work tree, as
 #   ${AGENTGUARD_BIN_CACHE:-$HOME/.cache/agentguard/bin}/<name>-<version>
@@ -45,6 +51,9 @@ PROMETHEUS_OPERATOR_SUM="h1:2HA351OwWBa10H6TDhjeSdHOA7wiY71sEivg+z2cykk="
 CERT_MANAGER_MODULE=github.com/cert-manager/cert-manager
 CERT_MANAGER_VERSION=v1.21.2 # newest release the proxy serves
 CERT_MANAGER_SUM="h1:UWgoYM+KLNtRlqmoWOKjKBOBUPVHeepQ6/ac3ERJW68="
+CROSSPLANE_AWS_MODULE=github.com/upbound/provider-aws
+CROSSPLANE_AWS_VERSION=v1.23.0 # newest v1 release the proxy serves (its /v2 module is not served)
+CROSSPLANE_AWS_SUM="h1:ZtukIrSGYVIwh23+Bif7HEe2ZMQor37BWwN/nh49WiU="
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 MODS="$HERE/k8s-binaries"
@@ -206,6 +215,8 @@ crds() { # mode
     status=1
   module_crds "$1" CERT_MANAGER_CRDS "$CERT_MANAGER_MODULE" "$CERT_MANAGER_VERSION" \
     "$CERT_MANAGER_SUM" deploy/crds cert-manager.io_certificates.yaml || status=1
+  module_crds "$1" CROSSPLANE_AWS_CRDS "$CROSSPLANE_AWS_MODULE" "$CROSSPLANE_AWS_VERSION" \
+    "$CROSSPLANE_AWS_SUM" package/crds s3.aws.upbound.io_buckets.yaml || status=1
   return "$status"
 }
 

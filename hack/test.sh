@@ -25,7 +25,7 @@ cargo run --locked --quiet -- --log-format plain check --test examples/tests/dem
 
 step "Kubernetes binaries: kube-apiserver, kube-controller-manager, etcd, kubectl, helm from pinned Go modules (cached by version)"
 eval "$(hack/k8s-binaries.sh)"
-export KUBE_APISERVER KUBE_CONTROLLER_MANAGER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS CERT_MANAGER_CRDS
+export KUBE_APISERVER KUBE_CONTROLLER_MANAGER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS CERT_MANAGER_CRDS CROSSPLANE_AWS_CRDS
 
 step "helm lint, and manifests/install.yaml matches the chart"
 "$HELM" lint --strict charts/agentguard

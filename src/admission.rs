@@ -211,15 +211,35 @@ pub struct Snapshot<'a> {
     pub collateral: &'a [Collateral],
 }
 
-/// Judges one request. Synchronous and free of I/O.
+/// The webhook the API server sent a request through: each has its own path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `agents.agentguard.io`: its matchConditions list exactly the registered agents, so the
+    /// API server has already judged the requester an agent.
+    Agents,
+    /// `approvals.agentguard.io`: approval-annotation and agent-label writes, by anyone.
+    Approvals,
+    /// The path both webhooks shared before (a configuration written by an older agentguard,
+    /// offline `check`): the requester is judged from the caches alone.
+    Shared,
+}
+
+/// Judges one request from the caches alone (see [`review_on`]). Synchronous and free of I/O.
 pub fn review(request: &AdmissionRequest, snapshot: &Snapshot<'_>) -> Decision {
+    review_on(request, Route::Shared, snapshot)
+}
+
+/// Judges one request that came through `route`. A request the API server sent to the `agents`
+/// webhook is judged as an agent's, whatever a lagging cache says. Synchronous and free of I/O.
+pub fn review_on(request: &AdmissionRequest, route: Route, snapshot: &Snapshot<'_>) -> Decision {
     let (key, value) = &snapshot.config.agent_label;
-    let requester = Requester::resolve(
+    let mut requester = Requester::resolve(
         &request.user_info.username,
         &request.user_info.groups,
         snapshot.directory,
         (key, value),
     );
+    requester.selected_as_agent = route == Route::Agents;
     policy::evaluate(
         &Facts { collateral: snapshot.collateral, ..request.facts() },
         &requester,

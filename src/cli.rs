@@ -136,10 +136,13 @@ pub struct WebhookArgs {
     /// Name of the ValidatingWebhookConfiguration agentguard keeps current.
     #[arg(long, env = "AGENTGUARD_WEBHOOK_CONFIGURATION", default_value = "agentguard")]
     pub webhook_configuration: String,
-    /// Reach the webhook at this URL (clusters without in-cluster networking, tests).
+    /// Reach the webhook port at this base URL (clusters without in-cluster networking, tests):
+    /// the `agents` webhook is called at BASE/validate/agents, the `approvals` webhook at
+    /// BASE/validate/approvals. A trailing `/validate` is accepted and ignored.
     #[arg(long, env = "AGENTGUARD_WEBHOOK_URL", conflicts_with = "webhook_service")]
     pub webhook_url: Option<String>,
-    /// Reach the webhook through this Service, as NAMESPACE/NAME:PORT.
+    /// Reach the webhook through this Service, as NAMESPACE/NAME:PORT (paths
+    /// /validate/agents and /validate/approvals).
     #[arg(long, env = "AGENTGUARD_WEBHOOK_SERVICE")]
     pub webhook_service: Option<String>,
     /// PEM CA bundle the API server verifies the webhook's certificate with.
@@ -151,8 +154,8 @@ pub struct WebhookArgs {
 }
 
 impl WebhookArgs {
-    /// `self_namespace` is excluded from the webhooks along with kube-system and kube-node-lease.
-    pub fn settings(&self, self_namespace: Option<&str>) -> Result<Option<crate::webhook::Settings>> {
+    /// None when agentguard leaves the webhook configuration alone.
+    pub fn settings(&self) -> Result<Option<crate::webhook::Settings>> {
         use crate::webhook::{Endpoint, Settings};
         let Self {
             webhook_configuration,
@@ -183,11 +186,6 @@ impl WebhookArgs {
             endpoint,
             ca_file: webhook_ca_file.clone(),
             timeout_seconds: *webhook_timeout_seconds,
-            excluded_namespaces: ["kube-system", "kube-node-lease"]
-                .into_iter()
-                .chain(self_namespace)
-                .map(str::to_owned)
-                .collect(),
         }))
     }
 }

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub breaker_refusals: Family<BreakerLabels, Counter>,
     pub events_dropped: Counter,
     pub events_suppressed: Counter,
+    pub webhook_configuration_restored: Counter,
+    pub webhook_configuration_restore_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -117,6 +119,18 @@ impl Default for Metrics {
             "Events not sent: the same object and reason had one within the rate-limit window",
             events_suppressed.clone(),
         );
+        let webhook_configuration_restored = Counter::default();
+        registry.register(
+            "webhook_configuration_restored",
+            "Times agentguard restored its webhook configuration after someone else changed or deleted it",
+            webhook_configuration_restored.clone(),
+        );
+        let webhook_configuration_restore_failures = Counter::default();
+        registry.register(
+            "webhook_configuration_restore_failures",
+            "Attempts to restore the webhook configuration after someone else changed or deleted it that failed",
+            webhook_configuration_restore_failures.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -131,6 +145,8 @@ impl Default for Metrics {
             breaker_refusals,
             events_dropped,
             events_suppressed,
+            webhook_configuration_restored,
+            webhook_configuration_restore_failures,
         }
     }
 }

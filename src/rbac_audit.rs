@@ -187,6 +187,9 @@ const SELF_NAMESPACE_WRITES: &[Resource] = &[
     res(RBAC, "rolebindings"),
 ];
 
+/// Subresources of a Namespace whose writes store its labels.
+const NAMESPACE_LABEL_SUBRESOURCES: &[&str] = &["status", "finalize"];
+
 /// Where a check asks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -352,8 +355,9 @@ pub fn agents(
     out
 }
 
-/// The checks asked about one identity.
-pub fn checks(identity: &Identity, self_namespace: &str) -> Vec<Check> {
+/// The checks asked about one identity. `webhook_configuration` names agentguard's own
+/// ValidatingWebhookConfiguration.
+pub fn checks(identity: &Identity, self_namespace: &str, webhook_configuration: &str) -> Vec<Check> {
     let mut out = Vec::new();
     let mut add = |id, severity, verbs, resource, scope: Scope| {
         out.push(Check { id, severity, verbs, resource, name: None, scope, becomes_service_account: false })
@@ -399,10 +403,27 @@ pub fn checks(identity: &Identity, self_namespace: &str) -> Vec<Check> {
     for &resource in RUNS_PODS {
         add("pod-create", Severity::High, &["create"], resource, each());
     }
+    // Status and finalize of a Namespace store its labels too: relabelling through them takes a
+    // namespace out of a policy's namespaceSelector, or an agent namespace out of agentguard's sight.
+    for subresource in NAMESPACE_LABEL_SUBRESOURCES {
+        add("status-label", Severity::High, UPDATE, sub("", "namespaces", subresource), Scope::Cluster);
+    }
     for check in &mut out {
         check.becomes_service_account = matches!(check.id, "token-create" | "pod-create")
             || (check.id == "impersonate" && check.resource.resource == "serviceaccounts");
     }
+    // agentguard's own configuration, by name: a Role may grant it alone (resourceNames), which
+    // the unnamed `webhook-write` check does not see. Its writes never reach a webhook; agentguard
+    // restores them after the fact.
+    out.push(Check {
+        id: "own-webhook",
+        severity: critical,
+        verbs: &["update", "patch", "delete"],
+        resource: res(admission, "validatingwebhookconfigurations"),
+        name: Some(webhook_configuration.to_owned()),
+        scope: Scope::Cluster,
+        becomes_service_account: false,
+    });
     if let (Kind::ServiceAccount, Some(ns)) = (identity.kind, &identity.namespace) {
         // Relabelling itself (or its agent namespace) would take the agent out of agentguard's sight.
         if identity.why.contains(&Why::Label) {
@@ -418,15 +439,20 @@ pub fn checks(identity: &Identity, self_namespace: &str) -> Vec<Check> {
             });
         }
         if identity.why.contains(&Why::AgentNamespace) {
-            out.push(Check {
-                id: "own-label",
-                severity: critical,
-                verbs: UPDATE,
-                resource: res("", "namespaces"),
-                name: Some(ns.clone()),
-                scope: Scope::Cluster,
-                becomes_service_account: false,
-            });
+            let own = [res("", "namespaces")]
+                .into_iter()
+                .chain(NAMESPACE_LABEL_SUBRESOURCES.iter().map(|s| sub("", "namespaces", s)));
+            for resource in own {
+                out.push(Check {
+                    id: "own-label",
+                    severity: critical,
+                    verbs: UPDATE,
+                    resource,
+                    name: Some(ns.clone()),
+                    scope: Scope::Cluster,
+                    becomes_service_account: false,
+                });
+            }
         }
     }
     out
@@ -837,7 +863,8 @@ async fn audit(kubeconfig: Option<PathBuf>, context: Option<String>, engine: &En
     let service_accounts: Vec<ObjectMeta> = service_accounts.items.into_iter().map(|s| s.metadata).collect();
     let set = crate::index::agent_set(&policies, &config, &namespaces, &service_accounts);
     let identities = agents(&set, &service_accounts, &policies, &config);
-    let plan: Vec<Vec<Check>> = identities.iter().map(|i| checks(i, &self_namespace)).collect();
+    let plan: Vec<Vec<Check>> =
+        identities.iter().map(|i| checks(i, &self_namespace, &config.self_name_prefix)).collect();
     let names: Vec<String> = namespaces.iter().filter_map(|n| n.name.clone()).collect();
 
     let api = Api::<SubjectAccessReview>::all(client);
@@ -942,7 +969,7 @@ mod tests {
 
     #[test]
     fn severities_follow_what_a_right_lets_an_agent_do() {
-        let checks = checks(&sa("web", "coder", &[Why::Label]), "agentguard-system");
+        let checks = checks(&sa("web", "coder", &[Why::Label]), "agentguard-system", "agentguard");
         let severity = |id: &str, resource: &str| {
             let found = find(&checks, id, resource);
             assert_eq!(found.len(), 1, "{id} {resource}: {found:?}");
@@ -965,6 +992,9 @@ mod tests {
             ("bind", "clusterroles.rbac.authorization.k8s.io", Critical),
             ("rbac-write", "clusterrolebindings.rbac.authorization.k8s.io", Critical),
             ("webhook-write", "validatingwebhookconfigurations.admissionregistration.k8s.io", Critical),
+            ("own-webhook", "validatingwebhookconfigurations.admissionregistration.k8s.io", Critical),
+            ("status-label", "namespaces/status", High),
+            ("status-label", "namespaces/finalize", High),
             ("policy-write", "agentpolicies.agentguard.io", Critical),
             ("self-namespace", "secrets", Critical),
             ("own-label", "serviceaccounts", Critical),
@@ -987,10 +1017,26 @@ mod tests {
         assert!(find(&checks, "own-label", "namespaces").is_empty());
 
         // In an agent namespace, relabelling the namespace is the way out; users have no label.
-        let in_sandbox =
-            super::checks(&sa("sandbox", "default", &[Why::AgentNamespace]), "agentguard-system");
-        let own = find(&in_sandbox, "own-label", "namespaces");
-        assert_eq!((own[0].name.as_deref(), &own[0].scope), (Some("sandbox"), &Scope::Cluster));
+        let in_sandbox = super::checks(
+            &sa("sandbox", "default", &[Why::AgentNamespace]),
+            "agentguard-system",
+            "agentguard",
+        );
+        for resource in ["namespaces", "namespaces/status", "namespaces/finalize"] {
+            let own = find(&in_sandbox, "own-label", resource);
+            assert_eq!(
+                (own[0].name.as_deref(), &own[0].scope),
+                (Some("sandbox"), &Scope::Cluster),
+                "{resource}"
+            );
+            assert_eq!(own[0].verbs, UPDATE, "{resource}");
+        }
+        // Who could change agentguard's own webhook configuration, by its name.
+        let own =
+            find(&checks, "own-webhook", "validatingwebhookconfigurations.admissionregistration.k8s.io");
+        assert_eq!((own[0].name.as_deref(), &own[0].scope), (Some("agentguard"), &Scope::Cluster));
+        assert_eq!(own[0].verbs, ["update", "patch", "delete"]);
+        assert!(find(&checks, "own-label", "namespaces/status").is_empty());
         assert!(find(&in_sandbox, "own-label", "serviceaccounts").is_empty());
         let user = Identity {
             identity: "oidc:bot".into(),
@@ -999,7 +1045,7 @@ mod tests {
             groups: vec![],
             why: vec![Why::Flag],
         };
-        assert!(super::checks(&user, "agentguard-system").iter().all(|c| c.id != "own-label"));
+        assert!(super::checks(&user, "agentguard-system", "agentguard").iter().all(|c| c.id != "own-label"));
     }
 
     fn check(
@@ -1223,7 +1269,7 @@ mod tests {
     #[test]
     fn access_reviews_name_the_subject_and_the_attributes() {
         let identity = sa("web", "coder", &[Why::Label]);
-        let checks = checks(&identity, "agentguard-system");
+        let checks = checks(&identity, "agentguard-system", "agentguard");
         let own = checks.iter().position(|c| c.id == "own-label").unwrap();
         let sar = review(
             &identity,

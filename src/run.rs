@@ -33,7 +33,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         drain_seconds,
     } = args;
     let config = engine.config()?;
-    let webhook_settings = webhook.settings(config.self_namespace.as_deref())?;
+    let webhook_settings = webhook.settings()?;
     let trail_settings = trail.settings(config.self_namespace.as_deref())?;
     let metrics = Arc::new(Metrics::default());
 
@@ -72,7 +72,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let (events, event_worker) =
         crate::events::Events::start(client.clone(), metrics.clone(), std::env::var("HOSTNAME").ok());
     let registrar = webhook_settings.map(|settings| {
-        Arc::new(crate::webhook::Registrar::new(client.clone(), caches.clone(), config.clone(), settings))
+        Arc::new(crate::webhook::Registrar::new(
+            client.clone(),
+            caches.clone(),
+            config.clone(),
+            settings,
+            events.clone(),
+            metrics.clone(),
+        ))
     });
     let state = Arc::new(AppState {
         events,

@@ -79,9 +79,10 @@ impl Setup {
             ])
             .args(["--self-signed-ca-validity-seconds=90", "--self-signed-propagation-seconds=5"])
             .args([&format!("--self-namespace={NS}"), "--shutdown-delay-seconds=0", "--log-format=json"]);
-        let process = spawn("agentguard", cmd, &dir.join("agentguard.log"))?;
+        let mut process = spawn("agentguard", cmd, &dir.join("agentguard.log"))?;
         let started = Instant::now();
         while !http_ok(&format!("http://127.0.0.1:{admin_port}/readyz")) {
+            process.check_running()?;
             if started.elapsed() > Duration::from_secs(60) {
                 bail!("agentguard not ready:\n{}", cluster::tail(&dir.join("agentguard.log"), 40));
             }

@@ -107,7 +107,7 @@ fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<
         && old.get("kind").is_some()
         && old.get("kind") == new.get("kind")
         && old.get("kind").and_then(Value::as_str) != Some("Scale");
-    if carries_object && old.get("metadata") != new.get("metadata") {
+    if carries_object && stored_metadata_changes(old, new) {
         // Writes through /status and /finalize store labels, annotations and owners too.
         out.push(Effect::derived(
             main.clone(),
@@ -150,6 +150,14 @@ fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<
             });
         }
     }
+}
+
+/// Whether the metadata a policy can act on (labels, annotations, owners, finalizers) differs.
+/// Fields every write touches (managedFields, resourceVersion) do not count.
+fn stored_metadata_changes(old: &Value, new: &Value) -> bool {
+    ["labels", "annotations", "ownerReferences", "finalizers"]
+        .iter()
+        .any(|field| old.pointer(&format!("/metadata/{field}")) != new.pointer(&format!("/metadata/{field}")))
 }
 
 fn strings(v: Option<&Value>) -> Vec<&str> {
@@ -207,9 +215,15 @@ fn arms_deletion_of_itself(facts: &Facts<'_>, old: &Value, new: &Value) -> Optio
             return Some("persistentVolumeReclaimPolicy: Delete deletes the volume's storage with it");
         }
     }
-    // AWS Controllers for Kubernetes: `retain` keeps the AWS resource; the default deletes it.
-    let ack = |o: &Value| annotation(o, "services.k8s.aws/deletion-policy").as_deref() == Some("retain");
-    if ack(old) && !ack(new) {
+    // AWS Controllers for Kubernetes: the resource's annotation decides, else the Namespace's
+    // `<service>.services.k8s.aws/deletion-policy`, else the controller's `--deletion-policy`;
+    // `retain` keeps the AWS resource. Unset, the resource follows a default this request cannot
+    // see: leaving `retain`, or setting any other value where none or `retain` was, may arm it.
+    let ack = |o: &Value| annotation(o, "services.k8s.aws/deletion-policy");
+    let (before, after) = (ack(old), ack(new));
+    let retains = |v: &Option<String>| v.as_deref() == Some("retain");
+    let deletes = |v: &Option<String>| v.is_some() && !retains(v);
+    if (retains(&before) && !retains(&after)) || (!deletes(&before) && deletes(&after)) {
         return Some("the services.k8s.aws/deletion-policy annotation no longer retains the AWS resource");
     }
     // Config Connector: `abandon` keeps the Google Cloud resource; the default deletes it.
@@ -220,20 +234,33 @@ fn arms_deletion_of_itself(facts: &Facts<'_>, old: &Value, new: &Value) -> Optio
             "the cnrm.cloud.google.com/deletion-policy annotation no longer abandons the cloud resource",
         );
     }
-    // Crossplane managed resources: `deletionPolicy: Orphan`, or management policies without
-    // Delete, keep the external resource; the defaults delete it.
-    let crossplane = |o: &Value| {
-        let orphan = text(o, "/spec/deletionPolicy").as_deref() == Some("orphan");
-        let managed = o.pointer("/spec/managementPolicies").and_then(Value::as_array);
-        let no_delete = managed.is_some_and(|m| {
-            !m.iter().filter_map(Value::as_str).any(|p| p == "*" || p.eq_ignore_ascii_case("delete"))
-        });
-        orphan || no_delete
-    };
-    if crossplane(old) && !crossplane(new) {
+    // Crossplane managed resources: armed when the external resource would be deleted with the
+    // object after the change and kept before, with management policies enabled or disabled.
+    if [true, false].into_iter().any(|on| !crossplane_deletes(old, on) && crossplane_deletes(new, on)) {
         return Some("spec.deletionPolicy/managementPolicies no longer keep the external resource");
     }
     None
+}
+
+/// Whether Crossplane deletes a managed resource's external resource when the object is deleted,
+/// as crossplane-runtime's `ManagementPoliciesResolver::ShouldDelete` decides. With management
+/// policies enabled: `deletionPolicy: Delete` (the default) with policies holding `Delete` or `*`,
+/// or non-default policies holding `Delete`, whatever the deletionPolicy (so `Orphan` with
+/// `[Observe, Delete]` deletes); no policies at all pause the resource. Disabled: any
+/// deletionPolicy but `Orphan`, unless non-default policies make the reconciler refuse the object.
+/// Absent policies are the CRDs' default, `["*"]`.
+fn crossplane_deletes(o: &Value, policies_enabled: bool) -> bool {
+    let orphan = o
+        .pointer("/spec/deletionPolicy")
+        .and_then(Value::as_str)
+        .is_some_and(|p| p.eq_ignore_ascii_case("orphan"));
+    let policies = o.pointer("/spec/managementPolicies").filter(|m| m.is_array()).map(|m| strings(Some(m)));
+    let default = policies.as_ref().is_none_or(|p| !p.is_empty() && p.iter().all(|p| *p == "*"));
+    let has = |action: &str| policies.iter().flatten().any(|p| p.eq_ignore_ascii_case(action));
+    if !policies_enabled {
+        return !orphan && (default || policies.as_ref().is_some_and(Vec::is_empty));
+    }
+    (!orphan && (default || has("delete") || has("*"))) || (!default && has("delete"))
 }
 
 /// `persistentVolumeClaimRetentionPolicy` flipped to Delete (when the set is deleted or scaled
@@ -305,6 +332,11 @@ mod tests {
         assert!(
             derived(&of(&facts(UPDATE, ("", "namespaces", "status"), Some(&old), Some(&status)))).is_empty()
         );
+        let mut touched = status.clone();
+        touched["metadata"]["managedFields"] = json!([{"manager": "kube-controller-manager"}]);
+        touched["metadata"]["resourceVersion"] = json!("12");
+        let e = of(&facts(UPDATE, ("", "namespaces", "status"), Some(&old), Some(&touched)));
+        assert!(derived(&e).is_empty(), "managedFields and resourceVersion change on every write");
         let s1 = json!({"kind": "Scale", "metadata": {"name": "x", "resourceVersion": "1"}});
         let s2 = json!({"kind": "Scale", "metadata": {"name": "x", "resourceVersion": "2"}});
         assert!(
@@ -397,6 +429,85 @@ mod tests {
         assert_eq!(derived(&of(&facts(UPDATE, rds, Some(&orphan), Some(&delete)))).len(), 1);
         assert_eq!(derived(&of(&facts(UPDATE, rds, Some(&observe), Some(&all)))).len(), 1);
         assert!(derived(&of(&facts(UPDATE, rds, Some(&delete), Some(&orphan)))).is_empty());
+    }
+
+    #[test]
+    fn an_ack_annotation_set_over_a_namespace_default_arms_the_delete() {
+        // Unset, the Namespace's `s3.services.k8s.aws/deletion-policy: retain` or the
+        // controller's default may keep the bucket: an explicit `delete` arms it.
+        let bucket = |v: Option<&str>| {
+            let mut o = json!({"kind": "Bucket", "metadata": {"name": "x", "annotations": {}}});
+            if let Some(v) = v {
+                o["metadata"]["annotations"]["services.k8s.aws/deletion-policy"] = json!(v);
+            }
+            o
+        };
+        let s3 = ("s3.services.k8s.aws", "buckets", "");
+        let armed = |old: Option<&str>, new: Option<&str>| {
+            let (old, new) = (bucket(old), bucket(new));
+            derived(&of(&facts(UPDATE, s3, Some(&old), Some(&new)))).len() == 1
+        };
+        assert!(armed(None, Some("delete")));
+        assert!(armed(Some("retain"), Some("DELETE")));
+        assert!(armed(Some("retain"), None));
+        assert!(!armed(Some("delete"), None), "back to the default keeps at least as much");
+        assert!(!armed(Some("delete"), Some("Delete")));
+        assert!(!armed(None, Some("retain")));
+        assert!(!armed(None, None));
+    }
+
+    #[test]
+    fn crossplane_policies_arm_the_delete_as_crossplane_runtime_decides() {
+        let mr = |spec: Value| json!({"kind": "Bucket", "metadata": {"name": "x"}, "spec": spec});
+        let s3 = ("s3.aws.upbound.io", "buckets", "");
+        let armed = |old: Value, new: Value| {
+            let (old, new) = (mr(old), mr(new));
+            derived(&of(&facts(UPDATE, s3, Some(&old), Some(&new)))).len() == 1
+        };
+        let all = json!(["*"]);
+        // Orphan with non-default policies that hold Delete deletes: the deletionPolicy is
+        // ignored when the management policies are not the default.
+        assert!(armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+            json!({"deletionPolicy": "Orphan", "managementPolicies": ["Observe", "Delete"]}),
+        ));
+        assert!(armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+            json!({"deletionPolicy": "Orphan", "managementPolicies": ["Observe", "Create", "Update", "LateInitialize", "Delete"]}),
+        ));
+        assert!(armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+            json!({"deletionPolicy": "Delete", "managementPolicies": all}),
+        ));
+        assert!(armed(
+            json!({"deletionPolicy": "Delete", "managementPolicies": ["Observe", "Create", "Update", "LateInitialize"]}),
+            json!({"deletionPolicy": "Delete", "managementPolicies": all}),
+        ));
+        // Unpausing (no policies) a resource whose deletionPolicy deletes.
+        assert!(armed(
+            json!({"deletionPolicy": "Delete", "managementPolicies": []}),
+            json!({"deletionPolicy": "Delete", "managementPolicies": all}),
+        ));
+        // Kept before and after: Orphan with the default policies, or policies without Delete.
+        assert!(!armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+            json!({"deletionPolicy": "Orphan", "managementPolicies": ["Observe"]}),
+        ));
+        assert!(!armed(
+            json!({"deletionPolicy": "Orphan", "managementPolicies": ["Observe"]}),
+            json!({"deletionPolicy": "Delete", "managementPolicies": ["Observe"]}),
+        ));
+        // Namespaced (Crossplane v2) managed resources have managementPolicies only.
+        assert!(armed(json!({"managementPolicies": ["Observe"]}), json!({"managementPolicies": all})));
+        assert!(!armed(
+            json!({"managementPolicies": all}),
+            json!({"managementPolicies": all, "forProvider": {}})
+        ));
+        // Protecting is not destroying.
+        assert!(!armed(
+            json!({"deletionPolicy": "Delete", "managementPolicies": all}),
+            json!({"deletionPolicy": "Orphan", "managementPolicies": all}),
+        ));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use jiff::Timestamp;
 use serde_json::Value;
 
-use crate::admission::{self, MAX_BODY_BYTES, Malformed, Snapshot};
+use crate::admission::{self, MAX_BODY_BYTES, Malformed, Route, Snapshot};
 use crate::breaker::Tripped;
 use crate::events::{Events, Record};
 use crate::index::Caches;
@@ -155,9 +155,16 @@ impl AppState {
     }
 }
 
-/// The webhook port's routes.
+/// The webhook port's routes: one path per webhook (see [`crate::webhook::desired`]), and the
+/// path both shared before, answered as before for configurations an older agentguard wrote.
 pub fn webhook_router(state: Arc<AppState>) -> Router {
-    Router::new().route("/validate", post(validate)).with_state(state)
+    use crate::webhook::{AGENTS_PATH, APPROVALS_PATH, LEGACY_PATH};
+    let on = |route: Route| move |state: State<Arc<AppState>>, body: Body| validate(state, route, body);
+    Router::new()
+        .route(AGENTS_PATH, post(on(Route::Agents)))
+        .route(APPROVALS_PATH, post(on(Route::Approvals)))
+        .route(LEGACY_PATH, post(on(Route::Shared)))
+        .with_state(state)
 }
 
 /// The admin port's routes.
@@ -201,7 +208,7 @@ fn malformed(state: &AppState, status: StatusCode, m: &Malformed) -> Response {
     json(status, &admission::refuse(m))
 }
 
-async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
+async fn validate(State(state): State<Arc<AppState>>, route: Route, body: Body) -> Response {
     let started = Instant::now();
     let bytes = match http_body_util::Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -234,7 +241,7 @@ async fn validate(State(state): State<Arc<AppState>>, body: Body) -> Response {
             now: (state.clock)(),
             collateral,
         };
-        admission::review(&request, &snapshot)
+        admission::review_on(&request, route, &snapshot)
     };
     let mut decision = decide(&[]);
     // An agent's DELETE that would be admitted is judged again with what it would take with it.

@@ -50,8 +50,11 @@ fn fixture(name: &str) -> Value {
 }
 
 async fn post(state: Arc<AppState>, body: impl Into<Body>) -> (StatusCode, Value) {
-    let request =
-        Request::post("/validate").header("content-type", "application/json").body(body.into()).unwrap();
+    post_to(state, "/validate", body).await
+}
+
+async fn post_to(state: Arc<AppState>, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
+    let request = Request::post(path).header("content-type", "application/json").body(body.into()).unwrap();
     let response = webhook_router(state).oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -426,4 +429,32 @@ async fn marking_an_agent_is_admitted_only_once_it_is_registered() {
             assert!(asked[0].usernames.contains("system:serviceaccount:agents:newcomer"));
         }
     }
+}
+
+/// A ServiceAccount no cache has seen labelled (its label just stored, the reflector behind):
+/// the API server sent it through the `agents` webhook, whose conditions list exactly the
+/// registered agents, so it is judged as an agent. The same request on any other path is judged
+/// from the caches alone.
+#[tokio::test]
+async fn the_agents_path_judges_the_requester_an_agent_whatever_the_caches_say() {
+    let mut review = fixture("01-agent-deletes-deployment.json");
+    review["request"]["userInfo"] = json!({
+        "username": "system:serviceaccount:prod:just-labelled",
+        "groups": ["system:serviceaccounts", "system:serviceaccounts:prod", "system:authenticated"]
+    });
+    let (status, body) = post_to(state(true), "/validate/agents", review.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let message = body["response"]["status"]["message"].as_str().unwrap_or_default();
+    assert_eq!(body["response"]["allowed"], json!(false), "{body}");
+    assert!(
+        message.contains("requires approval under ClusterAgentPolicy \"protect-workloads\""),
+        "{message}"
+    );
+    for path in ["/validate/approvals", "/validate"] {
+        let (status, body) = post_to(state(true), path, review.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["response"]["allowed"], json!(true), "{path}: not an agent by the caches: {body}");
+    }
+    let (status, _) = post_to(state(true), "/validate/other", review.to_string()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

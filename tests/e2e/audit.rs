@@ -15,7 +15,7 @@ const AGENT: &str = "system:serviceaccount:e2e-audit:auditee";
 /// An agent group named on the command line, bound to `escalate` on roles.
 const GROUP: &str = "e2e-audit-bots";
 
-fn audit(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
+pub fn audit(kubeconfig: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_agentguard"))
         .env("KUBECONFIG", kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
@@ -88,6 +88,26 @@ pub fn reports_granted_rights(w: &World) -> Result<()> {
         "--clusterrole=e2e-audit-escalator",
         &format!("--group={GROUP}"),
     ])?;
+    // Routes around the webhook: relabelling Namespaces through their status, and writing
+    // agentguard's own webhook configuration granted by name.
+    kubectl(&["create", "clusterrole", "e2e-audit-status", "--verb=patch", "--resource=namespaces/status"])?;
+    kubectl(&[
+        "create",
+        "clusterrole",
+        "e2e-audit-webhook",
+        "--verb=update,patch",
+        "--resource=validatingwebhookconfigurations.admissionregistration.k8s.io",
+        "--resource-name=agentguard",
+    ])?;
+    for role in ["e2e-audit-status", "e2e-audit-webhook"] {
+        kubectl(&[
+            "create",
+            "clusterrolebinding",
+            role,
+            &format!("--clusterrole={role}"),
+            &format!("--group={GROUP}"),
+        ])?;
+    }
     // Not an agent, whatever it may do.
     kubectl(&["create", "serviceaccount", "bystander", "-n", NS])?;
     kubectl(&[
@@ -122,7 +142,11 @@ pub fn reports_granted_rights(w: &World) -> Result<()> {
 
     let group = by_identity(GROUP).context("the --agent-group is not listed")?;
     ensure!(group["kind"] == "Group" && group["why"] == serde_json::json!(["flag"]), "{group}");
-    let want = set(&[r#"escalate critical ["escalate"] ["roles.rbac.authorization.k8s.io"] cluster []"#]);
+    let want = set(&[
+        r#"escalate critical ["escalate"] ["roles.rbac.authorization.k8s.io"] cluster []"#,
+        r#"status-label high ["patch"] ["namespaces/status"] cluster []"#,
+        r#"own-webhook critical ["update","patch"] ["validatingwebhookconfigurations.admissionregistration.k8s.io"] cluster []"#,
+    ]);
     ensure!(findings(group) == want, "the group's findings: {:#?}", findings(group));
 
     // The world's cluster-admin agent has every right that matters, cluster-wide.
@@ -135,6 +159,7 @@ pub fn reports_granted_rights(w: &World) -> Result<()> {
         "policy-write",
         "self-namespace",
         "own-label",
+        "own-webhook",
         "unsafe-delete",
     ] {
         ensure!(

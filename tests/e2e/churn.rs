@@ -42,24 +42,25 @@ fn lease_count(w: &World, lease: &str) -> Result<String> {
 
 pub fn trips_and_resets(w: &World) -> Result<()> {
     must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", NS]))?;
+    w.grant_edit(NS)?;
     apply_policy(w, "e2e-churn", "configmaps", 3)?;
     for i in 0..6 {
         must(w.plane.kubectl(&w.plane.admin, &["create", "configmap", &format!("c{i}"), "-n", NS]))?;
     }
     for i in 0..3 {
         accepts(
-            w.plane.kubectl(&w.agent, &["delete", "configmap", &format!("c{i}"), "-n", NS]),
+            w.plane.kubectl(&w.editor, &["delete", "configmap", &format!("c{i}"), "-n", NS]),
             "a delete within the budget",
         )?;
     }
     let refused = rejects(
-        w.plane.kubectl(&w.agent, &["delete", "configmap", "c3", "-n", NS]),
+        w.plane.kubectl(&w.editor, &["delete", "configmap", "c3", "-n", NS]),
         "the fourth delete in the window",
         "churn limit of ClusterAgentPolicy \"e2e-churn\" reached: 3 guarded operations",
     )?;
     // A dry run gets the same answer and spends nothing.
     rejects(
-        w.plane.kubectl(&w.agent, &["delete", "configmap", "c3", "-n", NS, "--dry-run=server"]),
+        w.plane.kubectl(&w.editor, &["delete", "configmap", "c3", "-n", NS, "--dry-run=server"]),
         "a dry run past the budget",
         "churn limit",
     )?;
@@ -80,10 +81,13 @@ pub fn trips_and_resets(w: &World) -> Result<()> {
     // Agents get nowhere near the Lease in real clusters (no rights in agentguard's namespace);
     // the human runs the printed command.
     must(w.plane.kubectl(&w.plane.admin, &args[1..]))?;
-    accepts(w.plane.kubectl(&w.agent, &["delete", "configmap", "c3", "-n", NS]), "a delete after the reset")?;
+    accepts(
+        w.plane.kubectl(&w.editor, &["delete", "configmap", "c3", "-n", NS]),
+        "a delete after the reset",
+    )?;
     ensure!(lease_count(w, lease)? == "1", "the reset did not open a new window");
     accepts(
-        w.plane.kubectl(&w.agent, &["delete", "configmap", "c4", "-n", NS, "--dry-run=server"]),
+        w.plane.kubectl(&w.editor, &["delete", "configmap", "c4", "-n", NS, "--dry-run=server"]),
         "a dry run within the budget",
     )?;
     ensure!(lease_count(w, lease)? == "1", "a dry run was counted");

@@ -115,12 +115,13 @@ pub struct Process {
 }
 
 impl Process {
-    /// An error if the process has exited, with the end of its log.
-    fn check_running(&mut self) -> Result<()> {
+    /// An error if the process has exited, with the end of its log ([`lost_a_port`] tells
+    /// whether it could not bind a port).
+    pub fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
             return Err(EarlyExit {
-                port_taken: log.contains("address already in use"),
+                port_taken: log.to_lowercase().contains("address already in use"),
                 message: format!("{} exited early ({status}):\n{}", self.name, tail(&self.log, 30)),
             }
             .into());
@@ -163,6 +164,11 @@ impl std::fmt::Display for EarlyExit {
 }
 
 impl std::error::Error for EarlyExit {}
+
+/// Whether `error` says a process could not bind a port [`free_port`] handed out.
+pub fn lost_a_port(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<EarlyExit>().is_some_and(|e| e.port_taken)
+}
 
 /// Whole start-ups tried, each on fresh ports and a fresh directory, before giving up.
 const START_ATTEMPTS: u32 = 4;
@@ -335,7 +341,7 @@ impl ControlPlane {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 // A process that could not bind may keep running (the controller-manager's
                 // serving port): start again on new ports.
-                if text.contains("address already in use") {
+                if text.to_lowercase().contains("address already in use") {
                     return Err(EarlyExit {
                         port_taken: true,
                         message: format!("not {what} after {limit:?}:\n{}", tail(&log, 30)),
@@ -363,8 +369,11 @@ impl ControlPlane {
     /// A kubeconfig authenticating as `user` in `groups` by client certificate.
     pub fn user_kubeconfig(&self, user: &str, groups: &[&str]) -> Result<PathBuf> {
         let (cert, key) = self.pki.client(user, groups)?;
-        // The identity is in the certificate; file and kubeconfig entry names avoid `:`.
-        let name = user.replace(':', "-");
+        // The identity is in the certificate; file and kubeconfig entry names are plain.
+        let name: String = user
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+            .collect();
         let (cert_path, key_path) =
             (self.dir.path().join(format!("{name}.crt")), self.dir.path().join(format!("{name}.key")));
         std::fs::write(&cert_path, cert)?;

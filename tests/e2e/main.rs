@@ -5,10 +5,12 @@
 
 mod audit;
 mod churn;
+mod cloud;
 mod cluster;
 mod pending;
 mod routes;
 mod scenarios;
+mod tamper;
 mod trail;
 mod world;
 

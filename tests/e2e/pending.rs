@@ -35,16 +35,17 @@ fn wait_for(w: &World, what: &str, done: impl Fn(&[Value]) -> bool) -> Result<Ve
 
 pub fn lists_held_requests_until_approved(w: &World) -> Result<()> {
     must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", NS]))?;
+    w.grant_edit(NS)?;
     must(w.plane.kubectl(&w.plane.admin, &["create", "deployment", "web", "-n", NS, "--image=nginx:1.27"]))?;
     rejects(
-        w.plane.kubectl(&w.agent, &["delete", "deployment", "web", "-n", NS]),
+        w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", NS]),
         "the agent's delete",
         "requires approval",
     )?;
     let items = wait_for(w, "the held delete is not listed", |items| !items.is_empty())?;
     ensure!(items.len() == 1, "one request is waiting, listed {items:?}");
     let item = &items[0];
-    ensure!(item["requester"] == "system:serviceaccount:agents:coder", "requester: {item}");
+    ensure!(item["requester"] == "system:serviceaccount:agents:editor", "requester: {item}");
     ensure!(item["kind"] == "Deployment" && item["name"] == "web", "object: {item}");
     let command = item["approveCommand"].as_str().context("no approve command")?;
     let table = pending(w, "table")?;

@@ -15,8 +15,8 @@ use crate::scenarios::namespace;
 use crate::world::{World, accepts, must, rejects};
 
 /// The reason of the Warning Event agentguard leaves when it restores its tampered-with webhook
-/// configuration contains this.
-const TAMPER_REASON: &str = "Tamper";
+/// configuration.
+const TAMPER_REASON: &str = "WebhookConfigurationRestored";
 
 /// How long a cascade is given to happen (the garbage collector acts within seconds).
 const GC_WAIT: Duration = Duration::from_secs(60);
@@ -49,16 +49,7 @@ impl<'w> Leftovers<'w> {
     /// Applies a policy and waits until agentguard reports it Ready (so it is in force).
     fn policy(&mut self, policy: Value) -> Result<()> {
         self.apply(&policy)?;
-        let target = format!(
-            "{}/{}",
-            policy["kind"].as_str().unwrap_or_default().to_lowercase(),
-            policy["metadata"]["name"].as_str().unwrap_or_default()
-        );
-        let mut args = vec!["wait", "--for=condition=Ready", "--timeout=30s", &target];
-        if let Some(ns) = policy["metadata"]["namespace"].as_str() {
-            args.extend(["-n", ns]);
-        }
-        admin(self.w, &args).map(drop)
+        ready(self.w, &policy)
     }
 
     /// A CustomResourceDefinition of a namespaced `kind` in group `e2e.example.com`, established.
@@ -90,6 +81,20 @@ impl Drop for Leftovers<'_> {
             let _ = self.w.plane.kubectl(&self.w.plane.admin, &args);
         }
     }
+}
+
+/// Waits until agentguard reports `policy` Ready (so it is in force).
+fn ready(w: &World, policy: &Value) -> Result<()> {
+    let target = format!(
+        "{}/{}",
+        policy["kind"].as_str().unwrap_or_default().to_lowercase(),
+        policy["metadata"]["name"].as_str().unwrap_or_default()
+    );
+    let mut args = vec!["wait", "--for=condition=Ready", "--timeout=30s", &target];
+    if let Some(ns) = policy["metadata"]["namespace"].as_str() {
+        args.extend(["-n", ns]);
+    }
+    admin(w, &args).map(drop)
 }
 
 /// A ClusterAgentPolicy that holds what its `rules` match for an approver in group `sre`
@@ -228,15 +233,17 @@ impl Routes {
     }
 }
 
-/// Writes through `/status` store metadata: unmarking an agent namespace, relabelling a
-/// StatefulSet out of an objectSelector, adding an owner to a guarded PVC and relabelling a
-/// Namespace out of a namespaceSelector are each refused (the agent: cluster-admin, which any
-/// `*/status` right would do). (`deployments/status` is not among them: the API server keeps a
-/// Deployment's labels on a status write.)
+/// Writes through `/status` and `/finalize` store metadata: unmarking an agent namespace (through
+/// either), relabelling a StatefulSet out of an objectSelector, adding an owner to a guarded PVC
+/// and relabelling a Namespace out of a namespaceSelector are each refused (the agent:
+/// cluster-admin, which any `*/status` right would do). (`deployments/status` is not among them:
+/// the API server keeps a Deployment's labels on a status write.)
 pub fn subresources_carry_metadata(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
     let marked = namespace(w, "routes-status-agents")?;
     admin(w, &["label", "namespace", &marked, "agentguard.io/agent-namespace=true"])?;
+    let finalized = namespace(w, "routes-finalize-agents")?;
+    admin(w, &["label", "namespace", &finalized, "agentguard.io/agent-namespace=true"])?;
     let selected = namespace(w, "routes-status-selected")?;
     admin(w, &["label", "namespace", &selected, "e2e-routes-status=guarded"])?;
     let ns = namespace(w, "routes-status")?;
@@ -285,6 +292,24 @@ pub fn subresources_carry_metadata(w: &World) -> Result<()> {
     };
 
     let mut routes = Routes::default();
+    routes.check("namespaces/finalize unmarking an agent namespace", || {
+        let mut unmarked = object(w, &["namespace", &finalized])?;
+        if let Some(labels) = unmarked["metadata"]["labels"].as_object_mut() {
+            labels.remove("agentguard.io/agent-namespace");
+        }
+        rejects(
+            w.plane.kubectl_stdin(
+                &w.agent,
+                &["replace", "--raw", &format!("/api/v1/namespaces/{finalized}/finalize"), "-f", "-"],
+                Some(&unmarked.to_string()),
+            ),
+            "unmarking an agent namespace through namespaces/finalize",
+            "built-in rule \"agent-namespace-label\"",
+        )?;
+        let labels = &object(w, &["namespace", &finalized])?["metadata"]["labels"];
+        ensure!(labels["agentguard.io/agent-namespace"] == "true", "the label is gone: {labels}");
+        Ok(())
+    });
     routes.check("namespaces/status unmarking an agent namespace", || {
         let unmark = r#"{"metadata":{"labels":{"agentguard.io/agent-namespace":null}}}"#;
         rejects(
@@ -552,8 +577,8 @@ pub fn finalizers_complete_a_delete(w: &World) -> Result<()> {
     result
 }
 
-/// Deleting an unguarded owner whose dependents (directly, or two levels down) a DELETE rule
-/// guards is refused, and the real garbage collector — seen collecting an unguarded dependent
+/// Deleting an unguarded owner whose dependents (directly, or two levels down, or the Pods a
+/// ReplicaSet made) a DELETE rule guards is refused, and the real garbage collector — seen collecting an unguarded dependent
 /// in the same namespace first — leaves them; with `--cascade=orphan` the owner goes and the
 /// dependent stays (the agent: `edit`).
 pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
@@ -562,14 +587,32 @@ pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
     left.policy(cluster_policy(
         "e2e-routes-cascade",
         "RequireApproval",
-        json!([rule(
-            "dependents",
-            &["DELETE"],
-            "",
-            "configmaps",
-            json!({"namespaces": [ns], "names": ["dependent*"]})
-        )]),
+        json!([
+            rule(
+                "dependents",
+                &["DELETE"],
+                "",
+                "configmaps",
+                json!({"namespaces": [ns], "names": ["dependent*"]})
+            ),
+            rule("pods", &["DELETE"], "", "pods", json!({"namespaces": [ns]})),
+        ]),
     ))?;
+    // Pods the real ReplicaSet controller makes (Pending: no scheduler runs).
+    wait_for("the namespace's default ServiceAccount", Duration::from_secs(30), || {
+        Ok(exists(w, &["serviceaccount", "default", "-n", &ns]))
+    })?;
+    create(
+        w,
+        &json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "api", "namespace": ns},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
+                "template": {"metadata": {"labels": {"app": "api"}},
+                    "spec": {"containers": [{"name": "api", "image": "nginx:1.27"}]}}}}),
+    )?;
+    let pods = || -> Result<usize> {
+        Ok(admin(w, &["get", "pods", "-n", &ns, "-l", "app=api", "-o", "name"])?.lines().count())
+    };
+    wait_for("the ReplicaSet controller making 2 Pods", GC_WAIT, || Ok(pods()? == 2))?;
     let owner = configmap(w, &ns, "owner", None)?;
     configmap(w, &ns, "dependent", Some(("owner", &owner)))?;
     let root = configmap(w, &ns, "root", None)?;
@@ -581,13 +624,13 @@ pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
     configmap(w, &ns, "control-dependent", Some(("control-owner", &control)))?;
 
     // The garbage collector is at work here: the admin's delete of the control owner takes its
-    // dependent with it. Refused cascades are then given twice that time (at least 5 s).
+    // dependent with it. Refused cascades are then given twice that time (at least 3 s).
     admin(w, &["delete", "configmap", "control-owner", "-n", &ns])?;
     let collected = wait_for("the garbage collector collecting an unguarded dependent", GC_WAIT, || {
         Ok(!exists(w, &["configmap", "control-dependent", "-n", &ns]))
     })?;
     println!("  the garbage collector collected the control dependent in {:.1}s", collected.as_secs_f64());
-    let grace = (collected * 2).max(Duration::from_secs(5));
+    let grace = (collected * 2).max(Duration::from_secs(3));
     let survives = |name: &str| -> Result<()> {
         let gone = wait_for(name, grace, || Ok(!exists(w, &["configmap", name, "-n", &ns])));
         ensure!(gone.is_err(), "the garbage collector deleted {name}");
@@ -617,6 +660,21 @@ pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
     routes.check("deleting the owner of the owner of a guarded dependent", || {
         cascade("root", "dependent-deep", "deleting the owner of the owner of a guarded dependent")
     });
+    routes.check("deleting a ReplicaSet whose Pods are guarded", || {
+        let refused = refused_by(
+            kubectl(w, &w.editor, &["delete", "replicaset", "api", "-n", &ns]),
+            "deleting a ReplicaSet whose Pods are guarded",
+            "e2e-routes-cascade",
+            "pods",
+        );
+        std::thread::sleep(grace);
+        let remaining = pods()?;
+        match refused {
+            Ok(_) if remaining == 2 => Ok(()),
+            Ok(_) => bail!("the refused delete still lost Pods: {remaining} of 2 left"),
+            Err(e) => Err(e.context(format!("{remaining} of 2 Pods left"))),
+        }
+    });
     routes.check("deleting the owner with --cascade=orphan is admitted", || {
         accepts(
             kubectl(w, &w.editor, &["delete", "configmap", "orphaner", "-n", &ns, "--cascade=orphan"]),
@@ -634,13 +692,13 @@ pub fn owner_cascades_are_judged(w: &World) -> Result<()> {
 }
 
 /// Deleting a Namespace that holds a guarded object, or a CRD whose custom resources are
-/// guarded, is refused (the agent: cluster-admin).
+/// guarded, is refused (the agent: cluster-admin). The CRD is made after the Namespace's
+/// refusal, whose judging looked the API's types up: a type served since then counts too.
 pub fn namespace_and_crd_cascades_are_judged(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
     // Named outside `e2e-*`, which the world's e2e-namespaces policy guards as a whole.
     let doomed = "routes-doomed";
     admin(w, &["create", "namespace", doomed])?;
-    left.crd("widgets", "Widget")?;
     let ns = namespace(w, "routes-widgets")?;
     left.policy(cluster_policy(
         "e2e-routes-contents",
@@ -663,11 +721,6 @@ pub fn namespace_and_crd_cascades_are_judged(w: &World) -> Result<()> {
         ]),
     ))?;
     configmap(w, doomed, "precious", None)?;
-    create(
-        w,
-        &json!({"apiVersion": "e2e.example.com/v1", "kind": "Widget",
-            "metadata": {"name": "precious", "namespace": ns}}),
-    )?;
 
     let mut routes = Routes::default();
     routes.check("deleting a Namespace holding a guarded object", || {
@@ -683,6 +736,12 @@ pub fn namespace_and_crd_cascades_are_judged(w: &World) -> Result<()> {
         Ok(())
     });
     routes.check("deleting a CRD whose custom resources are guarded", || {
+        left.crd("widgets", "Widget")?;
+        create(
+            w,
+            &json!({"apiVersion": "e2e.example.com/v1", "kind": "Widget",
+                "metadata": {"name": "precious", "namespace": ns}}),
+        )?;
         refused_by(
             kubectl(w, &w.agent, &["delete", "crd", "widgets.e2e.example.com", "--wait=false"]),
             "deleting a CRD whose custom resources are guarded",
@@ -829,7 +888,15 @@ pub fn arming_a_deletion_is_judged(w: &World) -> Result<()> {
             kubectl(
                 w,
                 &w.editor,
-                &["annotate", "configmap", "table", "-n", &ns, "services.k8s.aws/deletion-policy=delete"],
+                &[
+                    "annotate",
+                    "configmap",
+                    "table",
+                    "-n",
+                    &ns,
+                    "services.k8s.aws/deletion-policy=delete",
+                    "--overwrite",
+                ],
             ),
             "setting ACK's deletion policy from retain to delete on a guarded object",
             "e2e-routes-arming",
@@ -863,24 +930,40 @@ pub fn arming_a_deletion_is_judged(w: &World) -> Result<()> {
     routes.done()
 }
 
-/// A policy may guard CONNECT to `pods/exec`: admission runs before the API server dials the
-/// kubelet, so the agent's `kubectl exec` is refused by agentguard (the agent: `edit`).
+/// A policy may guard CONNECT to `pods/exec`, `pods/attach` and `pods/portforward`: admission
+/// runs before the API server dials the kubelet, so the agent's `kubectl exec` (and a raw attach
+/// or port-forward request) is refused by agentguard (the agent: `edit`).
 pub fn connect_can_be_guarded(w: &World) -> Result<()> {
     let mut left = Leftovers::new(w);
     let ns = namespace(w, "routes-exec")?;
-    left.policy(cluster_policy(
-        "e2e-routes-exec",
-        "RequireApproval",
-        json!([rule("exec", &["CONNECT"], "", "pods/exec", json!({"namespaces": [ns]}))]),
-    ))?;
+    let mut data_plane = rule("data-plane", &["CONNECT"], "", "pods/exec", json!({"namespaces": [ns]}));
+    data_plane["resources"] =
+        json!([{"apiGroups": [""], "resources": ["pods/exec", "pods/attach", "pods/portforward"]}]);
+    left.policy(cluster_policy("e2e-routes-exec", "RequireApproval", json!([data_plane])))?;
     pod(w, &ns, "db")?;
-    refused_by(
-        kubectl(w, &w.editor, &["exec", "db", "-n", &ns, "--", "rm", "-rf", "/var/lib/postgresql/data"]),
-        "kubectl exec into a guarded Pod",
-        "e2e-routes-exec",
-        "exec",
-    )?;
-    Ok(())
+    let mut routes = Routes::default();
+    routes.check("kubectl exec", || {
+        refused_by(
+            kubectl(w, &w.editor, &["exec", "db", "-n", &ns, "--", "rm", "-rf", "/var/lib/postgresql/data"]),
+            "kubectl exec into a guarded Pod",
+            "e2e-routes-exec",
+            "data-plane",
+        )
+        .map(drop)
+    });
+    for (subresource, query) in [("attach", "stdin=true&stdout=true"), ("portforward", "ports=5432")] {
+        routes.check(&format!("pods/{subresource}"), || {
+            let path = format!("/api/v1/namespaces/{ns}/pods/db/{subresource}?{query}");
+            refused_by(
+                w.plane.kubectl_stdin(&w.editor, &["create", "--raw", &path, "-f", "-"], Some("{}")),
+                &format!("a CONNECT to pods/{subresource} of a guarded Pod"),
+                "e2e-routes-exec",
+                "data-plane",
+            )
+            .map(drop)
+        });
+    }
+    routes.done()
 }
 
 /// Policy subjects cannot be turned against the cluster: an AgentPolicy naming every
@@ -988,5 +1071,199 @@ pub fn churn_counts_per_agent_namespace(w: &World) -> Result<()> {
         }
     }
     ensure!(exists(w, &["configmap", "c2", "-n", &ns]), "c2 is gone");
+    Ok(())
+}
+
+/// One semantics for subjects: a policy without `subjects` covers every agent, including a user
+/// who is an agent only because another policy names it; a policy with `subjects` covers
+/// exactly those.
+pub fn subjects_mean_one_thing(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-subject-scope")?;
+    let bot = "e2e-routes-bot";
+    admin(
+        w,
+        &["create", "rolebinding", "bot-edit", "-n", &ns, "--clusterrole=edit", &format!("--user={bot}")],
+    )?;
+    let mut named = cluster_policy(
+        "e2e-routes-bot-only",
+        "RequireApproval",
+        json!([rule("bot-secrets", &["DELETE"], "", "secrets", json!({"namespaces": [ns]}))]),
+    );
+    named["spec"]["subjects"] = json!({"usernames": [bot]});
+    left.policy(named)?;
+    left.policy(cluster_policy(
+        "e2e-routes-everyone",
+        "RequireApproval",
+        json!([rule("all-config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]}))]),
+    ))?;
+    w.wait_for_registration(bot, Duration::from_secs(30))?;
+    let kubeconfig = w.plane.user_kubeconfig(bot, &[])?;
+    configmap(w, &ns, "settings", None)?;
+    for secret in ["bots", "editors"] {
+        admin(w, &["create", "secret", "generic", secret, "-n", &ns, "--from-literal=k=v"])?;
+    }
+
+    let mut routes = Routes::default();
+    routes.check("a policy without subjects covers a user named only in another policy", || {
+        refused_by(
+            kubectl(w, &kubeconfig, &["delete", "configmap", "settings", "-n", &ns]),
+            "a delete by a user who is an agent through another policy's subjects",
+            "e2e-routes-everyone",
+            "all-config",
+        )
+        .map(drop)
+    });
+    routes.check("a policy with subjects covers them", || {
+        refused_by(
+            kubectl(w, &kubeconfig, &["delete", "secret", "bots", "-n", &ns]),
+            "a delete by a policy's subject",
+            "e2e-routes-bot-only",
+            "bot-secrets",
+        )
+        .map(drop)
+    });
+    routes.check("a policy with subjects covers exactly them", || {
+        accepts(
+            kubectl(w, &w.editor, &["delete", "secret", "editors", "-n", &ns]),
+            "a delete by an agent the policy does not name",
+        )
+        .map(drop)
+    });
+    routes.done()
+}
+
+/// Usernames with quotes, a backslash or a newline either are refused at apply time or render
+/// into a webhook configuration the API server accepts: the odd user is guarded, and an agent
+/// marked afterwards is still registered.
+pub fn odd_usernames_render(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-odd-names")?;
+    configmap(w, &ns, "settings", None)?;
+    let mut routes = Routes::default();
+    for (n, odd) in [r#"e2e-routes "odd" \bot"#, "e2e-routes-line\nbreak"].into_iter().enumerate() {
+        routes.check(&format!("the username {odd:?}"), || {
+            let mut policy = cluster_policy(
+                &format!("e2e-routes-odd-{n}"),
+                "RequireApproval",
+                json!([rule("odd-config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]}))]),
+            );
+            policy["spec"]["subjects"] = json!({"usernames": [odd]});
+            if let Err(e) = left.apply(&policy) {
+                println!("  {odd:?} refused at apply time: {}", format!("{e:#}").trim());
+                return Ok(());
+            }
+            ready(w, &policy)?;
+            let binding = format!("odd-{n}");
+            admin(
+                w,
+                &[
+                    "create",
+                    "rolebinding",
+                    &binding,
+                    "-n",
+                    &ns,
+                    "--clusterrole=edit",
+                    &format!("--user={odd}"),
+                ],
+            )?;
+            let kubeconfig = w.plane.user_kubeconfig(odd, &[])?;
+            let probe = ["delete", "configmap", "settings", "-n", &ns, "--dry-run=server"];
+            wait_for("the odd user guarded", Duration::from_secs(30), || {
+                Ok(!kubectl(w, &kubeconfig, &probe).status.success())
+            })?;
+            refused_by(
+                kubectl(w, &kubeconfig, &probe),
+                "the odd user's delete",
+                &format!("e2e-routes-odd-{n}"),
+                "odd-config",
+            )?;
+            let after = format!("after-{n}");
+            admin(w, &["create", "serviceaccount", &after, "-n", &ns])?;
+            admin(w, &["label", "serviceaccount", &after, "-n", &ns, "agentguard.io/agent=true"])?;
+            w.wait_for_registration(&format!("system:serviceaccount:{ns}:{after}"), Duration::from_secs(30))?;
+            println!("  {odd:?} admitted, guarded, and the configuration still updates");
+            Ok(())
+        });
+    }
+    routes.done()
+}
+
+/// A denial under several policies names each once, with its own approvers and reason, even
+/// when two rules of one policy match.
+pub fn denial_names_each_policy_once(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-messages")?;
+    let mut dba = cluster_policy(
+        "e2e-routes-msg-dba",
+        "RequireApproval",
+        json!([
+            rule("namespace-config", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]})),
+            rule("schema-config", &["DELETE"], "", "configmaps", json!({"names": ["e2e-routes-schema"]})),
+        ]),
+    );
+    dba["spec"]["approval"] =
+        json!({"approvers": {"users": ["e2e-routes-dba"]}, "reason": "the database team owns the schema"});
+    left.policy(dba)?;
+    let mut sre = cluster_policy(
+        "e2e-routes-msg-sre",
+        "RequireApproval",
+        json!([rule("freeze", &["DELETE"], "", "configmaps", json!({"namespaces": [ns]}))]),
+    );
+    sre["spec"]["approval"] = json!({"approvers": {"groups": ["sre"]}, "reason": "platform change freeze"});
+    left.policy(sre)?;
+    configmap(w, &ns, "e2e-routes-schema", None)?;
+    let denial = rejects(
+        kubectl(w, &w.editor, &["delete", "configmap", "e2e-routes-schema", "-n", &ns]),
+        "a delete two policies hold",
+        "requires approval",
+    )?;
+    for (text, times) in [
+        ("ClusterAgentPolicy \"e2e-routes-msg-dba\"", 1),
+        ("ClusterAgentPolicy \"e2e-routes-msg-sre\"", 1),
+        ("the database team owns the schema", 1),
+        ("platform change freeze", 1),
+        ("e2e-routes-dba", 1),
+    ] {
+        let seen = denial.matches(text).count();
+        ensure!(seen == times, "{text:?} appears {seen} times, not {times}: {denial}");
+    }
+    ensure!(exists(w, &["configmap", "e2e-routes-schema", "-n", &ns]), "the ConfigMap is gone");
+    Ok(())
+}
+
+/// `agentguard audit` reports an agent's rights to write `namespaces/status` and
+/// `namespaces/finalize`, which reach agentguard's agent-namespace label.
+pub fn audit_reports_status_rights(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-audit")?;
+    admin(w, &["create", "serviceaccount", "relabeller", "-n", &ns])?;
+    admin(w, &["label", "serviceaccount", "relabeller", "-n", &ns, "agentguard.io/agent=true"])?;
+    left.apply(&json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "e2e-routes-status-writer"},
+        "rules": [{"apiGroups": [""], "resources": ["namespaces/status", "namespaces/finalize"],
+            "verbs": ["update", "patch"]}]}))?;
+    left.apply(&json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "e2e-routes-status-writer"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "e2e-routes-status-writer"},
+        "subjects": [{"kind": "ServiceAccount", "name": "relabeller", "namespace": ns}]}))?;
+    let out = crate::audit::audit(&w.plane.admin, &["--output=json"]);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("audit printed no JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let identity = format!("system:serviceaccount:{ns}:relabeller");
+    let agent = report["agents"]
+        .as_array()
+        .and_then(|agents| agents.iter().find(|a| a["identity"] == identity.as_str()))
+        .with_context(|| format!("{identity} is not listed"))?;
+    let resources: Vec<String> = agent["findings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|f| f["resources"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r.as_str().map(str::to_owned))
+        .collect();
+    for wanted in ["namespaces/status", "namespaces/finalize"] {
+        ensure!(resources.iter().any(|r| r == wanted), "{wanted} is not reported: {}", agent["findings"]);
+    }
     Ok(())
 }

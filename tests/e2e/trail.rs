@@ -36,10 +36,10 @@ fn approve_command(refusal: &str) -> Result<Vec<String>> {
 
 /// Held, approved by alice, then admitted: the agent's `args` go through.
 fn approved(w: &World, args: &[&str]) -> Result<()> {
-    let refusal = rejects(w.plane.kubectl(&w.agent, args), "the agent's first try", "requires approval")?;
+    let refusal = rejects(w.plane.kubectl(&w.editor, args), "the agent's first try", "requires approval")?;
     let approve = approve_command(&refusal)?;
     must(w.plane.kubectl(&w.alice, &approve.iter().map(String::as_str).collect::<Vec<_>>()))?;
-    accepts(w.plane.kubectl(&w.agent, args), "the approved request")?;
+    accepts(w.plane.kubectl(&w.editor, args), "the approved request")?;
     Ok(())
 }
 
@@ -80,6 +80,7 @@ fn replicas(w: &World, name: &str) -> Result<String> {
 
 pub fn records_and_restores(w: &World) -> Result<()> {
     must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", NS]))?;
+    w.grant_edit(NS)?;
     must(w.plane.kubectl(
         &w.plane.admin,
         &["create", "deployment", "web", "-n", NS, "--image=nginx:1.27", "--replicas=2"],
@@ -139,6 +140,7 @@ pub fn a_change_refused_later_is_marked(w: &World) -> Result<()> {
         base64(&ca)
     );
     must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", LATER]))?;
+    w.grant_edit(LATER)?;
     must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&refuser)))?;
     must(
         w.plane
@@ -151,7 +153,7 @@ pub fn a_change_refused_later_is_marked(w: &World) -> Result<()> {
         &["annotate", "deployment", "doomed", "-n", LATER, "agentguard.io/approve=delete", "--overwrite"],
     ))?;
     let args = ["delete", "deployment", "doomed", "-n", LATER];
-    rejects(w.plane.kubectl(&w.agent, &args), "the delete the other webhook refuses", "refuser.e2e.test")?;
+    rejects(w.plane.kubectl(&w.editor, &args), "the delete the other webhook refuses", "refuser.e2e.test")?;
     let phantom = record(w, LATER, "DELETE", "doomed")?;
     must(w.plane.kubectl(&w.plane.admin, &["delete", "validatingwebhookconfiguration", "e2e-refuser"]))?;
     ensure!(phantom["status"]["outcome"] == "NeverHappened", "{}", phantom["status"]);

@@ -10,9 +10,10 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::cluster::{self, Binaries, ControlPlane, Process, free_port, spawn};
 
 /// Everything a scenario needs: the control plane, agentguard, and who is who.
+/// Fields drop in order: agentguard stops before the control plane it watches.
 pub struct World {
-    pub plane: ControlPlane,
     pub agentguard: Agentguard,
+    pub plane: ControlPlane,
     /// `system:serviceaccount:agents:coder`, labelled as an agent, bound to cluster-admin
     /// (the overly broad credentials agentguard exists to put brakes on).
     pub agent: PathBuf,
@@ -235,6 +236,23 @@ pub fn start_agentguard(plane: &ControlPlane, name: &'static str, registers: boo
         std::fs::write(dir.join("agentguard.crt"), cert)?;
         std::fs::write(dir.join("agentguard.key"), key)?;
     }
+    let mut attempt = 1;
+    loop {
+        match try_start_agentguard(plane, name, registers) {
+            Err(e) if attempt < START_ATTEMPTS && cluster::lost_a_port(&e) => {
+                eprintln!("{name} lost a port, starting again on new ports: {e:#}");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Starts tried before giving up when a port was taken between picking and binding it.
+const START_ATTEMPTS: u32 = 4;
+
+fn try_start_agentguard(plane: &ControlPlane, name: &'static str, registers: bool) -> Result<Agentguard> {
+    let dir = plane.dir.path();
     let (webhook_port, admin_port) = (free_port(), free_port());
     let webhook = format!("https://127.0.0.1:{webhook_port}/validate");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentguard"));
@@ -249,10 +267,11 @@ pub fn start_agentguard(plane: &ControlPlane, name: &'static str, registers: boo
     if registers {
         cmd.arg(format!("--webhook-url={webhook}"));
     }
-    let process = spawn(name, cmd, &dir.join(format!("{name}.log")))?;
+    let mut process = spawn(name, cmd, &dir.join(format!("{name}.log")))?;
     let admin = format!("http://127.0.0.1:{admin_port}");
     let started = Instant::now();
     while !http_ok(&format!("{admin}/readyz")) {
+        process.check_running()?;
         if started.elapsed() > Duration::from_secs(60) {
             bail!("{name} not ready after 60s:\n{}", cluster::tail(&dir.join(format!("{name}.log")), 40));
         }
