@@ -577,6 +577,10 @@ fn kill_replicas(c: &Cluster, agent: &Path, alice: &Path) -> Result<Tally> {
         Ok(started.elapsed())
     })?;
     ensure!(restarts(&pods[0]) > before, "the kubelet did not restart the killed container of {}", pods[0]);
+    // The liveness probe restarted nothing else under the stream.
+    for pod in c.ready_pods()?.iter().filter(|p| **p != pods[0]) {
+        ensure!(restarts(pod) == 0, "{pod} was restarted {} times", restarts(pod));
+    }
     println!(
         "a replica killed and another deleted: 3 Ready again after {:.1}s; meanwhile: {tally}",
         recovered.as_secs_f64()

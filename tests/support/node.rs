@@ -71,19 +71,15 @@ impl NodeBinaries {
 
 /// Why this machine cannot run a node, if it cannot: the suite then skips with this reason.
 pub fn unsupported() -> Option<String> {
-    #[cfg(unix)]
-    {
-        let uid = std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix("Uid:").map(|v| v.split_whitespace().next().map(str::to_owned))
-                })
-            })
-            .flatten();
-        if uid.as_deref() != Some("0") {
-            return Some("the node needs root (bridges, iptables, mounts, containers)".into());
-        }
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().next().map(str::to_owned)))
+        })
+        .flatten();
+    if uid.as_deref() != Some("0") {
+        return Some("the node needs root (bridges, iptables, mounts, containers)".into());
     }
     if !Path::new("/sys/fs/cgroup/memory").is_dir()
         && !Path::new("/sys/fs/cgroup/cgroup.controllers").is_file()
