@@ -587,7 +587,7 @@ fn kill_replicas(c: &Cluster, agent: &Path, alice: &Path) -> Result<Tally> {
     );
     check(&tally, "replicas killed")?;
     println!(
-        "check a killed replica is restarted, a deleted one replaced, requests answered meanwhile ... ok"
+        "check a killed replica is restarted, a deleted one replaced, no other restarted, requests answered meanwhile ... ok"
     );
     Ok(tally)
 }
