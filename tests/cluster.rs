@@ -250,8 +250,11 @@ impl std::fmt::Display for Tally {
     }
 }
 
+/// Concurrent request loops of each kind in [`stream`].
+const STREAMS: u32 = 2;
+
 /// Agent deletes of the `keep-*` Deployments and human create+delete of Deployments in `demo`,
-/// back to back, while `during` runs; then `settle` more of each loop.
+/// back to back in [`STREAMS`] loops of each, while `during` runs; then `settle` more.
 fn stream<T>(
     c: &Cluster,
     agent: &Path,
@@ -263,79 +266,74 @@ fn stream<T>(
     let kubectl_bin = c.plane.kubectl.clone();
     let admin = c.plane.admin.clone();
     let (result, tally) = std::thread::scope(|s| {
-        let agents = s.spawn(|| {
-            let mut t = Tally::default();
-            let mut i = 0u32;
-            while !stop.load(Ordering::SeqCst) {
-                let name = format!("keep-{}", i % 3);
-                i += 1;
-                t.agent_requests += 1;
-                let out = kubectl(
-                    &kubectl_bin,
-                    agent,
-                    &["delete", "deployment", &name, "-n", "demo", "--wait=false"],
-                );
-                let msg = text(&out);
-                if out.status.success() {
-                    t.agent_admitted += 1;
-                    eprintln!("WRONGLY ADMITTED agent delete of {name}: {msg}");
-                    let _ = kubectl(
-                        &kubectl_bin,
-                        &admin,
-                        &[
-                            "create",
-                            "deployment",
-                            &name,
-                            "-n",
-                            "demo",
-                            "--image=localhost/none:0",
-                            "--replicas=0",
-                        ],
-                    );
-                } else if msg.contains("kubectl annotate") {
-                    t.agent_held += 1;
-                } else if msg.contains("failed calling webhook") {
-                    t.agent_unreachable += 1;
-                } else {
-                    t.agent_other.push(msg);
-                }
-            }
-            t
-        });
-        let humans = s.spawn(|| {
-            let mut t = Tally::default();
-            let mut i = 0u32;
-            while !stop.load(Ordering::SeqCst) {
-                let name = format!("human-{i}");
-                i += 1;
-                for args in [
-                    vec![
-                        "create",
-                        "deployment",
-                        &name,
-                        "-n",
-                        "demo",
-                        "--image=localhost/none:0",
-                        "--replicas=0",
-                    ],
-                    vec!["delete", "deployment", &name, "-n", "demo", "--wait=false"],
-                ] {
-                    t.human_requests += 1;
-                    let out = kubectl(&kubectl_bin, human, &args);
-                    if !out.status.success() {
-                        t.human_failed.push(format!("{}: {}", args.join(" "), text(&out)));
+        let (stop, kubectl_bin, admin) = (&stop, &kubectl_bin, &admin);
+        let agents: Vec<_> = (0..STREAMS)
+            .map(|k| {
+                s.spawn(move || {
+                    let mut t = Tally::default();
+                    let mut i = k;
+                    while !stop.load(Ordering::SeqCst) {
+                        let name = format!("keep-{}", i % 3);
+                        i += 1;
+                        t.agent_requests += 1;
+                        let args = ["delete", "deployment", &name, "-n", "demo", "--wait=false"];
+                        let out = kubectl(kubectl_bin, agent, &args);
+                        let msg = text(&out);
+                        if out.status.success() {
+                            t.agent_admitted += 1;
+                            eprintln!("WRONGLY ADMITTED agent delete of {name}: {msg}");
+                            let image = "--image=localhost/none:0";
+                            let args = ["create", "deployment", &name, "-n", "demo", image, "--replicas=0"];
+                            let _ = kubectl(kubectl_bin, admin, &args);
+                        } else if msg.contains("kubectl annotate") {
+                            t.agent_held += 1;
+                        } else if msg.contains("failed calling webhook") {
+                            t.agent_unreachable += 1;
+                        } else {
+                            t.agent_other.push(msg);
+                        }
                     }
-                }
-            }
-            t
-        });
+                    t
+                })
+            })
+            .collect();
+        let humans: Vec<_> = (0..STREAMS)
+            .map(|k| {
+                s.spawn(move || {
+                    let mut t = Tally::default();
+                    let mut i = 0u32;
+                    while !stop.load(Ordering::SeqCst) {
+                        let name = format!("human-{k}-{i}");
+                        i += 1;
+                        let image = "--image=localhost/none:0";
+                        for args in [
+                            vec!["create", "deployment", &name, "-n", "demo", image, "--replicas=0"],
+                            vec!["delete", "deployment", &name, "-n", "demo", "--wait=false"],
+                        ] {
+                            t.human_requests += 1;
+                            let out = kubectl(kubectl_bin, human, &args);
+                            if !out.status.success() {
+                                t.human_failed.push(format!("{}: {}", args.join(" "), text(&out)));
+                            }
+                        }
+                    }
+                    t
+                })
+            })
+            .collect();
         let result = during();
         std::thread::sleep(settle);
         stop.store(true, Ordering::SeqCst);
-        let mut tally = agents.join().expect("agent stream");
-        let humans = humans.join().expect("human stream");
-        tally.human_requests = humans.human_requests;
-        tally.human_failed = humans.human_failed;
+        let mut tally = Tally::default();
+        for t in agents.into_iter().chain(humans).map(|h| h.join().expect("a request stream")) {
+            tally.agent_requests += t.agent_requests;
+            tally.agent_admitted += t.agent_admitted;
+            tally.agent_held += t.agent_held;
+            tally.agent_unreachable += t.agent_unreachable;
+            tally.agent_other.extend(t.agent_other);
+            tally.human_requests += t.human_requests;
+            tally.human_failed.extend(t.human_failed);
+        }
         (result, tally)
     });
     Ok((result?, tally))
