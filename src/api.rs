@@ -252,11 +252,13 @@ pub enum Mode {
 pub struct Approval {
     /// Who may approve: only these identities may set `agentguard.io/approve`.
     pub approvers: Approvers,
-    /// How long an approval lives after it was set, unless it names its own expiry.
+    /// How long an approval ticket lives, counted from the denial that issued it (the strictest
+    /// covering policy's applies).
     #[serde(default = "default_ttl")]
     #[schemars(regex(pattern = r"^([0-9]{1,6}(h|m|s))+$"), length(max = 32))]
     pub ttl: String,
-    /// The latest expiry an approval may name, counted from when it was set.
+    /// The longest an approval ticket may live, counted from its issue; shortening it also cuts
+    /// outstanding tickets short.
     #[serde(default = "default_max_ttl")]
     #[schemars(regex(pattern = r"^([0-9]{1,6}(h|m|s))+$"), length(max = 32))]
     pub max_ttl: String,
@@ -429,7 +431,8 @@ pub struct ChangeTarget {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentChangeStatus {
-    /// Empty until checked, then `Happened` or `NeverHappened`.
+    /// Empty until checked, then `Happened`, `NeverHappened` or `Unverified` (agentguard may not
+    /// read the kind).
     #[serde(default)]
     pub outcome: String,
     /// Who set the approval, as agentguard saw it when it was written (its ApprovalRecorded

@@ -1,371 +1,630 @@
-//! The approval protocol: what `agentguard.io/approve` may say, when it was set, and whether it
-//! covers a request.
+//! The approval protocol: tickets agentguard issues in its denials, and whether the ticket an
+//! approver stored in `agentguard.io/approve` covers a request.
 //!
-//! Grammar of the annotation value (whitespace around items is ignored):
+//! A denial that a human may approve carries a ticket; the approver writes it on the object:
 //!
 //! ```text
-//! value   = grant *( "," grant ) [ ";" "expires=" RFC3339 ]
-//! grant   = "delete" | "update:" digest
-//! digest  = 16 lower-case hex digits, printed in the denial of the update it approves
+//! value   = op "." ticket                      e.g.  delete.AQAAAABpL...
+//! op      = "delete" | "update"
+//! ticket  = base64url, no padding, of 77 bytes:
+//!           version (1) | issued-at, Unix seconds (8, big-endian) | ttl, seconds (4)
+//!           | digest (32) | mac (32)
+//! digest  = SHA-256 of what the human reviews: for a DELETE the object's state
+//!           ([`crate::diff::state_digest`]), for an UPDATE the exact change ([`crate::diff::Change`])
+//! mac     = HMAC-SHA256(key, "agentguard.io/approve v1" | len(uid) | uid | op | issued-at | ttl
+//!           | digest), under a key only agentguard holds ([`Keys`])
 //! ```
 //!
-//! Without `expires=` an approval lives for the policy's `ttl`, counted from the time the API
-//! server recorded in the managedFields entry that owns the annotation. With it, it lives until
-//! then, but never past `maxTtl` after it was set. An `update:` grant covers only the change
-//! whose digest it names, so once that change is made (or the object changes otherwise) it no
-//! longer applies to anything: no standing blank cheque. Pure functions, no I/O.
+//! So a ticket is valid only for the object (uid), the operation and the exact state or change it
+//! was issued for, and only from issued-at to issued-at + ttl (ttl is the strictest covering
+//! policy's, at most its `maxTtl`, fixed when issued). Nothing written later extends or creates
+//! one: the lifetime is inside the MAC, and no other field of the object is read. Forging a ticket
+//! means forging HMAC-SHA256; making two changes share one needs a SHA-256 collision: both at
+//! least 2^128 work. Pure functions, no I/O: the keys come in through [`crate::policy::Config`].
 
 use std::fmt;
+use std::sync::Arc;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
 use jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
+use sha2::Sha256;
 
 use crate::api::APPROVE_ANNOTATION;
 
-/// A parsed approval.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Grant {
-    pub delete: bool,
-    /// Digests of the approved updates.
-    pub updates: Vec<String>,
-    pub expires: Option<Timestamp>,
-}
+const VERSION: u8 = 1;
+const TICKET_BYTES: usize = 1 + 8 + 4 + 32 + 32;
+const MAC_CONTEXT: &[u8] = b"agentguard.io/approve v1";
+/// How far in the future a ticket's issue time may be: the replicas' clocks may differ by this.
+pub const CLOCK_SKEW: SignedDuration = SignedDuration::from_secs(60);
 
-/// Why an annotation value is not a valid approval.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum GrammarError {
-    #[error("`{0}` is not an approvable operation: use `delete` or `update:<digest>`")]
-    UnknownGrant(String),
-    #[error("`update` must name the change it approves: `update:<digest>`, digest as printed in the denial")]
-    UpdateWithoutDigest,
-    #[error("`{0}` is not a change digest (16 hex digits, as printed in the denial)")]
-    BadDigest(String),
-    #[error("`{0}` is not a valid expiry: use `expires=<RFC 3339 time>`, e.g. expires=2026-01-02T15:04:05Z")]
-    BadExpiry(String),
-    #[error("the approval names no operation")]
-    Empty,
-}
-
-impl Grant {
-    pub fn parse(value: &str) -> Result<Self, GrammarError> {
-        let (grants, options) = match value.split_once(';') {
-            Some((g, o)) => (g, Some(o.trim())),
-            None => (value, None),
-        };
-        let mut grant = Grant { delete: false, updates: Vec::new(), expires: None };
-        for item in grants.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            match item.split_once(':') {
-                None if item == "delete" => grant.delete = true,
-                None if item == "update" => return Err(GrammarError::UpdateWithoutDigest),
-                Some(("update", digest)) => {
-                    let digest = digest.trim();
-                    if digest.len() != 16
-                        || !digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-                    {
-                        return Err(GrammarError::BadDigest(digest.into()));
-                    }
-                    grant.updates.push(digest.into());
-                }
-                _ => return Err(GrammarError::UnknownGrant(item.into())),
-            }
-        }
-        if !grant.delete && grant.updates.is_empty() {
-            return Err(GrammarError::Empty);
-        }
-        if let Some(opt) = options {
-            let at = opt
-                .strip_prefix("expires=")
-                .and_then(|t| t.trim().parse::<Timestamp>().ok())
-                .ok_or_else(|| GrammarError::BadExpiry(opt.into()))?;
-            grant.expires = Some(at);
-        }
-        Ok(grant)
-    }
-
-    fn covers(&self, wanted: Wanted<'_>) -> bool {
-        match wanted {
-            Wanted::Delete => self.delete,
-            Wanted::Update { digest } => self.updates.iter().any(|d| d == digest),
-        }
-    }
-}
-
-/// The approval annotation as stored on an object: its value and when it was last written.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Stamp<'a> {
-    pub value: &'a str,
-    /// From the managedFields entry owning the annotation; `None` when no entry owns it.
-    pub set_at: Option<Timestamp>,
-}
-
-impl<'a> Stamp<'a> {
-    /// Reads the approval of `object`, if it carries one.
-    pub fn of(object: &'a Value) -> Option<Self> {
-        let meta = object.get("metadata")?;
-        let value = meta.get("annotations")?.get(APPROVE_ANNOTATION)?.as_str()?;
-        let owner_key = format!("f:{APPROVE_ANNOTATION}");
-        // Several managers may share ownership (server-side apply): the latest write counts.
-        let set_at = meta
-            .get("managedFields")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter(|e| {
-                e.pointer("/fieldsV1/f:metadata/f:annotations").and_then(|a| a.get(&owner_key)).is_some()
-            })
-            .filter_map(|e| e.get("time")?.as_str()?.parse::<Timestamp>().ok())
-            .max();
-        Some(Self { value, set_at })
-    }
-}
-
-/// What a request needs approved.
+/// The operation an approval is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wanted<'a> {
+pub enum Op {
     Delete,
-    Update { digest: &'a str },
+    Update,
 }
 
-impl fmt::Display for Wanted<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Op {
+    fn as_str(self) -> &'static str {
         match self {
-            Wanted::Delete => f.write_str("delete"),
-            Wanted::Update { digest } => write!(f, "update:{digest}"),
+            Op::Delete => "delete",
+            Op::Update => "update",
+        }
+    }
+
+    fn byte(self) -> u8 {
+        match self {
+            Op::Delete => b'D',
+            Op::Update => b'U',
         }
     }
 }
 
-/// Lifetime limits of the policies that require the approval (the strictest of them).
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A 256-bit approval key. Its bytes are never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key([u8; 32]);
+
+impl Key {
+    pub const LEN: usize = 32;
+
+    /// A key from exactly 32 bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        // HMAC takes keys of any length.
+        <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC accepts a 32-byte key")
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+/// The keys agentguard issues and checks tickets with: it signs with the current key and accepts
+/// tickets under it or any previous one (a rotation's grace period). Clones share one slot, so
+/// [`Keys::replace`] (a reloaded Secret) reaches every holder; each use reads one consistent set.
+#[derive(Clone, Default)]
+pub struct Keys(Arc<arc_swap::ArcSwapOption<(Key, Vec<Key>)>>);
+
+impl Keys {
+    pub fn new(current: Key, previous: Vec<Key>) -> Self {
+        Self(Arc::new(arc_swap::ArcSwapOption::from_pointee((current, previous))))
+    }
+
+    /// No key: nothing can be issued or approved.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// A fixed, public key for offline use (`check --test`) and tests. Never for a cluster.
+    pub fn fixed_for_tests() -> Self {
+        Self::new(Key(*b"agentguard check --test key, 32B"), Vec::new())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.load().is_none()
+    }
+
+    /// Puts `other`'s keys in place of these, for every clone.
+    pub fn replace(&self, other: &Keys) {
+        self.0.store(other.0.load_full());
+    }
+
+    fn set(&self) -> Option<Arc<(Key, Vec<Key>)>> {
+        self.0.load_full()
+    }
+}
+
+impl PartialEq for Keys {
+    fn eq(&self, other: &Self) -> bool {
+        self.set() == other.set()
+    }
+}
+
+impl Eq for Keys {}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.set() {
+            None => f.write_str("Keys(none)"),
+            Some(k) => write!(f, "Keys(current + {} previous)", k.1.len()),
+        }
+    }
+}
+
+/// Lifetime limits of the policies that require an approval (the strictest of them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lifetime {
+    /// How long a ticket issued now lives (never more than `max_ttl`).
     pub ttl: SignedDuration,
     pub max_ttl: SignedDuration,
 }
 
-/// Why an approval does not cover a request.
+/// What a ticket binds: this object, this operation, this reviewed state or change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subject<'a> {
+    pub uid: &'a str,
+    pub op: Op,
+    pub digest: &'a [u8; 32],
+}
+
+/// An approval ticket, as issued in a denial and stored in the annotation.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub op: Op,
+    /// Unix seconds.
+    pub issued: i64,
+    /// Seconds.
+    pub ttl: u32,
+    pub digest: [u8; 32],
+    mac: [u8; 32],
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Ticket({} issued {} ttl {}s)", self.op, self.issued, self.ttl)
+    }
+}
+
+/// Why an annotation value is not a ticket at all.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GrammarError {
+    #[error("expected `delete.<ticket>` or `update.<ticket>`, with the ticket the denial printed")]
+    Shape,
+    #[error("`{0}` is not an approvable operation: use `delete` or `update`")]
+    UnknownOperation(String),
+    #[error("the ticket is not one agentguard prints (base64url of {TICKET_BYTES} bytes, version {VERSION})")]
+    BadTicket,
+}
+
+fn mac_input(mac: &mut Hmac<Sha256>, uid: &str, op: Op, issued: i64, ttl: u32, digest: &[u8; 32]) {
+    mac.update(MAC_CONTEXT);
+    mac.update(&(uid.len() as u64).to_be_bytes());
+    mac.update(uid.as_bytes());
+    mac.update(&[op.byte()]);
+    mac.update(&issued.to_be_bytes());
+    mac.update(&ttl.to_be_bytes());
+    mac.update(digest);
+}
+
+impl Ticket {
+    /// Issues a ticket for `subject` at `now`, living `ttl` (whole seconds; at least one).
+    /// `None` without a key.
+    pub fn issue(keys: &Keys, subject: &Subject<'_>, now: Timestamp, ttl: SignedDuration) -> Option<Self> {
+        let set = keys.set()?;
+        let key = &set.0;
+        let issued = now.as_second();
+        let ttl = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
+        let mut mac = key.mac();
+        mac_input(&mut mac, subject.uid, subject.op, issued, ttl, subject.digest);
+        Some(Self {
+            op: subject.op,
+            issued,
+            ttl,
+            digest: *subject.digest,
+            mac: mac.finalize().into_bytes().into(),
+        })
+    }
+
+    /// Parses an annotation value.
+    pub fn parse(value: &str) -> Result<Self, GrammarError> {
+        let (op, ticket) = value.trim().split_once('.').ok_or(GrammarError::Shape)?;
+        let op = match op {
+            "delete" => Op::Delete,
+            "update" => Op::Update,
+            other => return Err(GrammarError::UnknownOperation(other.into())),
+        };
+        let bytes = URL_SAFE_NO_PAD.decode(ticket).map_err(|_| GrammarError::BadTicket)?;
+        if bytes.len() != TICKET_BYTES || bytes[0] != VERSION {
+            return Err(GrammarError::BadTicket);
+        }
+        let issued = i64::from_be_bytes(bytes[1..9].try_into().expect("8 bytes"));
+        let ttl = u32::from_be_bytes(bytes[9..13].try_into().expect("4 bytes"));
+        let digest = bytes[13..45].try_into().expect("32 bytes");
+        let mac = bytes[45..77].try_into().expect("32 bytes");
+        Ok(Self { op, issued, ttl, digest, mac })
+    }
+
+    /// The annotation value: `delete.<ticket>` or `update.<ticket>`.
+    pub fn value(&self) -> String {
+        let mut bytes = Vec::with_capacity(TICKET_BYTES);
+        bytes.push(VERSION);
+        bytes.extend_from_slice(&self.issued.to_be_bytes());
+        bytes.extend_from_slice(&self.ttl.to_be_bytes());
+        bytes.extend_from_slice(&self.digest);
+        bytes.extend_from_slice(&self.mac);
+        format!("{}.{}", self.op, URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    pub fn issued_at(&self) -> Timestamp {
+        Timestamp::from_second(self.issued).unwrap_or(Timestamp::MAX)
+    }
+
+    /// When the ticket expires, capped by `max_ttl` (a policy may have been tightened since).
+    pub fn expires(&self, max_ttl: SignedDuration) -> Timestamp {
+        let ttl = SignedDuration::from_secs(i64::from(self.ttl)).min(max_ttl);
+        self.issued_at().checked_add(ttl).unwrap_or(Timestamp::MAX)
+    }
+
+    /// Whether agentguard issued this ticket for the object `uid` (its operation, digest and
+    /// lifetime as carried). Constant-time in the MAC.
+    pub fn authentic(&self, keys: &Keys, uid: &str) -> bool {
+        let Some(set) = keys.set() else { return false };
+        std::iter::once(&set.0).chain(set.1.iter()).any(|key| {
+            let mut mac = key.mac();
+            mac_input(&mut mac, uid, self.op, self.issued, self.ttl, &self.digest);
+            mac.verify_slice(&self.mac).is_ok()
+        })
+    }
+
+    /// A short name for messages: the first MAC bytes, in hex.
+    pub fn id(&self) -> String {
+        self.mac[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Why a stored approval does not cover a request, or an approval cannot be written.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("no approval is present")]
     Absent,
     #[error("the approval on the object is malformed: {0}")]
     Malformed(GrammarError),
-    #[error("the approval `{approved}` does not cover `{wanted}`")]
-    NotCovered { approved: String, wanted: String },
+    #[error("agentguard has no approval key loaded, so it can neither issue nor check tickets")]
+    NoKey,
+    #[error("the approval's ticket was not issued by agentguard for this object")]
+    Foreign,
+    #[error("the approval is for {approved}, not {wanted}")]
+    WrongOperation { approved: Op, wanted: Op },
+    #[error("the object changed after the delete was reviewed, so the approval no longer applies")]
+    StaleState,
+    #[error("the approval is for a different change than this one")]
+    OtherChange,
+    #[error("the approval's ticket claims to be issued at {0}, in the future")]
+    IssuedInFuture(Timestamp),
     #[error("the approval expired at {0}")]
     Expired(Timestamp),
-    #[error("the time the approval was set cannot be read from managedFields, and it names no expiry")]
-    NoSetTime,
 }
 
-/// Decides whether the approval stored on the object covers `wanted` at `now`; on success
-/// returns when the approval expires.
+/// The approval annotation's value on `object`, if it carries one.
+pub fn annotation(object: &Value) -> Option<&str> {
+    object.get("metadata")?.get("annotations")?.get(APPROVE_ANNOTATION)?.as_str()
+}
+
+/// Decides whether the stored approval `value` covers `subject` at `now`; on success returns
+/// when it expires. `max_ttl` is the strictest covering policy's, as it is now.
 pub fn check(
-    stamp: Option<&Stamp<'_>>,
-    wanted: Wanted<'_>,
-    lifetime: Lifetime,
+    value: Option<&str>,
+    keys: &Keys,
+    subject: &Subject<'_>,
+    max_ttl: SignedDuration,
     now: Timestamp,
 ) -> Result<Timestamp, Refusal> {
-    let stamp = stamp.ok_or(Refusal::Absent)?;
-    let grant = Grant::parse(stamp.value).map_err(Refusal::Malformed)?;
-    if !grant.covers(wanted) {
-        return Err(Refusal::NotCovered { approved: stamp.value.into(), wanted: wanted.to_string() });
+    let value = value.ok_or(Refusal::Absent)?;
+    let ticket = Ticket::parse(value).map_err(Refusal::Malformed)?;
+    if keys.is_empty() {
+        return Err(Refusal::NoKey);
     }
-    let expiry = expiry(&grant, stamp.set_at, lifetime).ok_or(Refusal::NoSetTime)?;
-    if now >= expiry {
-        return Err(Refusal::Expired(expiry));
+    if !ticket.authentic(keys, subject.uid) {
+        return Err(Refusal::Foreign);
     }
-    Ok(expiry)
+    if ticket.op != subject.op {
+        return Err(Refusal::WrongOperation { approved: ticket.op, wanted: subject.op });
+    }
+    let expires = live(&ticket, max_ttl, now)?;
+    if &ticket.digest != subject.digest {
+        return Err(match subject.op {
+            Op::Delete => Refusal::StaleState,
+            Op::Update => Refusal::OtherChange,
+        });
+    }
+    Ok(expires)
 }
 
-fn expiry(grant: &Grant, set_at: Option<Timestamp>, lifetime: Lifetime) -> Option<Timestamp> {
-    let cap = |base: Timestamp, d: SignedDuration| base.checked_add(d).ok();
-    match (grant.expires, set_at) {
-        (Some(explicit), Some(set)) => Some(explicit.min(cap(set, lifetime.max_ttl)?)),
-        // Written through agentguard's check, which bounded `expires` by maxTtl at that time.
-        (Some(explicit), None) => Some(explicit),
-        (None, Some(set)) => cap(set, lifetime.ttl),
-        (None, None) => None,
+fn live(ticket: &Ticket, max_ttl: SignedDuration, now: Timestamp) -> Result<Timestamp, Refusal> {
+    let issued = ticket.issued_at();
+    if now.checked_add(CLOCK_SKEW).is_ok_and(|latest| issued > latest) {
+        return Err(Refusal::IssuedInFuture(issued));
     }
+    let expires = ticket.expires(max_ttl);
+    if now >= expires {
+        return Err(Refusal::Expired(expires));
+    }
+    Ok(expires)
 }
 
-/// Checks an approval a human is writing now: the grammar, and an explicit expiry within
-/// `max_ttl` from now.
-pub fn validate_new(value: &str, max_ttl: SignedDuration, now: Timestamp) -> Result<Grant, String> {
-    let grant = Grant::parse(value).map_err(|e| e.to_string())?;
-    if let Some(at) = grant.expires {
-        if at <= now {
-            return Err(format!("expires={at} is in the past"));
-        }
-        let latest = now.checked_add(max_ttl).map_err(|e| e.to_string())?;
-        if at > latest {
-            return Err(format!(
-                "expires={at} is later than the policy allows (at most {max_ttl:#} from now, {latest})"
-            ));
-        }
+/// Checks an approval a human is writing now on the object `uid`: a ticket agentguard issued
+/// for this object, still live, and (for a delete) for the state the object is in.
+/// `state` is the [`crate::diff::state_digest`] of the object as it will be stored.
+pub fn check_new(
+    value: &str,
+    keys: &Keys,
+    uid: &str,
+    state: &[u8; 32],
+    max_ttl: SignedDuration,
+    now: Timestamp,
+) -> Result<Ticket, Refusal> {
+    let ticket = Ticket::parse(value).map_err(Refusal::Malformed)?;
+    if keys.is_empty() {
+        return Err(Refusal::NoKey);
     }
-    Ok(grant)
+    if !ticket.authentic(keys, uid) {
+        return Err(Refusal::Foreign);
+    }
+    live(&ticket, max_ttl, now)?;
+    if ticket.op == Op::Delete && &ticket.digest != state {
+        return Err(Refusal::StaleState);
+    }
+    Ok(ticket)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    const DIGEST: &str = "0123456789abcdef";
+    const UID: &str = "6f0c2a4e-1d2b-4f4e-9a53-0d7c1f7b2a10";
 
     fn t(s: &str) -> Timestamp {
         s.parse().unwrap()
     }
 
-    fn hours(h: i64) -> SignedDuration {
-        SignedDuration::from_hours(h)
+    fn mins(m: i64) -> SignedDuration {
+        SignedDuration::from_mins(m)
     }
 
-    fn lifetime() -> Lifetime {
-        Lifetime { ttl: hours(1), max_ttl: hours(24) }
+    fn keys() -> Keys {
+        Keys::fixed_for_tests()
     }
 
-    fn approved(value: &str, set_at: &str) -> Value {
-        json!({"metadata": {
-            "annotations": {APPROVE_ANNOTATION: value},
-            "managedFields": [
-                {"manager": "kube-controller-manager", "time": "2026-01-01T00:00:00Z",
-                 "fieldsV1": {"f:spec": {"f:replicas": {}}}},
-                {"manager": "kubectl-annotate", "operation": "Update", "time": set_at,
-                 "fieldsV1": {"f:metadata": {"f:annotations": {".": {}, "f:agentguard.io/approve": {}}}}}
-            ]
-        }})
+    fn other_keys() -> Keys {
+        Keys::new(Key::from_bytes(&[7; 32]).unwrap(), Vec::new())
     }
 
-    #[test]
-    fn grammar() {
-        assert_eq!(Grant::parse("delete").unwrap(), Grant { delete: true, updates: vec![], expires: None });
-        assert_eq!(
-            Grant::parse(&format!(" delete , update:{DIGEST} ;expires=2026-11-27T10:00:00Z")).unwrap(),
-            Grant { delete: true, updates: vec![DIGEST.into()], expires: Some(t("2026-11-27T10:00:00Z")) }
-        );
-        assert_eq!(Grant::parse("update"), Err(GrammarError::UpdateWithoutDigest));
-        assert_eq!(Grant::parse("update:xyz"), Err(GrammarError::BadDigest("xyz".into())));
-        assert_eq!(Grant::parse("destroy"), Err(GrammarError::UnknownGrant("destroy".into())));
-        assert_eq!(Grant::parse(""), Err(GrammarError::Empty));
-        assert!(matches!(Grant::parse("delete;expires=tomorrow"), Err(GrammarError::BadExpiry(_))));
-        assert!(matches!(Grant::parse("delete;ttl=1h"), Err(GrammarError::BadExpiry(_))));
+    const NOW: &str = "2026-11-26T10:00:00Z";
+
+    fn issue(op: Op, digest: &[u8; 32]) -> Ticket {
+        Ticket::issue(&keys(), &Subject { uid: UID, op, digest }, t(NOW), mins(60)).unwrap()
     }
 
     #[test]
-    fn set_time_comes_from_the_managed_fields_owner() {
-        let obj = approved("delete", "2026-11-26T10:00:00Z");
-        let stamp = Stamp::of(&obj).unwrap();
-        assert_eq!(stamp.value, "delete");
-        assert_eq!(stamp.set_at, Some(t("2026-11-26T10:00:00Z")));
-        assert_eq!(Stamp::of(&json!({"metadata": {}})), None);
+    fn a_ticket_round_trips_and_covers_what_it_was_issued_for() {
+        let digest = [1; 32];
+        let ticket = issue(Op::Delete, &digest);
+        let value = ticket.value();
+        assert!(value.starts_with("delete.") && value.len() == "delete.".len() + 103, "{value}");
+        assert_eq!(Ticket::parse(&value).unwrap(), ticket);
+        let subject = Subject { uid: UID, op: Op::Delete, digest: &digest };
+        let expires = check(Some(&value), &keys(), &subject, mins(120), t("2026-11-26T10:30:00Z"));
+        assert_eq!(expires, Ok(t("2026-11-26T11:00:00Z")));
+        // The policy's maxTtl, tightened since, caps it.
+        let capped = check(Some(&value), &keys(), &subject, mins(10), t("2026-11-26T10:30:00Z"));
+        assert_eq!(capped, Err(Refusal::Expired(t("2026-11-26T10:10:00Z"))));
     }
 
     #[test]
-    fn approval_table() {
-        let set = "2026-11-26T10:00:00Z";
-        let in_ttl = t("2026-11-26T10:30:00Z");
-        let after_ttl = t("2026-11-26T11:00:00Z");
-        let update = Wanted::Update { digest: DIGEST };
-        let other_update = Wanted::Update { digest: "fedcba9876543210" };
-        let obj = |v: &str| approved(v, set);
-        let no_owner = json!({"metadata": {"annotations": {APPROVE_ANNOTATION: "delete"}}});
-        let explicit_no_owner =
-            json!({"metadata": {"annotations": {APPROVE_ANNOTATION: "delete;expires=2026-11-26T12:00:00Z"}}});
-        type Case<'a> = (&'a str, Value, Wanted<'a>, Timestamp, Result<Timestamp, Refusal>);
+    fn refusals() {
+        let digest = [1; 32];
+        let value = issue(Op::Delete, &digest).value();
+        let update = issue(Op::Update, &digest).value();
+        let at = t("2026-11-26T10:30:00Z");
+        let delete = Subject { uid: UID, op: Op::Delete, digest: &digest };
+        type Case<'a> = (&'a str, Option<&'a str>, Keys, Subject<'a>, Timestamp, Refusal);
         let cases: Vec<Case> = vec![
-            ("valid delete", obj("delete"), Wanted::Delete, in_ttl, Ok(t("2026-11-26T11:00:00Z"))),
+            ("absent", None, keys(), delete, at, Refusal::Absent),
+            ("old format", Some("delete"), keys(), delete, at, Refusal::Malformed(GrammarError::Shape)),
             (
-                "expired at ttl",
-                obj("delete"),
-                Wanted::Delete,
-                after_ttl,
-                Err(Refusal::Expired(t("2026-11-26T11:00:00Z"))),
+                "unknown operation",
+                Some("destroy.AAAA"),
+                keys(),
+                delete,
+                at,
+                Refusal::Malformed(GrammarError::UnknownOperation("destroy".into())),
             ),
             (
-                "update approval does not cover delete",
-                obj(&format!("update:{DIGEST}")),
-                Wanted::Delete,
-                in_ttl,
-                Err(Refusal::NotCovered { approved: format!("update:{DIGEST}"), wanted: "delete".into() }),
+                "truncated",
+                Some(&value[..40]),
+                keys(),
+                delete,
+                at,
+                Refusal::Malformed(GrammarError::BadTicket),
+            ),
+            ("other key", Some(&value), other_keys(), delete, at, Refusal::Foreign),
+            ("no key", Some(&value), Keys::none(), delete, at, Refusal::NoKey),
+            ("other object", Some(&value), keys(), Subject { uid: "other", ..delete }, at, Refusal::Foreign),
+            (
+                "other operation",
+                Some(&update),
+                keys(),
+                delete,
+                at,
+                Refusal::WrongOperation { approved: Op::Update, wanted: Op::Delete },
+            ),
+            ("stale", Some(&value), keys(), Subject { digest: &[2; 32], ..delete }, at, Refusal::StaleState),
+            (
+                "other change",
+                Some(&update),
+                keys(),
+                Subject { op: Op::Update, digest: &[2; 32], ..delete },
+                at,
+                Refusal::OtherChange,
             ),
             (
-                "delete approval does not cover update",
-                obj("delete"),
-                update,
-                in_ttl,
-                Err(Refusal::NotCovered { approved: "delete".into(), wanted: format!("update:{DIGEST}") }),
+                "expired",
+                Some(&value),
+                keys(),
+                delete,
+                t("2026-11-26T11:00:00Z"),
+                Refusal::Expired(t("2026-11-26T11:00:00Z")),
             ),
             (
-                "update of the approved change",
-                obj(&format!("update:{DIGEST}")),
-                update,
-                in_ttl,
-                Ok(t("2026-11-26T11:00:00Z")),
+                "issued in the future",
+                Some(&value),
+                keys(),
+                delete,
+                t("2026-11-26T09:58:59Z"),
+                Refusal::IssuedInFuture(t(NOW)),
             ),
-            (
-                "a different (stale) change",
-                obj(&format!("update:{DIGEST}")),
-                other_update,
-                in_ttl,
-                Err(Refusal::NotCovered {
-                    approved: format!("update:{DIGEST}"),
-                    wanted: "update:fedcba9876543210".into(),
-                }),
-            ),
-            (
-                "explicit expiry shortens",
-                obj("delete;expires=2026-11-26T10:10:00Z"),
-                Wanted::Delete,
-                in_ttl,
-                Err(Refusal::Expired(t("2026-11-26T10:10:00Z"))),
-            ),
-            (
-                "explicit expiry extends up to maxTtl",
-                obj("delete;expires=2026-11-26T20:00:00Z"),
-                Wanted::Delete,
-                after_ttl,
-                Ok(t("2026-11-26T20:00:00Z")),
-            ),
-            (
-                "explicit expiry capped at maxTtl",
-                obj("delete;expires=2026-12-30T00:00:00Z"),
-                Wanted::Delete,
-                t("2026-11-27T10:00:00Z"),
-                Err(Refusal::Expired(t("2026-11-27T10:00:00Z"))),
-            ),
-            (
-                "malformed",
-                obj("yes please"),
-                Wanted::Delete,
-                in_ttl,
-                Err(Refusal::Malformed(GrammarError::UnknownGrant("yes please".into()))),
-            ),
-            ("no owner and no expiry", no_owner, Wanted::Delete, in_ttl, Err(Refusal::NoSetTime)),
-            (
-                "no owner, explicit expiry",
-                explicit_no_owner,
-                Wanted::Delete,
-                in_ttl,
-                Ok(t("2026-11-26T12:00:00Z")),
-            ),
-            ("absent", json!({"metadata": {}}), Wanted::Delete, in_ttl, Err(Refusal::Absent)),
         ];
-        for (name, object, wanted, now, want) in cases {
-            let got = check(Stamp::of(&object).as_ref(), wanted, lifetime(), now);
-            assert_eq!(got, want, "{name}");
+        for (name, value, keys, subject, now, want) in cases {
+            assert_eq!(check(value, &keys, &subject, mins(120), now), Err(want), "{name}");
+        }
+        // Within the clock skew, a ticket from a replica whose clock runs ahead is fine.
+        assert!(check(Some(&value), &keys(), &delete, mins(120), t("2026-11-26T09:59:30Z")).is_ok());
+    }
+
+    #[test]
+    fn a_rotated_key_is_accepted_during_its_grace_period() {
+        let digest = [1; 32];
+        let value = issue(Op::Delete, &digest).value();
+        let rotated =
+            Keys::new(Key::from_bytes(&[9; 32]).unwrap(), vec![Key(*b"agentguard check --test key, 32B")]);
+        let subject = Subject { uid: UID, op: Op::Delete, digest: &digest };
+        assert!(check(Some(&value), &rotated, &subject, mins(120), t(NOW)).is_ok());
+        let dropped = Keys::new(Key::from_bytes(&[9; 32]).unwrap(), Vec::new());
+        assert_eq!(check(Some(&value), &dropped, &subject, mins(120), t(NOW)), Err(Refusal::Foreign));
+        assert!(format!("{rotated:?}").contains("1 previous") && !format!("{rotated:?}").contains("57"));
+    }
+
+    #[test]
+    fn new_approvals_must_be_issued_for_this_object_and_state() {
+        let state = [1; 32];
+        let value = issue(Op::Delete, &state).value();
+        let now = t("2026-11-26T10:05:00Z");
+        assert!(check_new(&value, &keys(), UID, &state, mins(60), now).is_ok());
+        assert_eq!(check_new(&value, &keys(), "other", &state, mins(60), now), Err(Refusal::Foreign));
+        assert_eq!(check_new(&value, &keys(), UID, &[2; 32], mins(60), now), Err(Refusal::StaleState));
+        assert!(matches!(
+            check_new(&value, &keys(), UID, &state, mins(60), t("2026-11-26T12:00:00Z")),
+            Err(Refusal::Expired(_))
+        ));
+        assert_eq!(
+            check_new("delete", &keys(), UID, &state, mins(60), now),
+            Err(Refusal::Malformed(GrammarError::Shape))
+        );
+        // An update ticket is bound to its change, which is not known yet: only its origin is checked.
+        let update = issue(Op::Update, &[3; 32]).value();
+        assert!(check_new(&update, &keys(), UID, &state, mins(60), now).is_ok());
+    }
+
+    /// A small deterministic generator, so property tests need no extra crates and always replay.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            // xorshift64*
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn bytes<const N: usize>(&mut self) -> [u8; N] {
+            std::array::from_fn(|_| self.next() as u8)
         }
     }
 
     #[test]
-    fn new_approvals_are_bounded_by_max_ttl() {
-        let now = t("2026-11-26T10:00:00Z");
-        assert!(validate_new("delete", hours(24), now).is_ok());
-        assert!(validate_new("delete;expires=2026-11-27T09:00:00Z", hours(24), now).is_ok());
-        let late = validate_new("delete;expires=2026-11-28T00:00:00Z", hours(24), now).unwrap_err();
-        assert!(late.contains("later than the policy allows"), "{late}");
-        let past = validate_new("delete;expires=2026-11-26T09:00:00Z", hours(24), now).unwrap_err();
-        assert!(past.contains("in the past"), "{past}");
-        assert!(validate_new("update", hours(24), now).unwrap_err().contains("must name the change"));
+    fn property_any_tampering_is_refused() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for _ in 0..2000 {
+            let digest: [u8; 32] = rng.bytes();
+            let op = if rng.below(2) == 0 { Op::Delete } else { Op::Update };
+            let uid = format!("uid-{}", rng.next());
+            let issued = t(NOW).checked_add(SignedDuration::from_secs(rng.below(86_400) as i64)).unwrap();
+            let ttl = SignedDuration::from_secs(60 + rng.below(7200) as i64);
+            let subject = Subject { uid: &uid, op, digest: &digest };
+            let ticket = Ticket::issue(&keys(), &subject, issued, ttl).unwrap();
+            let value = ticket.value();
+            let during = issued.checked_add(SignedDuration::from_secs(rng.below(60) as i64)).unwrap();
+            assert!(check(Some(&value), &keys(), &subject, mins(24 * 60), during).is_ok());
+
+            // Flip one bit anywhere in the ticket's bytes: never accepted.
+            let mut bytes = URL_SAFE_NO_PAD.decode(value.split_once('.').unwrap().1).unwrap();
+            let bit = rng.below((bytes.len() * 8) as u64) as usize;
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            let tampered = format!("{op}.{}", URL_SAFE_NO_PAD.encode(&bytes));
+            assert!(check(Some(&tampered), &keys(), &subject, mins(24 * 60), during).is_err(), "bit {bit}");
+
+            // Relabel the operation: never accepted.
+            let other_op = if op == Op::Delete { Op::Update } else { Op::Delete };
+            let relabelled = format!("{other_op}.{}", value.split_once('.').unwrap().1);
+            let as_other = Subject { op: other_op, ..subject };
+            assert_eq!(
+                check(Some(&relabelled), &keys(), &as_other, mins(24 * 60), during),
+                Err(Refusal::Foreign)
+            );
+
+            // Another object, another state or change: never accepted.
+            let other_uid = format!("{uid}x");
+            assert_eq!(
+                check(Some(&value), &keys(), &Subject { uid: &other_uid, ..subject }, mins(24 * 60), during),
+                Err(Refusal::Foreign)
+            );
+            let mut other_digest = digest;
+            other_digest[rng.below(32) as usize] ^= 1 + rng.below(255) as u8;
+            assert!(
+                check(
+                    Some(&value),
+                    &keys(),
+                    &Subject { digest: &other_digest, ..subject },
+                    mins(24 * 60),
+                    during
+                )
+                .is_err()
+            );
+
+            // Expired, or issued beyond the clock skew in the future: never accepted.
+            let after = ticket
+                .expires(mins(24 * 60))
+                .checked_add(SignedDuration::from_secs(rng.below(1000) as i64))
+                .unwrap();
+            assert!(matches!(
+                check(Some(&value), &keys(), &subject, mins(24 * 60), after),
+                Err(Refusal::Expired(_))
+            ));
+            let before = issued
+                .checked_sub(CLOCK_SKEW)
+                .unwrap()
+                .checked_sub(SignedDuration::from_secs(1 + rng.below(1000) as i64))
+                .unwrap();
+            assert!(matches!(
+                check(Some(&value), &keys(), &subject, mins(24 * 60), before),
+                Err(Refusal::IssuedInFuture(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn property_parse_never_panics_on_garbage() {
+        let mut rng = Rng(42);
+        for _ in 0..5000 {
+            let len = rng.below(140) as usize;
+            let text: String = (0..len).map(|_| char::from(b' ' + rng.below(95) as u8)).collect();
+            let _ = Ticket::parse(&text);
+            let _ = Ticket::parse(&format!("delete.{text}"));
+            let bytes: Vec<u8> = (0..rng.below(120)).map(|_| rng.next() as u8).collect();
+            let _ = Ticket::parse(&format!("update.{}", URL_SAFE_NO_PAD.encode(bytes)));
+        }
     }
 }

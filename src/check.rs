@@ -19,6 +19,7 @@ use jiff::Timestamp;
 use serde::Deserialize;
 
 use crate::admission::{self, Snapshot};
+use crate::approval::Keys;
 use crate::policy::{Config, PolicySet, Verdict};
 
 #[derive(Debug, Deserialize)]
@@ -63,7 +64,11 @@ pub struct Outcome {
 }
 
 /// Runs every case of one test file.
+///
+/// Tickets are issued and checked under [`Keys::fixed_for_tests`], so a test file's reviews can
+/// carry approvals (`delete.<ticket>`) that `check --reviews` printed for the same `now`.
 pub fn run_file(path: &Path, config: &Config) -> Result<Vec<Outcome>> {
+    let config = &Config { approval_keys: Keys::fixed_for_tests(), ..config.clone() };
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let file: TestFile =
         serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
@@ -132,7 +137,7 @@ mod tests {
     #[test]
     fn the_example_tests_pass() {
         let outcomes = run_file(&example(), &Config::default()).unwrap();
-        assert_eq!(outcomes.len(), 10);
+        assert_eq!(outcomes.len(), 12);
         for o in &outcomes {
             assert!(o.passed, "{}: {}", o.name, o.detail);
         }

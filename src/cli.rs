@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// How often the certificate files are checked for changes, in seconds.
     #[arg(long, env = "AGENTGUARD_CERT_RELOAD_SECONDS", default_value_t = 5)]
     pub cert_reload_seconds: u64,
+    /// PEM CA bundle: require every webhook client to present a certificate it signed (the API
+    /// server's, set in its AdmissionConfiguration). Without it, any client may connect.
+    #[arg(long, env = "AGENTGUARD_CLIENT_CA_FILE")]
+    pub client_ca_file: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -263,6 +267,8 @@ impl EngineArgs {
             },
             self_namespace: self_namespace.clone(),
             self_name_prefix: self_name_prefix.clone(),
+            // `serve` loads the cluster's key; offline commands use the fixed test key.
+            approval_keys: crate::approval::Keys::none(),
         })
     }
 }
@@ -342,7 +348,8 @@ pub fn load_world(paths: &[PathBuf]) -> Result<(Vec<ClusterAgentPolicy>, Vec<Age
 
 /// `agentguard check`: prints one line per review; exits non-zero only on unreadable input.
 pub fn check(args: &CheckArgs) -> Result<()> {
-    let config = args.engine.config()?;
+    // Offline, tickets are issued and checked under a fixed, public test key.
+    let config = Config { approval_keys: crate::approval::Keys::fixed_for_tests(), ..args.engine.config()? };
     if !args.tests.is_empty() {
         let (mut passed, mut failed) = (0, 0);
         for file in &args.tests {

@@ -2,8 +2,13 @@
 //! who approves it, and the digest that binds an approval to exactly that change.
 //!
 //! Pure functions over JSON values. Fields that every write touches (managedFields,
-//! resourceVersion, generation), kubectl's last-applied copy and the approval annotation itself
-//! are not changes an approver needs to see, so they are left out of both summary and digest.
+//! resourceVersion, generation) and the approval annotation itself are not changes an approver
+//! needs to see, so they are left out of both the change and its digest. Everything else is in
+//! both: the denial may summarise ([`Change`]'s `Display`), but [`Change::full`] shows every entry
+//! and the digest (full SHA-256) covers every entry, so an approval binds what the human can see.
+//!
+//! [`state_digest`] names the reviewed state of an object an agent wants to delete: the object
+//! without what changes on its own or with the approval itself (bookkeeping, `status`).
 
 use std::fmt::{self, Write as _};
 
@@ -12,9 +17,11 @@ use sha2::{Digest as _, Sha256};
 
 use crate::api::APPROVE_ANNOTATION;
 
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-/// Entries shown in a summary; the digest always covers all of them.
+/// Entries shown in a summary; [`Change::full`] and the digest always cover all of them.
 const SHOWN_ENTRIES: usize = 12;
+/// Largest change (as [`Change::full`] renders it) an approver can be shown in full, in the
+/// Events `pending` reads; a larger one cannot be approved, only split.
+pub const REVIEWABLE_BYTES: usize = 48 * 1024;
 /// Longest rendering of one value in a summary.
 const SHOWN_VALUE_CHARS: usize = 80;
 
@@ -33,8 +40,8 @@ pub struct FieldChange {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Change {
     pub fields: Vec<FieldChange>,
-    /// Hex digest naming this exact change, used in `update:<digest>` approvals.
-    pub digest: String,
+    /// SHA-256 naming this exact change: an update approval's ticket is bound to it.
+    pub digest: [u8; 32],
 }
 
 impl Change {
@@ -65,6 +72,113 @@ impl Change {
 
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
+    }
+
+    /// A short hex name of the change (the digest's first 6 bytes), to tell changes apart in
+    /// messages. Not a security boundary: approvals are bound to the whole digest.
+    pub fn id(&self) -> String {
+        hex(&self.digest[..6])
+    }
+
+    /// Bytes of the full rendering, when it is within [`REVIEWABLE_BYTES`]; `Err` with the size
+    /// when it is not.
+    pub fn reviewable(&self) -> Result<usize, usize> {
+        let size: usize = self.full().iter().map(|l| l.len() + 1).sum();
+        if size <= REVIEWABLE_BYTES { Ok(size) } else { Err(size) }
+    }
+
+    /// Every entry, one per line, values in full (Secret values stay redacted).
+    pub fn full(&self) -> Vec<String> {
+        self.fields
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}: {} → {}",
+                    c.path,
+                    render_full(&c.old, c.redacted),
+                    render_full(&c.new, c.redacted)
+                )
+            })
+            .collect()
+    }
+}
+
+fn render_full(v: &Option<Value>, redacted: bool) -> String {
+    match v {
+        None => "(absent)".into(),
+        Some(_) if redacted => "(redacted)".into(),
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// SHA-256 of the state of `object` a human reviews before approving its deletion: everything
+/// but `metadata.resourceVersion`, `metadata.managedFields`, `metadata.generation`, the approval
+/// annotation (so writing the approval does not make it stale) and `status` (which controllers
+/// rewrite on their own; it is not what a human approves). Any other change after the review
+/// gives another digest. Map keys are hashed in sorted order, so the digest does not depend on
+/// how the object was serialised.
+pub fn state_digest(object: &Value) -> [u8; 32] {
+    let mut reviewed = object.clone();
+    if let Some(o) = reviewed.as_object_mut() {
+        o.remove("status");
+        if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+            for field in ["resourceVersion", "managedFields", "generation"] {
+                meta.remove(field);
+            }
+            if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+                a.remove(APPROVE_ANNOTATION);
+                if a.is_empty() {
+                    meta.remove("annotations");
+                }
+            }
+        }
+    }
+    let mut h = Sha256::new();
+    h.update(b"agentguard state v1\n");
+    canonical(&reviewed, &mut h);
+    h.finalize().into()
+}
+
+/// Feeds an unambiguous encoding of `v` to the hash, map keys sorted.
+fn canonical(v: &Value, h: &mut Sha256) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            h.update([b'{']);
+            h.update((keys.len() as u64).to_be_bytes());
+            for k in keys {
+                canonical(&Value::String(k.clone()), h);
+                canonical(&m[k], h);
+            }
+        }
+        Value::Array(a) => {
+            h.update([b'[']);
+            h.update((a.len() as u64).to_be_bytes());
+            for item in a {
+                canonical(item, h);
+            }
+        }
+        Value::String(s) => {
+            h.update([b's']);
+            h.update((s.len() as u64).to_be_bytes());
+            h.update(s.as_bytes());
+        }
+        other => {
+            // null, booleans and numbers: their JSON text is unambiguous.
+            let text = other.to_string();
+            h.update([b'v']);
+            h.update((text.len() as u64).to_be_bytes());
+            h.update(text.as_bytes());
+        }
     }
 }
 
@@ -104,13 +218,12 @@ fn truncate(s: &str) -> String {
 }
 
 /// Paths that are never a change an approver needs to see, computed once.
-static IGNORED: std::sync::LazyLock<[String; 5]> = std::sync::LazyLock::new(|| {
+static IGNORED: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::new(|| {
     [
         "metadata.managedFields".into(),
         "metadata.resourceVersion".into(),
         "metadata.generation".into(),
         annotation_path(APPROVE_ANNOTATION),
-        annotation_path(LAST_APPLIED),
     ]
 });
 
@@ -188,25 +301,30 @@ fn walk(
     }
 }
 
-/// SHA-256 over every change, cut to 64 bits: short enough to paste, too long to forge a
-/// different change with the same digest. Redacted old values are left out so the digest
-/// reveals nothing about a Secret the agent could not read.
-fn digest(fields: &[FieldChange]) -> String {
+/// SHA-256 over every change, each field length-prefixed so no two changes encode alike.
+/// Redacted old values are left out so the digest reveals nothing about a Secret the agent could
+/// not read (the new values are the agent's own).
+fn digest(fields: &[FieldChange]) -> [u8; 32] {
     let mut h = Sha256::new();
+    h.update(b"agentguard change v1\n");
+    h.update((fields.len() as u64).to_be_bytes());
+    let mut part = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
     for c in fields {
-        h.update(c.path.as_bytes());
-        h.update([0]);
-        if !c.redacted {
-            h.update(c.old.as_ref().map(Value::to_string).unwrap_or_default().as_bytes());
+        part(c.path.as_bytes());
+        match (&c.old, c.redacted) {
+            (_, true) => part(b"r"),
+            (None, false) => part(b"a"),
+            (Some(v), false) => part(format!("v{v}").as_bytes()),
         }
-        h.update([0]);
-        h.update(c.new.as_ref().map(Value::to_string).unwrap_or_default().as_bytes());
-        h.update([b'\n']);
+        match &c.new {
+            None => part(b"a"),
+            Some(v) => part(format!("v{v}").as_bytes()),
+        }
     }
-    h.finalize()[..8].iter().fold(String::with_capacity(16), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    h.finalize().into()
 }
 
 #[cfg(test)]
@@ -232,7 +350,7 @@ mod tests {
             change.to_string(),
             "spec.replicas: 3 → 0; spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28"
         );
-        assert_eq!(change.digest.len(), 16);
+        assert_eq!(change.id().len(), 12);
     }
 
     #[test]
@@ -242,8 +360,11 @@ mod tests {
         new["metadata"]["resourceVersion"] = json!("11");
         new["metadata"]["generation"] = json!(4);
         new["metadata"]["managedFields"] = json!([{"manager": "kubectl-annotate"}]);
-        new["metadata"]["annotations"] = json!({APPROVE_ANNOTATION: "delete", LAST_APPLIED: "{}"});
+        new["metadata"]["annotations"] = json!({APPROVE_ANNOTATION: "delete.x"});
         assert!(Change::between(&old, &new).is_empty());
+        // kubectl's last-applied copy is part of the object, so it is part of the change.
+        new["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = json!("{}");
+        assert_eq!(Change::between(&old, &new).fields.len(), 1);
     }
 
     #[test]
@@ -294,5 +415,31 @@ mod tests {
         assert_eq!(change.fields.len(), 100);
         assert!(text.ends_with("; … and 88 more"), "{text}");
         assert!(text.chars().count() < 12 * 200, "{} chars", text.chars().count());
+        // The full view hides nothing.
+        let full = change.full();
+        assert_eq!(full.len(), 100);
+        assert!(full[99].starts_with("data.k099: ") && full[99].ends_with(&"y".repeat(500)), "{}", full[99]);
+    }
+
+    #[test]
+    fn the_state_digest_ignores_bookkeeping_status_and_the_approval_only() {
+        let base = deployment(3, "a");
+        let d = state_digest(&base);
+        let mut annotated = base.clone();
+        annotated["metadata"]["resourceVersion"] = json!("11");
+        annotated["metadata"]["managedFields"] = json!([{"manager": "kubectl-annotate"}]);
+        annotated["metadata"]["annotations"] = json!({APPROVE_ANNOTATION: "delete.x"});
+        annotated["status"] = json!({"readyReplicas": 3});
+        assert_eq!(state_digest(&annotated), d);
+        let mut relabelled = base.clone();
+        relabelled["metadata"]["labels"]["tier"] = json!("prod");
+        assert_ne!(state_digest(&relabelled), d);
+        assert_ne!(state_digest(&deployment(2, "a")), d);
+        let mut other_annotation = annotated.clone();
+        other_annotation["metadata"]["annotations"]["note"] = json!("x");
+        assert_ne!(state_digest(&other_annotation), d);
+        // Types are part of the encoding: "3" is not 3.
+        assert_ne!(state_digest(&json!({"a": "3"})), state_digest(&json!({"a": 3})));
+        assert_ne!(state_digest(&json!({"a": ["b", "c"]})), state_digest(&json!({"a": ["bc"]})));
     }
 }

@@ -12,6 +12,7 @@
 pub mod admission;
 pub mod api;
 pub mod approval;
+pub mod approval_key;
 pub mod breaker;
 pub mod certs;
 pub mod check;

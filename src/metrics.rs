@@ -257,11 +257,11 @@ mod tests {
         Reason::ApprovalRequired {
             policy,
             rule: "r".into(),
-            approvers: String::new(),
-            reason: None,
+            covering: Vec::new(),
             message: None,
             refusal: Refusal::Absent,
             approve_value: "delete".into(),
+            expires: None,
             unapprovable: None,
         }
     }

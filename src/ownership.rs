@@ -58,6 +58,8 @@ pub fn cascades(options: Option<&Value>) -> bool {
 pub struct Ownership {
     client: kube::Client,
     discovered: tokio::sync::Mutex<Option<(Instant, Arc<Types>)>>,
+    /// API calls made (lists, owner reads), for the log line each lookup leaves.
+    calls: std::sync::atomic::AtomicU64,
 }
 
 /// A resource type and whether it is namespaced.
@@ -72,7 +74,7 @@ struct Types {
 
 impl Ownership {
     pub fn new(client: kube::Client) -> Self {
-        Self { client, discovered: Default::default() }
+        Self { client, discovered: Default::default(), calls: Default::default() }
     }
 
     async fn types(&self) -> Result<Arc<Types>> {
@@ -101,6 +103,7 @@ impl Ownership {
     }
 
     async fn list(&self, ar: &ApiResource, namespace: Option<&str>) -> Result<Vec<ObjectMeta>> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let api: Api<DynamicObject> = match namespace {
             Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
             None => Api::all_with(self.client.clone(), ar),
@@ -240,6 +243,7 @@ impl Ownership {
                                     (true, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, ar),
                                     _ => Api::all_with(self.client.clone(), ar),
                                 };
+                                self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                 let got = api
                                     .get_metadata_opt(&r.name)
                                     .await
@@ -272,7 +276,19 @@ impl Lookup for Ownership {
         request: &'a AdmissionRequest,
         policies: &'a PolicySet,
     ) -> BoxFuture<'a, Result<Vec<Collateral>>> {
-        Box::pin(self.find(request, policies))
+        Box::pin(async move {
+            let (started, before) = (Instant::now(), self.calls.load(std::sync::atomic::Ordering::Relaxed));
+            let found = self.find(request, policies).await;
+            let calls = self.calls.load(std::sync::atomic::Ordering::Relaxed) - before;
+            tracing::info!(
+                uid = %request.uid,
+                calls,
+                collateral = found.as_ref().map_or(0, Vec::len),
+                took_ms = started.elapsed().as_millis() as u64,
+                "looked up what an agent's delete would take with it"
+            );
+            found
+        })
     }
 }
 

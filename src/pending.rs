@@ -1,8 +1,9 @@
 //! `agentguard pending`: the requests waiting for a human, read back from the `ApprovalRequired`
-//! Events agentguard writes on each held object (who asked, what, the change, the command that
-//! approves it). Nothing extra is stored: a request drops off the list once an approval is
-//! recorded for its object, or when it is older than `--since` (Events themselves expire with
-//! the API server's event TTL).
+//! Events agentguard writes on each held object (who asked, what, the command with its ticket
+//! that approves it) and the `ApprovalChange` Events that carry the whole change, every entry in
+//! full. Nothing extra is stored: a request drops off the list once an approval is recorded for
+//! its object, or when it is older than `--since` (Events themselves expire with the API server's
+//! event TTL).
 
 use std::collections::BTreeMap;
 
@@ -46,8 +47,10 @@ pub struct Pending {
     pub count: i32,
     /// The `kubectl annotate` command that approves it, when the note carries one.
     pub approve_command: Option<String>,
-    /// agentguard's full message, including the attempted change.
+    /// agentguard's message (its change is a summary).
     pub message: String,
+    /// The whole attempted change, one entry per line, when agentguard's Events carry it.
+    pub change: Vec<String>,
 }
 
 fn when(event: &Event) -> Option<Timestamp> {
@@ -73,6 +76,9 @@ pub fn pending(events: &[Event], now: Timestamp, since: SignedDuration) -> Vec<P
     // Keyed by the object's uid (a re-created object is a new one), else by its name.
     let mut held: BTreeMap<String, (Timestamp, &Event)> = BTreeMap::new();
     let mut approved: BTreeMap<String, Timestamp> = BTreeMap::new();
+    // Per object, per change id: (latest time, parts by number, number of parts).
+    type Parts<'a> = BTreeMap<String, (Timestamp, BTreeMap<usize, &'a str>, usize)>;
+    let mut changes: BTreeMap<String, Parts<'_>> = BTreeMap::new();
     for event in events {
         if event.reporting_controller.as_deref() != Some("agentguard") {
             continue;
@@ -94,15 +100,31 @@ pub fn pending(events: &[Event], now: Timestamp, since: SignedDuration) -> Vec<P
                 let latest = approved.entry(key).or_insert(at);
                 *latest = (*latest).max(at);
             }
+            Some("ApprovalChange") => {
+                let Some((id, i, n, text)) = event.note.as_deref().and_then(part) else { continue };
+                let entry =
+                    changes.entry(key).or_default().entry(id.to_owned()).or_insert((at, BTreeMap::new(), n));
+                entry.0 = entry.0.max(at);
+                entry.1.insert(i, text);
+            }
             _ => {}
         }
     }
     let mut out: Vec<Pending> = held
         .into_iter()
         .filter(|(key, (at, _))| *at >= cutoff && approved.get(key).is_none_or(|a| a < at))
-        .map(|(_, (at, event))| {
+        .map(|(key, (at, event))| {
             let regarding = event.regarding.clone().unwrap_or_default();
             let note = event.note.clone().unwrap_or_default();
+            // The latest change sent for this object, when it arrived whole.
+            let change = changes
+                .get(&key)
+                .and_then(|by_id| by_id.values().max_by_key(|(t, _, _)| *t))
+                .filter(|(_, parts, n)| parts.len() == *n && parts.keys().copied().eq(1..=*n))
+                .map(|(_, parts, _)| {
+                    parts.values().copied().collect::<String>().lines().map(str::to_owned).collect()
+                })
+                .unwrap_or_default();
             Pending {
                 namespace: regarding.namespace.unwrap_or_default(),
                 kind: regarding.kind.unwrap_or_default(),
@@ -112,11 +134,21 @@ pub fn pending(events: &[Event], now: Timestamp, since: SignedDuration) -> Vec<P
                 count: event.series.as_ref().map_or(1, |s| s.count.max(1)),
                 approve_command: between(&note, " runs: ", " — then retry").map(str::to_owned),
                 message: note,
+                change,
             }
         })
         .collect();
     out.sort_by_key(|p| std::cmp::Reverse(p.last_seen));
     out
+}
+
+/// `change <id> part <i>/<n>: <text>` → (id, i, n, text).
+fn part(note: &str) -> Option<(&str, usize, usize, &str)> {
+    let rest = note.strip_prefix(crate::events::PART_PREFIX)?;
+    let (id, rest) = rest.split_once(" part ")?;
+    let (numbers, text) = rest.split_once(": ")?;
+    let (i, n) = numbers.split_once('/')?;
+    Some((id, i.parse().ok()?, n.parse().ok()?, text))
 }
 
 /// `1h5m`, `1m30s`, `42s`.
@@ -142,7 +174,12 @@ pub fn table(items: &[Pending], now: Timestamp) -> String {
             ns => format!("{} {ns}/{}", p.kind, p.name),
         };
         out.push_str(&format!("{object}  held {} ago ({}x) for {}\n", age, p.count, p.requester));
-        if let Some((_, change)) = p.message.split_once("Attempted change: ") {
+        if !p.change.is_empty() {
+            out.push_str("  change:\n");
+            for line in &p.change {
+                out.push_str(&format!("    {line}\n"));
+            }
+        } else if let Some((_, change)) = p.message.split_once("Attempted change: ") {
             out.push_str(&format!("  change:  {change}\n"));
         }
         match &p.approve_command {
@@ -181,7 +218,8 @@ mod tests {
 
     const NOTE: &str = "agentguard: DELETE of deployments.apps \"web\" in namespace \"demo\" by system:serviceaccount:agents:coder \
         requires approval under ClusterAgentPolicy \"p\", rule \"r\": no approval is present. To approve, an approver \
-        (groups sre) runs: kubectl annotate deployments.apps web -n demo agentguard.io/approve=delete --overwrite — then retry.";
+        runs: kubectl annotate deployments.apps web -n demo agentguard.io/approve=delete.AQAAAA --overwrite — then retry before \
+        2026-11-27T13:00:00Z. Approvers: [ClusterAgentPolicy \"p\": groups sre].";
 
     fn event(reason: &str, uid: &str, at: &str) -> Event {
         Event {
@@ -210,7 +248,9 @@ mod tests {
         assert_eq!(items[0].requester, "system:serviceaccount:agents:coder");
         assert_eq!(
             items[0].approve_command.as_deref(),
-            Some("kubectl annotate deployments.apps web -n demo agentguard.io/approve=delete --overwrite")
+            Some(
+                "kubectl annotate deployments.apps web -n demo agentguard.io/approve=delete.AQAAAA --overwrite"
+            )
         );
         // Approved since: gone. Held again after the approval: back.
         let mut events = held.to_vec();
@@ -241,7 +281,35 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("  approve: kubectl annotate deployments.apps web -n demo agentguard.io/approve=delete --overwrite\n"));
+        assert!(text.contains("  approve: kubectl annotate deployments.apps web -n demo agentguard.io/approve=delete.AQAAAA --overwrite\n"));
         assert_eq!(table(&[], now), "No requests are waiting for approval.\n");
+    }
+
+    #[test]
+    fn the_whole_change_is_read_back_from_its_parts() {
+        let now: Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
+        let part = |note: &str, at: &str| {
+            let mut e = event("ApprovalChange", "u1", at);
+            e.note = Some(note.into());
+            e
+        };
+        let events = [
+            event("ApprovalRequired", "u1", "2026-11-27T11:58:00Z"),
+            part("change aaaa part 1/1: spec.replicas: 3 → 1", "2026-11-27T11:50:00Z"),
+            part("change bbbb part 2/2: tail\nmetadata.labels.b: (absent) → y", "2026-11-27T11:58:01Z"),
+            part("change bbbb part 1/2: metadata.labels.a: x → ", "2026-11-27T11:58:00Z"),
+        ];
+        let items = pending(&events, now, SignedDuration::from_hours(1));
+        assert_eq!(items[0].change, ["metadata.labels.a: x → tail", "metadata.labels.b: (absent) → y"]);
+        let text = table(&items, now);
+        assert!(
+            text.contains(
+                "  change:\n    metadata.labels.a: x → tail\n    metadata.labels.b: (absent) → y\n"
+            ),
+            "{text}"
+        );
+        // A change missing a part is not shown as if it were whole.
+        let incomplete = pending(&events[..3], now, SignedDuration::from_hours(1));
+        assert!(incomplete[0].change.is_empty());
     }
 }

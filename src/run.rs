@@ -25,6 +25,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tls_cert,
         tls_key,
         cert_reload_seconds,
+        client_ca_file,
         engine,
         webhook,
         self_signed,
@@ -32,12 +33,31 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         shutdown_delay_seconds,
         drain_seconds,
     } = args;
-    let config = engine.config()?;
+    let mut config = engine.config()?;
     let webhook_settings = webhook.settings()?;
     let trail_settings = trail.settings(config.self_namespace.as_deref())?;
     let metrics = Arc::new(Metrics::default());
 
     let client = kube::Client::try_default().await.context("building the Kubernetes client")?;
+    let mut key_reload = None;
+    config.approval_keys = match &config.self_namespace {
+        Some(ns) => {
+            let name = crate::approval_key::secret_name(&config.self_name_prefix);
+            let api = Api::<Secret>::namespaced(client.clone(), ns);
+            let keys =
+                crate::approval_key::load_or_create(&api, &name).await.context("loading the approval key")?;
+            key_reload =
+                Some(crate::approval_key::keep_current(api, name, keys.clone(), Duration::from_secs(30)));
+            keys
+        }
+        None => {
+            tracing::warn!(
+                "no --self-namespace: approval tickets are signed with a key of this process only"
+            );
+            crate::approval_key::ephemeral()?
+        }
+    };
+    let key_reload = key_reload.map(tokio::spawn);
 
     // Certificates first: without them there is nothing to serve.
     let certs = match &self_signed.self_signed_secret {
@@ -66,6 +86,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     let cert_files = tls::CertFiles { cert: tls_cert, key: tls_key };
     let resolver = tls::CertResolver::load(&cert_files).context("loading the serving certificate")?;
+    let tls_config = match &client_ca_file {
+        None => tls::server_config(resolver.clone()),
+        Some(ca) => tls::server_config_requiring_clients(resolver.clone(), ca)?,
+    };
     metrics.certificate_loaded(resolver.not_after());
 
     let (caches, reflectors) = Caches::start(client.clone(), metrics.clone());
@@ -139,7 +163,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     let webhook_server = tokio::spawn(tls::serve(
         webhook,
-        tls::server_config(resolver),
+        tls_config,
         server::webhook_router(state.clone()),
         shutdown_rx,
         Duration::from_secs(drain_seconds),
@@ -159,6 +183,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         r.abort();
     }
     status.abort();
+    if let Some(k) = key_reload {
+        k.abort();
+    }
     if let Some(t) = trail_checker {
         t.abort();
     }

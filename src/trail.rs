@@ -4,9 +4,16 @@
 //!
 //! Writing first means a record can describe a change that never happened: a later admission
 //! step (another webhook, a quota, a conflict) may still refuse it. [`keep_checked`] looks at
-//! each new record a few seconds later and marks it `Happened` or `NeverHappened`, fills in who
-//! set the approval (from the `ApprovalRecorded` Event agentguard wrote when it was set), and
-//! deletes records past the retention period or beyond the count limit, oldest first.
+//! each new record a few seconds later and marks it `Happened` or `NeverHappened` (or
+//! `Unverified` where agentguard may not read the object, e.g. Secrets), fills in who set the
+//! approval (from the `ApprovalRecorded` Event agentguard wrote once the approval was stored,
+//! matched by its ticket), and deletes records past the retention period or beyond the count
+//! limit, oldest first.
+//!
+//! A record is written only when the prior object the request carries is the live object: same
+//! uid and resourceVersion, read back (metadata only) from the API server. A request that did not
+//! come from the API server cannot invent a record for an object that does not exist or is not
+//! in that state.
 
 use std::time::Duration;
 
@@ -147,12 +154,95 @@ fn prior(old: &Value, kind: &str, group: &str, settings: &Settings) -> (Option<V
 /// Writes records.
 pub struct Trail {
     api: Api<AgentChange>,
+    client: kube::Client,
     pub settings: Settings,
+}
+
+/// The API for the record's target, as a dynamic resource.
+fn target_api(client: &kube::Client, target: &ChangeTarget) -> Api<DynamicObject> {
+    let (group, version) = match target.api_version.split_once('/') {
+        Some((g, v)) => (g.to_owned(), v.to_owned()),
+        None => (String::new(), target.api_version.clone()),
+    };
+    let resource = ApiResource {
+        group,
+        version,
+        api_version: target.api_version.clone(),
+        kind: target.kind.clone(),
+        plural: target.resource.clone(),
+    };
+    if target.namespace.is_empty() {
+        Api::all_with(client.clone(), &resource)
+    } else {
+        Api::namespaced_with(client.clone(), &target.namespace, &resource)
+    }
+}
+
+/// Whether the live object is the request's prior object: same uid, same resourceVersion and
+/// the same content (its [`crate::diff::state_digest`]).
+pub fn matches_live(
+    target: &ChangeTarget,
+    prior: Option<&Value>,
+    live: Option<&Value>,
+) -> Result<(), String> {
+    let Some(live) = live else {
+        return Err(format!("{} {:?} does not exist", target.kind, target.name));
+    };
+    let meta =
+        |v: &Value, f: &str| v.pointer(&format!("/metadata/{f}")).and_then(Value::as_str).map(str::to_owned);
+    if target.uid.is_empty() || meta(live, "uid").as_deref() != Some(target.uid.as_str()) {
+        return Err(format!("the live {} {:?} is another object (uid)", target.kind, target.name));
+    }
+    if meta(live, "resourceVersion").as_deref() != Some(target.resource_version.as_str()) {
+        return Err(format!(
+            "the live {} {:?} is at resourceVersion {}, not {}",
+            target.kind,
+            target.name,
+            meta(live, "resourceVersion").as_deref().unwrap_or("?"),
+            target.resource_version
+        ));
+    }
+    // A subresource's object (a Scale) is not the stored object: uid and resourceVersion suffice.
+    if target.subresource.is_empty()
+        && prior.map(crate::diff::state_digest) != Some(crate::diff::state_digest(live))
+    {
+        return Err(format!("the live {} {:?} has other contents", target.kind, target.name));
+    }
+    Ok(())
 }
 
 impl Trail {
     pub fn new(client: kube::Client, settings: Settings) -> Self {
-        Self { api: Api::namespaced(client, &settings.namespace), settings }
+        Self { api: Api::namespaced(client.clone(), &settings.namespace), client, settings }
+    }
+
+    /// Checks the request's prior object against the live object: uid, resourceVersion and
+    /// contents. Where agentguard may not read the kind (e.g. Secrets), the record is kept but
+    /// marked unverified, which `restore` refuses to replay.
+    pub async fn verify(&self, record: &mut AgentChange, prior: Option<&Value>) -> Result<()> {
+        let target = &record.spec.target;
+        let live = match target_api(&self.client, target).get_opt(&target.name).await {
+            Ok(live) => live,
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                let why = format!(
+                    "agentguard may not read {}, so the prior object was not checked against the live object",
+                    target.resource
+                );
+                record.spec.prior_omitted = Some(match record.spec.prior_omitted.take() {
+                    Some(before) => format!("{before}; {why}"),
+                    None => why,
+                });
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("reading {} {:?} to check the request against it", target.kind, target.name)
+                });
+            }
+        };
+        let live = live.map(serde_json::to_value).transpose().context("the live object as JSON")?;
+        matches_live(target, prior, live.as_ref())
+            .map_err(|why| anyhow::anyhow!("the request's prior object is not the live object ({why})"))
     }
 
     pub async fn write(&self, record: &AgentChange) -> Result<()> {
@@ -185,25 +275,17 @@ pub fn outcome(spec: &AgentChangeSpec, current: Option<&ObjectMeta>) -> (&'stati
     }
 }
 
-/// The approver named by the latest `ApprovalRecorded` Event on the target before `time`.
-pub fn approver(events: &[Event], time: Timestamp) -> Option<String> {
+/// The approver named by agentguard's `ApprovalRecorded` Event for exactly this approval (its
+/// ticket is unique), which agentguard writes only once the approval is stored on the object.
+pub fn approver(events: &[Event], approval: &str) -> Option<String> {
+    let wanted = format!(" approved {approval:?}");
     events
         .iter()
         .filter(|e| {
             e.reason.as_deref() == Some("ApprovalRecorded")
                 && e.reporting_controller.as_deref() == Some("agentguard")
         })
-        .filter_map(|e| {
-            let at = e
-                .series
-                .as_ref()
-                .map(|s| s.last_observed_time.0)
-                .or_else(|| e.event_time.as_ref().map(|t| t.0))?;
-            let who = e.note.as_deref()?.split_once(" approved ")?.0.to_owned();
-            (at <= time).then_some((at, who))
-        })
-        .max_by_key(|(at, _)| *at)
-        .map(|(_, who)| who)
+        .find_map(|e| Some(e.note.as_deref()?.strip_suffix(&wanted)?.to_owned()))
 }
 
 /// Records past `retention`, and beyond `max_records` counting from the newest: the ones to delete.
@@ -278,36 +360,28 @@ async fn check_pass(client: &kube::Client, api: &Api<AgentChange>, settle: Durat
         }
         let spec = &record.spec;
         let target = &spec.target;
-        let (group, version) = match target.api_version.split_once('/') {
-            Some((g, v)) => (g.to_owned(), v.to_owned()),
-            None => (String::new(), target.api_version.clone()),
+        let current = match target_api(client, target).get_metadata_opt(&target.name).await {
+            Ok(current) => Some(current),
+            // agentguard may not read this kind (Secrets, kinds left out of its role): say so.
+            Err(kube::Error::Api(e)) if e.code == 403 => None,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", target.name)),
         };
-        let resource = ApiResource {
-            group,
-            version,
-            api_version: target.api_version.clone(),
-            kind: target.kind.clone(),
-            plural: target.resource.clone(),
+        let (outcome, message) = match &current {
+            Some(current) => outcome(spec, current.as_ref().map(|m| &m.metadata)),
+            None => (
+                "Unverified",
+                format!("agentguard may not read {} objects, so it cannot tell", target.resource),
+            ),
         };
-        let objects: Api<DynamicObject> = if target.namespace.is_empty() {
-            Api::all_with(client.clone(), &resource)
-        } else {
-            Api::namespaced_with(client.clone(), &target.namespace, &resource)
-        };
-        let current = objects
-            .get_metadata_opt(&target.name)
-            .await
-            .with_context(|| format!("reading {}", target.name))?;
-        let (outcome, message) = outcome(spec, current.as_ref().map(|m| &m.metadata));
-        let approver = match (&spec.approval, spec.time.parse::<Timestamp>()) {
-            (Some(_), Ok(time)) if !target.uid.is_empty() => {
+        let approver = match &spec.approval {
+            Some(approval) if !target.uid.is_empty() => {
                 let events: Api<Event> = Api::namespaced(client.clone(), &target.namespace);
                 let fields = format!("regarding.uid={},reason=ApprovalRecorded", target.uid);
                 events
                     .list(&ListParams::default().fields(&fields))
                     .await
                     .ok()
-                    .and_then(|l| approver(&l.items, time))
+                    .and_then(|l| approver(&l.items, approval))
             }
             _ => None,
         };
@@ -319,7 +393,11 @@ async fn check_pass(client: &kube::Client, api: &Api<AgentChange>, settle: Durat
         };
         let params = PatchParams::default();
         api.patch_status(&name, &params, &Patch::Merge(json!({"status": status}))).await?;
-        let label = if outcome == "Happened" { "happened" } else { "never-happened" };
+        let label = match outcome {
+            "Happened" => "happened",
+            "Unverified" => "unverified",
+            _ => "never-happened",
+        };
         api.patch(&name, &params, &Patch::Merge(json!({"metadata": {"labels": {OUTCOME_LABEL: label}}})))
             .await?;
         tracing::info!(record = %name, outcome, "audit record checked");

@@ -848,6 +848,8 @@ impl Registrar {
             warning: true,
             reason: RESTORED_REASON,
             note,
+            part: 0,
+            stored: None,
         });
     }
 

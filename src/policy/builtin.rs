@@ -4,7 +4,7 @@
 use jiff::{SignedDuration, Timestamp};
 
 use crate::api::{AGENT_NAMESPACE_LABEL, Action, GROUP, Mode};
-use crate::approval::{self, Grant, Stamp};
+use crate::approval::{self, Op, Refusal, Ticket};
 
 use super::{Config, Directory, Facts, Operation, PolicySet, Requester};
 
@@ -17,59 +17,68 @@ pub const AGENT_LABEL_RULE: &str = "agent-label";
 pub const AGENT_NAMESPACE_RULE: &str = "agent-namespace-label";
 pub const AGENT_IDENTITY_RULE: &str = "agent-identity";
 
-/// Checks a CREATE or UPDATE that sets, changes or refreshes the approval annotation.
+/// Checks a CREATE or UPDATE that sets or changes the approval annotation.
 /// `Ok(true)`: a valid approval was written; `Ok(false)`: the request writes no approval
-/// (removing one is always allowed); `Err`: why the write is refused.
+/// (removing one, or leaving it as it is, is always allowed); `Err`: why the write is refused.
+///
+/// A valid approval is a ticket agentguard issued for this object (uid), still live, and for a
+/// delete, for the state the object will be in; its writer is an approver under every enforced
+/// RequireApproval policy that covers the operation on this object.
 pub(super) fn approval_write(
     facts: &Facts<'_>,
     requester: &Requester,
     agent: bool,
     policies: &PolicySet,
     directory: &dyn Directory,
+    config: &Config,
     now: Timestamp,
 ) -> Result<bool, String> {
     if !matches!(facts.operation, Operation::Create | Operation::Update { .. }) {
         return Ok(false);
     }
-    let Some(new) = facts.object.and_then(Stamp::of) else {
+    let Some(new) = facts.object.and_then(approval::annotation) else {
         return Ok(false);
     };
-    let old = facts.old_object.and_then(Stamp::of);
-    // The same value and the same managedFields time: the request does not touch the approval.
-    if old.as_ref() == Some(&new) {
+    // The value is unchanged: whatever else the request does, it writes no approval. (Nothing
+    // else about the object, managedFields included, bears on an approval's lifetime.)
+    if facts.old_object.and_then(approval::annotation) == Some(new) {
         return Ok(false);
     }
     if agent {
         return Err(format!(
-            "agents may not set, change or refresh the {} annotation (they may remove it); a human approver must set it",
+            "agents may not set or change the {} annotation (they may remove it); a human approver must set it",
             crate::api::APPROVE_ANNOTATION
         ));
     }
-    let grant =
-        Grant::parse(new.value).map_err(|e| format!("the approval {:?} is malformed: {e}", new.value))?;
+    let ticket = Ticket::parse(new).map_err(|e| format!("the approval {new:?} is malformed: {e}"))?;
+    let uid = facts
+        .object
+        .and_then(|o| o.pointer("/metadata/uid"))
+        .and_then(serde_json::Value::as_str)
+        .filter(|u| !u.is_empty() && facts.old_object.is_some())
+        .ok_or_else(|| {
+            "an approval can only be written on an existing object, with the ticket its denial printed"
+                .to_owned()
+        })?;
 
     // The enforced RequireApproval policies this approval would satisfy.
     let mut covering = Vec::new();
-    let mut probe = |operation: Operation| {
-        let probe = Facts { operation, ..facts.clone() };
-        for m in policies
-            .matching(&probe, directory, |p| p.mode == Mode::Enforce && p.action == Action::RequireApproval)
-        {
-            if m.escape.is_none() && !covering.iter().any(|p: &&super::CompiledPolicy| p.id == m.policy.id) {
-                covering.push(m.policy);
-            }
-        }
+    let operation = match ticket.op {
+        Op::Delete => Operation::Delete,
+        Op::Update => Operation::Update { patch: None },
     };
-    if grant.delete {
-        probe(Operation::Delete);
-    }
-    if !grant.updates.is_empty() {
-        probe(Operation::Update { patch: None });
+    let probe = Facts { operation, ..facts.clone() };
+    for m in policies
+        .matching(&probe, directory, |p| p.mode == Mode::Enforce && p.action == Action::RequireApproval)
+    {
+        if m.escape.is_none() && !covering.iter().any(|p: &&super::CompiledPolicy| p.id == m.policy.id) {
+            covering.push(m.policy);
+        }
     }
     if covering.is_empty() {
         return Err(format!(
-            "no enforced RequireApproval policy covers {:?} of this object, so there is nothing to approve",
-            new.value
+            "no enforced RequireApproval policy covers {} of this object, so there is nothing to approve",
+            ticket.op
         ));
     }
     for policy in &covering {
@@ -91,7 +100,16 @@ pub(super) fn approval_write(
         .filter_map(|p| p.approval.as_ref().map(|a| a.lifetime.max_ttl))
         .min()
         .unwrap_or_default();
-    approval::validate_new(new.value, max_ttl, now)?;
+    let state = facts.object.map(crate::diff::state_digest).unwrap_or_default();
+    approval::check_new(new, &config.approval_keys, uid, &state, max_ttl, now).map_err(|refusal| match refusal {
+        Refusal::StaleState => format!(
+            "{refusal}: the object is no longer in the state the delete was reviewed in; have the agent retry for a fresh ticket"
+        ),
+        Refusal::Expired(_) | Refusal::IssuedInFuture(_) => {
+            format!("{refusal}; have the agent retry for a fresh ticket")
+        }
+        other => other.to_string(),
+    })?;
     Ok(true)
 }
 

@@ -214,14 +214,15 @@ pub enum Reason {
     ApprovalRequired {
         policy: PolicyId,
         rule: String,
-        /// Approvers of every policy that requires approval here, e.g. `users alice; groups sre`.
-        approvers: String,
-        reason: Option<String>,
+        /// Every policy that requires approval here, once each, with its approvers and reason.
+        covering: Vec<Covering>,
         message: Option<String>,
         refusal: Refusal,
-        /// The annotation value that approves exactly this request.
+        /// The annotation value (with its ticket) that approves exactly this request.
         approve_value: String,
-        /// Set when approval cannot be read on this request (e.g. the scale subresource):
+        /// When the ticket in `approve_value` expires.
+        expires: Option<Timestamp>,
+        /// Set when approval cannot be given for this request (e.g. the scale subresource):
         /// how to make the change in an approvable way instead.
         unapprovable: Option<String>,
     },
@@ -229,6 +230,25 @@ pub enum Reason {
     Builtin { rule: &'static str, detail: String },
     /// No policy matched and the unmatched default denies.
     Unmatched,
+}
+
+/// One policy that holds a request for approval: who may approve under it, and why it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Covering {
+    pub policy: PolicyId,
+    /// e.g. `users alice; groups sre`.
+    pub approvers: String,
+    pub reason: Option<String>,
+}
+
+impl fmt::Display for Covering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.policy, self.approvers)?;
+        if let Some(r) = &self.reason {
+            write!(f, " ({r})")?;
+        }
+        Ok(())
+    }
 }
 
 impl Reason {
@@ -276,29 +296,41 @@ impl fmt::Display for Denial {
             Reason::ApprovalRequired {
                 policy,
                 rule,
-                approvers,
-                reason,
+                covering,
                 message,
                 refusal,
                 approve_value,
+                expires,
                 unapprovable,
             } => {
-                write!(f, "requires approval under {policy}, rule {rule:?}")?;
-                if let Some(r) = reason {
-                    write!(f, " ({r})")?;
-                }
-                write!(f, ": {refusal}.")?;
+                write!(f, "requires approval under {policy}, rule {rule:?}: {refusal}.")?;
                 if let Some(m) = message {
                     write!(f, " {m}")?;
                 }
                 match unapprovable {
                     Some(how) => write!(f, " {how}")?,
-                    None => write!(
-                        f,
-                        " To approve, an approver ({approvers}) runs: {} — then retry.",
-                        target.annotate_command(approve_value)
-                    )?,
+                    None => {
+                        let who = if covering.len() > 1 {
+                            "an approver under every policy below"
+                        } else {
+                            "an approver"
+                        };
+                        write!(
+                            f,
+                            " To approve, {who} runs: {} — then retry",
+                            target.annotate_command(approve_value)
+                        )?;
+                        if let Some(at) = expires {
+                            write!(f, " before {at}")?;
+                        }
+                        f.write_str(".")?;
+                    }
                 }
+                f.write_str(" Approvers:")?;
+                for c in covering {
+                    write!(f, " [{c}]")?;
+                }
+                f.write_str(".")?;
             }
             Reason::Builtin { rule, detail } => {
                 write!(f, "is denied by built-in rule {rule:?}: {detail}")?;

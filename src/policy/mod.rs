@@ -33,10 +33,12 @@ use crate::api::{
     AGENT_LABEL, Action, AgentPolicy, ChurnScope, ClusterAgentPolicy, MatchRule, Mode, Operation as RuleOp,
     PolicySpec, parse_duration,
 };
-use crate::approval::{self, Lifetime, Stamp, Wanted};
+use crate::approval::{self, Lifetime};
 use crate::diff::Change;
 
-pub use decision::{Allowed, ChurnBudget, Decision, Denial, DryRun, PolicyId, Reason, Target, Verdict};
+pub use decision::{
+    Allowed, ChurnBudget, Covering, Decision, Denial, DryRun, PolicyId, Reason, Target, Verdict,
+};
 pub use effects::Collateral;
 pub use identity::{Directory, Requester};
 use index::ResourceIndex;
@@ -56,6 +58,8 @@ pub struct Config {
     pub self_namespace: Option<String>,
     /// Name prefix of agentguard's cluster-scoped objects (webhook configurations, RBAC).
     pub self_name_prefix: String,
+    /// The keys approval tickets are issued and checked with (none: nothing can be approved).
+    pub approval_keys: approval::Keys,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             unmatched: Action::Allow,
             self_namespace: None,
             self_name_prefix: "agentguard".into(),
+            approval_keys: approval::Keys::none(),
         }
     }
 }
@@ -762,10 +767,11 @@ fn decide(
     };
 
     // 1. Approval writes are checked whoever sends them.
-    let approval_written = match builtin::approval_write(facts, requester, agent, policies, directory, now) {
-        Err(detail) => return deny(Reason::Builtin { rule: builtin::APPROVAL_RULE, detail }, None),
-        Ok(written) => written,
-    };
+    let approval_written =
+        match builtin::approval_write(facts, requester, agent, policies, directory, config, now) {
+            Err(detail) => return deny(Reason::Builtin { rule: builtin::APPROVAL_RULE, detail }, None),
+            Ok(written) => written,
+        };
     if !agent {
         return Decision::allow(if approval_written { Allowed::ApprovalAccepted } else { Allowed::NotAgent });
     }
@@ -806,15 +812,10 @@ fn decide(
         (Operation::Update { .. }, ..) => None,
         (Operation::Create | Operation::Connect, ..) => None,
     };
-    let wanted = match (&facts.operation, &change) {
-        (Operation::Delete | Operation::Create | Operation::Connect, _) => Wanted::Delete,
-        (_, Some(c)) => Wanted::Update { digest: &c.digest },
-        (_, None) => Wanted::Update { digest: "" },
-    };
 
     // 5. Policies.
-    let stamp = facts.old_object.and_then(Stamp::of);
-    let judge = |ms: &[&Match<'_>]| -> Judgement { judge(ms, facts, stamp.as_ref(), wanted, now) };
+    let judge =
+        |ms: &[&Match<'_>]| -> Judgement { judge(ms, facts, change.as_ref(), &config.approval_keys, now) };
 
     let mut decision = {
         let enforced: Vec<&Match<'_>> = matches.iter().filter(|m| m.policy.mode == Mode::Enforce).collect();
@@ -894,8 +895,8 @@ enum Judgement {
 fn judge(
     matches: &[&Match<'_>],
     facts: &Facts<'_>,
-    stamp: Option<&Stamp<'_>>,
-    wanted: Wanted<'_>,
+    change: Option<&Change>,
+    keys: &approval::Keys,
     now: Timestamp,
 ) -> Judgement {
     if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Deny) {
@@ -918,58 +919,119 @@ fn judge(
                 message: Some("this policy names no approvers, so nothing can approve it".into()),
             });
         }
-        // Every policy that holds the request must accept the approval: the strictest lifetime.
-        let lifetime = Lifetime {
-            ttl: approvals.iter().map(|a| a.lifetime.ttl).min().unwrap_or_default(),
-            max_ttl: approvals.iter().map(|a| a.lifetime.max_ttl).min().unwrap_or_default(),
-        };
-        let whole = Target { subresource: String::new(), ..facts.target() };
-        let unapprovable = match (facts.operation, facts.subresource) {
-            (_, "scale") => Some(format!(
-                "The scale subresource carries no annotations, so an approval cannot be seen on it: make this \
-                 change as an update of {whole} itself (e.g. kubectl patch), which can be approved."
-            )),
-            (Operation::Create, "eviction") => Some(format!(
-                "An eviction carries no approval: a human may approve deleting {whole}, and then the pod is \
-                 deleted (kubectl delete), not evicted."
-            )),
-            (Operation::Connect, _) => Some(format!(
-                "A connection carries no approval: a human who may approve runs this on {whole} instead."
-            )),
-            _ => None,
-        };
-        let refusal = match (&unapprovable, wanted) {
-            (Some(_), _) => approval::Refusal::Absent,
-            (None, Wanted::Update { digest: "" }) => approval::Refusal::Absent,
-            (None, _) => match approval::check(stamp, wanted, lifetime, now) {
-                Ok(expires) => {
-                    return Judgement::Admit(Allowed::Approved {
-                        policy: first.policy.id.clone(),
-                        rule: first.rule_name(),
-                        approval: stamp.map(|s| s.value.to_owned()).unwrap_or_default(),
-                        expires,
-                    });
-                }
-                Err(refusal) => refusal,
-            },
-        };
-        let mut approvers: Vec<String> = approvals.iter().map(|a| a.describe()).collect();
-        approvers.dedup();
-        return Judgement::Refuse(Reason::ApprovalRequired {
-            policy: first.policy.id.clone(),
-            rule: first.rule_name(),
-            approvers: approvers.join(" and "),
-            reason: approvals.iter().find_map(|a| a.reason.clone()),
-            message: first.policy.message.clone(),
-            refusal,
-            approve_value: wanted.to_string(),
-            unapprovable,
-        });
+        return hold(&holds, facts, change, keys, now);
     }
     if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Allow) {
         return Judgement::Admit(Allowed::ByPolicy { policy: m.policy.id.clone(), rule: m.rule_name() });
     }
     Judgement::Admit(Allowed::Unmatched)
+}
+
+/// RequireApproval: admits when the stored ticket covers this object, operation and exact
+/// state or change; otherwise refuses with a fresh ticket that would.
+fn hold(
+    holds: &[&&Match<'_>],
+    facts: &Facts<'_>,
+    change: Option<&Change>,
+    keys: &approval::Keys,
+    now: Timestamp,
+) -> Judgement {
+    let first = holds[0];
+    let mut covering: Vec<Covering> = Vec::new();
+    let mut lifetime: Option<Lifetime> = None;
+    for m in holds {
+        let Some(a) = &m.policy.approval else { continue };
+        // Every policy that holds the request must accept the approval: the strictest lifetime.
+        lifetime = Some(match lifetime {
+            None => a.lifetime,
+            Some(l) => {
+                Lifetime { ttl: l.ttl.min(a.lifetime.ttl), max_ttl: l.max_ttl.min(a.lifetime.max_ttl) }
+            }
+        });
+        if !covering.iter().any(|c| c.policy == m.policy.id) {
+            covering.push(Covering {
+                policy: m.policy.id.clone(),
+                approvers: a.describe(),
+                reason: a.reason.clone(),
+            });
+        }
+    }
+    let lifetime = lifetime.unwrap_or(Lifetime { ttl: SignedDuration::ZERO, max_ttl: SignedDuration::ZERO });
+    let uid =
+        facts.old_object.and_then(|o| o.pointer("/metadata/uid")).and_then(Value::as_str).unwrap_or_default();
+    let state;
+    let (op, digest) = match facts.operation {
+        Operation::Delete => {
+            state = facts.old_object.map(crate::diff::state_digest);
+            (approval::Op::Delete, state.as_ref())
+        }
+        _ => (approval::Op::Update, change.map(|c| &c.digest)),
+    };
+    let whole = Target { subresource: String::new(), ..facts.target() };
+    let unapprovable = if facts.subresource == "scale" {
+        Some(format!(
+            "The scale subresource carries no annotations, so an approval cannot be seen on it: make this \
+             change as an update of {whole} itself (e.g. kubectl patch), which can be approved."
+        ))
+    } else if facts.operation == Operation::Create && facts.subresource == "eviction" {
+        Some(format!(
+            "An eviction carries no approval: a human may approve deleting {whole}, and then the pod is \
+             deleted (kubectl delete), not evicted."
+        ))
+    } else if facts.operation == Operation::Connect {
+        Some(format!(
+            "A connection carries no approval: a human who may approve runs this on {whole} instead."
+        ))
+    } else if let Some(Err(size)) = change.map(Change::reviewable) {
+        Some(format!(
+            "The change is too large to show an approver in full ({size} bytes; at most {} KiB), so it \
+             cannot be approved: make it in smaller changes.",
+            crate::diff::REVIEWABLE_BYTES / 1024
+        ))
+    } else if uid.is_empty() || digest.is_none() {
+        Some("The API server sent no prior object with a uid, so no approval can be bound to it.".into())
+    } else if keys.is_empty() {
+        Some(format!("Nothing can approve it now: {}.", approval::Refusal::NoKey))
+    } else {
+        None
+    };
+    let stored = facts.old_object.and_then(approval::annotation);
+    let refusal = match (&unapprovable, digest) {
+        (None, Some(digest)) => {
+            let subject = approval::Subject { uid, op, digest };
+            match approval::check(stored, keys, &subject, lifetime.max_ttl, now) {
+                Ok(expires) => {
+                    return Judgement::Admit(Allowed::Approved {
+                        policy: first.policy.id.clone(),
+                        rule: first.rule_name(),
+                        approval: stored.unwrap_or_default().to_owned(),
+                        expires,
+                    });
+                }
+                Err(refusal) => refusal,
+            }
+        }
+        _ => approval::Refusal::Absent,
+    };
+    let ticket = match (&unapprovable, digest) {
+        (None, Some(digest)) => approval::Ticket::issue(
+            keys,
+            &approval::Subject { uid, op, digest },
+            now,
+            lifetime.ttl.min(lifetime.max_ttl),
+        ),
+        _ => None,
+    };
+    Judgement::Refuse(Reason::ApprovalRequired {
+        policy: first.policy.id.clone(),
+        rule: first.rule_name(),
+        covering,
+        message: first.policy.message.clone(),
+        refusal,
+        approve_value: ticket.as_ref().map(approval::Ticket::value).unwrap_or_default(),
+        expires: ticket.map(|t| t.expires(lifetime.max_ttl)),
+        unapprovable,
+    })
 }
 
 #[cfg(test)]

@@ -82,7 +82,25 @@ fn requester(who: Who) -> Requester {
 }
 
 fn config() -> Config {
-    Config { agent_usernames: vec!["oidc:claude".into()], ..Config::default() }
+    Config {
+        agent_usernames: vec!["oidc:claude".into()],
+        approval_keys: approval::Keys::fixed_for_tests(),
+        ..Config::default()
+    }
+}
+
+/// The ticket agentguard issues at `issued` for deleting `old`, or for changing it into `new`.
+fn ticket(old: &Value, new: Option<&Value>, issued: &str) -> String {
+    let (op, digest) = match new {
+        None => (approval::Op::Delete, crate::diff::state_digest(old)),
+        Some(new) => (approval::Op::Update, Change::between(old, new).digest),
+    };
+    let uid = old["metadata"]["uid"].as_str().unwrap();
+    let subject = approval::Subject { uid, op, digest: &digest };
+    let keys = approval::Keys::fixed_for_tests();
+    approval::Ticket::issue(&keys, &subject, issued.parse().unwrap(), SignedDuration::from_hours(1))
+        .unwrap()
+        .value()
 }
 
 fn deployment(replicas: i64) -> Value {
@@ -175,18 +193,24 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
     let is_update = matches!(op, Operation::Update { .. });
     let new = deployment(0);
     let bare_old = deployment(3);
-    let digest = Change::between(&bare_old, &new).digest;
-    let value = match (state, is_update) {
-        (ApprovalState::Stale, _) => "update:00000000000000ff".to_string(),
-        (_, true) => format!("update:{digest}"),
-        (_, false) => "delete".to_string(),
+    let target = is_update.then_some(&new);
+    let value = match state {
+        // Issued for another state of the object (another change, for an update).
+        ApprovalState::Stale => {
+            let mut moved = bare_old.clone();
+            moved["spec"]["replicas"] = json!(4);
+            let mut moved_new = new.clone();
+            moved_new["spec"]["replicas"] = json!(1);
+            ticket(&moved, is_update.then_some(&moved_new), "2026-11-26T11:30:00Z")
+        }
+        ApprovalState::Expired => ticket(&bare_old, target, "2026-11-26T10:59:59Z"),
+        _ => ticket(&bare_old, target, "2026-11-26T11:30:00Z"),
     };
+    let fresh = ticket(&bare_old, target, NOW);
     let old = match state {
         ApprovalState::None => bare_old,
-        ApprovalState::Valid | ApprovalState::Stale => {
-            with_approval(bare_old, &value, "2026-11-26T11:30:00Z")
-        }
-        ApprovalState::Expired => with_approval(bare_old, &value, "2026-11-26T10:59:59Z"),
+        // The managedFields time is irrelevant now: set it anywhere.
+        _ => with_approval(bare_old, &value, "2099-01-01T00:00:00Z"),
     };
     // The new object keeps the approval (as a patch would), so it is not an approval write.
     let new_obj = match state {
@@ -232,8 +256,7 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
                     assert!(msg.contains("deployments.apps \"web\" in namespace \"prod\""), "{msg}");
                     if action == Some("RequireApproval") {
                         let cmd = format!(
-                            "kubectl annotate deployments.apps web -n prod {APPROVE_ANNOTATION}={} --overwrite",
-                            if is_update { format!("update:{digest}") } else { "delete".into() }
+                            "kubectl annotate deployments.apps web -n prod {APPROVE_ANNOTATION}={fresh} --overwrite"
                         );
                         assert!(msg.contains(&cmd), "{msg}");
                         assert!(msg.contains("users alice; groups sre"), "{msg}");
@@ -242,7 +265,10 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
                             ApprovalState::Expired => {
                                 "the approval expired at 2026-11-26T11:59:59Z".to_string()
                             }
-                            ApprovalState::Stale => "does not cover".to_string(),
+                            ApprovalState::Stale if is_update => "a different change".to_string(),
+                            ApprovalState::Stale => {
+                                "the object changed after the delete was reviewed".to_string()
+                            }
                             ApprovalState::Valid => unreachable!(),
                         };
                         assert!(msg.contains(&why), "{msg}");
@@ -325,13 +351,25 @@ fn several_approval_policies_take_the_strictest_lifetime() {
     let mut short = deployments_policy("short", "RequireApproval", "Enforce");
     short.spec.policy.approval.as_mut().unwrap().ttl = "10m".into();
     let policies = set(vec![deployments_policy("long", "RequireApproval", "Enforce"), short], vec![]);
-    // Set 30 minutes ago: inside the 1h policy's ttl, outside the 10m one.
-    let old = with_approval(deployment(3), "delete", "2026-11-26T11:30:00Z");
-    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&old), None));
-    assert!(!d.allowed(), "{d:?}");
-    let recent = with_approval(deployment(3), "delete", "2026-11-26T11:55:00Z");
-    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&recent), None));
-    assert!(d.allowed(), "{d:?}");
+    // The ticket a denial prints lives as long as the strictest policy allows.
+    let bare = deployment(3);
+    let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&bare), None));
+    let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
+    let Reason::ApprovalRequired { expires, covering, approve_value, .. } = &denial.reason else { panic!() };
+    assert_eq!(*expires, Some("2026-11-26T12:10:00Z".parse().unwrap()));
+    // Each covering policy is listed once with its approvers.
+    assert_eq!(covering.iter().map(|c| c.policy.name.as_str()).collect::<Vec<_>>(), ["long", "short"]);
+    let text = denial.to_string();
+    assert_eq!(text.matches("users alice; groups sre").count(), 2, "{text}");
+    assert!(text.contains("an approver under every policy below runs"), "{text}");
+    // Stored and used within its 10 minutes: approved; after: expired, whatever else was written.
+    let approved = with_approval(deployment(3), approve_value, NOW);
+    let later: Timestamp = "2026-11-26T12:09:00Z".parse().unwrap();
+    let f = facts(Operation::Delete, Some(&approved), None);
+    let run =
+        |at: Timestamp| evaluate(&f, &requester(Who::LabelledAgent), &policies, &directory(), &config(), at);
+    assert!(run(later).allowed());
+    assert!(!run("2026-11-26T12:10:00Z".parse().unwrap()).allowed());
 }
 
 #[test]
@@ -638,7 +676,7 @@ fn namespace_deletion_under_a_namespace_policy() {
         )],
         vec![],
     );
-    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod"}});
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod", "uid": "n1"}});
     let f = Facts {
         group: "",
         resource: "namespaces",
@@ -649,9 +687,10 @@ fn namespace_deletion_under_a_namespace_policy() {
     let d = decide(&policies, Who::LabelledAgent, &f);
     let Verdict::Deny(denial) = &d.verdict else { panic!("{d:?}") };
     assert!(
-        denial
-            .to_string()
-            .contains("kubectl annotate namespaces prod agentguard.io/approve=delete --overwrite"),
+        denial.to_string().contains(&format!(
+            "kubectl annotate namespaces prod agentguard.io/approve={} --overwrite",
+            ticket(&ns, None, NOW)
+        )),
         "{denial}"
     );
 }
@@ -789,7 +828,8 @@ mod builtins {
     fn approval_writes() {
         let policies = set(vec![deployments_policy("hold", "RequireApproval", "Enforce")], vec![]);
         let old = deployment(3);
-        let approved = with_approval(deployment(3), "delete", NOW);
+        let delete_ticket = ticket(&old, None, NOW);
+        let approved = with_approval(deployment(3), &delete_ticket, NOW);
         let mallory = |groups: &[&str]| {
             let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
             Requester::resolve("mallory", &groups, &directory(), ("agentguard.io/agent", "true"))
@@ -815,13 +855,40 @@ mod builtins {
                 "{who:?}"
             );
         }
-        // Malformed or over-long approvals are refused at write time.
-        let bad = with_approval(deployment(3), "update", NOW);
-        assert!(
-            matches!(&run(&requester(Who::Human), &bad).verdict, Verdict::Deny(x) if x.to_string().contains("must name the change"))
+        // Whatever is not a live ticket agentguard issued for this object and state is refused
+        // at write time, even from an approver.
+        let refused = |value: &str, new: Value, needle: &str| {
+            let d = run(&requester(Who::Human), &with_approval(new, value, NOW));
+            assert!(
+                matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains(needle)),
+                "{value}: {d:?}"
+            );
+        };
+        refused("delete", deployment(3), "is malformed");
+        refused("update:0123456789abcdef", deployment(3), "is malformed");
+        let mut other = deployment(3);
+        other["metadata"]["uid"] = json!("u2");
+        refused(&ticket(&other, None, NOW), deployment(3), "not issued by agentguard for this object");
+        refused(&delete_ticket, deployment(2), "no longer in the state the delete was reviewed in");
+        refused(&ticket(&old, None, "2026-11-26T10:00:00Z"), deployment(3), "expired");
+        refused(&ticket(&old, None, "2026-11-26T13:00:00Z"), deployment(3), "in the future");
+        let mut unkeyed = config();
+        unkeyed.approval_keys = approval::Keys::none();
+        let d = evaluate(
+            &approve_request(&old, &approved),
+            &requester(Who::Human),
+            &policies,
+            &directory(),
+            &unkeyed,
+            now(),
         );
-        let too_long = with_approval(deployment(3), "delete;expires=2026-12-30T00:00:00Z", NOW);
-        assert!(!run(&requester(Who::Human), &too_long).allowed());
+        assert!(!d.allowed(), "{d:?}");
+        // An update ticket is checked for its origin now, and for its change when used.
+        let update_ticket = ticket(&old, Some(&deployment(0)), NOW);
+        assert_eq!(
+            run(&requester(Who::Human), &with_approval(deployment(3), &update_ticket, NOW)).verdict,
+            Verdict::Allow(Allowed::ApprovalAccepted)
+        );
         // An approval nothing requires is refused: there is nothing to approve.
         let none = PolicySet::default();
         let d = evaluate(
@@ -836,28 +903,37 @@ mod builtins {
             matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("nothing to approve")),
             "{d:?}"
         );
-        // CREATE carrying an approval is an approval write too.
+        // CREATE carrying an approval is an approval write too, and no ticket can cover it.
         let create =
             Facts { operation: Operation::Create, old_object: None, ..approve_request(&old, &approved) };
-        assert_eq!(
-            builtin_rule(&decide(&policies, Who::LabelledAgent, &create)),
-            Some(builtin::APPROVAL_RULE)
-        );
+        for who in [Who::LabelledAgent, Who::Human] {
+            assert_eq!(
+                builtin_rule(&decide(&policies, who, &create)),
+                Some(builtin::APPROVAL_RULE),
+                "{who:?}"
+            );
+        }
     }
 
     #[test]
-    fn agents_may_remove_but_not_refresh_an_approval() {
+    fn agents_may_remove_an_approval_and_nothing_refreshes_one() {
         let policies = set(vec![deployments_policy("hold", "RequireApproval", "Enforce")], vec![]);
-        let approved = with_approval(deployment(3), "delete", "2026-11-26T11:00:00Z");
+        let expired = ticket(&deployment(3), None, "2026-11-26T10:00:00Z");
+        let approved = with_approval(deployment(3), &expired, "2026-11-26T10:01:00Z");
         let removed = deployment(3);
         let d = decide(&policies, Who::LabelledAgent, &approve_request(&approved, &removed));
         assert_eq!(d.verdict, Verdict::Allow(Allowed::NoChange));
-        // Same value, newer managedFields time (e.g. the agent annotated another key with the
-        // same field manager): that would extend the approval, so it is an approval write.
-        let refreshed = with_approval(deployment(3), "delete", "2026-11-26T11:59:00Z");
-        assert_eq!(
-            builtin_rule(&decide(&policies, Who::LabelledAgent, &approve_request(&approved, &refreshed))),
-            Some(builtin::APPROVAL_RULE)
+        // Same value, newer managedFields time (another annotation, server-side apply with
+        // force, an edited managedFields): no approval write, and the ticket stays expired.
+        let refreshed = with_approval(deployment(3), &expired, "2099-01-01T00:00:00Z");
+        for who in [Who::LabelledAgent, Who::Human] {
+            let d = decide(&policies, who, &approve_request(&approved, &refreshed));
+            assert_eq!(builtin_rule(&d), None, "{who:?}: {d:?}");
+        }
+        let d = decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(&refreshed), None));
+        assert!(
+            matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("the approval expired at 2026-11-26T11:00:00Z")),
+            "{d:?}"
         );
         // Untouched approval on an unrelated update: fine.
         let mut scaled = approved.clone();
@@ -873,8 +949,8 @@ fn an_approved_update_does_not_approve_the_next_one() {
     let policies = set(vec![deployments_policy("hold", "RequireApproval", "Enforce")], vec![]);
     let v1 = deployment(3);
     let v2 = deployment(0);
-    let digest = Change::between(&v1, &v2).digest;
-    let approved = with_approval(v1, &format!("update:{digest}"), "2026-11-26T11:50:00Z");
+    let value = ticket(&v1, Some(&v2), "2026-11-26T11:50:00Z");
+    let approved = with_approval(v1, &value, "2026-11-26T11:50:00Z");
     let mut applied = v2.clone();
     applied["metadata"]["annotations"] = approved["metadata"]["annotations"].clone();
     applied["metadata"]["managedFields"] = approved["metadata"]["managedFields"].clone();

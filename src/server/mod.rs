@@ -105,12 +105,28 @@ impl Charge for crate::breaker::Breaker {
 /// Writes audit-trail records (see [`crate::trail`]).
 pub trait Recorder: Send + Sync + 'static {
     fn settings(&self) -> &crate::trail::Settings;
+    /// Checks the record's prior object against the live object before anything is spent or
+    /// written for the request (see [`crate::trail::Trail::verify`]).
+    fn verify<'a>(
+        &'a self,
+        _record: &'a mut crate::api::AgentChange,
+        _prior: Option<&'a Value>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
     fn write<'a>(&'a self, record: &'a crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>>;
 }
 
 impl Recorder for crate::trail::Trail {
     fn settings(&self) -> &crate::trail::Settings {
         &self.settings
+    }
+    fn verify<'a>(
+        &'a self,
+        record: &'a mut crate::api::AgentChange,
+        prior: Option<&'a Value>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(crate::trail::Trail::verify(self, record, prior))
     }
     fn write<'a>(&'a self, record: &'a crate::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(crate::trail::Trail::write(self, record))
@@ -262,6 +278,19 @@ async fn validate(State(state): State<Arc<AppState>>, route: Route, body: Body) 
             }
         }
     }
+    // The audit record, checked against the live object before any budget is spent: a request
+    // that did not come from the API server gets neither a record nor a charge.
+    let mut audit = state
+        .trail
+        .as_ref()
+        .and_then(|trail| crate::trail::record_for(&request, &decision, trail.settings(), (state.clock)()));
+    if let (Some(trail), Some(record)) = (&state.trail, audit.as_mut())
+        && let Err(e) = trail.verify(record, request.old_object.as_ref()).await
+    {
+        tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "the request does not match the live object; refusing");
+        let message = format!("agentguard could not check this change against the live object: {e:#}; retry");
+        return json(StatusCode::OK, &admission::unavailable(&request.uid, &message));
+    }
     if decision.allowed() && !decision.churn.is_empty() && state.breaker.is_none() {
         // A limit that cannot be counted is not waived: the agent is refused, loudly.
         let message = "agentguard: a churn limit applies, but agentguard has no namespace to count in (--self-namespace)";
@@ -295,9 +324,8 @@ async fn validate(State(state): State<Arc<AppState>>, route: Route, body: Body) 
             }
         }
     }
-    if let Some(trail) = &state.trail
-        && let Some(record) = crate::trail::record_for(&request, &decision, trail.settings(), (state.clock)())
-        && let Err(e) = trail.write(&record).await
+    if let (Some(trail), Some(record)) = (&state.trail, &audit)
+        && let Err(e) = trail.write(record).await
     {
         // No record, no change: the way back must exist before the change does.
         tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "cannot record the change; refusing");
@@ -322,10 +350,10 @@ async fn validate(State(state): State<Arc<AppState>>, route: Route, body: Body) 
     }
     record(&state, &request, &decision, started);
     // Never for dryRun: a dry run must leave no trace.
-    if !request.dry_run()
-        && let Some(event) = event_for(&request, &decision)
-    {
-        state.events.emit(event);
+    if !request.dry_run() {
+        for event in events_for(&request, &decision) {
+            state.events.emit(event);
+        }
     }
     json(StatusCode::OK, &admission::respond(&request.uid, &decision))
 }
@@ -366,37 +394,59 @@ fn record(state: &AppState, request: &admission::AdmissionRequest, decision: &De
     }
 }
 
-/// The Event a decision leaves on its object, if any: refusals, approvals used or written, and
-/// dry-run policy warnings. Plain admissions leave none.
-fn event_for(request: &admission::AdmissionRequest, decision: &Decision) -> Option<Record> {
+/// The Events a decision leaves on its object: refusals (a held request's whole change too, in
+/// parts), approvals used or written, and dry-run policy warnings. Plain admissions leave none.
+/// An approval written is reported only once the API server has stored it (see
+/// [`crate::events::Stored`]): the request alone proves nothing.
+fn events_for(request: &admission::AdmissionRequest, decision: &Decision) -> Vec<Record> {
     use crate::policy::Allowed;
     let who = &request.user_info.username;
-    let (warning, reason, note) = match &decision.verdict {
+    let regarding = request.regarding();
+    let one = |warning, reason, note| vec![Record::new(regarding.clone(), warning, reason, note)];
+    match &decision.verdict {
         Verdict::Deny(d) => match d.reason {
-            Reason::ApprovalRequired { .. } => (true, "ApprovalRequired", d.to_string()),
-            _ => (true, "Denied", d.to_string()),
+            Reason::ApprovalRequired { .. } => {
+                let mut out = one(true, "ApprovalRequired", d.to_string());
+                let parts = d.change.as_ref().filter(|c| !c.is_empty()).map(crate::events::change_parts);
+                for (i, note) in parts.into_iter().flatten().enumerate() {
+                    let mut part = Record::new(regarding.clone(), true, "ApprovalChange", note);
+                    part.part = u16::try_from(i).unwrap_or(u16::MAX);
+                    out.push(part);
+                }
+                out
+            }
+            _ => one(true, "Denied", d.to_string()),
         },
         Verdict::Allow(why @ Allowed::Approved { .. }) => {
-            (false, "Approved", format!("{} by {who} admitted: {why}", request.operation))
+            one(false, "Approved", format!("{} by {who} admitted: {why}", request.operation))
         }
         Verdict::Allow(Allowed::ApprovalAccepted) => {
-            let value = request
-                .object
-                .as_ref()
-                .and_then(|o| o.pointer("/metadata/annotations"))
-                .and_then(|a| a.get(crate::api::APPROVE_ANNOTATION))
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or_default();
-            (false, "ApprovalRecorded", format!("{who} approved {value:?}"))
+            let Some(object) = request.object.as_ref() else { return Vec::new() };
+            let value = crate::approval::annotation(object).unwrap_or_default().to_owned();
+            let (Some(uid), Some(name)) = (regarding.uid.clone(), regarding.name.clone()) else {
+                return Vec::new();
+            };
+            let resource = kube::api::ApiResource {
+                group: request.kind.group.clone(),
+                version: request.kind.version.clone(),
+                api_version: regarding.api_version.clone().unwrap_or_default(),
+                kind: request.kind.kind.clone(),
+                plural: request.resource.resource.clone(),
+            };
+            let stored =
+                crate::events::Stored { resource, namespace: regarding.namespace.clone(), name, uid, value };
+            let note = format!("{who} approved {:?}", stored.value);
+            let mut record = Record::new(regarding, false, "ApprovalRecorded", note);
+            record.stored = Some(stored);
+            vec![record]
         }
-        Verdict::Allow(_) if !decision.warnings.is_empty() => (
+        Verdict::Allow(_) if !decision.warnings.is_empty() => one(
             true,
             "PolicyWarning",
             format!("{} by {who}: {}", request.operation, decision.warnings.join("; ")),
         ),
-        Verdict::Allow(_) => return None,
-    };
-    Some(Record { regarding: request.regarding(), warning, reason, note })
+        Verdict::Allow(_) => Vec::new(),
+    }
 }
 
 #[cfg(test)]

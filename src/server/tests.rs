@@ -39,7 +39,8 @@ fn state(ready: bool) -> Arc<AppState> {
     } else {
         Arc::new(NotReady)
     };
-    let mut state = AppState::new(cluster, Config::default(), Arc::new(Metrics::default()));
+    let config = Config { approval_keys: crate::approval::Keys::fixed_for_tests(), ..Config::default() };
+    let mut state = AppState::new(cluster, config, Arc::new(Metrics::default()));
     state.clock = at_fixed_time;
     Arc::new(state)
 }
@@ -79,7 +80,7 @@ async fn fixtures_get_the_documented_answers() {
             false,
             &[
                 "requires approval under ClusterAgentPolicy \"protect-workloads\", rule \"workloads\"",
-                "kubectl annotate deployments.apps web -n prod agentguard.io/approve=delete --overwrite",
+                "kubectl annotate deployments.apps web -n prod agentguard.io/approve=delete.",
             ],
         ),
         ("02-alice-approves-the-delete.json", true, &[]),
@@ -96,7 +97,7 @@ async fn fixtures_get_the_documented_answers() {
             &[
                 "UPDATE of deployments.apps",
                 "spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28",
-                "agentguard.io/approve=update:",
+                "agentguard.io/approve=update.",
             ],
         ),
         ("07-agent-removes-its-agent-label.json", false, &["built-in rule \"agent-label\""]),
@@ -214,7 +215,7 @@ async fn events_are_left_for_real_requests_only() {
     let base = state(true);
     let (events, mut rx) = Events::channel(base.metrics.clone(), 16);
     let cluster = base.cluster.clone();
-    let mut with_events = AppState::new(cluster, Config::default(), base.metrics.clone());
+    let mut with_events = AppState::new(cluster, base.config.clone(), base.metrics.clone());
     with_events.clock = at_fixed_time;
     with_events.events = events;
     let st = Arc::new(with_events);
@@ -238,6 +239,34 @@ async fn events_are_left_for_real_requests_only() {
     assert!(rx.try_recv().is_err(), "no Event for a dry run or a human's request");
 }
 
+#[tokio::test]
+async fn a_held_change_is_carried_whole_and_claimed_approvals_are_not_reported_unread() {
+    let base = state(true);
+    let (events, mut rx) = Events::channel(base.metrics.clone(), 16);
+    let mut with_events = AppState::new(base.cluster.clone(), base.config.clone(), base.metrics.clone());
+    with_events.clock = at_fixed_time;
+    with_events.events = events;
+    let st = Arc::new(with_events);
+
+    post(st.clone(), fixture("06-agent-replaces-image.json").to_string()).await;
+    assert_eq!(rx.try_recv().expect("the held update").reason, "ApprovalRequired");
+    let part = rx.try_recv().expect("the whole change");
+    assert_eq!((part.reason, part.part), ("ApprovalChange", 0));
+    assert!(
+        part.note.starts_with("change ")
+            && part
+                .note
+                .ends_with("part 1/1: spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28"),
+        "{}",
+        part.note
+    );
+    // An approval write is only reported once read back from the live object: without a
+    // client to read it with, nothing is reported.
+    let (_, body) = post(st.clone(), fixture("02-alice-approves-the-delete.json").to_string()).await;
+    assert_eq!(body["response"]["allowed"], true);
+    assert!(rx.try_recv().is_err(), "an unconfirmed approval was reported");
+}
+
 /// The demo world plus `extra` ClusterAgentPolicies (YAML), with the given side services.
 fn state_with(
     extra: &str,
@@ -254,7 +283,8 @@ fn state_with(
     let (policies, problems) = PolicySet::compile(&cluster, &namespaced);
     assert!(problems.is_empty(), "{problems:?}");
     let cluster = Arc::new(StaticCluster { policies: Arc::new(policies), directory });
-    let mut state = AppState::new(cluster, Config::default(), Arc::new(Metrics::default()));
+    let config = Config { approval_keys: crate::approval::Keys::fixed_for_tests(), ..Config::default() };
+    let mut state = AppState::new(cluster, config, Arc::new(Metrics::default()));
     state.clock = at_fixed_time;
     state.breaker = breaker;
     state.trail = trail;

@@ -241,6 +241,37 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
     Arc::new(config)
 }
 
+/// Like [`server_config`], but every client must present a certificate signed by a CA in the
+/// PEM file `client_ca` (the API server's webhook client certificate, configured through its
+/// AdmissionConfiguration kubeconfig). Read once at start.
+pub fn server_config_requiring_clients(
+    resolver: Arc<CertResolver>,
+    client_ca: &Path,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    use anyhow::Context as _;
+    let pem = std::fs::read(client_ca).with_context(|| format!("reading {}", client_ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.with_context(|| format!("parsing {}", client_ca.display()))?;
+        roots.add(cert).with_context(|| format!("a CA certificate in {}", client_ca.display()))?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "{} holds no CA certificate", client_ca.display());
+    let provider = Arc::new(ring::default_provider());
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .context("building the client certificate verifier")?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring provider supports the default TLS versions")
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
 /// Accept TLS connections on `listener` and serve `app` over HTTP/1.1 or
 /// HTTP/2 until `shutdown` turns true (or its sender is dropped).
 ///
@@ -1041,6 +1072,46 @@ mod tests {
         assert!(fetch_cert(&client(&[&stranger]), server.addr, "/").await.is_err());
         assert_eq!(fetch_cert(&client(&[&ca]), server.addr, "/").await.unwrap(), leaf.der);
         server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_ca_makes_client_certificates_mandatory() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files_in(dir.path());
+        let server_ca = Ca::new("server ca");
+        write_leaf(&files, &server_ca.issue());
+        let resolver = CertResolver::load(&files).unwrap();
+        let clients = Ca::new("api server clients");
+        let ca_file = dir.path().join("clients.pem");
+        std::fs::write(&ca_file, &clients.pem).unwrap();
+        let config = server_config_requiring_clients(Arc::clone(&resolver), &ca_file).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, config, ok_app(), stopped, Duration::from_secs(1)));
+        let url = format!("https://{addr}/");
+        let with = |ca: &Ca| {
+            let leaf = ca.issue_with(KeyPair::generate().unwrap(), |p| {
+                p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            });
+            let identity =
+                reqwest::Identity::from_pem(format!("{}{}", leaf.cert_pem, leaf.key_pem).as_bytes()).unwrap();
+            reqwest::Client::builder()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(server_ca.root())
+                .identity(identity)
+                .build()
+                .unwrap()
+        };
+        assert!(client(&[&server_ca]).get(&url).send().await.is_err(), "no client certificate");
+        assert!(with(&Ca::new("someone else")).get(&url).send().await.is_err(), "another CA");
+        let answer = with(&clients).get(&url).send().await.unwrap();
+        assert_eq!(answer.text().await.unwrap(), "ok");
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        // A CA file without a certificate is an error, not an open door.
+        std::fs::write(&ca_file, "").unwrap();
+        assert!(server_config_requiring_clients(resolver, &ca_file).is_err());
     }
 
     #[tokio::test]

@@ -154,7 +154,7 @@ fn a_check_tells_changes_that_happened_from_ones_refused_later() {
 }
 
 #[test]
-fn the_approver_is_who_approved_last_before_the_change() {
+fn the_approver_is_who_stored_this_very_approval() {
     let event = |note: &str, at: &str| Event {
         reason: Some("ApprovalRecorded".into()),
         reporting_controller: Some("agentguard".into()),
@@ -163,12 +163,53 @@ fn the_approver_is_who_approved_last_before_the_change() {
         ..Default::default()
     };
     let events = [
-        event("bob approved \"delete\"", "2026-11-27T11:00:00Z"),
-        event("alice approved \"delete\"", "2026-11-27T11:30:00Z"),
-        event("carol approved \"delete\"", "2026-11-27T12:30:00Z"),
+        event("bob approved \"delete.AAAA\"", "2026-11-27T11:00:00Z"),
+        event("alice approved \"delete.BBBB\"", "2026-11-27T11:30:00Z"),
+        // Written after the change: the Event waits until the approval is seen stored.
+        event("carol approved \"delete.CCCC\"", "2026-11-27T12:30:00Z"),
     ];
-    assert_eq!(approver(&events, now()).as_deref(), Some("alice"));
-    assert_eq!(approver(&events[..0], now()), None);
+    assert_eq!(approver(&events, "delete.BBBB").as_deref(), Some("alice"));
+    assert_eq!(approver(&events, "delete.CCCC").as_deref(), Some("carol"));
+    assert_eq!(approver(&events, "delete.DDDD"), None);
+    assert_eq!(approver(&events[..0], "delete.AAAA"), None);
+}
+
+#[test]
+fn a_record_is_written_only_for_the_live_object() {
+    let target = ChangeTarget {
+        api_version: "apps/v1".into(),
+        kind: "Deployment".into(),
+        resource: "deployments".into(),
+        group: "apps".into(),
+        subresource: String::new(),
+        namespace: "prod".into(),
+        name: "web".into(),
+        uid: "u-1".into(),
+        resource_version: "41".into(),
+    };
+    let object = |uid: &str, rv: &str, image: &str| {
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": "prod", "uid": uid, "resourceVersion": rv,
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"template": {"spec": {"containers": [{"name": "web", "image": image}]}}},
+            "status": {"replicas": 1}})
+    };
+    let prior = object("u-1", "41", "nginx:1.27");
+    let mut live = object("u-1", "41", "nginx:1.27");
+    live["status"]["replicas"] = serde_json::json!(2);
+    live["metadata"]["managedFields"] = serde_json::json!([]);
+    assert_eq!(matches_live(&target, Some(&prior), Some(&live)), Ok(()));
+    assert!(matches_live(&target, Some(&prior), None).unwrap_err().contains("does not exist"));
+    let other = object("u-2", "41", "nginx:1.27");
+    assert!(matches_live(&target, Some(&prior), Some(&other)).unwrap_err().contains("another object"));
+    let later = object("u-1", "42", "nginx:1.27");
+    assert!(matches_live(&target, Some(&prior), Some(&later)).unwrap_err().contains("resourceVersion 42"));
+    // Same uid and resourceVersion, other contents: a forged prior object.
+    let forged = object("u-1", "41", "evil:latest");
+    assert!(matches_live(&target, Some(&forged), Some(&live)).unwrap_err().contains("other contents"));
+    let live = Some(&live);
+    let no_uid = ChangeTarget { uid: String::new(), ..target };
+    assert!(matches_live(&no_uid, Some(&prior), live).is_err());
 }
 
 #[test]

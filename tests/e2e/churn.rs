@@ -98,7 +98,26 @@ pub fn trips_and_resets(w: &World) -> Result<()> {
     Ok(())
 }
 
-fn review(i: usize) -> Value {
+/// Creates Secrets `s0`… in the namespace; returns each as stored. agentguard checks a
+/// request's prior object against the live one, so the reviews must carry the real objects.
+fn secrets(w: &World, n: usize) -> Result<Vec<Value>> {
+    let _ = w.plane.kubectl(&w.plane.admin, &["create", "namespace", NS]);
+    let items: Vec<Value> = (0..n)
+        .map(|i| json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("s{i}"), "namespace": NS}}))
+        .collect();
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&list.to_string())))?;
+    (0..n)
+        .map(|i| {
+            let out = must(
+                w.plane.kubectl(&w.plane.admin, &["get", "secret", &format!("s{i}"), "-n", NS, "-o", "json"]),
+            )?;
+            Ok(serde_json::from_str(&out)?)
+        })
+        .collect()
+}
+
+fn review(i: usize, old: &Value) -> Value {
     json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -114,7 +133,7 @@ fn review(i: usize) -> Value {
                 "groups": ["system:serviceaccounts", "system:serviceaccounts:agents", "system:authenticated"]
             },
             "object": null,
-            "oldObject": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": format!("s{i}"), "namespace": NS}},
+            "oldObject": old,
             "options": {"apiVersion": "meta.k8s.io/v1", "kind": "DeleteOptions"},
             "dryRun": false
         }
@@ -125,6 +144,7 @@ fn review(i: usize) -> Value {
 /// sharing the count through the API server: exactly 10 are admitted.
 pub fn three_replicas_share_the_count(w: &World) -> Result<()> {
     apply_policy(w, "e2e-churn-replicas", "secrets", 10)?;
+    let live = secrets(w, 30)?;
     let replicas = [
         start_agentguard(&w.plane, "agentguard-2", false)?,
         start_agentguard(&w.plane, "agentguard-3", false)?,
@@ -138,9 +158,10 @@ pub fn three_replicas_share_the_count(w: &World) -> Result<()> {
             reqwest::Client::builder().add_root_certificate(reqwest::Certificate::from_pem(&ca)?).build()?;
         let requests = (0..30).map(|i| {
             let (client, url) = (client.clone(), urls[i % 3].clone());
+            let review = review(i, &live[i]);
             async move {
                 let body: Value =
-                    client.post(&url).json(&review(i)).send().await?.error_for_status()?.json().await?;
+                    client.post(&url).json(&review).send().await?.error_for_status()?.json().await?;
                 let allowed = body["response"]["allowed"].as_bool().context("no verdict")?;
                 if !allowed {
                     let message = body["response"]["status"]["message"].as_str().unwrap_or_default();

@@ -11,6 +11,7 @@ mod pending;
 mod routes;
 mod scenarios;
 mod tamper;
+mod tickets;
 mod trail;
 mod world;
 
@@ -52,6 +53,12 @@ fn main() {
         }
     }
     scenarios::report_latency(&world);
+    let refused = scenarios::controller_refusals(&world);
+    if refused > 0 {
+        println!(
+            "agentguard refused {refused} writes by the controller-manager's controllers (see agentguard.log)"
+        );
+    }
     if failed > 0 {
         eprintln!(
             "--- agentguard log (last 40 lines) ---\n{}",

@@ -11,7 +11,11 @@ type Scenario = fn(&World) -> Result<()>;
 
 pub const ALL: &[(&str, Scenario)] = &[
     ("agent_delete_is_held_until_an_approver_annotates", delete_held_then_approved),
-    ("approval_expires_on_time", approval_expires),
+    ("approval_expires_and_nothing_written_later_revives_it", crate::tickets::expired_stays_expired),
+    ("a_planted_or_copied_approval_approves_nothing", crate::tickets::planted_or_copied),
+    ("a_delete_approval_goes_stale_when_the_object_changes", crate::tickets::stale_delete),
+    ("an_update_ticket_covers_exactly_one_change", crate::tickets::update_covers_one_change),
+    ("forged_admission_reviews_leave_no_record_and_no_approval_event", crate::tickets::forged_reviews),
     ("only_approvers_may_approve", only_approvers_approve),
     ("replace_apply_patch_and_scale_are_held_with_a_diff", updates_held_with_diff),
     ("server_dry_run_gets_the_same_answer_and_consumes_nothing", dry_run),
@@ -20,6 +24,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("agent_cannot_loosen_its_own_brakes", self_protection),
     ("warn_mode_admits_with_a_kubectl_warning", warn_mode),
     ("humans_and_unlabelled_service_accounts_never_reach_the_webhook", not_called),
+    ("controllers_reconcile_an_object_that_carries_an_approval", controllers_reconcile_approved_objects),
     ("a_newly_marked_agent_is_guarded_from_the_moment_the_mark_is_stored", labelled_later),
     ("invalid_policy_is_rejected_at_apply_time", invalid_policy),
     ("kubectl_get_shows_policies_ready", policies_ready),
@@ -76,41 +81,62 @@ pub fn namespace(w: &World, name: &str) -> Result<String> {
     Ok(ns)
 }
 
-fn deployment(w: &World, ns: &str, name: &str) -> Result<()> {
+pub(crate) fn deployment(w: &World, ns: &str, name: &str) -> Result<()> {
     let manifest = format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {name}}}}}\n\
          spec:\n  replicas: 1\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    \
          spec: {{containers: [{{name: web, image: 'nginx:1.27'}}]}}\n"
     );
     must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&manifest)))?;
-    Ok(())
+    settled(w, ns, name)
+}
+
+/// Waits until the deployment controller has seen Deployment `name` as it is now (it writes the
+/// `deployment.kubernetes.io/revision` annotation and the status), so that the object a scenario
+/// acts on is the one a human would review, not one a controller is about to write.
+pub(crate) fn settled(w: &World, ns: &str, name: &str) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let d = get_json(w, ns, "deployment", name)?;
+        let revision = &d["metadata"]["annotations"]["deployment.kubernetes.io/revision"];
+        if revision.is_string() && d["status"]["observedGeneration"] == d["metadata"]["generation"] {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the deployment controller never saw {ns}/{name} as it is ({} writes by kube-system controllers \
+             refused by agentguard)",
+            controller_refusals(w)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `kubectl get events.events.k8s.io` in `ns`, one line per Event rendered by `fields`
 /// (a jsonpath fragment such as `{.reason}`).
-fn events(w: &World, ns: &str, fields: &str) -> Result<String> {
+pub(crate) fn events(w: &World, ns: &str, fields: &str) -> Result<String> {
     let jsonpath = format!("jsonpath={{range .items[*]}}{fields}{{\"\\n\"}}{{end}}");
     must(w.plane.kubectl(&w.plane.admin, &["get", "events.events.k8s.io", "-n", ns, "-o", &jsonpath]))
 }
 
-fn exists(w: &World, ns: &str, kind: &str, name: &str) -> bool {
+pub(crate) fn exists(w: &World, ns: &str, kind: &str, name: &str) -> bool {
     w.plane.kubectl(&w.plane.admin, &["get", kind, name, "-n", ns]).status.success()
 }
 
-fn get_json(w: &World, ns: &str, kind: &str, name: &str) -> Result<Value> {
+pub(crate) fn get_json(w: &World, ns: &str, kind: &str, name: &str) -> Result<Value> {
     let out = must(w.plane.kubectl(&w.plane.admin, &["get", kind, name, "-n", ns, "-o", "json"]))?;
     Ok(serde_json::from_str(&out)?)
 }
 
 /// The `kubectl annotate …` command a denial tells the human to run, as arguments.
-fn approve_command(denial: &str) -> Result<Vec<String>> {
+pub(crate) fn approve_command(denial: &str) -> Result<Vec<String>> {
     let start = denial.find("runs: kubectl ").context("the denial names no approve command")?
         + "runs: kubectl ".len();
     let end = denial[start..].find(" — then retry").context("approve command not terminated")? + start;
     Ok(denial[start..end].split_whitespace().map(str::to_owned).collect())
 }
 
-fn run_as(w: &World, who: &std::path::Path, args: &[String]) -> std::process::Output {
+pub(crate) fn run_as(w: &World, who: &std::path::Path, args: &[String]) -> std::process::Output {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     w.plane.kubectl(who, &args)
 }
@@ -121,67 +147,59 @@ fn delete_held_then_approved(w: &World) -> Result<()> {
     let denial = rejects(
         w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns]),
         "the agent's delete",
-        &format!("kubectl annotate deployments.apps web -n {ns} agentguard.io/approve=delete --overwrite"),
+        &format!("kubectl annotate deployments.apps web -n {ns} agentguard.io/approve=delete."),
     )?;
     ensure!(denial.contains("ClusterAgentPolicy \"e2e-workloads\", rule \"workloads\""), "{denial}");
     ensure!(denial.contains("system:serviceaccount:agents:editor"), "{denial}");
+    ensure!(
+        denial.contains("Approvers: [ClusterAgentPolicy \"e2e-workloads\": users alice; groups sre]"),
+        "{denial}"
+    );
     ensure!(exists(w, &ns, "deployment", "web"), "the held deployment is gone");
     accepts(run_as(w, &w.alice, &approve_command(&denial)?), "alice's approval")?;
+    // The story is left as Events on the object: held, then the approval once it is stored…
+    wait_for_events(w, &ns, &["ApprovalRequired/Deployment/web", "ApprovalRecorded/Deployment/web"])?;
     accepts(w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns]), "the approved delete")?;
     ensure!(!exists(w, &ns, "deployment", "web"), "the approved delete did not delete");
-    // The story is left as Events on the object: held, approval recorded, approved.
-    let started = Instant::now();
-    loop {
-        let seen = events(w, &ns, "{.reason}/{.regarding.kind}/{.regarding.name}")?;
-        let want =
-            ["ApprovalRequired/Deployment/web", "ApprovalRecorded/Deployment/web", "Approved/Deployment/web"];
-        if want.iter().all(|w| seen.lines().any(|l| l == *w)) {
-            break;
-        }
-        ensure!(started.elapsed() < Duration::from_secs(10), "Events missing: {seen}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // …and the approved delete.
+    wait_for_events(w, &ns, &["Approved/Deployment/web"])?;
     Ok(())
 }
 
-fn approval_expires(w: &World) -> Result<()> {
-    let ns = namespace(w, "expiry")?;
-    deployment(w, &ns, "web")?;
-    let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(6);
-    let value = format!("agentguard.io/approve=delete;expires={}", expires.strftime("%Y-%m-%dT%H:%M:%SZ"));
-    accepts(
-        w.plane.kubectl(&w.alice, &["annotate", "deployment", "web", "-n", &ns, &value]),
-        "alice's approval",
-    )?;
-    accepts(
-        w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns, "--dry-run=server"]),
-        "a delete while the approval is valid",
-    )?;
-    let wait = expires.duration_since(jiff::Timestamp::now()).as_secs_f64().max(0.0) + 1.5;
-    std::thread::sleep(Duration::from_secs_f64(wait));
-    rejects(
-        w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns]),
-        "a delete after the approval expired",
-        "the approval expired at",
-    )?;
-    Ok(())
+/// Waits up to 15 seconds for Events `reason/kind/name` in `ns`.
+pub(crate) fn wait_for_events(w: &World, ns: &str, want: &[&str]) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let seen = events(w, ns, "{.reason}/{.regarding.kind}/{.regarding.name}")?;
+        if want.iter().all(|w| seen.lines().any(|l| l == *w)) {
+            return Ok(());
+        }
+        ensure!(started.elapsed() < Duration::from_secs(15), "Events missing ({want:?}): {seen}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn only_approvers_approve(w: &World) -> Result<()> {
     let ns = namespace(w, "approvers")?;
     deployment(w, &ns, "web")?;
-    let annotate = ["annotate", "deployment", "web", "-n", &ns, "agentguard.io/approve=delete"];
+    let denial = rejects(
+        w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns]),
+        "the delete",
+        "requires approval",
+    )?;
+    let approve = approve_command(&denial)?;
+    let annotate: Vec<&str> = approve.iter().map(String::as_str).collect();
     rejects(
         w.plane.kubectl(&w.editor, &annotate),
-        "the agent approving itself",
+        "the agent approving itself with its own ticket",
         "built-in rule \"approval-annotation\"",
     )?;
     rejects(w.plane.kubectl(&w.mallory, &annotate), "mallory's approval", "mallory is not an approver")?;
     rejects(
         w.plane
-            .kubectl(&w.alice, &["annotate", "deployment", "web", "-n", &ns, "agentguard.io/approve=update"]),
-        "an update approval without a digest",
-        "must name the change",
+            .kubectl(&w.alice, &["annotate", "deployment", "web", "-n", &ns, "agentguard.io/approve=delete"]),
+        "an approval without a ticket",
+        "is malformed",
     )?;
     let meta = get_json(w, &ns, "deployment", "web")?;
     ensure!(meta["metadata"]["annotations"]["agentguard.io/approve"].is_null(), "an approval was stored");
@@ -235,7 +253,7 @@ fn updates_held_with_diff(w: &World) -> Result<()> {
             &["patch", "deployment", "web", "-n", &ns, "-p", r#"{"spec":{"paused":false}}"#],
         ),
         "a second, different patch",
-        "does not cover",
+        "the approval is for a different change than this one",
     )?;
     Ok(())
 }
@@ -251,12 +269,20 @@ fn dry_run(w: &World) -> Result<()> {
     let dry = ["delete", "deployment", "web", "-n", &ns, "--dry-run=server"];
     let real_answer = rejects(w.plane.kubectl(&w.editor, &delete), "the delete", "requires approval")?;
     let dry_answer = rejects(w.plane.kubectl(&w.editor, &dry), "the dry-run delete", "requires approval")?;
+    // The same answer, down to the ticket (issued a moment later, for the same state).
+    let same = |answer: &str| -> Result<String> {
+        let text = denial_text(answer);
+        let ticket = crate::tickets::ticket_in(text)?;
+        Ok(text.replace(&ticket, "TICKET").split(" — then retry").next().unwrap_or_default().to_owned())
+    };
     ensure!(
-        denial_text(&real_answer) == denial_text(&dry_answer),
+        same(&real_answer)? == same(&dry_answer)?,
         "dry run answered differently:\n{real_answer}\n{dry_answer}"
     );
 
-    accepts(run_as(w, &w.alice, &approve_command(&real_answer)?), "alice's approval")?;
+    // Approved ahead of the real attempt, with the ticket the agent's dry run printed.
+    accepts(run_as(w, &w.alice, &approve_command(&dry_answer)?), "alice's approval")?;
+    let value = crate::tickets::ticket_in(denial_text(&dry_answer))?;
     std::thread::sleep(Duration::from_millis(500));
     let count = |reason: &str| -> Result<usize> {
         let out = events(w, &ns, "{.reason}")?;
@@ -268,7 +294,7 @@ fn dry_run(w: &World) -> Result<()> {
     ensure!(count("Approved")? == approved_before, "the dry run left an Event");
     let after = get_json(w, &ns, "deployment", "web")?;
     ensure!(
-        after["metadata"]["annotations"]["agentguard.io/approve"] == "delete",
+        after["metadata"]["annotations"]["agentguard.io/approve"] == value.as_str(),
         "the dry run consumed the approval"
     );
     accepts(w.plane.kubectl(&w.editor, &delete), "the real delete after the dry run")?;
@@ -305,7 +331,7 @@ fn namespace_delete(w: &World) -> Result<()> {
         "ClusterAgentPolicy \"e2e-namespaces\"",
     )?;
     ensure!(
-        denial.contains(&format!("kubectl annotate namespaces {ns} agentguard.io/approve=delete")),
+        denial.contains(&format!("kubectl annotate namespaces {ns} agentguard.io/approve=delete.")),
         "{denial}"
     );
     let phase =
@@ -359,6 +385,44 @@ fn warn_mode(w: &World) -> Result<()> {
         "{out}"
     );
     Ok(())
+}
+
+/// How many writes by the controller-manager's controllers agentguard has refused so far (its
+/// log): there should be none.
+pub(crate) fn controller_refusals(w: &World) -> usize {
+    let log = std::fs::read_to_string(w.plane.dir.path().join("agentguard.log")).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("\"refused\"") && l.contains("system:serviceaccount:kube-system:"))
+        .count()
+}
+
+/// The controllers reconcile an object that carries an approval: the deployment controller
+/// copies a Deployment's annotations, the approval among them, onto its ReplicaSet, and no
+/// controller's write may be refused. An approved scale reaches the ReplicaSet.
+fn controllers_reconcile_approved_objects(w: &World) -> Result<()> {
+    let ns = namespace(w, "reconcile")?;
+    deployment(w, &ns, "web")?;
+    let scale = ["patch", "deployment", "web", "-n", &ns, "-p", r#"{"spec":{"replicas":3}}"#];
+    let denial = rejects(w.plane.kubectl(&w.editor, &scale), "scaling to 3", "requires approval")?;
+    accepts(run_as(w, &w.alice, &approve_command(&denial)?), "alice's approval")?;
+    accepts(w.plane.kubectl(&w.editor, &scale), "the approved scale")?;
+    let started = Instant::now();
+    loop {
+        let replicas = must(w.plane.kubectl(
+            &w.plane.admin,
+            &["get", "replicasets", "-n", &ns, "-l", "app=web", "-o", "jsonpath={.items[*].spec.replicas}"],
+        ))?;
+        if replicas.trim() == "3" {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the ReplicaSet has {replicas:?} replicas 30 s after the approved scale to 3; agentguard refused {} \
+             writes by kube-system controllers",
+            controller_refusals(w)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn not_called(w: &World) -> Result<()> {

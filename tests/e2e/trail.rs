@@ -135,6 +135,7 @@ pub fn a_change_refused_later_is_marked(w: &World) -> Result<()> {
          webhooks:\n- name: refuser.e2e.test\n  admissionReviewVersions: [v1]\n  sideEffects: None\n  failurePolicy: Fail\n  \
          timeoutSeconds: 2\n  clientConfig: {{url: 'https://127.0.0.1:{}/refuse', caBundle: {}}}\n  \
          objectSelector: {{matchLabels: {{refuse: 'true'}}}}\n  \
+         matchConditions: [{{name: not-dry-run, expression: '!request.dryRun'}}]\n  \
          rules: [{{apiGroups: [apps], apiVersions: ['*'], operations: [DELETE], resources: [deployments]}}]\n",
         free_port(),
         base64(&ca)
@@ -147,12 +148,14 @@ pub fn a_change_refused_later_is_marked(w: &World) -> Result<()> {
             .kubectl(&w.plane.admin, &["create", "deployment", "doomed", "-n", LATER, "--image=nginx:1.27"]),
     )?;
     must(w.plane.kubectl(&w.plane.admin, &["label", "deployment", "doomed", "-n", LATER, "refuse=true"]))?;
-    // Approved up front: the refuser answers every delete of it, held or not.
-    must(w.plane.kubectl(
-        &w.alice,
-        &["annotate", "deployment", "doomed", "-n", LATER, "agentguard.io/approve=delete", "--overwrite"],
-    ))?;
+    crate::scenarios::settled(w, LATER, "doomed")?;
+    // Approved up front, with the ticket of the agent's server-side dry run (which the refuser
+    // lets through): the refuser answers every real delete of it, held or not.
     let args = ["delete", "deployment", "doomed", "-n", LATER];
+    let dry = [&args[..], &["--dry-run=server"]].concat();
+    let held = rejects(w.plane.kubectl(&w.editor, &dry), "the agent's dry run", "requires approval")?;
+    let approve = approve_command(&held)?;
+    must(w.plane.kubectl(&w.alice, &approve.iter().map(String::as_str).collect::<Vec<_>>()))?;
     rejects(w.plane.kubectl(&w.editor, &args), "the delete the other webhook refuses", "refuser.e2e.test")?;
     let phantom = record(w, LATER, "DELETE", "doomed")?;
     must(w.plane.kubectl(&w.plane.admin, &["delete", "validatingwebhookconfiguration", "e2e-refuser"]))?;

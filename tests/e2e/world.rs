@@ -123,6 +123,8 @@ impl World {
             must(plane.kubectl(&admin, &args))?;
         }
         must(plane.kubectl_stdin(&admin, &["apply", "-f", "-"], Some(POLICIES)))?;
+        // Approvals written before agentguard was installed (no webhook saw them).
+        must(plane.kubectl_stdin(&admin, &["apply", "-f", "-"], Some(PLANTED_BEFORE_INSTALL)))?;
 
         let agentguard = start_agentguard(&plane, "agentguard", true)?;
         let agent = plane.service_account_kubeconfig("agents", "coder")?;
@@ -189,6 +191,38 @@ impl World {
         }
     }
 }
+
+/// Approvals no webhook saw: the old grammar with a far expiry, and a well-formed ticket
+/// (version 1, a year long) that agentguard never issued.
+const PLANTED_BEFORE_INSTALL: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: e2e-preinstall}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: old-grammar
+  namespace: e2e-preinstall
+  annotations: {agentguard.io/approve: "delete;expires=2099-01-01T00:00:00Z"}
+spec:
+  selector: {matchLabels: {app: old-grammar}}
+  template:
+    metadata: {labels: {app: old-grammar}}
+    spec: {containers: [{name: web, image: "nginx:1.27"}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: fabricated
+  namespace: e2e-preinstall
+  annotations: {agentguard.io/approve: "delete.AQAAAABrDUMgAeEzgAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}
+spec:
+  selector: {matchLabels: {app: fabricated}}
+  template:
+    metadata: {labels: {app: fabricated}}
+    spec: {containers: [{name: web, image: "nginx:1.27"}]}
+"#;
 
 const POLICIES: &str = r#"
 apiVersion: agentguard.io/v1alpha1
