@@ -399,7 +399,42 @@ fn install(c: &Cluster) -> Result<Duration> {
     if c.verbose {
         println!("\n[admin] $ helm {}", args.join(" "));
     }
-    c.helm(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    if let Err(e) = c.helm(&args) {
+        // Who made what, when: the webhook configuration's writers and the pods' start.
+        let webhook = c
+            .admin(&[
+                "get",
+                "validatingwebhookconfiguration",
+                RELEASE,
+                "-o",
+                "jsonpath={.metadata.creationTimestamp} {.metadata.managedFields[*].manager}",
+            ])
+            .unwrap_or_default();
+        let pods = c
+            .admin(&["get", "pods", "-n", NS, "-o", "jsonpath={.items[*].status.startTime}"])
+            .unwrap_or_default();
+        let deployment = c
+            .admin(&["get", "deployment", RELEASE, "-n", NS, "-o", "jsonpath={.metadata.creationTimestamp}"])
+            .unwrap_or_default();
+        let what = format!(
+            "{e:#}\nwebhook configuration created {webhook}; Deployment created {deployment}; pods started {pods}"
+        );
+        // A known race, not of this node's making: agentguard registers its webhook
+        // configuration when it finds none, and a replica that starts before Helm has created
+        // the chart's copy makes Helm's create fail. Said, then tried once more from scratch.
+        let race = format!(
+            "validatingwebhookconfigurations.admissionregistration.k8s.io \"{RELEASE}\" already exists"
+        );
+        ensure!(what.contains(&race), "{what}\n{}", c.node.pod_logs(NS, 15));
+        println!(
+            "note: helm install lost the race with agentguard registering its own webhook configuration:\n{what}"
+        );
+        c.helm(&["uninstall", RELEASE, "-n", NS, "--wait", "--timeout=120s"])?;
+        let _ = c.admin(&["delete", "validatingwebhookconfiguration", RELEASE, "--ignore-not-found"]);
+        c.helm(&args).context("helm install, tried again after losing the race")?;
+        println!("note: helm install succeeded when tried again");
+    }
     let ready = c.wait_ready_pods(3, Duration::from_secs(240))?;
     c.wait_routed(3, Duration::from_secs(60))?;
     let total = started.elapsed();
