@@ -41,10 +41,25 @@ pub trait Lookup: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<Collateral>>>;
 }
 
-/// Whether an admitted request still needs the ownership view: an agent's DELETE, when some
-/// policy guards DELETEs.
-pub fn needed(request: &AdmissionRequest, policies: &PolicySet) -> bool {
-    request.operation == "DELETE" && !policies.delete_guarded_resources().is_empty()
+/// Whether an admitted request still needs the ownership view, when some policy guards DELETEs:
+/// an agent's DELETE (judged with what it takes along), or a human's approval of a delete (whose
+/// writer must be an approver for what the delete takes along too).
+pub fn needed(request: &AdmissionRequest, agent: bool, policies: &PolicySet) -> bool {
+    if policies.delete_guarded_resources().is_empty() {
+        return false;
+    }
+    let approves_delete = || {
+        let value = |o: &Option<Value>| {
+            o.as_ref()?
+                .pointer("/metadata/annotations")?
+                .get(crate::api::APPROVE_ANNOTATION)?
+                .as_str()
+                .map(str::to_owned)
+        };
+        let new = value(&request.object);
+        new.as_deref().is_some_and(|v| v.starts_with("delete.")) && new != value(&request.old_object)
+    };
+    (agent && request.operation == "DELETE") || (!agent && request.operation == "UPDATE" && approves_delete())
 }
 
 /// Whether the DELETE hands its object's dependents to the garbage collector.

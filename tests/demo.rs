@@ -57,6 +57,27 @@ fn main() -> Result<()> {
 
     show(&world, "admin", &admin, &["create", "namespace", "demo"], None);
     show(&world, "admin", &admin, &["create", "deployment", "web", "-n", "demo", "--image=nginx:1.27"], None);
+    // The deployment controller writes its revision annotation at once: the agent acts on the
+    // object as it then stays, as a human would review it.
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(30) {
+        let revision = world.plane.kubectl(
+            &admin,
+            &[
+                "get",
+                "deployment",
+                "web",
+                "-n",
+                "demo",
+                "-o",
+                r"jsonpath={.metadata.annotations.deployment\.kubernetes\.io/revision}",
+            ],
+        );
+        if !revision.stdout.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     let denial = show(&world, "agent", &world.agent, &["delete", "deployment", "web", "-n", "demo"], None);
     let command: Vec<String> = denial
         .split_once("runs: kubectl ")

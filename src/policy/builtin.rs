@@ -61,18 +61,31 @@ pub(super) fn approval_write(
                 .to_owned()
         })?;
 
-    // The enforced RequireApproval policies this approval would satisfy.
+    // The enforced RequireApproval policies this approval would satisfy. A delete covers what
+    // it takes with it (the request path found it: `facts.collateral`). An update may be held
+    // as the DELETE it amounts to (finalizers removed, a controller armed), which the ticket
+    // alone does not tell: its writer must be an approver under the policies guarding either.
     let mut covering = Vec::new();
-    let operation = match ticket.op {
-        Op::Delete => Operation::Delete,
-        Op::Update => Operation::Update { patch: None },
+    let probes: &[Operation] = match ticket.op {
+        Op::Delete => &[Operation::Delete],
+        Op::Update => &[Operation::Update { patch: None }, Operation::Delete],
     };
-    let probe = Facts { operation, ..facts.clone() };
-    for m in policies
-        .matching(&probe, directory, |p| p.mode == Mode::Enforce && p.action == Action::RequireApproval)
-    {
-        if m.escape.is_none() && !covering.iter().any(|p: &&super::CompiledPolicy| p.id == m.policy.id) {
-            covering.push(m.policy);
+    for operation in probes {
+        let probe = Facts { operation: *operation, object: None, ..facts.clone() };
+        let probe = match operation {
+            Operation::Update { .. } => Facts { object: facts.object, ..probe },
+            _ => probe,
+        };
+        for effect in super::effects::of(&probe) {
+            let enforced_holds =
+                |p: &super::CompiledPolicy| p.mode == Mode::Enforce && p.action == Action::RequireApproval;
+            for m in policies.matching_effect(&effect, directory, enforced_holds) {
+                if m.escape.is_none()
+                    && !covering.iter().any(|p: &&super::CompiledPolicy| p.id == m.policy.id)
+                {
+                    covering.push(m.policy);
+                }
+            }
         }
     }
     if covering.is_empty() {

@@ -410,6 +410,7 @@ impl PolicySet {
     }
 
     /// Rules that match the request's object, resource and operation, in policy order.
+    #[cfg(test)]
     fn matching<'p>(
         &'p self,
         facts: &Facts<'_>,

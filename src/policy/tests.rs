@@ -1337,6 +1337,90 @@ mod routes {
     }
 
     #[test]
+    fn an_update_held_as_the_delete_it_arms_can_be_approved_by_that_policys_approvers() {
+        let pvs = set(
+            vec![policy(
+                "volumes",
+                "RequireApproval",
+                json!(["DELETE"]),
+                json!({"apiGroups": [""], "resources": ["persistentvolumes"]}),
+            )],
+            vec![],
+        );
+        let pv = |p: &str| json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "x", "uid": "pv1", "managedFields": []}, "spec": {"persistentVolumeReclaimPolicy": p}});
+        fn on_pv<'a>(old: &'a Value, new: &'a Value) -> Facts<'a> {
+            Facts {
+                group: "",
+                resource: "persistentvolumes",
+                namespace: "",
+                name: "x",
+                ..facts(Operation::Update { patch: None }, Some(old), Some(new))
+            }
+        }
+        let (retain, delete) = (pv("Retain"), pv("Delete"));
+        assert!(!decide(&pvs, Who::LabelledAgent, &on_pv(&retain, &delete)).allowed());
+        // alice (group sre) writes the update ticket the denial printed.
+        let approved = with_approval(retain.clone(), &ticket(&retain, Some(&delete), NOW), NOW);
+        let d = decide(&pvs, Who::Human, &on_pv(&retain, &approved));
+        assert_eq!(d.verdict, Verdict::Allow(Allowed::ApprovalAccepted), "{d:?}");
+        // With the approval stored, the agent's change goes through.
+        let mut armed = approved.clone();
+        armed["spec"]["persistentVolumeReclaimPolicy"] = json!("Delete");
+        assert!(decide(&pvs, Who::LabelledAgent, &on_pv(&approved, &armed)).allowed());
+    }
+
+    #[test]
+    fn approving_a_delete_needs_an_approver_for_what_it_takes_with_it() {
+        let policies = set(
+            vec![
+                cluster_policy(
+                    "namespaces",
+                    json!({"action": "RequireApproval", "approval": {"approvers": {"users": ["alice"]}},
+                    "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": [""], "resources": ["namespaces"]}]}]}),
+                ),
+                cluster_policy(
+                    "databases",
+                    json!({"action": "RequireApproval", "approval": {"approvers": {"users": ["dba"]}},
+                    "rules": [{"operations": ["DELETE"], "resources": [{"apiGroups": ["apps"], "resources": ["statefulsets"]}]}]}),
+                ),
+            ],
+            vec![],
+        );
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "prod", "uid": "ns1", "managedFields": []}});
+        let value = ticket(&ns, None, NOW);
+        let approved = with_approval(ns.clone(), &value, NOW);
+        let db = Collateral {
+            group: "apps".into(),
+            resource: "statefulsets".into(),
+            namespace: "prod".into(),
+            name: "db".into(),
+            object: json!({"metadata": {"name": "db", "namespace": "prod"}}),
+            via: "in Namespace \"prod\"".into(),
+        };
+        let collateral = [db];
+        let write = Facts {
+            group: "",
+            resource: "namespaces",
+            namespace: "prod",
+            name: "prod",
+            collateral: &collateral,
+            ..facts(Operation::Update { patch: Some(true) }, Some(&ns), Some(&approved))
+        };
+        let as_user = |user: &str| {
+            let r = Requester::resolve(user, &[], &directory(), ("agentguard.io/agent", "true"));
+            evaluate(&write, &r, &policies, &directory(), &config(), now())
+        };
+        let d = as_user("alice");
+        assert!(
+            refused(&d).contains("alice is not an approver under ClusterAgentPolicy \"databases\""),
+            "{d:?}"
+        );
+        let alone = Facts { collateral: &[], ..write.clone() };
+        let r = Requester::resolve("alice", &[], &directory(), ("agentguard.io/agent", "true"));
+        assert!(evaluate(&alone, &r, &policies, &directory(), &config(), now()).allowed());
+    }
+
+    #[test]
     fn agents_may_not_mint_tokens_for_identities_without_brakes() {
         let request = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest"});
         let token_for = |ns: &'static str, name: &'static str| Facts {

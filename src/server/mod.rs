@@ -260,17 +260,17 @@ async fn validate(State(state): State<Arc<AppState>>, route: Route, body: Body) 
         admission::review_on(&request, route, &snapshot)
     };
     let mut decision = decide(&[]);
-    // An agent's DELETE that would be admitted is judged again with what it would take with it.
-    if decision.agent
-        && decision.allowed()
+    // An agent's DELETE that would be admitted is judged again with what it would take with it;
+    // so is a human's approval of a delete (its writer must approve for all of that too).
+    if decision.allowed()
         && let Some(ownership) = &state.ownership
-        && crate::ownership::needed(&request, &policies)
+        && crate::ownership::needed(&request, decision.agent, &policies)
     {
         match ownership.collateral(&request, &policies).await {
             Ok(collateral) if collateral.is_empty() => {}
             Ok(collateral) => decision = decide(&collateral),
             Err(e) => {
-                // Unknown blast radius: the agent's DELETE fails closed.
+                // Unknown blast radius: the DELETE (or its approval) fails closed.
                 tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "cannot look up what the delete cascades to; refusing");
                 let message =
                     format!("agentguard could not find what this delete would take with it: {e:#}; retry");
