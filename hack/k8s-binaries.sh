@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes binaries the end-to-end tests run against, from Go
 # modules at pinned versions (no prebuilt downloads): kube-apiserver,
-# kube-controller-manager and kubectl (k8s.io/kubernetes), etcd
-# (go.etcd.io/etcd/server/v3) and helm (helm.sh/helm/v3).
+# kube-controller-manager, kubectl, and for the one-node cluster kube-scheduler, kubelet and
+# kube-proxy (k8s.io/kubernetes), etcd (go.etcd.io/etcd/server/v3) and helm (helm.sh/helm/v3).
 #
 # Usage:
 #   hack/k8s-binaries.sh           build whatever is missing, then print one
 #                                  NAME=/abs/path line per binary on stdout:
 #                                    eval "$(hack/k8s-binaries.sh)"
 #                                  sets KUBE_APISERVER, KUBE_CONTROLLER_MANAGER,
-#                                  KUBECTL, ETCD and HELM,
+#                                  KUBECTL, KUBE_SCHEDULER, KUBELET, KUBE_PROXY,
+#                                  ETCD and HELM,
 #                                  and PROMETHEUS_OPERATOR_CRDS,
 #                                  CERT_MANAGER_CRDS and CROSSPLANE_AWS_CRDS
 #                                  (see below).
@@ -66,6 +67,9 @@ BINARIES=(
   "kube-apiserver|KUBE_APISERVER|$KUBERNETES_VERSION|kubernetes|k8s.io/kubernetes/cmd/kube-apiserver"
   "kube-controller-manager|KUBE_CONTROLLER_MANAGER|$KUBERNETES_VERSION|kubernetes|k8s.io/kubernetes/cmd/kube-controller-manager"
   "kubectl|KUBECTL|$KUBERNETES_VERSION|kubernetes|k8s.io/kubernetes/cmd/kubectl"
+  "kube-scheduler|KUBE_SCHEDULER|$KUBERNETES_VERSION|kubernetes|k8s.io/kubernetes/cmd/kube-scheduler"
+  "kubelet|KUBELET|$KUBERNETES_VERSION|kubernetes|k8s.io/kubernetes/cmd/kubelet"
+  "kube-proxy|KUBE_PROXY|$KUBERNETES_VERSION|kubernetes|k8s.io/kubernetes/cmd/kube-proxy"
   "etcd|ETCD|$ETCD_VERSION|etcd|go.etcd.io/etcd/server/v3"
   "helm|HELM|$HELM_VERSION|helm|helm.sh/helm/v3/cmd/helm"
 )
@@ -145,7 +149,8 @@ regen() {
   command -v go >/dev/null || die "go is not installed"
   regen_module kubernetes k8s.io/kubernetes "$KUBERNETES_VERSION" \
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-    k8s.io/kubernetes/cmd/kubectl
+    k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet \
+    k8s.io/kubernetes/cmd/kube-proxy
   regen_module etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3
   regen_module helm helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 }

@@ -9,9 +9,9 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "cargo fmt --check"
 cargo fmt --all --check
 
-step "cargo clippy --all-targets -- -D warnings (and the suites cargo test skips: chart, demo, e2e)"
+step "cargo clippy --all-targets -- -D warnings (and the suites cargo test skips: chart, demo, e2e, cluster)"
 cargo clippy --locked --all-targets -- -D warnings
-cargo clippy --locked --test chart --test demo --test e2e -- -D warnings
+cargo clippy --locked --test chart --test demo --test e2e --test cluster -- -D warnings
 
 step "generated CRDs match the Rust types"
 cargo run --locked --quiet -- crds | diff -u charts/agentguard/crds/crds.yaml - \
@@ -42,3 +42,11 @@ cargo test --locked --test demo -- --exit
 
 step "end-to-end tests against a real kube-apiserver, kube-controller-manager and etcd"
 cargo test --locked --test e2e
+
+step "the chart on a one-node cluster: the image built here, run by kubelet and containerd (install, deny/approve, rollout restart under load, replicas killed, PDB, upgrade, uninstall)"
+eval "$(hack/k8s-binaries.sh)"
+eval "$(hack/node.sh)"
+eval "$(hack/image.sh)"
+export KUBE_SCHEDULER KUBELET KUBE_PROXY CONTAINERD CTR CNI_BIN_DIR IPTABLES \
+  AGENTGUARD_IMAGE AGENTGUARD_IMAGE_ARCHIVE PAUSE_IMAGE PAUSE_IMAGE_ARCHIVE
+cargo test --locked --test cluster

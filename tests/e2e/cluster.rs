@@ -79,9 +79,11 @@ impl Pki {
         self.ca_key.serialize_pem()
     }
 
-    /// A serving certificate for 127.0.0.1: (cert PEM, key PEM).
+    /// A serving certificate for 127.0.0.1, and for the `kubernetes` Service's first address
+    /// (10.0.0.1 of `--service-cluster-ip-range`) that pods on a node reach it by: (cert PEM, key PEM).
     pub fn serving(&self) -> Result<(String, String)> {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+        let names = ["127.0.0.1", "localhost", "10.0.0.1", "kubernetes.default.svc"];
+        let mut params = CertificateParams::new(names.map(String::from).to_vec())?;
         params.distinguished_name.push(DnType::CommonName, "127.0.0.1");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params)
