@@ -211,6 +211,12 @@ pub struct Settings {
 
 /// Leases and events never reach agentguard — only in their real groups: a custom resource
 /// named `events` or `leases` in any other group is guarded like any other.
+/// Kubernetes' own components never reach the `approvals` webhook: the deployment controller
+/// copies a Deployment's annotations, an approval included, onto its ReplicaSets, and must
+/// neither pay a webhook call nor be blocked while agentguard is down. (What they copy is inert:
+/// a ticket approves only the object it was issued for.)
+const NOT_CLUSTER_COMPONENTS: &str = "!request.userInfo.username.startsWith('system:serviceaccount:kube-system:') && !request.userInfo.username.startsWith('system:node:') && !(request.userInfo.username in ['system:kube-controller-manager', 'system:kube-scheduler'])";
+
 const NOT_LEASES_OR_EVENTS: &str = "!(request.resource.group == 'coordination.k8s.io' && request.resource.resource == 'leases') && !(request.resource.group in ['', 'events.k8s.io'] && request.resource.resource == 'events')";
 
 /// `s` as a CEL string literal that denotes exactly `s`: single-quoted, with the backslash and
@@ -361,6 +367,7 @@ pub fn desired(
                 &["CREATE", "UPDATE"],
                 vec![
                     condition("not-leases-or-events", NOT_LEASES_OR_EVENTS.into()),
+                    condition("not-cluster-components", NOT_CLUSTER_COMPONENTS.into()),
                     condition(GUARD_CONDITION, guard_condition(label_keys)),
                 ],
             ),
@@ -1186,6 +1193,8 @@ mod tests {
         assert!(helpers.contains(&guard_condition(&keys())), "_helpers.tpl drifted from guard_condition()");
         let quoted = serde_json::to_string(NOT_LEASES_OR_EVENTS).unwrap();
         assert!(webhook.contains(&quoted), "webhook.yaml drifted from NOT_LEASES_OR_EVENTS");
+        let quoted = serde_json::to_string(NOT_CLUSTER_COMPONENTS).unwrap();
+        assert!(webhook.contains(&quoted), "webhook.yaml drifted from NOT_CLUSTER_COMPONENTS");
     }
 
     #[test]
@@ -1202,7 +1211,7 @@ mod tests {
             assert_eq!(conditions[0].expression, NOT_LEASES_OR_EVENTS);
             assert!(conditions.len() <= 64);
         }
-        assert!(webhooks[1].match_conditions.as_ref().unwrap()[1].expression.contains(APPROVE_ANNOTATION));
+        assert!(webhooks[1].match_conditions.as_ref().unwrap()[2].expression.contains(APPROVE_ANNOTATION));
     }
 
     /// The conditions evaluated as the API server would, on the variables it binds.
@@ -1256,6 +1265,26 @@ mod tests {
         // Approvals still go through it.
         let approved = json!({"metadata": {"name": "web", "annotations": {APPROVE_ANNOTATION: "delete"}}});
         assert!(matches(&guard, write("configmaps"), approved, json!({"metadata": {"name": "web"}})));
+    }
+
+    #[test]
+    fn kubernetes_own_components_never_reach_the_approvals_webhook() {
+        let by = |user: &str| {
+            let request = serde_json::json!({"userInfo": {"username": user}});
+            matches(NOT_CLUSTER_COMPONENTS, request, serde_json::Value::Null, serde_json::Value::Null)
+        };
+        for component in [
+            "system:serviceaccount:kube-system:deployment-controller",
+            "system:kube-controller-manager",
+            "system:kube-scheduler",
+            "system:node:node-1",
+        ] {
+            assert!(!by(component), "{component}");
+        }
+        for other in ["alice", "system:serviceaccount:agents:coder", "system:serviceaccount:argo:controller"]
+        {
+            assert!(by(other), "{other}");
+        }
     }
 
     #[test]

@@ -17,13 +17,29 @@ pub const AGENT_LABEL_RULE: &str = "agent-label";
 pub const AGENT_NAMESPACE_RULE: &str = "agent-namespace-label";
 pub const AGENT_IDENTITY_RULE: &str = "agent-identity";
 
-/// Checks a CREATE or UPDATE that sets or changes the approval annotation.
-/// `Ok(true)`: a valid approval was written; `Ok(false)`: the request writes no approval
-/// (removing one, or leaving it as it is, is always allowed); `Err`: why the write is refused.
+/// What a write does to the approval annotation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// No approval written (none set, removed, or left as it is).
+    Nothing,
+    /// A valid approval of this object, by an approver.
+    Approval,
+    /// A value that is no approval of this object, written by someone who is not an agent: it
+    /// can never approve anything, so it is admitted, with this warning. The deployment
+    /// controller copies a Deployment's annotations onto its ReplicaSets, ticket included, and
+    /// controllers must never be blocked by agentguard.
+    Inert(String),
+}
+
+/// Checks a CREATE or UPDATE that sets or changes the approval annotation; `Err` says why the
+/// write is refused.
 ///
 /// A valid approval is a ticket agentguard issued for this object (uid), still live, and for a
 /// delete, for the state the object will be in; its writer is an approver under every enforced
-/// RequireApproval policy that covers the operation on this object.
+/// RequireApproval policy that covers the operation on this object. Agents may not set or change
+/// the annotation at all. Anyone else writing a value that is not a ticket for this object writes
+/// nothing that counts ([`Written::Inert`]); a ticket for this object is refused unless its writer
+/// may approve.
 pub(super) fn approval_write(
     facts: &Facts<'_>,
     requester: &Requester,
@@ -32,17 +48,17 @@ pub(super) fn approval_write(
     directory: &dyn Directory,
     config: &Config,
     now: Timestamp,
-) -> Result<bool, String> {
+) -> Result<Written, String> {
     if !matches!(facts.operation, Operation::Create | Operation::Update { .. }) {
-        return Ok(false);
+        return Ok(Written::Nothing);
     }
     let Some(new) = facts.object.and_then(approval::annotation) else {
-        return Ok(false);
+        return Ok(Written::Nothing);
     };
     // The value is unchanged: whatever else the request does, it writes no approval. (Nothing
     // else about the object, managedFields included, bears on an approval's lifetime.)
     if facts.old_object.and_then(approval::annotation) == Some(new) {
-        return Ok(false);
+        return Ok(Written::Nothing);
     }
     if agent {
         return Err(format!(
@@ -50,16 +66,30 @@ pub(super) fn approval_write(
             crate::api::APPROVE_ANNOTATION
         ));
     }
-    let ticket = Ticket::parse(new).map_err(|e| format!("the approval {new:?} is malformed: {e}"))?;
+    let inert = |why: String| {
+        Ok(Written::Inert(format!(
+            "{} {new:?} approves nothing: {why}. Approve with the command a denial (or agentguard pending) prints.",
+            crate::api::APPROVE_ANNOTATION
+        )))
+    };
+    let ticket = match Ticket::parse(new) {
+        Ok(ticket) => ticket,
+        Err(e) => return inert(format!("it is malformed ({e})")),
+    };
     let uid = facts
         .object
         .and_then(|o| o.pointer("/metadata/uid"))
         .and_then(serde_json::Value::as_str)
-        .filter(|u| !u.is_empty() && facts.old_object.is_some())
-        .ok_or_else(|| {
-            "an approval can only be written on an existing object, with the ticket its denial printed"
-                .to_owned()
-        })?;
+        .filter(|u| !u.is_empty() && facts.old_object.is_some());
+    let Some(uid) = uid else {
+        return inert("an approval is written on an existing object, not at its creation".into());
+    };
+    if config.approval_keys.is_empty() {
+        return Err(approval::Refusal::NoKey.to_string());
+    }
+    if !ticket.authentic(&config.approval_keys, uid) {
+        return inert("it is not a ticket agentguard issued for this object".into());
+    }
 
     // The enforced RequireApproval policies this approval would satisfy. A delete covers what
     // it takes with it (the request path found it: `facts.collateral`). An update may be held
@@ -123,7 +153,7 @@ pub(super) fn approval_write(
         }
         other => other.to_string(),
     })?;
-    Ok(true)
+    Ok(Written::Approval)
 }
 
 /// Agents' changes to agentguard itself, its policies and the markers that make them agents.

@@ -768,13 +768,20 @@ fn decide(
     };
 
     // 1. Approval writes are checked whoever sends them.
-    let approval_written =
-        match builtin::approval_write(facts, requester, agent, policies, directory, config, now) {
-            Err(detail) => return deny(Reason::Builtin { rule: builtin::APPROVAL_RULE, detail }, None),
-            Ok(written) => written,
-        };
+    let written = match builtin::approval_write(facts, requester, agent, policies, directory, config, now) {
+        Err(detail) => return deny(Reason::Builtin { rule: builtin::APPROVAL_RULE, detail }, None),
+        Ok(written) => written,
+    };
     if !agent {
-        return Decision::allow(if approval_written { Allowed::ApprovalAccepted } else { Allowed::NotAgent });
+        return match written {
+            builtin::Written::Approval => Decision::allow(Allowed::ApprovalAccepted),
+            builtin::Written::Nothing => Decision::allow(Allowed::NotAgent),
+            builtin::Written::Inert(why) => {
+                let mut decision = Decision::allow(Allowed::NotAgent);
+                decision.warnings.push(format!("agentguard: {why}"));
+                decision
+            }
+        };
     }
 
     // 2. Built-in rules: agents may not loosen their own brakes.

@@ -864,11 +864,21 @@ mod builtins {
                 "{value}: {d:?}"
             );
         };
-        refused("delete", deployment(3), "is malformed");
-        refused("update:0123456789abcdef", deployment(3), "is malformed");
+        // A value that is no ticket for this object approves nothing, whoever writes it: a human's
+        // (or a controller's: the deployment controller copies a Deployment's annotations onto
+        // its ReplicaSets) is admitted with a warning, and never counts as an approval.
+        let inert = |value: &str, who: &Requester| {
+            let d = run(who, &with_approval(deployment(3), value, NOW));
+            assert_eq!(d.verdict, Verdict::Allow(Allowed::NotAgent), "{value}: {d:?}");
+            assert!(d.warnings.iter().any(|w| w.contains("approves nothing")), "{value}: {d:?}");
+        };
         let mut other = deployment(3);
         other["metadata"]["uid"] = json!("u2");
-        refused(&ticket(&other, None, NOW), deployment(3), "not issued by agentguard for this object");
+        for value in ["delete", "update:0123456789abcdef", &ticket(&other, None, NOW)] {
+            inert(value, &requester(Who::Human));
+            inert(value, &mallory(&["dev"]));
+        }
+        // A ticket for this object is checked in full: who writes it, whether it is live, the state.
         refused(&delete_ticket, deployment(2), "no longer in the state the delete was reviewed in");
         refused(&ticket(&old, None, "2026-11-26T10:00:00Z"), deployment(3), "expired");
         refused(&ticket(&old, None, "2026-11-26T13:00:00Z"), deployment(3), "in the future");
@@ -903,16 +913,17 @@ mod builtins {
             matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("nothing to approve")),
             "{d:?}"
         );
-        // CREATE carrying an approval is an approval write too, and no ticket can cover it.
+        // CREATE carrying an approval: no ticket can cover an object that did not exist. An agent
+        // is refused; anyone else's copy (a controller creating a ReplicaSet) is inert.
         let create =
             Facts { operation: Operation::Create, old_object: None, ..approve_request(&old, &approved) };
-        for who in [Who::LabelledAgent, Who::Human] {
-            assert_eq!(
-                builtin_rule(&decide(&policies, who, &create)),
-                Some(builtin::APPROVAL_RULE),
-                "{who:?}"
-            );
-        }
+        assert_eq!(
+            builtin_rule(&decide(&policies, Who::LabelledAgent, &create)),
+            Some(builtin::APPROVAL_RULE)
+        );
+        let d = decide(&policies, Who::Human, &create);
+        assert_eq!(d.verdict, Verdict::Allow(Allowed::NotAgent), "{d:?}");
+        assert!(d.warnings.iter().any(|w| w.contains("not at its creation")), "{d:?}");
     }
 
     #[test]

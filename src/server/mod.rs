@@ -440,7 +440,8 @@ fn events_for(request: &admission::AdmissionRequest, decision: &Decision) -> Vec
             record.stored = Some(stored);
             vec![record]
         }
-        Verdict::Allow(_) if !decision.warnings.is_empty() => one(
+        // Only for agents: an inert approval value a controller copied warns its writer, no more.
+        Verdict::Allow(_) if decision.agent && !decision.warnings.is_empty() => one(
             true,
             "PolicyWarning",
             format!("{} by {who}: {}", request.operation, decision.warnings.join("; ")),
