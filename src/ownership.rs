@@ -72,7 +72,8 @@ pub fn cascades(options: Option<&Value>) -> bool {
 /// The live view, asking the API server.
 pub struct Ownership {
     client: kube::Client,
-    discovered: tokio::sync::Mutex<Option<(Instant, Arc<Types>)>>,
+    /// The last discovery: when, for which set of CRDs, and what it found.
+    discovered: tokio::sync::Mutex<Option<(Instant, String, Arc<Types>)>>,
     /// API calls made (lists, owner reads), for the log line each lookup leaves.
     calls: std::sync::atomic::AtomicU64,
 }
@@ -92,10 +93,34 @@ impl Ownership {
         Self { client, discovered: Default::default(), calls: Default::default() }
     }
 
+    /// The served resource types: rediscovered once a minute, and at once when a CRD was
+    /// created, changed or deleted since (a CRD made a moment ago must not be unknown to the
+    /// delete of it, or of the namespace holding its resources).
     async fn types(&self) -> Result<Arc<Types>> {
+        let crds: Api<
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        > = Api::all(self.client.clone());
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut versions: Vec<String> = crds
+            .list_metadata(&ListParams::default())
+            .await
+            .context("listing CustomResourceDefinitions")?
+            .items
+            .into_iter()
+            .map(|c| {
+                format!(
+                    "{}@{}",
+                    c.metadata.name.unwrap_or_default(),
+                    c.metadata.resource_version.unwrap_or_default()
+                )
+            })
+            .collect();
+        versions.sort();
+        let fingerprint = versions.join(",");
         let mut slot = self.discovered.lock().await;
-        if let Some((at, types)) = slot.as_ref()
+        if let Some((at, seen, types)) = slot.as_ref()
             && at.elapsed() < DISCOVERY_FOR
+            && *seen == fingerprint
         {
             return Ok(types.clone());
         }
@@ -113,7 +138,7 @@ impl Ownership {
             }
         }
         let types = Arc::new(types);
-        *slot = Some((Instant::now(), types.clone()));
+        *slot = Some((Instant::now(), fingerprint, types.clone()));
         Ok(types)
     }
 
