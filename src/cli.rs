@@ -155,6 +155,10 @@ pub struct WebhookArgs {
     /// API server timeout for one webhook call, in seconds.
     #[arg(long, env = "AGENTGUARD_WEBHOOK_TIMEOUT_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(i32).range(1..=30))]
     pub webhook_timeout_seconds: i32,
+    /// Create the configuration if it has never been seen (`false` when an installer such as
+    /// the Helm chart creates it; one seen and then deleted is recreated either way).
+    #[arg(long, env = "AGENTGUARD_CREATE_WEBHOOK_CONFIGURATION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub create_webhook_configuration: bool,
 }
 
 impl WebhookArgs {
@@ -167,6 +171,7 @@ impl WebhookArgs {
             webhook_service,
             webhook_ca_file,
             webhook_timeout_seconds,
+            create_webhook_configuration,
         } = self;
         let endpoint = match (webhook_url, webhook_service) {
             (Some(url), _) => Endpoint::Url(url.clone()),
@@ -190,6 +195,7 @@ impl WebhookArgs {
             endpoint,
             ca_file: webhook_ca_file.clone(),
             timeout_seconds: *webhook_timeout_seconds,
+            create_absent: *create_webhook_configuration,
         }))
     }
 }

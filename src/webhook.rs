@@ -207,16 +207,20 @@ pub struct Settings {
     /// PEM CA bundle file, re-read on every pass so certificate rotation propagates.
     pub ca_file: PathBuf,
     pub timeout_seconds: i32,
+    /// Create the configuration when it has never been seen. Off when an installer (the Helm
+    /// chart) creates it: a replica starting before Helm's write would otherwise win the race
+    /// and fail the install. A configuration seen and then deleted is recreated either way.
+    pub create_absent: bool,
 }
 
-/// Leases and events never reach agentguard — only in their real groups: a custom resource
-/// named `events` or `leases` in any other group is guarded like any other.
 /// Kubernetes' own components never reach the `approvals` webhook: the deployment controller
 /// copies a Deployment's annotations, an approval included, onto its ReplicaSets, and must
 /// neither pay a webhook call nor be blocked while agentguard is down. (What they copy is inert:
 /// a ticket approves only the object it was issued for.)
 const NOT_CLUSTER_COMPONENTS: &str = "!request.userInfo.username.startsWith('system:serviceaccount:kube-system:') && !request.userInfo.username.startsWith('system:node:') && !(request.userInfo.username in ['system:kube-controller-manager', 'system:kube-scheduler'])";
 
+/// Leases and events never reach agentguard — only in their real groups: a custom resource
+/// named `events` or `leases` in any other group is guarded like any other.
 const NOT_LEASES_OR_EVENTS: &str = "!(request.resource.group == 'coordination.k8s.io' && request.resource.resource == 'leases') && !(request.resource.group in ['', 'events.k8s.io'] && request.resource.resource == 'events')";
 
 /// `s` as a CEL string literal that denotes exactly `s`: single-quoted, with the backslash and
@@ -742,6 +746,10 @@ impl Registrar {
         if live.released && live.object.is_none() {
             return Ok(());
         }
+        if live.object.is_none() && live.last_metadata.is_none() && !self.settings.create_absent {
+            // Its installer has not written it yet.
+            return Ok(());
+        }
         let (mut want, set) = self.want(live.object.as_ref(), &AgentSet::default()).await?;
         if live.object.is_none() {
             // Recreated as its installer left it: Helm still owns it, so upgrades and uninstall go on.
@@ -945,6 +953,7 @@ mod tests {
             endpoint: Endpoint::Url("https://127.0.0.1:8443/validate".into()),
             ca_file: PathBuf::new(),
             timeout_seconds: 5,
+            create_absent: true,
         }
     }
 
