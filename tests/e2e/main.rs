@@ -53,6 +53,7 @@ fn main() {
         }
     }
     scenarios::report_latency(&world);
+    scenarios::report_ownership_lookups(&world);
     let refused = scenarios::controller_refusals(&world);
     if refused > 0 {
         println!(

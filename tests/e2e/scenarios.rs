@@ -195,14 +195,20 @@ fn only_approvers_approve(w: &World) -> Result<()> {
         "built-in rule \"approval-annotation\"",
     )?;
     rejects(w.plane.kubectl(&w.mallory, &annotate), "mallory's approval", "mallory is not an approver")?;
-    rejects(
+    // A value without a ticket approves nothing, whoever writes it: the writer is told so, and
+    // the agent's delete stays held.
+    let inert = accepts(
         w.plane
             .kubectl(&w.alice, &["annotate", "deployment", "web", "-n", &ns, "agentguard.io/approve=delete"]),
-        "an approval without a ticket",
-        "is malformed",
+        "a value without a ticket (inert)",
     )?;
-    let meta = get_json(w, &ns, "deployment", "web")?;
-    ensure!(meta["metadata"]["annotations"]["agentguard.io/approve"].is_null(), "an approval was stored");
+    ensure!(inert.contains("approves nothing"), "alice was not warned: {inert}");
+    rejects(
+        w.plane.kubectl(&w.editor, &["delete", "deployment", "web", "-n", &ns]),
+        "the delete under a value without a ticket",
+        "malformed",
+    )?;
+    ensure!(exists(w, &ns, "deployment", "web"), "the held deployment is gone");
     Ok(())
 }
 
@@ -628,6 +634,33 @@ pub fn report_latency(w: &World) {
         println!(
             "agent DELETE through agents.agentguard.io: {count} calls, mean {:.2} ms (apiserver_admission_webhook_admission_duration_seconds)",
             sum / count * 1000.0
+        );
+    }
+}
+
+/// What the ownership view cost: each lookup of what an agent's DELETE (or a delete approval)
+/// would take with it leaves a log line with its API calls and time.
+pub fn report_ownership_lookups(w: &World) {
+    let log = std::fs::read_to_string(w.plane.dir.path().join("agentguard.log")).unwrap_or_default();
+    let lookups: Vec<(u64, u64)> = log
+        .lines()
+        .filter(|l| l.contains("looked up what an agent's delete would take with it"))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| {
+            let fields = v.get("fields").unwrap_or(&v);
+            Some((fields.get("calls")?.as_u64()?, fields.get("took_ms")?.as_u64()?))
+        })
+        .collect();
+    if let (Some(calls_min), Some(calls_max), Some(ms_max)) = (
+        lookups.iter().map(|l| l.0).min(),
+        lookups.iter().map(|l| l.0).max(),
+        lookups.iter().map(|l| l.1).max(),
+    ) {
+        let ms_total: u64 = lookups.iter().map(|l| l.1).sum();
+        println!(
+            "ownership view: {} lookups, {calls_min}–{calls_max} API calls each, mean {} ms, max {ms_max} ms",
+            lookups.len(),
+            ms_total / lookups.len() as u64
         );
     }
 }

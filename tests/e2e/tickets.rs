@@ -138,31 +138,50 @@ pub fn planted_or_copied(w: &World) -> Result<()> {
     let ns = namespace(w, "planted")?;
     deployment(w, &ns, "a")?;
     deployment(w, &ns, "b")?;
-    rejects(
+    // A value that is no ticket for its object approves nothing, whoever writes it (controllers
+    // copy annotations between objects): the writer is warned, and the agent stays held.
+    let inert = accepts(
         w.plane
             .kubectl(&w.alice, &["annotate", "deployment", "a", "-n", &ns, "agentguard.io/approve=delete"]),
-        "an approver writing an approval without a ticket",
-        "is malformed",
+        "an approver writing a value without a ticket (inert)",
     )?;
+    ensure!(inert.contains("approves nothing"), "alice was not warned: {inert}");
     let for_a = ticket_in(&rejects(
         w.plane.kubectl(&w.agent, &delete(&ns, "a")),
-        "deleting a",
+        "deleting a under a value without a ticket",
         "requires approval",
     )?)?;
     let copied = format!("agentguard.io/approve={for_a}");
-    rejects(
+    let inert = accepts(
         w.plane.kubectl(&w.alice, &["annotate", "deployment", "b", "-n", &ns, &copied]),
-        "a ticket for a copied onto b",
-        "not issued by agentguard for this object",
+        "a ticket for a copied onto b (inert)",
     )?;
-    // Created with an approval: no ticket can cover an object that did not exist.
+    ensure!(
+        inert.contains("not a ticket agentguard issued for this object"),
+        "alice was not warned: {inert}"
+    );
+    rejects(
+        w.plane.kubectl(&w.agent, &delete(&ns, "b")),
+        "deleting b under a's ticket",
+        "requires approval",
+    )?;
+    // Created with an approval: no ticket can cover an object that did not exist. An agent may
+    // not; anyone else's copy is inert.
     let manifest = json!({"apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": "born-approved", "namespace": ns, "annotations": {"agentguard.io/approve": for_a}}});
-    let created = w.plane.kubectl_stdin(&w.alice, &["create", "-f", "-"], Some(&manifest.to_string()));
-    ensure!(!created.status.success(), "an object was created carrying an approval");
-    ensure!(
-        get_json(w, &ns, "deployment", "b")?["metadata"]["annotations"]["agentguard.io/approve"].is_null()
-    );
+    rejects(
+        w.plane.kubectl_stdin(&w.agent, &["create", "-f", "-"], Some(&manifest.to_string())),
+        "an agent creating an object carrying an approval",
+        "approval-annotation",
+    )?;
+    let created = accepts(
+        w.plane.kubectl_stdin(&w.alice, &["create", "-f", "-"], Some(&manifest.to_string())),
+        "alice creating an object carrying a copied approval (inert)",
+    )?;
+    ensure!(created.contains("approves nothing"), "alice was not warned: {created}");
+    for name in ["a", "b"] {
+        ensure!(exists(w, &ns, "deployment", name), "{name} was deleted");
+    }
     Ok(())
 }
 
