@@ -1295,3 +1295,25 @@ pub fn audit_reports_status_rights(w: &World) -> Result<()> {
     }
     Ok(())
 }
+
+/// Becoming someone without brakes: an agent minting a token for a ServiceAccount that is not an
+/// agent (as `edit` would let it do in its namespaces) is refused; a token for another agent is not.
+pub fn tokens_for_identities_without_brakes_are_refused(w: &World) -> Result<()> {
+    let denial = rejects(
+        w.plane.kubectl(&w.agent, &["create", "token", "helper", "-n", "agents"]),
+        "the agent minting a token for the unlabelled helper",
+        "agent-identity",
+    )?;
+    ensure!(denial.contains("agents/helper"), "{denial}");
+    let token = accepts(
+        w.plane.kubectl(&w.agent, &["create", "token", "editor", "-n", "agents"]),
+        "the agent minting a token for another agent",
+    )?;
+    ensure!(!token.trim().is_empty(), "no token");
+    // People are untouched.
+    accepts(
+        w.plane.kubectl(&w.plane.admin, &["create", "token", "helper", "-n", "agents"]),
+        "the admin minting a token for the helper",
+    )?;
+    Ok(())
+}

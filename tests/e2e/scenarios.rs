@@ -44,6 +44,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     ),
     ("route_webhook_configuration_tampering_is_restored", crate::routes::tampering_is_restored),
     ("route_eviction_is_judged_as_the_pods_delete", crate::routes::eviction_is_a_delete),
+    (
+        "route_tokens_for_identities_without_brakes_are_refused",
+        crate::routes::tokens_for_identities_without_brakes_are_refused,
+    ),
     ("route_removing_finalizers_is_judged_as_the_delete", crate::routes::finalizers_complete_a_delete),
     (
         "route_owner_delete_cascading_to_guarded_dependents_is_refused",
