@@ -59,6 +59,10 @@ pub struct AuditArgs {
     /// Exit 1 when a finding has at least this severity (`none`: never).
     #[arg(long, env = "AGENTGUARD_AUDIT_FAIL_ON", value_enum, default_value_t = FailOn::Critical)]
     pub fail_on: FailOn,
+    /// agentguard's own ServiceAccount (in `--self-namespace`), whose rights are reported beside
+    /// the agents' (a guard's credentials are worth stealing too).
+    #[arg(long, env = "AGENTGUARD_SELF_SERVICE_ACCOUNT", default_value = "agentguard")]
+    pub self_service_account: String,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -230,6 +234,8 @@ pub enum Why {
     Flag,
     /// A policy's `subjects.usernames` / `subjects.groups`.
     Policy,
+    /// Not an agent: agentguard itself, whose own rights are reported beside the agents'.
+    Agentguard,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -458,6 +464,35 @@ pub fn checks(identity: &Identity, self_namespace: &str, webhook_configuration: 
     out
 }
 
+/// What agentguard's own ServiceAccount is asked about: the rights whose theft would hurt most.
+/// Reading Secrets is reported, not hidden: the ownership view lists every resource type a
+/// DELETE rule guards (see `readableResources` in the chart).
+pub fn own_checks() -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut add = |id, severity, verbs, resource, scope: Scope| {
+        out.push(Check { id, severity, verbs, resource, name: None, scope, becomes_service_account: false })
+    };
+    let (critical, each) = (Severity::Critical, || Scope::EachNamespace);
+    add("read-secrets", Severity::High, &["get", "list", "watch"], res("", "secrets"), each());
+    for &(resource, cluster_scoped, _) in DESTRUCTIVE {
+        let scope = if cluster_scoped { Scope::Cluster } else { Scope::EachNamespace };
+        add("delete", Severity::High, DELETE, resource, scope);
+    }
+    add("impersonate", critical, &["impersonate"], res("", "users"), Scope::Cluster);
+    add("impersonate", critical, &["impersonate"], res("", "groups"), Scope::Cluster);
+    add("impersonate", critical, &["impersonate"], res("", "serviceaccounts"), each());
+    add("escalate", critical, &["escalate"], res(RBAC, "clusterroles"), Scope::Cluster);
+    add("bind", critical, &["bind"], res(RBAC, "clusterroles"), each());
+    add("rbac-write", critical, WRITE, res(RBAC, "clusterroles"), Scope::Cluster);
+    add("rbac-write", critical, WRITE, res(RBAC, "clusterrolebindings"), Scope::Cluster);
+    add("rbac-write", critical, WRITE, res(RBAC, "rolebindings"), each());
+    let admission = "admissionregistration.k8s.io";
+    // Its own configuration is granted by name; any other is not its business.
+    add("webhook-write", critical, WRITE, res(admission, "validatingwebhookconfigurations"), Scope::Cluster);
+    add("webhook-write", critical, WRITE, res(admission, "mutatingwebhookconfigurations"), Scope::Cluster);
+    out
+}
+
 /// One access review: identity and check indexes, verb, and namespace (`None`: cluster-wide, or
 /// a cluster-scoped resource).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -599,6 +634,8 @@ pub struct AgentReport {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Report {
     pub agents: Vec<AgentReport>,
+    /// agentguard's own ServiceAccount: reported, never counted in the exit code.
+    pub own: Option<AgentReport>,
     pub agent_namespaces: Vec<String>,
     pub namespaces: usize,
     pub access_reviews: usize,
@@ -613,9 +650,10 @@ impl Report {
         self.agents.iter().map(|a| a.findings.len()).sum()
     }
 
-    /// `audit: N agents, M findings (c critical, h high, m medium); R access reviews over K namespaces`.
+    /// `audit: N agents, M findings (c critical, h high, m medium); R access reviews over K
+    /// namespaces`, then agentguard's own findings when it was audited.
     pub fn summary(&self) -> String {
-        format!(
+        let mut line = format!(
             "audit: {} agents, {} findings ({} critical, {} high, {} medium); {} access reviews over {} namespaces",
             self.agents.len(),
             self.findings(),
@@ -624,7 +662,15 @@ impl Report {
             self.count(Severity::Medium),
             self.access_reviews,
             self.namespaces,
-        )
+        );
+        if let Some(own) = &self.own {
+            line.push_str(&format!(
+                "; agentguard itself ({}): {} findings",
+                own.identity.identity,
+                own.findings.len()
+            ));
+        }
+        line
     }
 
     /// 0, or [`EXIT_FINDINGS`] when a finding reaches the threshold.
@@ -640,7 +686,7 @@ impl Report {
     /// the finding, the one long column, comes last.
     pub fn table(&self) -> String {
         let mut rows: Vec<[String; 4]> = vec![["IDENTITY", "SEVERITY", "SCOPE", "FINDING"].map(String::from)];
-        for agent in &self.agents {
+        for agent in self.agents.iter().chain(&self.own) {
             let identity = &agent.identity.identity;
             if agent.findings.is_empty() {
                 rows.push([identity.clone(), "-".into(), "-".into(), "no rights that matter".into()]);
@@ -712,8 +758,18 @@ impl Report {
                 value
             })
             .collect();
+        let own = self.own.as_ref().map(|o| {
+            let mut value = serde_json::to_value(&o.identity).unwrap_or_default();
+            value["findings"] = o
+                .findings
+                .iter()
+                .map(|f| serde_json::json!({"check": f.check, "severity": f.severity, "verbs": f.verbs, "resources": f.resources}))
+                .collect();
+            value
+        });
         serde_json::json!({
             "agents": agents,
+            "agentguard": own,
             "agentNamespaces": self.agent_namespaces,
             "summary": {
                 "agents": self.agents.len(),
@@ -757,6 +813,7 @@ pub fn report(
         .collect();
     Report {
         agents,
+        own: None,
         agent_namespaces: agent_namespaces.iter().cloned().collect(),
         namespaces,
         access_reviews: answers.len(),
@@ -788,8 +845,8 @@ pub fn review(identity: &Identity, check: &Check, ask: &Ask) -> SubjectAccessRev
 /// `agentguard audit`: prints the report; the exit code says whether the threshold was reached
 /// (1) or the cluster could not be audited (2).
 pub async fn run(args: AuditArgs) -> ExitCode {
-    let AuditArgs { kubeconfig, context, output, fail_on, engine } = args;
-    let report = match audit(kubeconfig, context, &engine).await {
+    let AuditArgs { kubeconfig, context, output, fail_on, self_service_account, engine } = args;
+    let report = match audit(kubeconfig, context, &self_service_account, &engine).await {
         Ok(report) => report,
         Err(e) => {
             eprintln!("audit failed: {e:#}");
@@ -838,7 +895,12 @@ where
     }
 }
 
-async fn audit(kubeconfig: Option<PathBuf>, context: Option<String>, engine: &EngineArgs) -> Result<Report> {
+async fn audit(
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    self_service_account: &str,
+    engine: &EngineArgs,
+) -> Result<Report> {
     let config = engine.config()?;
     let self_namespace = config.self_namespace.clone().unwrap_or_else(|| DEFAULT_SELF_NAMESPACE.into());
     let client = client(kubeconfig, context).await?;
@@ -862,9 +924,12 @@ async fn audit(kubeconfig: Option<PathBuf>, context: Option<String>, engine: &En
     let namespaces: Vec<ObjectMeta> = namespaces.items.into_iter().map(|n| n.metadata).collect();
     let service_accounts: Vec<ObjectMeta> = service_accounts.items.into_iter().map(|s| s.metadata).collect();
     let set = crate::index::agent_set(&policies, &config, &namespaces, &service_accounts);
-    let identities = agents(&set, &service_accounts, &policies, &config);
-    let plan: Vec<Vec<Check>> =
+    let mut identities = agents(&set, &service_accounts, &policies, &config);
+    let mut plan: Vec<Vec<Check>> =
         identities.iter().map(|i| checks(i, &self_namespace, &config.self_name_prefix)).collect();
+    // agentguard's own rights, asked last and reported apart.
+    identities.push(Identity::service_account(&self_namespace, self_service_account, vec![Why::Agentguard]));
+    plan.push(own_checks());
     let names: Vec<String> = namespaces.iter().filter_map(|n| n.name.clone()).collect();
 
     let api = Api::<SubjectAccessReview>::all(client);
@@ -890,7 +955,9 @@ async fn audit(kubeconfig: Option<PathBuf>, context: Option<String>, engine: &En
     let second = second_round(&plan, &answers, &names);
     answers.extend(ask_all(second).await?);
     answers.sort();
-    Ok(report(identities, &plan, &answers, &set.namespaces, names.len()))
+    let mut report = report(identities, &plan, &answers, &set.namespaces, names.len());
+    report.own = report.agents.pop();
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -1178,6 +1245,7 @@ mod tests {
         };
         let many: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
         Report {
+            own: None,
             agents: vec![
                 AgentReport {
                     identity: sa("web", "coder", &[Why::Label]),
@@ -1314,6 +1382,48 @@ mod tests {
             .spec
             .user,
             None
+        );
+    }
+
+    #[test]
+    fn agentguards_own_rights_are_reported_beside_the_agents_and_never_fail_the_audit() {
+        let own = sa("agentguard-system", "agentguard", &[Why::Agentguard]);
+        let ids: Vec<&str> = own_checks().iter().map(|c| c.id).collect();
+        for id in ["read-secrets", "rbac-write", "escalate", "bind", "impersonate", "webhook-write", "delete"]
+        {
+            assert!(ids.contains(&id), "{id} not asked");
+        }
+        let finding = Finding {
+            check: "rbac-write",
+            severity: Severity::Critical,
+            verbs: vec!["create"],
+            resources: vec!["clusterrolebindings".into()],
+            scope: Where::Cluster,
+            note: None,
+        };
+        let report = Report {
+            agents: vec![AgentReport { identity: sa("web", "coder", &[Why::Label]), findings: vec![] }],
+            own: Some(AgentReport { identity: own, findings: vec![finding] }),
+            agent_namespaces: vec![],
+            namespaces: 1,
+            access_reviews: 10,
+        };
+        assert!(
+            report.table().contains("system:serviceaccount:agentguard-system:agentguard  critical"),
+            "{}",
+            report.table()
+        );
+        assert!(report.summary().starts_with("audit: 1 agents, 0 findings"), "{}", report.summary());
+        assert!(
+            report.summary().ends_with(
+                "agentguard itself (system:serviceaccount:agentguard-system:agentguard): 1 findings"
+            )
+        );
+        assert_eq!(report.json()["agentguard"]["findings"][0]["check"], "rbac-write");
+        assert_eq!(
+            report.exit_code(FailOn::Critical),
+            0,
+            "agentguard's own rights are reported, not failed on"
         );
     }
 }
