@@ -131,6 +131,14 @@ pub fn reports_granted_rights(w: &World) -> Result<()> {
     ensure!(stderr.contains("audit: ") && stderr.contains(" critical, "), "no summary line: {stderr}");
     let agents = report["agents"].as_array().context("agents")?;
     let by_identity = |name: &str| agents.iter().find(|a| a["identity"] == name);
+    // agentguard's own ServiceAccount is audited beside the agents, apart from them.
+    let own = &report["agentguard"];
+    ensure!(
+        own["identity"] == "system:serviceaccount:agentguard-system:agentguard",
+        "agentguard itself: {own}"
+    );
+    ensure!(own["why"] == serde_json::json!(["agentguard"]), "{own}");
+    ensure!(stderr.contains("agentguard itself ("), "no own line in the summary: {stderr}");
 
     let agent = by_identity(AGENT).context("the labelled ServiceAccount is not listed")?;
     ensure!(agent["kind"] == "ServiceAccount" && agent["why"] == serde_json::json!(["label"]), "{agent}");
