@@ -56,6 +56,8 @@ fn record(w: &World, ns: &str, operation: &str, name: &str) -> Result<Value> {
                 && r["spec"]["target"]["name"] == name
                 && r["spec"]["operation"] == operation
                 && r["status"]["outcome"].as_str().is_some_and(|o| !o.is_empty())
+                // The checker writes the status, then the label: wait for both.
+                && r["metadata"]["labels"]["agentguard.io/outcome"] != "pending"
         });
         if let Some(r) = found {
             return Ok(r.clone());
