@@ -138,15 +138,19 @@ impl Drop for Process {
     }
 }
 
-pub fn spawn(name: &'static str, mut command: Command, log: &Path) -> Result<Process> {
+pub fn spawn(name: &'static str, command: Command, log: &Path) -> Result<Process> {
+    Ok(Process { name, child: start_logged(name, command, log)?, log: log.to_owned() })
+}
+
+/// Starts `command` with no input and stdout and stderr written to `log`.
+pub fn start_logged(name: &str, mut command: Command, log: &Path) -> Result<Child> {
     let out = std::fs::File::create(log)?;
-    let child = command
+    command
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
         .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok(Process { name, child, log: log.to_owned() })
+        .with_context(|| format!("starting {name}"))
 }
 
 /// A process of the control plane exited while it started: most often a port [`free_port`]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::cluster::{ControlPlane, free_port, tail};
+use crate::cluster::{ControlPlane, free_port, start_logged, tail};
 
 /// The bridge pods are attached to; the name is this project's, so a leftover is recognised.
 pub const BRIDGE: &str = "agentguard0";
@@ -100,15 +100,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn spawn(name: &'static str, mut command: Command, log: PathBuf) -> Result<Self> {
-        let out = std::fs::File::create(&log)?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Self { name, child, log })
+    fn spawn(name: &'static str, command: Command, log: PathBuf) -> Result<Self> {
+        Ok(Self { name, child: start_logged(name, command, &log)?, log })
     }
 
     fn check(&mut self) -> Result<()> {
