@@ -12,7 +12,9 @@
 //! one list per guarded resource type in the namespace (cluster-wide for a cluster-scoped owner
 //! or a CRD), and one metadata read per intermediate owner not already listed (a ReplicaSet
 //! between a Deployment and its Pods). Nothing here decides: it returns [`Collateral`] for the
-//! pure engine. An error fails the agent's request closed.
+//! pure engine. An error fails the agent's request closed. A guarded type agentguard may not
+//! list (Secrets, unless the chart is told to let it read them) is not an error: what the DELETE
+//! takes of it is unseen, and judged as if it took any object of that type.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -67,6 +69,20 @@ pub fn cascades(options: Option<&Value>) -> bool {
     let orphan = options.and_then(|o| o.get("propagationPolicy")).and_then(Value::as_str) == Some("Orphan")
         || options.and_then(|o| o.get("orphanDependents")).and_then(Value::as_bool) == Some(true);
     !orphan
+}
+
+/// A guarded resource type agentguard's role does not let it list (the chart's
+/// `readableResources`, which leaves Secrets out unless `readSecrets`). What a DELETE would take
+/// of it is unseen, and judged as if it took any object of that type (see
+/// [`Collateral::unseen`]).
+#[derive(Debug, thiserror::Error)]
+#[error("agentguard may not list {resource}")]
+struct Unreadable {
+    resource: String,
+}
+
+fn resource_name(ar: &ApiResource) -> String {
+    if ar.group.is_empty() { ar.plural.clone() } else { format!("{}.{}", ar.plural, ar.group) }
 }
 
 /// The live view, asking the API server.
@@ -148,10 +164,13 @@ impl Ownership {
             Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
             None => Api::all_with(self.client.clone(), ar),
         };
-        let list = api
-            .list_metadata(&ListParams::default())
-            .await
-            .with_context(|| format!("listing {}.{}", ar.plural, ar.group))?;
+        let list = match api.list_metadata(&ListParams::default()).await {
+            Ok(list) => list,
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                return Err(Unreadable { resource: resource_name(ar) }.into());
+            }
+            Err(e) => return Err(e).with_context(|| format!("listing {}", resource_name(ar))),
+        };
         Ok(list.items.into_iter().map(|o| o.metadata).collect())
     }
 
@@ -175,6 +194,17 @@ impl Ownership {
             name: meta.name.clone().unwrap_or_default(),
             object: json!({"metadata": meta}),
             via,
+            unseen: false,
+        };
+        // A guarded type agentguard may not list: whatever of it the request takes is assumed.
+        let unseen = |ar: &ApiResource, namespace: Option<&str>, why: &str| Collateral {
+            group: ar.group.clone(),
+            resource: ar.plural.clone(),
+            namespace: namespace.unwrap_or_default().to_owned(),
+            name: String::new(),
+            object: Value::Null,
+            via: format!("{why}, unseen: agentguard may not read {}", resource_name(ar)),
+            unseen: true,
         };
         let mut out = Vec::new();
 
@@ -182,8 +212,11 @@ impl Ownership {
         if facts.group.is_empty() && facts.resource == "namespaces" {
             for (_, (ar, namespaced)) in guarded.iter().filter(|(_, (_, namespaced))| *namespaced) {
                 debug_assert!(namespaced);
-                for meta in self.list(ar, Some(facts.name)).await? {
-                    out.push(collateral(ar, meta, format!("in Namespace {:?}", facts.name)));
+                let via = format!("in Namespace {:?}", facts.name);
+                match self.list(ar, Some(facts.name)).await {
+                    Ok(metas) => out.extend(metas.into_iter().map(|m| collateral(ar, m, via.clone()))),
+                    Err(e) if e.is::<Unreadable>() => out.push(unseen(ar, Some(facts.name), &via)),
+                    Err(e) => return Err(e),
                 }
             }
             return Ok(out);
@@ -195,12 +228,11 @@ impl Ownership {
             let plural =
                 spec.and_then(|s| s.pointer("/names/plural")).and_then(Value::as_str).unwrap_or_default();
             if let Some((_, (ar, _))) = guarded.iter().find(|((g, r), _)| g == group && r == plural) {
-                for meta in self.list(ar, None).await? {
-                    out.push(collateral(
-                        ar,
-                        meta,
-                        format!("a custom resource of CustomResourceDefinition {:?}", facts.name),
-                    ));
+                let via = format!("a custom resource of CustomResourceDefinition {:?}", facts.name);
+                match self.list(ar, None).await {
+                    Ok(metas) => out.extend(metas.into_iter().map(|m| collateral(ar, m, via.clone()))),
+                    Err(e) if e.is::<Unreadable>() => out.push(unseen(ar, None, &via)),
+                    Err(e) => return Err(e),
                 }
             }
             return Ok(out);
@@ -222,7 +254,18 @@ impl Ownership {
             if scope.is_some() && !namespaced {
                 continue;
             }
-            for meta in self.list(ar, if *namespaced { scope } else { None }).await? {
+            let namespace = if *namespaced { scope } else { None };
+            let metas = match self.list(ar, namespace).await {
+                Ok(metas) => metas,
+                Err(e) if e.is::<Unreadable>() => {
+                    let via =
+                        format!("a dependent of {} {:?} (garbage collector)", request.kind.kind, facts.name);
+                    out.push(unseen(ar, namespace, &via));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for meta in metas {
                 if let Some(u) = &meta.uid {
                     known.insert(u.clone(), meta.clone());
                 }

@@ -513,6 +513,8 @@ fn run() -> Result<()> {
         "check agentguard runs with the chart's RBAC: guards, registers, writes policy status, Events and churn counts ... ok"
     );
 
+    least_privilege(&setup, &agent, &alice)?;
+
     // Its own certificates rotate while agents keep sending requests: first the serving
     // certificate, then the CA (a new CA trusted beside the old, then signing): none fails.
     let secret_key = |key: &str| -> Result<String> {
@@ -688,6 +690,105 @@ fn run() -> Result<()> {
         "a delete after uninstall",
     )?;
     println!("check helm uninstall removes the webhook configuration ... ok");
+    Ok(())
+}
+
+/// The approve command agentguard printed in a refusal, as arguments to kubectl.
+fn approve_command(refusal: &str) -> Result<Vec<String>> {
+    let command = refusal
+        .split(" runs: ")
+        .nth(1)
+        .and_then(|rest| rest.split(" — then retry").next())
+        .with_context(|| format!("no approve command in the refusal: {refusal}"))?;
+    Ok(command.split_whitespace().skip(1).map(str::to_owned).collect())
+}
+
+/// agentguard's own token reads no Secret, and what that costs is what the chart says: an
+/// agent's change to a Secret is recorded unverified, and a DELETE that may cascade into Secrets
+/// a policy guards is judged as if it took them (unless it orphans its dependents).
+fn least_privilege(setup: &Setup, agent: &Path, alice: &Path) -> Result<()> {
+    let me = format!("--as=system:serviceaccount:{NS}:agentguard");
+    let can = |verb: &str, what: &str, scope: &str| -> bool {
+        setup.plane.kubectl(&setup.plane.admin, &["auth", "can-i", verb, what, scope, &me]).status.success()
+    };
+    for (verb, what, scope) in
+        [("get", "secrets", "-n=demo"), ("list", "secrets", "-A"), ("watch", "secrets", "-A")]
+    {
+        ensure!(!can(verb, what, scope), "agentguard's ServiceAccount may {verb} {what} ({scope})");
+    }
+    for (verb, what) in [
+        ("list", "configmaps"),
+        ("list", "deployments.apps"),
+        ("get", "persistentvolumes"),
+        // A CRD's group the cluster served at install.
+        ("list", "certificates.cert-manager.io"),
+    ] {
+        ensure!(can(verb, what, "-A"), "agentguard's ServiceAccount may not {verb} {what}");
+    }
+
+    // An approved change to a Secret: admitted, recorded, and marked unverified.
+    setup.admin(&["create", "secret", "generic", "creds", "-n", "demo", "--from-literal=k=v"])?;
+    let label = ["label", "secret", "creds", "-n", "demo", "rotated=1"];
+    let refusal =
+        rejects(setup.plane.kubectl(agent, &label), "the agent's Secret update", "requires approval")?;
+    let approve = approve_command(&refusal)?;
+    must(setup.plane.kubectl(alice, &approve.iter().map(String::as_str).collect::<Vec<_>>()))?;
+    accepts(setup.plane.kubectl(agent, &label), "the agent's approved Secret update")?;
+    let started = Instant::now();
+    let outcome = loop {
+        let outcomes = setup.admin(&[
+            "get",
+            "agentchanges",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={range .items[?(@.spec.target.name==\"creds\")]}{.status.outcome}:{.status.message}{\"\\n\"}{end}",
+        ])?;
+        if let Some(line) = outcomes.lines().find(|l| !l.starts_with(':') && !l.is_empty()) {
+            break line.to_owned();
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "the Secret change was not checked: {outcomes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    ensure!(
+        outcome.starts_with("Unverified:") && outcome.contains("may not read secrets"),
+        "the record of the Secret change: {outcome}"
+    );
+
+    // Secret deletes denied in demo: a DELETE whose garbage collection could reach Secrets is
+    // judged as if it did, approved or not; orphaning its dependents, it goes.
+    let deny = "apiVersion: agentguard.io/v1alpha1\nkind: ClusterAgentPolicy\nmetadata: {name: chart-keep-secrets}\n\
+                spec:\n  action: Deny\n  rules:\n    - name: secrets\n      operations: [DELETE]\n      \
+                namespaces: [demo]\n      resources: [{apiGroups: [\"\"], resources: [secrets]}]\n";
+    accepts(setup.plane.kubectl_stdin(&setup.plane.admin, &["apply", "-f", "-"], Some(deny)), "the policy")?;
+    setup.admin(&[
+        "wait",
+        "--for=condition=Ready",
+        "--timeout=30s",
+        "clusteragentpolicy/chart-keep-secrets",
+    ])?;
+    setup.admin(&["create", "configmap", "doomed", "-n", "demo"])?;
+    let delete = ["delete", "configmap", "doomed", "-n", "demo"];
+    let refusal = rejects(setup.plane.kubectl(agent, &delete), "the agent's delete", "requires approval")?;
+    let approve = approve_command(&refusal)?;
+    must(setup.plane.kubectl(alice, &approve.iter().map(String::as_str).collect::<Vec<_>>()))
+        .context("approving a delete whose cascade into Secrets is unseen")?;
+    rejects(
+        setup.plane.kubectl(agent, &delete),
+        "the approved delete that may cascade into Secrets",
+        "unseen: agentguard may not read secrets",
+    )?;
+    accepts(
+        setup.plane.kubectl(agent, &["delete", "configmap", "doomed", "-n", "demo", "--cascade=orphan"]),
+        "the approved delete that orphans its dependents",
+    )?;
+    setup.admin(&["delete", "clusteragentpolicy", "chart-keep-secrets"])?;
+    println!(
+        "check agentguard reads no Secret: its change is recorded unverified, a delete that may cascade into guarded Secrets is judged as if it did ... ok"
+    );
     Ok(())
 }
 

@@ -33,6 +33,9 @@ pub struct Collateral {
     pub object: Value,
     /// How the request would take it, e.g. `owned by ConfigMap "owner"`.
     pub via: String,
+    /// A type agentguard may not list, so what the request takes of it is not known: any object
+    /// of it (any name; in any namespace when `namespace` is empty) is assumed taken.
+    pub unseen: bool,
 }
 
 /// One operation a request amounts to.
@@ -44,17 +47,25 @@ pub struct Effect<'a> {
     /// The target's name is not known (the volumes a StatefulSet would delete): name globs are
     /// read in their most restrictive sense and match any name.
     pub any_name: bool,
+    /// Nor is its namespace (a type agentguard may not list, cluster-wide): every namespace's
+    /// policies and namespace lists are read as matching it.
+    pub any_namespace: bool,
 }
 
 impl<'a> Effect<'a> {
+    /// The request as sent.
+    pub fn sent(facts: Facts<'a>) -> Self {
+        Self { facts, via: None, any_name: false, any_namespace: false }
+    }
+
     fn derived(facts: Facts<'a>, via: impl Into<Cow<'a, str>>) -> Self {
-        Self { facts, via: Some(via.into()), any_name: false }
+        Self { facts, via: Some(via.into()), any_name: false, any_namespace: false }
     }
 }
 
 /// Every operation `facts` amounts to, the request as sent first.
 pub fn of<'a>(facts: &Facts<'a>) -> Vec<Effect<'a>> {
-    let mut out = vec![Effect { facts: facts.clone(), via: None, any_name: false }];
+    let mut out = vec![Effect::sent(facts.clone())];
     match facts.operation {
         Operation::Delete => {
             for c in facts.collateral {
@@ -70,10 +81,14 @@ pub fn of<'a>(facts: &Facts<'a>) -> Vec<Effect<'a>> {
                     },
                     name: &c.name,
                     object: None,
-                    old_object: Some(&c.object),
+                    old_object: (!c.unseen).then_some(&c.object),
                     collateral: &[],
                 };
-                out.push(Effect::derived(f, c.via.as_str()));
+                out.push(Effect {
+                    any_name: c.unseen,
+                    any_namespace: c.unseen && c.namespace.is_empty(),
+                    ..Effect::derived(f, c.via.as_str())
+                });
             }
         }
         Operation::Create
@@ -147,6 +162,7 @@ fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<
                         .into(),
                 ),
                 any_name: true,
+                any_namespace: false,
             });
         }
     }
@@ -519,6 +535,7 @@ mod tests {
             name: "db".into(),
             object: json!({"metadata": {"name": "db", "labels": {"tier": "data"}}}),
             via: "in Namespace \"prod\"".into(),
+            unseen: false,
         };
         let collateral = [dependent];
         let old = json!({"kind": "Namespace", "metadata": {"name": "prod"}});

@@ -417,7 +417,7 @@ impl PolicySet {
         directory: &dyn Directory,
         policy_filter: impl FnMut(&CompiledPolicy) -> bool,
     ) -> Vec<Match<'p>> {
-        let effect = effects::Effect { facts: facts.clone(), via: None, any_name: false };
+        let effect = effects::Effect::sent(facts.clone());
         self.matching_effect(&effect, directory, policy_filter)
     }
 
@@ -431,7 +431,11 @@ impl PolicySet {
         let facts = &effect.facts;
         let mut candidates = Vec::new();
         self.cluster.candidates(facts.resource, facts.subresource, &mut candidates);
-        if let Some(index) = self.namespaced.get(facts.namespace) {
+        if effect.any_namespace {
+            for index in self.namespaced.values() {
+                index.candidates(facts.resource, facts.subresource, &mut candidates);
+            }
+        } else if let Some(index) = self.namespaced.get(facts.namespace) {
             index.candidates(facts.resource, facts.subresource, &mut candidates);
         }
         let mut ns_labels = LazyLabels::new(facts.namespace, directory);
@@ -452,7 +456,7 @@ impl PolicySet {
                 continue;
             }
             let rule = &policy.rules[ri];
-            if let Some(escape) = rule_matches(rule, facts, effect.any_name, &object_labels, &mut ns_labels) {
+            if let Some(escape) = rule_matches(rule, effect, &object_labels, &mut ns_labels) {
                 out.push(Match { policy, rule, escape, via: effect.via.as_deref().map(str::to_owned) });
             }
         }
@@ -673,11 +677,11 @@ impl CompiledRule {
 /// operation, but the update would take something out of its reach. `None`: no match.
 fn rule_matches(
     rule: &CompiledRule,
-    facts: &Facts<'_>,
-    any_name: bool,
+    effect: &effects::Effect<'_>,
     objects: &ObjectLabels<'_>,
     ns_labels: &mut LazyLabels<'_>,
 ) -> Option<Option<Escape>> {
+    let (facts, any_name) = (&effect.facts, effect.any_name);
     let is_update = matches!(facts.operation, Operation::Update { .. });
     // A Namespace relabelling checked against rules guarding other resources.
     let namespace_escape = is_update
@@ -695,6 +699,7 @@ fn rule_matches(
         return None;
     }
     if !rule.namespaces.is_empty()
+        && !effect.any_namespace
         && (facts.namespace.is_empty() || !rule.namespaces.matches(facts.namespace))
     {
         return None;

@@ -1049,11 +1049,12 @@ fn index_finds_the_same_rules_as_a_scan() {
                 let mut ol = ObjectLabels { old: None, new: None };
                 ol.old = None;
                 let mut lazy = LazyLabels::new(ns, &());
+                let sent = effects::Effect::sent(f.clone());
                 let scanned: Vec<String> = set
                     .policies()
                     .filter(|p| p.id.namespace.as_deref().is_none_or(|pns| pns == ns))
                     .flat_map(|p| p.rules.iter().map(move |r| (p, r)))
-                    .filter(|(_, r)| rule_matches(r, &f, false, &ol, &mut lazy).is_some())
+                    .filter(|(_, r)| rule_matches(r, &sent, &ol, &mut lazy).is_some())
                     .map(|(p, _)| p.id.name.clone())
                     .collect();
                 assert_eq!(indexed, scanned, "{group}/{resource}/{sub} in {ns:?} named {name}");
@@ -1257,6 +1258,7 @@ mod routes {
             name: "db".into(),
             object: json!({"metadata": {"name": "db"}}),
             via: "owned by ConfigMap \"x\"".into(),
+            unseen: false,
         };
         let collateral = [dependent];
         let f = Facts {
@@ -1267,6 +1269,61 @@ mod routes {
         assert!(denial.contains("owned by ConfigMap"), "{denial}");
         let alone = on("configmaps", "", facts(Operation::Delete, Some(&owner), None));
         assert!(decide(&guarded, Who::LabelledAgent, &alone).allowed());
+    }
+
+    #[test]
+    fn what_a_delete_takes_of_an_unreadable_type_is_assumed_taken() {
+        // Secrets agentguard may not list, guarded by name, namespace list, label and by a
+        // policy of another namespace: the unseen cascade matches each in its strictest sense.
+        let guarded = set(
+            vec![cluster_policy(
+                "named",
+                json!({"action": "Deny", "rules": [{"operations": ["DELETE"], "names": ["prod-*"],
+                    "namespaces": ["prod"], "objectSelector": {"matchLabels": {"tier": "data"}},
+                    "resources": [{"apiGroups": [""], "resources": ["secrets"]}]}]}),
+            )],
+            vec![agent_policy(
+                "team",
+                "keys",
+                json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
+                    "resources": [{"apiGroups": [""], "resources": ["secrets"]}]}]}),
+            )],
+        );
+        let owner = json!({"kind": "Widget", "metadata": {"name": "w", "uid": "w1"}});
+        let unseen = |namespace: &str| Collateral {
+            group: String::new(),
+            resource: "secrets".into(),
+            namespace: namespace.into(),
+            name: String::new(),
+            object: Value::Null,
+            via: "a dependent of Widget \"w\" (garbage collector), unseen: agentguard may not read secrets"
+                .into(),
+            unseen: true,
+        };
+        let judged = |collateral: &[Collateral], namespace: &'static str| {
+            let f = Facts {
+                group: "example.com",
+                resource: "widgets",
+                namespace,
+                name: "w",
+                collateral,
+                ..facts(Operation::Delete, Some(&owner), None)
+            };
+            decide(&guarded, Who::LabelledAgent, &f)
+        };
+        let in_prod = [unseen("prod")];
+        let denial = refused(&judged(&in_prod, "prod"));
+        assert!(denial.contains("ClusterAgentPolicy \"named\""), "{denial}");
+        assert!(denial.contains("agentguard may not read secrets"), "{denial}");
+        // Elsewhere the namespace list does not match and the other namespace's policy is not in play.
+        let in_dev = [unseen("dev")];
+        assert!(judged(&in_dev, "dev").allowed());
+        // A cluster-wide unseen cascade (a cluster-scoped owner) matches every namespace's rules.
+        let anywhere = [unseen("")];
+        let denial = refused(&judged(&anywhere, ""));
+        assert!(denial.contains("named") || denial.contains("keys"), "{denial}");
+        // Nothing unseen, nothing found: admitted.
+        assert!(judged(&[], "prod").allowed());
     }
 
     #[test]
@@ -1407,6 +1464,7 @@ mod routes {
             name: "db".into(),
             object: json!({"metadata": {"name": "db", "namespace": "prod"}}),
             via: "in Namespace \"prod\"".into(),
+            unseen: false,
         };
         let collateral = [db];
         let write = Facts {

@@ -28,3 +28,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "agentguard.guardCondition" -}}
 (object != null && has(object.metadata) && has(object.metadata.annotations) && 'agentguard.io/approve' in object.metadata.annotations && (oldObject == null || !has(oldObject.metadata.annotations) || !('agentguard.io/approve' in oldObject.metadata.annotations) || oldObject.metadata.annotations['agentguard.io/approve'] != object.metadata.annotations['agentguard.io/approve'])) || (request.resource.group == '' && request.resource.resource in ['serviceaccounts', 'namespaces'] && object != null && ['agentguard.io/agent', 'agentguard.io/agent-namespace'].exists(k, (object != null && has(object.metadata.labels) && k in object.metadata.labels ? object.metadata.labels[k] : '') != (oldObject != null && has(oldObject.metadata.labels) && k in oldObject.metadata.labels ? oldObject.metadata.labels[k] : '')))
 {{- end -}}
+
+{{/* The core kinds agentguard reads by default: every one the API serves, Secrets only when asked. */}}
+{{- define "agentguard.readableCore" -}}
+{{- $core := list "configmaps" "endpoints" "events" "limitranges" "namespaces" "nodes" "persistentvolumeclaims" "persistentvolumes" "pods" "podtemplates" "replicationcontrollers" "resourcequotas" "serviceaccounts" "services" -}}
+{{- if .Values.readSecrets }}{{ $core = append $core "secrets" }}{{ end -}}
+{{- $core | sortAlpha | toJson -}}
+{{- end -}}
+
+{{/* Every API group but the core one that the cluster serves (Helm's view at render time:
+     "group/version" and "group/version/Kind" entries; core entries start with a version). */}}
+{{- define "agentguard.readableGroups" -}}
+{{- $groups := dict "agentguard.io" true -}}
+{{- range .Capabilities.APIVersions -}}
+{{- $first := first (splitList "/" .) -}}
+{{- if not (regexMatch "^v[0-9]+((alpha|beta)[0-9]+)?$" $first) -}}
+{{- $_ := set $groups $first true -}}
+{{- end -}}
+{{- end -}}
+{{- keys $groups | sortAlpha | toJson -}}
+{{- end -}}
