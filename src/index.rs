@@ -1,12 +1,14 @@
 //! The in-memory picture of the cluster the webhook decides from, kept current by kube-runtime
-//! reflectors: ServiceAccount and Namespace labels (metadata only, labels kept) and the compiled
-//! [`PolicySet`], rebuilt and swapped atomically whenever a policy changes.
+//! reflectors: ServiceAccount and Namespace labels (metadata only, labels kept), the compiled
+//! [`PolicySet`], rebuilt and swapped atomically whenever a policy changes, and what RBAC lets
+//! agents become ([`Reach`]), recomputed within [`REACH_EVERY`] of any change.
 //!
 //! ```text
 //!  watch ServiceAccounts (metadata) ──▶ Store ─┐
 //!  watch Namespaces (metadata)      ──▶ Store ─┼─▶ Caches: Directory + ArcSwap<PolicySet>
-//!  watch ClusterAgentPolicies ─┐               │
-//!  watch AgentPolicies ────────┴─▶ compile ────┘
+//!  watch ClusterAgentPolicies ─┐               │                     + ArcSwap<Reach>
+//!  watch AgentPolicies ────────┴─▶ compile ────┤
+//!  watch Roles, ClusterRoles and bindings ──▶ reach
 //! ```
 //!
 //! No API call is made on the request path. [`Caches::ready`] stays false until every watch has
@@ -15,10 +17,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -26,9 +30,13 @@ use kube::{Client, Resource};
 
 use crate::api::{AGENT_NAMESPACE_LABEL, AgentPolicy, ClusterAgentPolicy};
 use crate::metrics::Metrics;
+use crate::policy::identity::AgentSet;
+use crate::policy::reach::{self, Rbac, Reach};
 use crate::policy::selector::Labels;
 use crate::policy::{Config, Directory, PolicySet, Problem};
-use crate::webhook::AgentSet;
+
+/// How soon a change of RBAC, labels or policies is reflected in what agents can become.
+pub const REACH_EVERY: Duration = Duration::from_millis(100);
 
 /// Shared, read-mostly caches. Cheap to read from any request.
 pub struct Caches {
@@ -36,8 +44,18 @@ pub struct Caches {
     pub(crate) agent_policies: Store<AgentPolicy>,
     service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
+    roles: Store<Role>,
+    cluster_roles: Store<ClusterRole>,
+    role_bindings: Store<RoleBinding>,
+    cluster_role_bindings: Store<ClusterRoleBinding>,
     policies: ArcSwap<PolicySet>,
     problems: ArcSwap<Vec<Problem>>,
+    reach: ArcSwap<Reach>,
+    /// Set by every watch event; the reach is recomputed when it was.
+    changed: AtomicBool,
+    /// One reach computation at a time, each from the caches as they are when it starts.
+    reach_lock: std::sync::Mutex<()>,
+    config: Config,
     ready: AtomicBool,
 }
 
@@ -57,19 +75,41 @@ impl Caches {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Starts the reflectors. The returned future drives them until dropped.
-    pub fn start(client: Client, metrics: Arc<Metrics>) -> (Arc<Self>, BoxFuture<'static, ()>) {
+    /// What RBAC lets the agents become, as last computed.
+    pub fn reach(&self) -> Arc<Reach> {
+        self.reach.load_full()
+    }
+
+    /// Starts the reflectors. The returned future drives them until dropped. `config` says who
+    /// is an agent (label, usernames, groups) and agentguard's own namespace.
+    pub fn start(
+        client: Client,
+        metrics: Arc<Metrics>,
+        config: Config,
+    ) -> (Arc<Self>, BoxFuture<'static, ()>) {
         let (sa_store, sa_writer) = reflector::store();
         let (ns_store, ns_writer) = reflector::store();
         let (cp_store, cp_writer) = reflector::store::<ClusterAgentPolicy>();
         let (ap_store, ap_writer) = reflector::store::<AgentPolicy>();
+        let (role_store, role_writer) = reflector::store::<Role>();
+        let (cr_store, cr_writer) = reflector::store::<ClusterRole>();
+        let (rb_store, rb_writer) = reflector::store::<RoleBinding>();
+        let (crb_store, crb_writer) = reflector::store::<ClusterRoleBinding>();
         let caches = Arc::new(Self {
             cluster_policies: cp_store.clone(),
             agent_policies: ap_store.clone(),
             service_accounts: sa_store.clone(),
             namespaces: ns_store.clone(),
+            roles: role_store.clone(),
+            cluster_roles: cr_store.clone(),
+            role_bindings: rb_store.clone(),
+            cluster_role_bindings: crb_store.clone(),
             policies: ArcSwap::from_pointee(PolicySet::default()),
             problems: ArcSwap::from_pointee(Vec::new()),
+            reach: ArcSwap::from_pointee(Reach::default()),
+            changed: AtomicBool::new(true),
+            reach_lock: std::sync::Mutex::new(()),
+            config,
             ready: AtomicBool::new(false),
         });
 
@@ -97,11 +137,12 @@ impl Caches {
         .map(|e| (Kind::Cluster, e.map(|e| Phase::of(&e))));
         let ap_watch = reflector::reflector(
             ap_writer,
-            watcher(Api::<AgentPolicy>::all(client), watcher::Config::default()).default_backoff(),
+            watcher(Api::<AgentPolicy>::all(client.clone()), watcher::Config::default()).default_backoff(),
         )
         .map(|e| (Kind::Namespaced, e.map(|e| Phase::of(&e))));
 
         let (compiled_tx, mut compiled_rx) = tokio::sync::watch::channel(false);
+        let caches_for_watches = caches.clone();
         let compiler = {
             let caches = caches.clone();
             let metrics = metrics.clone();
@@ -118,6 +159,7 @@ impl Caches {
                         }
                         if listed == [true, true] {
                             caches.recompile(&cp_reader, &ap_reader, &metrics);
+                            caches.changed.store(true, Ordering::Release);
                             compiled_tx.send_replace(true);
                         }
                     }
@@ -127,11 +169,20 @@ impl Caches {
         };
         let readiness = {
             let caches = caches.clone();
+            let metrics = metrics.clone();
             async move {
                 // Writers live as long as their streams, so waiting cannot fail while we run.
                 let _ = sa_store.wait_until_ready().await;
                 let _ = ns_store.wait_until_ready().await;
                 let _ = compiled_rx.wait_for(|compiled| *compiled).await;
+                let _ = tokio::join!(
+                    role_store.wait_until_ready(),
+                    cr_store.wait_until_ready(),
+                    rb_store.wait_until_ready(),
+                    crb_store.wait_until_ready(),
+                );
+                // Who agents can become, computed from the synced caches, before any decision.
+                caches.refresh_reach(&metrics);
                 caches.ready.store(true, Ordering::Release);
                 metrics.caches_ready.set(1);
                 tracing::info!(
@@ -143,19 +194,49 @@ impl Caches {
                 futures::future::pending::<()>().await;
             }
         };
+        let rbac = futures::future::join4(
+            rbac_watch(&client, role_writer, &caches, "roles"),
+            rbac_watch(&client, cr_writer, &caches, "clusterroles"),
+            rbac_watch(&client, rb_writer, &caches, "rolebindings"),
+            rbac_watch(&client, crb_writer, &caches, "clusterrolebindings"),
+        );
+        let reach = {
+            let caches = caches.clone();
+            let metrics = metrics.clone();
+            async move {
+                let mut tick = tokio::time::interval(REACH_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if caches.ready() && caches.changed.load(Ordering::Acquire) {
+                        caches.refresh_reach(&metrics);
+                    }
+                }
+            }
+        };
         let run = async move {
             tokio::join!(
-                sa_watch.for_each(log_errors("serviceaccounts")),
-                ns_watch.for_each(log_errors("namespaces")),
+                sa_watch.for_each(mark_changed(caches_for_watches.clone(), "serviceaccounts")),
+                ns_watch.for_each(mark_changed(caches_for_watches, "namespaces")),
                 compiler,
+                rbac,
+                reach,
                 readiness,
             );
         };
         (caches, run.boxed())
     }
 
-    /// Every identity that is an agent now: what the `agents` webhook must see.
+    /// Every identity that is an agent now: what the `agents` webhook must see. Includes the
+    /// namespaces agents can act in (the last computed [`Reach`]).
     pub fn agent_set(&self, config: &Config) -> AgentSet {
+        let mut set = self.marked_agents(config);
+        set.namespaces.extend(self.reach().namespaces.keys().cloned());
+        set
+    }
+
+    /// The agents marked as such (labels, agent namespaces, usernames and groups).
+    fn marked_agents(&self, config: &Config) -> AgentSet {
         let (namespaces, service_accounts) = (self.namespaces.state(), self.service_accounts.state());
         agent_set(
             &self.policies(),
@@ -163,6 +244,61 @@ impl Caches {
             namespaces.iter().map(|ns| &ns.metadata),
             service_accounts.iter().map(|sa| &sa.metadata),
         )
+    }
+
+    /// The namespaces agents could act in if `extra` were agents too: what a write marking
+    /// them must register before it is admitted.
+    pub fn reach_with(&self, extra: &AgentSet) -> BTreeSet<String> {
+        let mut base = self.marked_agents(&self.config);
+        base.extend(extra);
+        self.compute_reach(&base).namespaces.into_keys().collect()
+    }
+
+    fn compute_reach(&self, base: &AgentSet) -> Reach {
+        let namespaces = self.namespaces.state();
+        let (roles, cluster_roles) = (self.roles.state(), self.cluster_roles.state());
+        let (role_bindings, cluster_role_bindings) =
+            (self.role_bindings.state(), self.cluster_role_bindings.state());
+        let roles: Vec<&Role> = roles.iter().map(AsRef::as_ref).collect();
+        let cluster_roles: Vec<&ClusterRole> = cluster_roles.iter().map(AsRef::as_ref).collect();
+        let role_bindings: Vec<&RoleBinding> = role_bindings.iter().map(AsRef::as_ref).collect();
+        let cluster_role_bindings: Vec<&ClusterRoleBinding> =
+            cluster_role_bindings.iter().map(AsRef::as_ref).collect();
+        let rbac = Rbac {
+            roles: &roles,
+            cluster_roles: &cluster_roles,
+            role_bindings: &role_bindings,
+            cluster_role_bindings: &cluster_role_bindings,
+        };
+        let names = namespaces.iter().filter_map(|ns| ns.metadata.name.as_deref());
+        reach::reach(base, names, rbac, self.config.self_namespace.as_deref())
+    }
+
+    /// Recomputes what the agents can become and says what changed.
+    fn refresh_reach(&self, metrics: &Metrics) {
+        // A poisoned lock only means an earlier computation panicked; the data is recomputed.
+        let _one = self.reach_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.changed.store(false, Ordering::Release);
+        let next = self.compute_reach(&self.marked_agents(&self.config));
+        let before = self.reach();
+        if *before == next {
+            return;
+        }
+        for (ns, why) in next.namespaces.iter().filter(|(ns, _)| !before.namespaces.contains_key(*ns)) {
+            tracing::info!(namespace = %ns, %why, "an agent can act as this namespace's ServiceAccounts: they are agents");
+        }
+        for ns in before.namespaces.keys().filter(|ns| !next.namespaces.contains_key(*ns)) {
+            tracing::info!(namespace = %ns, "no agent can act as this namespace's ServiceAccounts any more");
+        }
+        for (ns, why) in next.withheld.iter().filter(|(ns, _)| !before.withheld.contains_key(*ns)) {
+            tracing::warn!(namespace = %ns, %why, "an agent can act as this namespace's ServiceAccounts, which agentguard never treats as agents (the control plane's or its own): the agent can get around the brakes");
+        }
+        for (agent, why) in next.beyond.iter().filter(|(a, _)| !before.beyond.contains_key(*a)) {
+            tracing::warn!(%agent, binding = %why, "RBAC lets this agent impersonate users or groups or grant itself any role: it can get around the brakes");
+        }
+        metrics.reached_namespaces.set(next.namespaces.len() as i64);
+        metrics.agents_beyond_brakes.set((next.beyond.len() + next.withheld.len()) as i64);
+        self.reach.store(Arc::new(next));
     }
 
     fn recompile(
@@ -247,13 +383,43 @@ impl Phase {
     }
 }
 
-fn log_errors<T>(cache: &'static str) -> impl FnMut(Result<T, watcher::Error>) -> futures::future::Ready<()> {
+fn mark_changed<T>(
+    caches: Arc<Caches>,
+    cache: &'static str,
+) -> impl FnMut(Result<T, watcher::Error>) -> futures::future::Ready<()> {
     move |event| {
-        if let Err(e) = event {
-            tracing::warn!(error = %e, cache, "watch failed; retrying");
+        match event {
+            Ok(_) => caches.changed.store(true, Ordering::Release),
+            Err(e) => tracing::warn!(error = %e, cache, "watch failed; retrying"),
         }
         futures::future::ready(())
     }
+}
+
+/// A reflector of one RBAC kind, keeping what [`reach`] reads (no annotations or managedFields).
+fn rbac_watch<K>(
+    client: &Client,
+    writer: reflector::store::Writer<K>,
+    caches: &Arc<Caches>,
+    cache: &'static str,
+) -> BoxFuture<'static, ()>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default()).default_backoff().modify(
+        |o: &mut K| {
+            let meta = o.meta_mut();
+            meta.annotations = None;
+            meta.managed_fields = None;
+        },
+    );
+    reflector::reflector(writer, stream).for_each(mark_changed(caches.clone(), cache)).boxed()
 }
 
 fn keep_labels_only<K: Resource>(object: &mut K) {
@@ -273,6 +439,10 @@ impl Directory for Caches {
     fn namespace_labels(&self, namespace: &str) -> Option<Labels> {
         let object = self.namespaces.get(&ObjectRef::new(namespace))?;
         Some(object.metadata.labels.clone().unwrap_or_default())
+    }
+
+    fn reached_by_agents(&self, namespace: &str) -> bool {
+        self.reach.load().namespaces.contains_key(namespace)
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub caches_ready: Gauge,
     pub policies: Gauge,
     pub policy_problems: Gauge,
+    pub reached_namespaces: Gauge,
+    pub agents_beyond_brakes: Gauge,
     pub certificate_reloads: Counter,
     pub certificate_expiry: Gauge,
     pub breaker_tripped: Family<BreakerLabels, Gauge>,
@@ -81,6 +83,18 @@ impl Default for Metrics {
         registry.register("caches_ready", "1 when every cache has synced", caches_ready.clone());
         let policies = Gauge::default();
         registry.register("policies", "Policies currently compiled", policies.clone());
+        let reached_namespaces = Gauge::default();
+        registry.register(
+            "reached_namespaces",
+            "Namespaces whose ServiceAccounts are agents because RBAC lets an agent act as them",
+            reached_namespaces.clone(),
+        );
+        let agents_beyond_brakes = Gauge::default();
+        registry.register(
+            "agents_beyond_brakes",
+            "Agents RBAC lets get around the brakes: impersonating users or groups, granting themselves any role, or acting as ServiceAccounts of kube-system or agentguard's namespace",
+            agents_beyond_brakes.clone(),
+        );
         let policy_problems = Gauge::default();
         registry.register(
             "policy_problems",
@@ -139,6 +153,8 @@ impl Default for Metrics {
             caches_ready,
             policies,
             policy_problems,
+            reached_namespaces,
+            agents_beyond_brakes,
             certificate_reloads,
             certificate_expiry,
             breaker_tripped,

@@ -92,7 +92,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     metrics.certificate_loaded(resolver.not_after());
 
-    let (caches, reflectors) = Caches::start(client.clone(), metrics.clone());
+    let (caches, reflectors) = Caches::start(client.clone(), metrics.clone(), config.clone());
     let (events, event_worker) =
         crate::events::Events::start(client.clone(), metrics.clone(), std::env::var("HOSTNAME").ok());
     let registrar = webhook_settings.map(|settings| {

@@ -52,33 +52,15 @@ use crate::index::Caches;
 use crate::metrics::Metrics;
 use crate::policy::{Config, Facts, PolicySet};
 
-/// Everyone the `agents` webhook must see.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AgentSet {
-    pub usernames: BTreeSet<String>,
-    /// Namespaces whose every ServiceAccount is an agent.
-    pub namespaces: BTreeSet<String>,
-    pub groups: BTreeSet<String>,
+pub use crate::policy::identity::AgentSet;
+
+/// One key per identity, as stored in [`AHEAD_ANNOTATION`].
+trait AheadKeys {
+    fn keys(&self) -> impl Iterator<Item = String> + '_;
+    fn insert_key(&mut self, key: &str);
 }
 
-impl AgentSet {
-    pub fn is_empty(&self) -> bool {
-        self.usernames.is_empty() && self.namespaces.is_empty() && self.groups.is_empty()
-    }
-
-    pub fn extend(&mut self, other: &AgentSet) {
-        self.usernames.extend(other.usernames.iter().cloned());
-        self.namespaces.extend(other.namespaces.iter().cloned());
-        self.groups.extend(other.groups.iter().cloned());
-    }
-
-    pub fn contains_all(&self, other: &AgentSet) -> bool {
-        other.usernames.is_subset(&self.usernames)
-            && other.namespaces.is_subset(&self.namespaces)
-            && other.groups.is_subset(&self.groups)
-    }
-
-    /// One key per identity, as stored in [`AHEAD_ANNOTATION`].
+impl AheadKeys for AgentSet {
     fn keys(&self) -> impl Iterator<Item = String> + '_ {
         let users = self.usernames.iter().map(|u| format!("user:{u}"));
         let namespaces = self.namespaces.iter().map(|n| format!("namespace:{n}"));
@@ -651,6 +633,10 @@ impl Registrar {
     /// the live configuration, and writes it only if something is missing. Called on the write
     /// that marks an agent, which is refused if this fails.
     pub async fn ensure(&self, marked: &AgentSet) -> Result<()> {
+        // What the new agent can act as is registered with it: RBAC may already let it.
+        let mut marked = marked.clone();
+        marked.namespaces.extend(self.caches.reach_with(&marked));
+        let marked = &marked;
         let mut live = self.live.lock().await;
         for _ in 0..ATTEMPTS {
             self.read(&mut live).await.context("reading the webhook configuration")?;

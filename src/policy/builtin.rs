@@ -173,7 +173,8 @@ pub(super) fn self_protection(
         let labels = directory.service_account_labels(facts.namespace, facts.name);
         let agent_namespace = directory
             .namespace_labels(facts.namespace)
-            .is_some_and(|l| l.get(AGENT_NAMESPACE_LABEL).map(String::as_str) == Some("true"));
+            .is_some_and(|l| l.get(AGENT_NAMESPACE_LABEL).map(String::as_str) == Some("true"))
+            || directory.reached_by_agents(facts.namespace);
         if !agent_namespace && !policies.labels_make_agent(facts.namespace, labels.as_ref(), config) {
             return Some((
                 AGENT_IDENTITY_RULE,

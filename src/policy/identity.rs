@@ -1,7 +1,7 @@
 //! Who is asking: the requester of an AdmissionRequest, resolved against the cluster directory
 //! (ServiceAccount and Namespace labels from the caches) into the facts policies match on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::api::AGENT_NAMESPACE_LABEL;
 
@@ -12,6 +12,11 @@ use super::selector::Labels;
 pub trait Directory {
     fn service_account_labels(&self, namespace: &str, name: &str) -> Option<Labels>;
     fn namespace_labels(&self, namespace: &str) -> Option<Labels>;
+    /// Whether an agent can act as this namespace's ServiceAccounts (see [`super::reach`]),
+    /// which makes each of them an agent.
+    fn reached_by_agents(&self, _namespace: &str) -> bool {
+        false
+    }
 }
 
 /// A directory that knows nothing (offline `check`, or tests that need no labels).
@@ -29,6 +34,7 @@ impl Directory for () {
 pub struct StaticDirectory {
     pub service_accounts: BTreeMap<(String, String), Labels>,
     pub namespaces: BTreeMap<String, Labels>,
+    pub reached: BTreeSet<String>,
 }
 
 impl Directory for StaticDirectory {
@@ -38,6 +44,36 @@ impl Directory for StaticDirectory {
     fn namespace_labels(&self, namespace: &str) -> Option<Labels> {
         self.namespaces.get(namespace).cloned()
     }
+    fn reached_by_agents(&self, namespace: &str) -> bool {
+        self.reached.contains(namespace)
+    }
+}
+
+/// Everyone the `agents` webhook must see.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentSet {
+    pub usernames: BTreeSet<String>,
+    /// Namespaces whose every ServiceAccount is an agent.
+    pub namespaces: BTreeSet<String>,
+    pub groups: BTreeSet<String>,
+}
+
+impl AgentSet {
+    pub fn is_empty(&self) -> bool {
+        self.usernames.is_empty() && self.namespaces.is_empty() && self.groups.is_empty()
+    }
+
+    pub fn extend(&mut self, other: &AgentSet) {
+        self.usernames.extend(other.usernames.iter().cloned());
+        self.namespaces.extend(other.namespaces.iter().cloned());
+        self.groups.extend(other.groups.iter().cloned());
+    }
+
+    pub fn contains_all(&self, other: &AgentSet) -> bool {
+        other.usernames.is_subset(&self.usernames)
+            && other.namespaces.is_subset(&self.namespaces)
+            && other.groups.is_subset(&self.groups)
+    }
 }
 
 /// The requester as policies see it.
@@ -46,7 +82,8 @@ pub struct Requester {
     pub username: String,
     pub groups: Vec<String>,
     /// For a ServiceAccount: its labels, plus the agent label when its namespace is an agent
-    /// namespace (every ServiceAccount there is an agent, known to the cache yet or not).
+    /// namespace or one an agent can act in (every ServiceAccount there is an agent, known to
+    /// the cache yet or not).
     pub service_account: Option<ServiceAccount>,
     /// The API server already judged the requester an agent: the request came through the
     /// `agents` webhook, whose conditions list exactly the registered agents. A cache that has
@@ -81,7 +118,8 @@ impl Requester {
             let mut labels = directory.service_account_labels(ns, name).unwrap_or_default();
             let agent_namespace = directory
                 .namespace_labels(ns)
-                .is_some_and(|l| l.get(AGENT_NAMESPACE_LABEL).map(String::as_str) == Some("true"));
+                .is_some_and(|l| l.get(AGENT_NAMESPACE_LABEL).map(String::as_str) == Some("true"))
+                || directory.reached_by_agents(ns);
             if agent_namespace {
                 labels.insert(agent_label.0.to_owned(), agent_label.1.to_owned());
             }

@@ -22,6 +22,7 @@ pub mod decision;
 pub mod effects;
 pub mod identity;
 mod index;
+pub mod reach;
 pub mod selector;
 
 use std::collections::HashSet;

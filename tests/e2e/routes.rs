@@ -1317,3 +1317,205 @@ pub fn tokens_for_identities_without_brakes_are_refused(w: &World) -> Result<()>
     )?;
     Ok(())
 }
+
+/// Waits until the `agents` webhook routes the ServiceAccounts of `ns` to agentguard (`yes`) or
+/// no longer does.
+fn namespace_routed(w: &World, ns: &str, yes: bool) -> Result<Duration> {
+    let prefix = format!("'system:serviceaccount:{ns}:'");
+    wait_for(&format!("namespace {ns} routed: {yes}"), Duration::from_secs(10), || {
+        let condition = admin(
+            w,
+            &[
+                "get",
+                "validatingwebhookconfiguration",
+                "agentguard",
+                "-o",
+                "jsonpath={.webhooks[0].matchConditions[1].expression}",
+            ],
+        )?;
+        Ok(condition.contains(&prefix) == yes)
+    })
+}
+
+/// An agent with `edit` in a namespace can act as any of its ServiceAccounts: impersonate one,
+/// mint its token, or run a pod as it. Each of them is an agent from the moment the binding is
+/// stored, so their requests meet the same brakes; one of them can carry the reach on to where
+/// it has `edit`; and once the agent's binding is gone, they are people's ServiceAccounts again.
+pub fn acting_as_another_service_account_is_still_an_agent(w: &World) -> Result<()> {
+    let mut leftovers = Leftovers::new(w);
+    let ns = format!("e2e-become-{}", std::process::id());
+    let next = format!("{ns}-next");
+    for n in [&ns, &next] {
+        admin(w, &["create", "namespace", n])?;
+        leftovers.objects.push(vec!["namespace".into(), n.clone()]);
+    }
+    admin(w, &["create", "serviceaccount", "deployer", "-n", &ns])?;
+    w.bind_edit(&next, &ns, "deployer")?;
+    // Every ServiceAccount of the namespace may edit there: a team's usual grant.
+    admin(
+        w,
+        &[
+            "create",
+            "rolebinding",
+            "team-edit",
+            "-n",
+            &ns,
+            "--clusterrole=edit",
+            &format!("--group=system:serviceaccounts:{ns}"),
+        ],
+    )?;
+    default_service_account(w, &ns)?;
+    wait_for("the namespace's ServiceAccounts may edit there", Duration::from_secs(10), || {
+        let who = format!("--as=system:serviceaccount:{ns}:default");
+        Ok(kubectl(w, &w.plane.admin, &["auth", "can-i", "delete", "configmaps", "-n", &ns, &who])
+            .status
+            .success())
+    })?;
+    for n in [&ns, &next] {
+        configmap(w, n, "precious", None)?;
+    }
+    leftovers.policy(cluster_policy(
+        "e2e-routes-become",
+        "Deny",
+        json!([rule("keep", &["DELETE"], "", "configmaps", json!({"namespaces": [ns, next]}))]),
+    ))?;
+    let deployer = w.plane.service_account_kubeconfig(&ns, "deployer")?;
+    // Before the agent has rights there, deployer is a controller's account like any other.
+    namespace_routed(w, &ns, false)?;
+    accepts(
+        kubectl(w, &deployer, &["label", "configmap", "precious", "-n", &ns, "seen=before"]),
+        "deployer's update before any agent can act as it",
+    )?;
+
+    w.grant_edit(&ns)?;
+    let took = namespace_routed(w, &ns, true)?;
+    namespace_routed(w, &next, true)?;
+    println!(
+        "    {ns}'s ServiceAccounts routed as agents {:.2}s after the agent's edit was bound",
+        took.as_secs_f64()
+    );
+    let editor = &w.editor;
+    for (what, out) in [
+        (
+            "the agent impersonating deployer",
+            kubectl(
+                w,
+                editor,
+                &[
+                    "delete",
+                    "configmap",
+                    "precious",
+                    "-n",
+                    &ns,
+                    &format!("--as=system:serviceaccount:{ns}:deployer"),
+                ],
+            ),
+        ),
+        (
+            "the agent impersonating the default ServiceAccount",
+            kubectl(
+                w,
+                editor,
+                &[
+                    "delete",
+                    "configmap",
+                    "precious",
+                    "-n",
+                    &ns,
+                    &format!("--as=system:serviceaccount:{ns}:default"),
+                ],
+            ),
+        ),
+        ("deployer's own token", kubectl(w, &deployer, &["delete", "configmap", "precious", "-n", &ns])),
+        (
+            "deployer, where it has edit and the agent has none",
+            kubectl(w, &deployer, &["delete", "configmap", "precious", "-n", &next]),
+        ),
+    ] {
+        refused_by(out, what, "e2e-routes-become", "keep")?;
+    }
+    // A token the agent mints is for an agent now, and so is a ServiceAccount made afterwards.
+    let token = accepts(
+        kubectl(w, editor, &["create", "token", "deployer", "-n", &ns]),
+        "the agent minting deployer's token",
+    )?;
+    ensure!(!token.trim().is_empty(), "no token");
+    accepts(
+        kubectl(w, editor, &["create", "serviceaccount", "fresh", "-n", &ns]),
+        "the agent making a ServiceAccount",
+    )?;
+    refused_by(
+        kubectl(
+            w,
+            editor,
+            &[
+                "delete",
+                "configmap",
+                "precious",
+                "-n",
+                &ns,
+                &format!("--as=system:serviceaccount:{ns}:fresh"),
+            ],
+        ),
+        "the agent impersonating the ServiceAccount it made",
+        "e2e-routes-become",
+        "keep",
+    )?;
+    for n in [&ns, &next] {
+        ensure!(exists(w, &["configmap", "precious", "-n", n]), "precious is gone from {n}");
+    }
+    // People are untouched: the admin acting as deployer is still deployer, an agent now.
+    accepts(
+        kubectl(w, &w.plane.admin, &["label", "configmap", "precious", "-n", &ns, "by-admin=1"]),
+        "the admin's update",
+    )?;
+
+    // The agent's binding removed: the namespaces are people's again.
+    admin(w, &["delete", "rolebinding", "edit-agents-editor", "-n", &ns])?;
+    namespace_routed(w, &ns, false)?;
+    namespace_routed(w, &next, false)?;
+    accepts(
+        kubectl(w, &deployer, &["label", "configmap", "precious", "-n", &next, "after=1"]),
+        "deployer's update once no agent can act as it",
+    )?;
+
+    // Marking an agent registers whom it can act as before the mark is stored: probed at once.
+    admin(
+        w,
+        &[
+            "create",
+            "rolebinding",
+            "team-edit",
+            "-n",
+            &next,
+            "--clusterrole=edit",
+            &format!("--group=system:serviceaccounts:{next}"),
+        ],
+    )?;
+    default_service_account(w, &next)?;
+    wait_for("next's ServiceAccounts may edit there", Duration::from_secs(10), || {
+        let who = format!("--as=system:serviceaccount:{next}:default");
+        Ok(kubectl(w, &w.plane.admin, &["auth", "can-i", "delete", "configmaps", "-n", &next, &who])
+            .status
+            .success())
+    })?;
+    admin(w, &["label", "serviceaccount", "deployer", "-n", &ns, "agentguard.io/agent=true"])?;
+    refused_by(
+        kubectl(
+            w,
+            &deployer,
+            &[
+                "delete",
+                "configmap",
+                "precious",
+                "-n",
+                &next,
+                &format!("--as=system:serviceaccount:{next}:default"),
+            ],
+        ),
+        "a newly marked agent impersonating, at once, an account where it has edit",
+        "e2e-routes-become",
+        "keep",
+    )?;
+    Ok(())
+}

@@ -48,6 +48,10 @@ pub const ALL: &[(&str, Scenario)] = &[
         "route_tokens_for_identities_without_brakes_are_refused",
         crate::routes::tokens_for_identities_without_brakes_are_refused,
     ),
+    (
+        "route_acting_as_another_service_account_is_still_an_agent",
+        crate::routes::acting_as_another_service_account_is_still_an_agent,
+    ),
     ("route_removing_finalizers_is_judged_as_the_delete", crate::routes::finalizers_complete_a_delete),
     (
         "route_owner_delete_cascading_to_guarded_dependents_is_refused",
@@ -473,17 +477,21 @@ fn labelled_later(w: &World) -> Result<()> {
     deployment(w, &ns, "web")?;
     let probe = ["delete", "deployment", "web", "-n", &ns, "--dry-run=server"];
     let bind = |sa_ns: &str, sa: &str| w.bind_edit(&ns, sa_ns, sa);
+    // The accounts live where no agent can act as them (an agent's own namespace would make
+    // them agents from the start: see the route scenario on acting as another account).
+    let accounts = "e2e-late-accounts";
+    must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", accounts]))?;
     let mut took = Vec::new();
     for i in 0..5 {
         let sa = format!("late-{i}");
-        must(w.plane.kubectl(&w.plane.admin, &["create", "serviceaccount", &sa, "-n", &ns]))?;
-        bind(&ns, &sa)?;
-        let kubeconfig = w.plane.service_account_kubeconfig(&ns, &sa)?;
+        must(w.plane.kubectl(&w.plane.admin, &["create", "serviceaccount", &sa, "-n", accounts]))?;
+        bind(accounts, &sa)?;
+        let kubeconfig = w.plane.service_account_kubeconfig(accounts, &sa)?;
         accepts(w.plane.kubectl(&kubeconfig, &probe), "the unlabelled ServiceAccount's delete")?;
         let started = Instant::now();
         must(w.plane.kubectl(
             &w.plane.admin,
-            &["label", "serviceaccount", &sa, "-n", &ns, "agentguard.io/agent=true"],
+            &["label", "serviceaccount", &sa, "-n", accounts, "agentguard.io/agent=true"],
         ))?;
         took.push(started.elapsed().as_secs_f64());
         rejects(w.plane.kubectl(&kubeconfig, &probe), "the delete right after labelling", "agentguard")?;
@@ -495,18 +503,19 @@ fn labelled_later(w: &World) -> Result<()> {
     );
 
     let born = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: born-agent, labels: {agentguard.io/agent: 'true'}}\n";
-    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-n", &ns, "-f", "-"], Some(born)))?;
-    bind(&ns, "born-agent")?;
-    let kubeconfig = w.plane.service_account_kubeconfig(&ns, "born-agent")?;
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-n", accounts, "-f", "-"], Some(born)))?;
+    bind(accounts, "born-agent")?;
+    let kubeconfig = w.plane.service_account_kubeconfig(accounts, "born-agent")?;
     rejects(w.plane.kubectl(&kubeconfig, &probe), "a ServiceAccount created with the label", "agentguard")?;
 
-    let bots = namespace(w, "late-bots")?;
-    must(w.plane.kubectl(&w.plane.admin, &["create", "serviceaccount", "worker", "-n", &bots]))?;
-    bind(&bots, "worker")?;
-    let kubeconfig = w.plane.service_account_kubeconfig(&bots, "worker")?;
+    let bots = "e2e-late-bots";
+    must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", bots]))?;
+    must(w.plane.kubectl(&w.plane.admin, &["create", "serviceaccount", "worker", "-n", bots]))?;
+    bind(bots, "worker")?;
+    let kubeconfig = w.plane.service_account_kubeconfig(bots, "worker")?;
     accepts(w.plane.kubectl(&kubeconfig, &probe), "the worker's delete before its namespace is marked")?;
     must(
-        w.plane.kubectl(&w.plane.admin, &["label", "namespace", &bots, "agentguard.io/agent-namespace=true"]),
+        w.plane.kubectl(&w.plane.admin, &["label", "namespace", bots, "agentguard.io/agent-namespace=true"]),
     )?;
     rejects(
         w.plane.kubectl(&kubeconfig, &probe),
