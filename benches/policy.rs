@@ -4,9 +4,9 @@
 
 use std::hint::black_box;
 
-use agentguard::api::{AgentPolicy, ClusterAgentPolicy};
-use agentguard::policy::identity::StaticDirectory;
-use agentguard::policy::{Config, Facts, Operation, PolicySet, Requester, evaluate};
+use agentguard::engine::api::{AgentPolicy, ClusterAgentPolicy};
+use agentguard::engine::policy::identity::StaticDirectory;
+use agentguard::engine::policy::{Config, Facts, Operation, PolicySet, Requester, evaluate};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use serde_json::{Value, json};
 

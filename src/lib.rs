@@ -1,33 +1,22 @@
 //! agentguard: human-approved brakes on destructive Kubernetes changes made by AI agents.
 //!
-//! Modules follow the data flow of one admission request:
+//! The crate is layered along the path of one admission request:
 //!
 //! ```text
-//!  api ─▶ index (reflectors) ─▶ policy (pure engine) ◀─ approval, diff
-//!                                   ▲
-//!  server (axum + rustls) ─▶ admission (decode → review → respond)
+//!  commands ─▶ serve wires everything below
+//!
+//!  request:  server (axum + rustls) ─▶ admission (decode → review → respond) ─▶ actions
+//!                                            │ pure                              │ side effects
+//!                                            ▼                                   ▼
+//!  engine:   policy, approval, diff, api     cluster: caches (reflectors), webhook registration,
+//!            (no I/O)                                 ownership, trail, breaker, events, status,
+//!                                                     certificates, the approval key
 //! ```
 //!
-//! `cli` and `run` are the binary's front door and wiring; `rbac_audit` is `agentguard audit`.
-pub mod admission;
-pub mod api;
-pub mod approval;
-pub mod approval_key;
-pub mod breaker;
-pub mod certs;
-pub mod check;
-pub mod cli;
-pub mod diff;
-pub mod events;
-pub mod index;
+//! The engine imports nothing else of the crate; the request path and the cluster side import
+//! the engine; only `commands` sees everything.
+pub mod cluster;
+pub mod commands;
+pub mod engine;
 pub mod metrics;
-pub mod ownership;
-pub mod pending;
-pub mod policy;
-pub mod rbac_audit;
-pub mod restore;
-pub mod run;
-pub mod server;
-pub mod status;
-pub mod trail;
-pub mod webhook;
+pub mod request;

@@ -8,5 +8,5 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
-    agentguard::cli::run(agentguard::cli::Cli::parse()).await
+    agentguard::commands::run(agentguard::commands::Cli::parse()).await
 }

@@ -12,8 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::api::{Action, Mode};
-use crate::policy::{Allowed, Decision, PolicyId, Reason, Verdict};
+use crate::engine::api::{Action, Mode};
+use crate::engine::policy::{Allowed, Decision, PolicyId, Reason, Verdict};
 
 /// The API server's own webhook latency buckets
 /// (`apiserver_admission_webhook_admission_duration_seconds`), so both sides read on one scale.
@@ -252,8 +252,8 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
-    use crate::approval::Refusal;
-    use crate::policy::{Denial, DryRun, Target};
+    use crate::engine::approval::Refusal;
+    use crate::engine::policy::{Denial, DryRun, Target};
 
     fn cluster(name: &str) -> PolicyId {
         PolicyId { namespace: None, name: name.into() }

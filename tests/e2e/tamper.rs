@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use serde_json::{Value, json};
 
-use agentguard::webhook::cel_string;
+use agentguard::cluster::webhook::cel_string;
 
 use crate::world::{World, accepts, must, rejects};
 

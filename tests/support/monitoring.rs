@@ -4,8 +4,8 @@
 
 use std::collections::BTreeSet;
 
+use agentguard::engine::policy::{Allowed, Decision};
 use agentguard::metrics::Metrics;
-use agentguard::policy::{Allowed, Decision};
 
 /// The API server series the chart reads (checked against a live kube-apiserver by the chart
 /// test).

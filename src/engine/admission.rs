@@ -1,0 +1,387 @@
+//! AdmissionReview in → decision → AdmissionResponse out.
+//!
+//! Three layers, as the data flows: [`decode`] turns bytes into a checked [`AdmissionRequest`]
+//! (malformed input becomes a [`Malformed`] error, never a panic and never an admission);
+//! [`review`] is synchronous, does no I/O and asks the pure policy engine; [`respond`] encodes
+//! the decision. The axum handler in [`crate::request::server`] only glues these together.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::engine::policy::{
+    self, Collateral, Config, Decision, Directory, Facts, Operation, PolicySet, Requester, Verdict,
+};
+
+/// Largest AdmissionReview accepted (the API server's own request limit is 3 MiB per object;
+/// an AdmissionReview carries two objects plus framing).
+pub const MAX_BODY_BYTES: usize = 7 * 1024 * 1024;
+
+const API_VERSION: &str = "admission.k8s.io/v1";
+
+/// The parts of an `admission.k8s.io/v1` AdmissionRequest agentguard reads.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionRequest {
+    pub uid: String,
+    pub kind: GroupVersionKind,
+    pub resource: GroupVersionResource,
+    #[serde(default)]
+    pub sub_resource: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub operation: String,
+    pub user_info: UserInfo,
+    #[serde(default)]
+    pub object: Option<Value>,
+    #[serde(default)]
+    pub old_object: Option<Value>,
+    #[serde(default)]
+    pub dry_run: Option<bool>,
+    #[serde(default)]
+    pub options: Option<Value>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GroupVersionKind {
+    #[serde(default)]
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct GroupVersionResource {
+    #[serde(default)]
+    pub group: String,
+    pub version: String,
+    pub resource: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct UserInfo {
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+/// A request that cannot be judged. It is refused, with this message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed AdmissionReview: {message}")]
+pub struct Malformed {
+    /// The request's uid when it could be read: the answer is then a normal AdmissionReview.
+    pub uid: Option<String>,
+    pub message: String,
+}
+
+impl Malformed {
+    fn new(uid: Option<&str>, message: impl Into<String>) -> Self {
+        Self { uid: uid.filter(|u| !u.is_empty()).map(str::to_owned), message: message.into() }
+    }
+}
+
+/// Decodes and checks an AdmissionReview body.
+pub fn decode(body: &[u8]) -> Result<AdmissionRequest, Malformed> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Malformed::new(None, "the request body is empty"));
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| Malformed::new(None, format!("the body is not JSON: {e}")))?;
+    let uid = value.pointer("/request/uid").and_then(Value::as_str);
+    let api_version = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+    if api_version != API_VERSION || kind != "AdmissionReview" {
+        return Err(Malformed::new(
+            uid,
+            format!(
+                "expected apiVersion {API_VERSION} and kind AdmissionReview, got {api_version:?} and {kind:?}"
+            ),
+        ));
+    }
+    let Some(request) = value.get("request").filter(|r| r.is_object()) else {
+        return Err(Malformed::new(uid, "the AdmissionReview has no request"));
+    };
+    let request: AdmissionRequest = serde_json::from_value(request.clone())
+        .map_err(|e| Malformed::new(uid, format!("the request is invalid: {e}")))?;
+    if request.uid.is_empty() {
+        return Err(Malformed::new(None, "request.uid is empty"));
+    }
+    let uid = Some(request.uid.as_str());
+    let needs_old = match request.operation.as_str() {
+        "CREATE" | "CONNECT" => false,
+        "UPDATE" | "DELETE" => true,
+        other => return Err(Malformed::new(uid, format!("unknown operation {other:?}"))),
+    };
+    if needs_old && !request.old_object.as_ref().is_some_and(Value::is_object) {
+        return Err(Malformed::new(uid, format!("{} without oldObject", request.operation)));
+    }
+    if request.operation == "UPDATE" && !request.object.as_ref().is_some_and(Value::is_object) {
+        return Err(Malformed::new(uid, "UPDATE without object"));
+    }
+    if request.user_info.username.is_empty() {
+        return Err(Malformed::new(uid, "request.userInfo.username is empty"));
+    }
+    Ok(request)
+}
+
+impl AdmissionRequest {
+    pub fn dry_run(&self) -> bool {
+        self.dry_run.unwrap_or(false)
+    }
+
+    /// UPDATE by PATCH or by PUT, told apart by the options kind the API server sends.
+    pub fn operation(&self) -> Operation {
+        match self.operation.as_str() {
+            "CREATE" => Operation::Create,
+            "DELETE" => Operation::Delete,
+            "CONNECT" => Operation::Connect,
+            _ => Operation::Update {
+                patch: match self.options.as_ref().and_then(|o| o.get("kind")).and_then(Value::as_str) {
+                    Some("PatchOptions") => Some(true),
+                    // The API server also sends UpdateOptions for patches, so this proves nothing.
+                    _ => None,
+                },
+            },
+        }
+    }
+
+    /// The object the request is about, as an Event's `regarding`.
+    pub fn regarding(&self) -> k8s_openapi::api::core::v1::ObjectReference {
+        let facts = self.facts();
+        let uid = [&self.old_object, &self.object]
+            .into_iter()
+            .find_map(|o| o.as_ref()?.pointer("/metadata/uid")?.as_str().map(str::to_owned));
+        k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(match self.kind.group.as_str() {
+                "" => self.kind.version.clone(),
+                group => format!("{group}/{}", self.kind.version),
+            }),
+            kind: Some(self.kind.kind.clone()),
+            name: Some(facts.name.to_owned()),
+            namespace: self.namespace.clone().filter(|ns| !ns.is_empty()),
+            uid,
+            ..Default::default()
+        }
+    }
+
+    pub fn facts(&self) -> Facts<'_> {
+        let subresource = self.sub_resource.as_deref().unwrap_or_default();
+        // Each item of a deletecollection arrives with an empty name (the API server reuses the
+        // collection's attributes): the object's own name is the truth, or name globs could be
+        // sidestepped by deleting through the collection.
+        fn object_name(o: &Option<Value>) -> Option<&str> {
+            o.as_ref()?.pointer("/metadata/name")?.as_str()
+        }
+        let name = match self.name.as_deref() {
+            Some(n) if !n.is_empty() => n,
+            _ => object_name(&self.old_object).or_else(|| object_name(&self.object)).unwrap_or_default(),
+        };
+        let is_namespace = self.resource.group.is_empty() && self.resource.resource == "namespaces";
+        // A Namespace is its own namespace, whatever the request's namespace field says.
+        let namespace = if is_namespace { name } else { self.namespace.as_deref().unwrap_or_default() };
+        Facts {
+            operation: self.operation(),
+            group: &self.resource.group,
+            resource: &self.resource.resource,
+            subresource,
+            namespace,
+            name,
+            object: self.object.as_ref(),
+            old_object: self.old_object.as_ref(),
+            collateral: &[],
+        }
+    }
+}
+
+/// What a decision is made from: the caches' current state, the deployment's config, the clock.
+pub struct Snapshot<'a> {
+    pub policies: &'a PolicySet,
+    pub directory: &'a dyn Directory,
+    pub config: &'a Config,
+    pub now: Timestamp,
+    /// What the request would take with it, as the ownership view found it (empty until it is
+    /// asked: see [`crate::cluster::ownership`]).
+    pub collateral: &'a [Collateral],
+}
+
+/// The webhook the API server sent a request through: each has its own path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// `agents.agentguard.io`: its matchConditions list exactly the registered agents, so the
+    /// API server has already judged the requester an agent.
+    Agents,
+    /// `approvals.agentguard.io`: approval-annotation and agent-label writes, by anyone.
+    Approvals,
+    /// The path both webhooks shared before (a configuration written by an older agentguard,
+    /// offline `check`): the requester is judged from the caches alone.
+    Shared,
+}
+
+/// Judges one request from the caches alone (see [`review_on`]). Synchronous and free of I/O.
+pub fn review(request: &AdmissionRequest, snapshot: &Snapshot<'_>) -> Decision {
+    review_on(request, Route::Shared, snapshot)
+}
+
+/// Judges one request that came through `route`. A request the API server sent to the `agents`
+/// webhook is judged as an agent's, whatever a lagging cache says. Synchronous and free of I/O.
+pub fn review_on(request: &AdmissionRequest, route: Route, snapshot: &Snapshot<'_>) -> Decision {
+    let (key, value) = &snapshot.config.agent_label;
+    let mut requester = Requester::resolve(
+        &request.user_info.username,
+        &request.user_info.groups,
+        snapshot.directory,
+        (key, value),
+    );
+    requester.selected_as_agent = route == Route::Agents;
+    policy::evaluate(
+        &Facts { collateral: snapshot.collateral, ..request.facts() },
+        &requester,
+        snapshot.policies,
+        snapshot.directory,
+        snapshot.config,
+        snapshot.now,
+    )
+}
+
+/// The AdmissionReview answering `uid` with `decision`.
+pub fn respond(uid: &str, decision: &Decision) -> Value {
+    let mut response = json!({"uid": uid, "allowed": decision.allowed()});
+    if let Verdict::Deny(denial) = &decision.verdict {
+        response["status"] = json!({"code": 403, "reason": "Forbidden", "message": denial.to_string()});
+    }
+    if !decision.warnings.is_empty() {
+        response["warnings"] = json!(decision.warnings);
+    }
+    envelope(response)
+}
+
+/// The AdmissionReview refusing a malformed request.
+pub fn refuse(malformed: &Malformed) -> Value {
+    envelope(json!({
+        "uid": malformed.uid.clone().unwrap_or_default(),
+        "allowed": false,
+        "status": {"code": 400, "reason": "BadRequest", "message": malformed.to_string()}
+    }))
+}
+
+/// A refusal decided outside the policy engine (the churn breaker).
+pub fn forbid(uid: &str, message: &str) -> Value {
+    envelope(json!({
+        "uid": uid,
+        "allowed": false,
+        "status": {"code": 403, "reason": "Forbidden", "message": message}
+    }))
+}
+
+/// A refusal because agentguard could not do what admitting the request requires.
+pub fn unavailable(uid: &str, message: &str) -> Value {
+    envelope(json!({
+        "uid": uid,
+        "allowed": false,
+        "status": {"code": 503, "reason": "ServiceUnavailable", "message": message}
+    }))
+}
+
+fn envelope(response: Value) -> Value {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Review {
+        api_version: &'static str,
+        kind: &'static str,
+        response: Value,
+    }
+    // Serialising a struct of strings and a Value cannot fail.
+    serde_json::to_value(Review { api_version: API_VERSION, kind: "AdmissionReview", response })
+        .expect("AdmissionReview serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn review_json(request: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({"apiVersion": API_VERSION, "kind": "AdmissionReview", "request": request}))
+            .unwrap()
+    }
+
+    fn base() -> Value {
+        json!({
+            "uid": "u-1", "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "name": "web", "namespace": "prod", "operation": "DELETE",
+            "userInfo": {"username": "system:serviceaccount:agents:coder"},
+            "oldObject": {"metadata": {"name": "web"}},
+            "options": {"kind": "DeleteOptions", "apiVersion": "meta.k8s.io/v1"}
+        })
+    }
+
+    #[test]
+    fn malformed_reviews_are_refused_with_a_reason() {
+        let mut wrong_op = base();
+        wrong_op["operation"] = json!("EXPLODE");
+        let mut no_old = base();
+        no_old.as_object_mut().unwrap().remove("oldObject");
+        let mut no_user = base();
+        no_user["userInfo"] = json!({});
+        let cases: Vec<(Vec<u8>, Option<&str>, &str)> = vec![
+            (b"".to_vec(), None, "empty"),
+            (b"   \n".to_vec(), None, "empty"),
+            (b"{not json".to_vec(), None, "not JSON"),
+            (b"[]".to_vec(), None, "expected apiVersion"),
+            (serde_json::to_vec(&json!({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview", "request": base()})).unwrap(), Some("u-1"), "expected apiVersion"),
+            (serde_json::to_vec(&json!({"apiVersion": API_VERSION, "kind": "AdmissionReview"})).unwrap(), None, "has no request"),
+            (review_json(json!({"uid": "u-2"})), Some("u-2"), "request is invalid"),
+            (review_json(wrong_op), Some("u-1"), "unknown operation"),
+            (review_json(no_old), Some("u-1"), "DELETE without oldObject"),
+            (review_json(no_user), Some("u-1"), "username is empty"),
+        ];
+        for (body, uid, needle) in cases {
+            let err = decode(&body).unwrap_err();
+            assert_eq!(err.uid.as_deref(), uid, "{err}");
+            assert!(err.to_string().contains(needle), "{err} should mention {needle}");
+            let answer = refuse(&err);
+            assert_eq!(answer["response"]["allowed"], json!(false));
+            assert_eq!(answer["response"]["uid"], json!(uid.unwrap_or_default()));
+        }
+    }
+
+    #[test]
+    fn patch_is_known_only_from_patch_options() {
+        let mut r = base();
+        r["operation"] = json!("UPDATE");
+        r["object"] = json!({"metadata": {}});
+        r["options"] = json!({"kind": "PatchOptions", "apiVersion": "meta.k8s.io/v1"});
+        assert_eq!(
+            decode(&review_json(r.clone())).unwrap().operation(),
+            Operation::Update { patch: Some(true) }
+        );
+        r["options"] = json!({"kind": "UpdateOptions", "apiVersion": "meta.k8s.io/v1"});
+        assert_eq!(decode(&review_json(r)).unwrap().operation(), Operation::Update { patch: None });
+    }
+
+    #[test]
+    fn deletecollection_items_are_named_by_their_object() {
+        let mut r = base();
+        r["name"] = json!("");
+        r["oldObject"] = json!({"metadata": {"name": "prod-db"}});
+        let req = decode(&review_json(r)).unwrap();
+        assert_eq!(req.facts().name, "prod-db");
+    }
+
+    #[test]
+    fn a_namespace_is_its_own_namespace() {
+        let mut r = base();
+        r["resource"] = json!({"group": "", "version": "v1", "resource": "namespaces"});
+        r["name"] = json!("prod");
+        r.as_object_mut().unwrap().remove("namespace");
+        let req = decode(&review_json(r)).unwrap();
+        assert_eq!(req.facts().namespace, "prod");
+    }
+}

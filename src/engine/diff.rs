@@ -1,0 +1,445 @@
+//! Field-level change summaries: what an UPDATE would change, shown to the agent and to the human
+//! who approves it, and the digest that binds an approval to exactly that change.
+//!
+//! Pure functions over JSON values. Fields that every write touches (managedFields,
+//! resourceVersion, generation) and the approval annotation itself are not changes an approver
+//! needs to see, so they are left out of both the change and its digest. Everything else is in
+//! both: the denial may summarise ([`Change`]'s `Display`), but [`Change::full`] shows every entry
+//! and the digest (full SHA-256) covers every entry, so an approval binds what the human can see.
+//!
+//! [`state_digest`] names the reviewed state of an object an agent wants to delete: the object
+//! without what changes on its own or with the approval itself (bookkeeping, `status`).
+
+use std::fmt::{self, Write as _};
+
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use crate::engine::api::APPROVE_ANNOTATION;
+
+/// Entries shown in a summary; [`Change::full`] and the digest always cover all of them.
+const SHOWN_ENTRIES: usize = 12;
+/// Largest change (as [`Change::full`] renders it) an approver can be shown in full, in the
+/// Events `pending` reads; a larger one cannot be approved, only split.
+pub const REVIEWABLE_BYTES: usize = 48 * 1024;
+/// Longest rendering of one value in a summary.
+const SHOWN_VALUE_CHARS: usize = 80;
+
+/// One changed field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldChange {
+    /// Path such as `spec.template.spec.containers[0].image` or `metadata.labels["app"]`.
+    pub path: String,
+    pub old: Option<Value>,
+    pub new: Option<Value>,
+    /// Values that must not be shown (Secret data): rendered as `(redacted)`.
+    pub redacted: bool,
+}
+
+/// Everything an UPDATE changes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Change {
+    pub fields: Vec<FieldChange>,
+    /// SHA-256 naming this exact change: an update approval's ticket is bound to it.
+    pub digest: [u8; 32],
+}
+
+impl Change {
+    /// Compare the stored object with the object the update would store.
+    pub fn between(old: &Value, new: &Value) -> Self {
+        if old.get("kind").and_then(Value::as_str) == Some("Scale") {
+            // A Scale's replicas is a plain int32 that Go omits when zero: scaling to zero
+            // arrives as a missing field, and must read `3 → 0`, not `3 → (absent)`.
+            let (mut old, mut new) = (old.clone(), new.clone());
+            for scale in [&mut old, &mut new] {
+                if let Some(spec) = scale.get_mut("spec").and_then(Value::as_object_mut) {
+                    spec.entry("replicas").or_insert(Value::from(0));
+                }
+            }
+            return Self::compare(&old, &new);
+        }
+        Self::compare(old, new)
+    }
+
+    fn compare(old: &Value, new: &Value) -> Self {
+        let secret = old.get("kind").and_then(Value::as_str) == Some("Secret")
+            && old.get("apiVersion").and_then(Value::as_str) == Some("v1");
+        let mut fields = Vec::new();
+        walk(&mut String::new(), Some(old), Some(new), 0, secret, &mut fields);
+        let digest = digest(&fields);
+        Self { fields, digest }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// A short hex name of the change (the digest's first 6 bytes), to tell changes apart in
+    /// messages. Not a security boundary: approvals are bound to the whole digest.
+    pub fn id(&self) -> String {
+        hex(&self.digest[..6])
+    }
+
+    /// Bytes of the full rendering, when it is within [`REVIEWABLE_BYTES`]; `Err` with the size
+    /// when it is not.
+    pub fn reviewable(&self) -> Result<usize, usize> {
+        let size: usize = self.full().iter().map(|l| l.len() + 1).sum();
+        if size <= REVIEWABLE_BYTES { Ok(size) } else { Err(size) }
+    }
+
+    /// Every entry, one per line, values in full (Secret values stay redacted).
+    pub fn full(&self) -> Vec<String> {
+        self.fields
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}: {} → {}",
+                    c.path,
+                    render_full(&c.old, c.redacted),
+                    render_full(&c.new, c.redacted)
+                )
+            })
+            .collect()
+    }
+}
+
+fn render_full(v: &Option<Value>, redacted: bool) -> String {
+    match v {
+        None => "(absent)".into(),
+        Some(_) if redacted => "(redacted)".into(),
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// SHA-256 of the state of `object` a human reviews before approving its deletion: everything
+/// but `metadata.resourceVersion`, `metadata.managedFields`, `metadata.generation`, the approval
+/// annotation (so writing the approval does not make it stale) and `status` (which controllers
+/// rewrite on their own; it is not what a human approves). Any other change after the review
+/// gives another digest. Map keys are hashed in sorted order, so the digest does not depend on
+/// how the object was serialised.
+pub fn state_digest(object: &Value) -> [u8; 32] {
+    let mut reviewed = object.clone();
+    if let Some(o) = reviewed.as_object_mut() {
+        o.remove("status");
+        if let Some(meta) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+            for field in ["resourceVersion", "managedFields", "generation"] {
+                meta.remove(field);
+            }
+            if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+                a.remove(APPROVE_ANNOTATION);
+                if a.is_empty() {
+                    meta.remove("annotations");
+                }
+            }
+        }
+    }
+    let mut h = Sha256::new();
+    h.update(b"agentguard state v1\n");
+    canonical(&reviewed, &mut h);
+    h.finalize().into()
+}
+
+/// Feeds an unambiguous encoding of `v` to the hash, map keys sorted.
+fn canonical(v: &Value, h: &mut Sha256) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            h.update([b'{']);
+            h.update((keys.len() as u64).to_be_bytes());
+            for k in keys {
+                canonical(&Value::String(k.clone()), h);
+                canonical(&m[k], h);
+            }
+        }
+        Value::Array(a) => {
+            h.update([b'[']);
+            h.update((a.len() as u64).to_be_bytes());
+            for item in a {
+                canonical(item, h);
+            }
+        }
+        Value::String(s) => {
+            h.update([b's']);
+            h.update((s.len() as u64).to_be_bytes());
+            h.update(s.as_bytes());
+        }
+        other => {
+            // null, booleans and numbers: their JSON text is unambiguous.
+            let text = other.to_string();
+            h.update([b'v']);
+            h.update((text.len() as u64).to_be_bytes());
+            h.update(text.as_bytes());
+        }
+    }
+}
+
+/// `spec.replicas: 3 → 0; …`, bounded in length whatever the change.
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, c) in self.fields.iter().take(SHOWN_ENTRIES).enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {} → {}", c.path, render(&c.old, c.redacted), render(&c.new, c.redacted))?;
+        }
+        let hidden = self.fields.len().saturating_sub(SHOWN_ENTRIES);
+        if hidden > 0 {
+            write!(f, "; … and {hidden} more")?;
+        }
+        Ok(())
+    }
+}
+
+fn render(v: &Option<Value>, redacted: bool) -> String {
+    match v {
+        None => "(absent)".into(),
+        Some(_) if redacted => "(redacted)".into(),
+        Some(Value::String(s)) if !s.is_empty() => truncate(s),
+        Some(other) => truncate(&other.to_string()),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    if s.chars().count() <= SHOWN_VALUE_CHARS {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(SHOWN_VALUE_CHARS - 1).collect();
+    out.push('…');
+    out
+}
+
+/// Paths that are never a change an approver needs to see, computed once.
+static IGNORED: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::new(|| {
+    [
+        "metadata.managedFields".into(),
+        "metadata.resourceVersion".into(),
+        "metadata.generation".into(),
+        annotation_path(APPROVE_ANNOTATION),
+    ]
+});
+
+fn ignored(path: &str) -> bool {
+    path.starts_with("metadata.") && IGNORED.iter().any(|p| p == path)
+}
+
+fn annotation_path(key: &str) -> String {
+    let mut p = String::from("metadata.annotations");
+    push_key(&mut p, key);
+    p
+}
+
+fn push_key(path: &mut String, key: &str) {
+    let bare = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(key);
+    } else {
+        // Writing to a String cannot fail.
+        let _ = write!(path, "[{}]", Value::String(key.to_owned()));
+    }
+}
+
+fn walk(
+    path: &mut String,
+    old: Option<&Value>,
+    new: Option<&Value>,
+    depth: usize,
+    secret: bool,
+    out: &mut Vec<FieldChange>,
+) {
+    if old == new || ignored(path) {
+        return;
+    }
+    let len = path.len();
+    // An object or list that appears or disappears is shown field by field, so that e.g. a
+    // first annotation is seen as that annotation (and the approval is still left out).
+    let empty_object = Value::Object(Default::default());
+    let empty_array = Value::Array(Vec::new());
+    let absent_as_empty = |other: Option<&Value>| match other {
+        Some(Value::Object(m)) if !m.is_empty() => Some(&empty_object),
+        Some(Value::Array(a)) if !a.is_empty() => Some(&empty_array),
+        _ => None,
+    };
+    let (old, new) = match (old, new) {
+        (None, Some(_)) => (absent_as_empty(new).or(old), new),
+        (Some(_), None) => (old, absent_as_empty(old).or(new)),
+        pair => pair,
+    };
+    match (old, new) {
+        (Some(Value::Object(a)), Some(Value::Object(b))) if depth < 32 => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
+            keys.sort();
+            for k in keys {
+                push_key(path, k);
+                walk(path, a.get(k), b.get(k), depth + 1, secret, out);
+                path.truncate(len);
+            }
+        }
+        (Some(Value::Array(a)), Some(Value::Array(b))) if depth < 32 => {
+            for i in 0..a.len().max(b.len()) {
+                let _ = write!(path, "[{i}]");
+                walk(path, a.get(i), b.get(i), depth + 1, secret, out);
+                path.truncate(len);
+            }
+        }
+        _ => {
+            let redacted = secret && (path.starts_with("data") || path.starts_with("stringData"));
+            out.push(FieldChange { path: path.clone(), old: old.cloned(), new: new.cloned(), redacted });
+        }
+    }
+}
+
+/// SHA-256 over every change, each field length-prefixed so no two changes encode alike.
+/// Redacted old values are left out so the digest reveals nothing about a Secret the agent could
+/// not read (the new values are the agent's own).
+fn digest(fields: &[FieldChange]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"agentguard change v1\n");
+    h.update((fields.len() as u64).to_be_bytes());
+    let mut part = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    for c in fields {
+        part(c.path.as_bytes());
+        match (&c.old, c.redacted) {
+            (_, true) => part(b"r"),
+            (None, false) => part(b"a"),
+            (Some(v), false) => part(format!("v{v}").as_bytes()),
+        }
+        match &c.new {
+            None => part(b"a"),
+            Some(v) => part(format!("v{v}").as_bytes()),
+        }
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn deployment(replicas: i64, image: &str) -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web", "resourceVersion": "10", "generation": 3,
+                         "labels": {"app.kubernetes.io/name": "web"},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "spec": {"replicas": replicas,
+                     "template": {"spec": {"containers": [{"name": "web", "image": image}]}}}
+        })
+    }
+
+    #[test]
+    fn summarises_changed_fields_with_paths() {
+        let change = Change::between(&deployment(3, "nginx:1.27"), &deployment(0, "nginx:1.28"));
+        assert_eq!(
+            change.to_string(),
+            "spec.replicas: 3 → 0; spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28"
+        );
+        assert_eq!(change.id().len(), 12);
+    }
+
+    #[test]
+    fn bookkeeping_fields_and_the_approval_are_not_changes() {
+        let old = deployment(3, "a");
+        let mut new = old.clone();
+        new["metadata"]["resourceVersion"] = json!("11");
+        new["metadata"]["generation"] = json!(4);
+        new["metadata"]["managedFields"] = json!([{"manager": "kubectl-annotate"}]);
+        new["metadata"]["annotations"] = json!({APPROVE_ANNOTATION: "delete.x"});
+        assert!(Change::between(&old, &new).is_empty());
+        // kubectl's last-applied copy is part of the object, so it is part of the change.
+        new["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = json!("{}");
+        assert_eq!(Change::between(&old, &new).fields.len(), 1);
+    }
+
+    #[test]
+    fn label_keys_with_dots_are_quoted_and_additions_shown() {
+        let old = deployment(3, "a");
+        let mut new = old.clone();
+        new["metadata"]["labels"]["app.kubernetes.io/name"] = json!("api");
+        new["metadata"]["labels"]["tier"] = json!("prod");
+        assert_eq!(
+            Change::between(&old, &new).to_string(),
+            r#"metadata.labels["app.kubernetes.io/name"]: web → api; metadata.labels.tier: (absent) → prod"#
+        );
+    }
+
+    #[test]
+    fn digest_names_the_exact_change() {
+        let base = deployment(3, "a");
+        let a = Change::between(&base, &deployment(0, "a"));
+        let b = Change::between(&base, &deployment(1, "a"));
+        let a_again = Change::between(&base, &deployment(0, "a"));
+        assert_ne!(a.digest, b.digest);
+        assert_eq!(a.digest, a_again.digest);
+        // Same end state from a different start is a different change.
+        assert_ne!(a.digest, Change::between(&deployment(5, "a"), &deployment(0, "a")).digest);
+    }
+
+    #[test]
+    fn scaling_to_zero_reads_as_zero() {
+        let old = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {"replicas": 3}});
+        let new = json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {}});
+        assert_eq!(Change::between(&old, &new).to_string(), "spec.replicas: 3 → 0");
+    }
+
+    #[test]
+    fn secret_values_are_redacted() {
+        let old = json!({"apiVersion": "v1", "kind": "Secret", "data": {"password": "c2VjcmV0"}});
+        let new = json!({"apiVersion": "v1", "kind": "Secret", "data": {"password": "bmV3"}});
+        let change = Change::between(&old, &new);
+        assert_eq!(change.to_string(), "data.password: (redacted) → (redacted)");
+    }
+
+    #[test]
+    fn summary_is_bounded() {
+        let old = json!({"data": (0..100).map(|i| (format!("k{i:03}"), json!("x".repeat(500)))).collect::<serde_json::Map<_, _>>()});
+        let new = json!({"data": (0..100).map(|i| (format!("k{i:03}"), json!("y".repeat(500)))).collect::<serde_json::Map<_, _>>()});
+        let change = Change::between(&old, &new);
+        let text = change.to_string();
+        assert_eq!(change.fields.len(), 100);
+        assert!(text.ends_with("; … and 88 more"), "{text}");
+        assert!(text.chars().count() < 12 * 200, "{} chars", text.chars().count());
+        // The full view hides nothing.
+        let full = change.full();
+        assert_eq!(full.len(), 100);
+        assert!(full[99].starts_with("data.k099: ") && full[99].ends_with(&"y".repeat(500)), "{}", full[99]);
+    }
+
+    #[test]
+    fn the_state_digest_ignores_bookkeeping_status_and_the_approval_only() {
+        let base = deployment(3, "a");
+        let d = state_digest(&base);
+        let mut annotated = base.clone();
+        annotated["metadata"]["resourceVersion"] = json!("11");
+        annotated["metadata"]["managedFields"] = json!([{"manager": "kubectl-annotate"}]);
+        annotated["metadata"]["annotations"] = json!({APPROVE_ANNOTATION: "delete.x"});
+        annotated["status"] = json!({"readyReplicas": 3});
+        assert_eq!(state_digest(&annotated), d);
+        let mut relabelled = base.clone();
+        relabelled["metadata"]["labels"]["tier"] = json!("prod");
+        assert_ne!(state_digest(&relabelled), d);
+        assert_ne!(state_digest(&deployment(2, "a")), d);
+        let mut other_annotation = annotated.clone();
+        other_annotation["metadata"]["annotations"]["note"] = json!("x");
+        assert_ne!(state_digest(&other_annotation), d);
+        // Types are part of the encoding: "3" is not 3.
+        assert_ne!(state_digest(&json!({"a": "3"})), state_digest(&json!({"a": 3})));
+        assert_ne!(state_digest(&json!({"a": ["b", "c"]})), state_digest(&json!({"a": ["bc"]})));
+    }
+}

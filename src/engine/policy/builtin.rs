@@ -1,0 +1,236 @@
+//! Built-in rules that need no policy: agents may not loosen their own brakes, and only listed
+//! approvers may write approvals. A user cannot forget or misconfigure these.
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::engine::api::{AGENT_NAMESPACE_LABEL, Action, GROUP, Mode};
+use crate::engine::approval::{self, Op, Refusal, Ticket};
+
+use super::{Config, Directory, Facts, Operation, PolicySet, Requester};
+
+/// Rule names, as shown in denials.
+pub const APPROVAL_RULE: &str = "approval-annotation";
+pub const POLICIES_RULE: &str = "agentguard-policies";
+pub const CRDS_RULE: &str = "agentguard-crds";
+pub const SELF_RULE: &str = "agentguard-self";
+pub const AGENT_LABEL_RULE: &str = "agent-label";
+pub const AGENT_NAMESPACE_RULE: &str = "agent-namespace-label";
+pub const AGENT_IDENTITY_RULE: &str = "agent-identity";
+
+/// What a write does to the approval annotation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// No approval written (none set, removed, or left as it is).
+    Nothing,
+    /// A valid approval of this object, by an approver.
+    Approval,
+    /// A value that is no approval of this object, written by someone who is not an agent: it
+    /// can never approve anything, so it is admitted, with this warning. The deployment
+    /// controller copies a Deployment's annotations onto its ReplicaSets, ticket included, and
+    /// controllers must never be blocked by agentguard.
+    Inert(String),
+}
+
+/// Checks a CREATE or UPDATE that sets or changes the approval annotation; `Err` says why the
+/// write is refused.
+///
+/// A valid approval is a ticket agentguard issued for this object (uid), still live, and for a
+/// delete, for the state the object will be in; its writer is an approver under every enforced
+/// RequireApproval policy that covers the operation on this object. Agents may not set or change
+/// the annotation at all. Anyone else writing a value that is not a ticket for this object writes
+/// nothing that counts ([`Written::Inert`]); a ticket for this object is refused unless its writer
+/// may approve.
+pub(super) fn approval_write(
+    facts: &Facts<'_>,
+    requester: &Requester,
+    agent: bool,
+    policies: &PolicySet,
+    directory: &dyn Directory,
+    config: &Config,
+    now: Timestamp,
+) -> Result<Written, String> {
+    if !matches!(facts.operation, Operation::Create | Operation::Update { .. }) {
+        return Ok(Written::Nothing);
+    }
+    let Some(new) = facts.object.and_then(approval::annotation) else {
+        return Ok(Written::Nothing);
+    };
+    // The value is unchanged: whatever else the request does, it writes no approval. (Nothing
+    // else about the object, managedFields included, bears on an approval's lifetime.)
+    if facts.old_object.and_then(approval::annotation) == Some(new) {
+        return Ok(Written::Nothing);
+    }
+    if agent {
+        return Err(format!(
+            "agents may not set or change the {} annotation (they may remove it); a human approver must set it",
+            crate::engine::api::APPROVE_ANNOTATION
+        ));
+    }
+    let inert = |why: String| {
+        Ok(Written::Inert(format!(
+            "{} {new:?} approves nothing: {why}. Approve with the command a denial (or agentguard pending) prints.",
+            crate::engine::api::APPROVE_ANNOTATION
+        )))
+    };
+    let ticket = match Ticket::parse(new) {
+        Ok(ticket) => ticket,
+        Err(e) => return inert(format!("it is malformed ({e})")),
+    };
+    let uid = facts
+        .object
+        .and_then(|o| o.pointer("/metadata/uid"))
+        .and_then(serde_json::Value::as_str)
+        .filter(|u| !u.is_empty() && facts.old_object.is_some());
+    let Some(uid) = uid else {
+        return inert("an approval is written on an existing object, not at its creation".into());
+    };
+    if config.approval_keys.is_empty() {
+        return Err(approval::Refusal::NoKey.to_string());
+    }
+    if !ticket.authentic(&config.approval_keys, uid) {
+        return inert("it is not a ticket agentguard issued for this object".into());
+    }
+
+    // The enforced RequireApproval policies this approval would satisfy. A delete covers what
+    // it takes with it (the request path found it: `facts.collateral`). An update may be held
+    // as the DELETE it amounts to (finalizers removed, a controller armed), which the ticket
+    // alone does not tell: its writer must be an approver under the policies guarding either.
+    let mut covering = Vec::new();
+    let probes: &[Operation] = match ticket.op {
+        Op::Delete => &[Operation::Delete],
+        Op::Update => &[Operation::Update { patch: None }, Operation::Delete],
+    };
+    for operation in probes {
+        let probe = Facts { operation: *operation, object: None, ..facts.clone() };
+        let probe = match operation {
+            Operation::Update { .. } => Facts { object: facts.object, ..probe },
+            _ => probe,
+        };
+        for effect in super::effects::of(&probe) {
+            let enforced_holds =
+                |p: &super::CompiledPolicy| p.mode == Mode::Enforce && p.action == Action::RequireApproval;
+            for m in policies.matching_effect(&effect, directory, enforced_holds) {
+                if m.escape.is_none()
+                    && !covering.iter().any(|p: &&super::CompiledPolicy| p.id == m.policy.id)
+                {
+                    covering.push(m.policy);
+                }
+            }
+        }
+    }
+    if covering.is_empty() {
+        return Err(format!(
+            "no enforced RequireApproval policy covers {} of this object, so there is nothing to approve",
+            ticket.op
+        ));
+    }
+    for policy in &covering {
+        match &policy.approval {
+            Some(a) if a.approves(requester) => {}
+            Some(a) => {
+                return Err(format!(
+                    "{} is not an approver under {} (approvers: {})",
+                    requester.username,
+                    policy.id,
+                    a.describe()
+                ));
+            }
+            None => return Err(format!("{} names no approvers", policy.id)),
+        }
+    }
+    let max_ttl: SignedDuration = covering
+        .iter()
+        .filter_map(|p| p.approval.as_ref().map(|a| a.lifetime.max_ttl))
+        .min()
+        .unwrap_or_default();
+    let state = facts.object.map(crate::engine::diff::state_digest).unwrap_or_default();
+    approval::check_new(new, &config.approval_keys, uid, &state, max_ttl, now).map_err(|refusal| match refusal {
+        Refusal::StaleState => format!(
+            "{refusal}: the object is no longer in the state the delete was reviewed in; have the agent retry for a fresh ticket"
+        ),
+        Refusal::Expired(_) | Refusal::IssuedInFuture(_) => {
+            format!("{refusal}; have the agent retry for a fresh ticket")
+        }
+        other => other.to_string(),
+    })?;
+    Ok(Written::Approval)
+}
+
+/// Agents' changes to agentguard itself, its policies and the markers that make them agents.
+pub(super) fn self_protection(
+    facts: &Facts<'_>,
+    policies: &PolicySet,
+    directory: &dyn Directory,
+    config: &Config,
+) -> Option<(&'static str, String)> {
+    // Minting a token for a ServiceAccount that is not an agent is becoming someone the brakes
+    // do not hold (`edit` allows it in the agent's namespaces).
+    if facts.operation == Operation::Create
+        && facts.group.is_empty()
+        && facts.resource == "serviceaccounts"
+        && facts.subresource == "token"
+    {
+        let labels = directory.service_account_labels(facts.namespace, facts.name);
+        let agent_namespace = directory
+            .namespace_labels(facts.namespace)
+            .is_some_and(|l| l.get(AGENT_NAMESPACE_LABEL).map(String::as_str) == Some("true"))
+            || directory.reached_by_agents(facts.namespace);
+        if !agent_namespace && !policies.labels_make_agent(facts.namespace, labels.as_ref(), config) {
+            return Some((
+                AGENT_IDENTITY_RULE,
+                format!(
+                    "agents may not create tokens for ServiceAccount {}/{}, which is not an agent: it would act without brakes",
+                    facts.namespace, facts.name
+                ),
+            ));
+        }
+    }
+    if facts.group == GROUP {
+        return Some((POLICIES_RULE, "agents may not create, change or delete agentguard policies".into()));
+    }
+    if facts.group == "apiextensions.k8s.io"
+        && facts.resource == "customresourcedefinitions"
+        && facts.name.ends_with(&format!(".{GROUP}"))
+    {
+        return Some((CRDS_RULE, "agents may not change agentguard's CustomResourceDefinitions".into()));
+    }
+    if let Some(ns) = config.self_namespace.as_deref().filter(|ns| *ns == facts.namespace) {
+        return Some((SELF_RULE, format!("agents may not touch anything in agentguard's namespace {ns:?}")));
+    }
+    let cluster_scoped_self = facts.namespace.is_empty()
+        && matches!(facts.group, "admissionregistration.k8s.io" | "rbac.authorization.k8s.io")
+        && facts.name.starts_with(&config.self_name_prefix);
+    if cluster_scoped_self {
+        return Some((SELF_RULE, "agents may not change agentguard's webhook configurations or RBAC".into()));
+    }
+    // Any subresource: writes through `namespaces/status` or `/finalize` store labels too.
+    if !matches!(facts.operation, Operation::Update { .. }) || !facts.group.is_empty() {
+        return None;
+    }
+    let old = Facts::labels(facts.old_object);
+    let new = Facts::labels(facts.object);
+    let label = |l: &Option<super::Labels>, key: &str| l.as_ref().and_then(|l| l.get(key).cloned());
+    match facts.resource {
+        "serviceaccounts" => {
+            let key = &config.agent_label.0;
+            if label(&old, key) != label(&new, key) {
+                return Some((
+                    AGENT_LABEL_RULE,
+                    format!("agents may not change the {key} label of a ServiceAccount"),
+                ));
+            }
+            if old != new && policies.labels_make_agent(facts.namespace, old.as_ref(), config) {
+                return Some((
+                    AGENT_LABEL_RULE,
+                    "agents may not change the labels of an agent ServiceAccount".into(),
+                ));
+            }
+            None
+        }
+        "namespaces" if label(&old, AGENT_NAMESPACE_LABEL) != label(&new, AGENT_NAMESPACE_LABEL) => Some((
+            AGENT_NAMESPACE_RULE,
+            format!("agents may not change the {AGENT_NAMESPACE_LABEL} label of a Namespace"),
+        )),
+        _ => None,
+    }
+}

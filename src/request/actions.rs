@@ -1,0 +1,434 @@
+//! What admitting a request makes agentguard do, in one place, with the fail-closed rules
+//! written once. The engine's review is pure; everything here may wait on the API server.
+//!
+//! [`decide`] reviews the request and, for an agent's DELETE (or a human's approval of one) that
+//! would be admitted, looks up what it would take with it and reviews it again with that.
+//! [`plan`] then says, purely, what admitting it requires: the audit record, the churn budgets
+//! to charge, the agents to register, the Events to leave. [`carry_out`] does it in this order:
+//!
+//! 1. the record is checked against the live object, so a request that did not come from the
+//!    API server gets neither a record nor a charge;
+//! 2. churn budgets are charged (a limit that cannot be counted is not waived);
+//! 3. the record is written (no record, no change: the way back exists before the change);
+//! 4. newly marked agents are registered with the API server (an unregistered agent would be
+//!    unguarded);
+//! 5. Events are queued (never for a dry run).
+//!
+//! A step that cannot be done refuses the request: [`Refusal::Unavailable`] (503, "retry")
+//! when agentguard could not do what admitting requires, [`Refusal::Forbidden`] when a churn
+//! limit is spent.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+use serde_json::Value;
+
+use crate::cluster::breaker::Tripped;
+use crate::cluster::caches::Caches;
+use crate::cluster::events::{Events, Record};
+use crate::engine::admission::{self, AdmissionRequest, Route, Snapshot};
+use crate::engine::api::AgentChange;
+use crate::engine::policy::Config;
+use crate::engine::policy::identity::{AgentSet, StaticDirectory};
+use crate::engine::policy::{ChurnBudget, Collateral, Decision, Directory, PolicySet, Reason, Verdict};
+use crate::metrics::{Metrics, policy_label};
+
+/// What the webhook decides from. Implemented by the live caches and by fixed test data.
+pub trait Cluster: Send + Sync + 'static {
+    fn policies(&self) -> Arc<PolicySet>;
+    fn directory(&self) -> &dyn Directory;
+    fn ready(&self) -> bool;
+}
+
+impl Cluster for Caches {
+    fn policies(&self) -> Arc<PolicySet> {
+        Caches::policies(self)
+    }
+    fn directory(&self) -> &dyn Directory {
+        self
+    }
+    fn ready(&self) -> bool {
+        Caches::ready(self)
+    }
+}
+
+/// A fixed cluster: for router tests and offline evaluation.
+pub struct StaticCluster {
+    pub policies: Arc<PolicySet>,
+    pub directory: StaticDirectory,
+}
+
+impl Cluster for StaticCluster {
+    fn policies(&self) -> Arc<PolicySet> {
+        self.policies.clone()
+    }
+    fn directory(&self) -> &dyn Directory {
+        &self.directory
+    }
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// Registers an agent with the API server before the write that marks it is admitted.
+pub trait Register: Send + Sync + 'static {
+    fn ensure<'a>(&'a self, marked: &'a AgentSet) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Whether the webhook configuration has been brought up to date (readiness waits for it).
+    fn current(&self) -> bool;
+}
+
+impl Register for crate::cluster::webhook::Registrar {
+    fn ensure<'a>(&'a self, marked: &'a AgentSet) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(crate::cluster::webhook::Registrar::ensure(self, marked))
+    }
+    fn current(&self) -> bool {
+        crate::cluster::webhook::Registrar::current(self)
+    }
+}
+
+/// Spends churn budgets (see [`crate::cluster::breaker`]).
+pub trait Charge: Send + Sync + 'static {
+    fn charge<'a>(
+        &'a self,
+        agent: &'a str,
+        budgets: &'a [ChurnBudget],
+        dry_run: bool,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Tripped>>>;
+}
+
+impl Charge for crate::cluster::breaker::Breaker {
+    fn charge<'a>(
+        &'a self,
+        agent: &'a str,
+        budgets: &'a [ChurnBudget],
+        dry_run: bool,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Tripped>>> {
+        Box::pin(crate::cluster::breaker::Breaker::charge(self, agent, budgets, dry_run))
+    }
+}
+
+/// Writes audit-trail records (see [`crate::cluster::trail`]).
+pub trait Recorder: Send + Sync + 'static {
+    fn settings(&self) -> &crate::cluster::trail::Settings;
+    /// Checks the record's prior object against the live object before anything is spent or
+    /// written for the request (see [`crate::cluster::trail::Trail::verify`]).
+    fn verify<'a>(
+        &'a self,
+        _record: &'a mut crate::engine::api::AgentChange,
+        _prior: Option<&'a Value>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn write<'a>(&'a self, record: &'a crate::engine::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>>;
+}
+
+impl Recorder for crate::cluster::trail::Trail {
+    fn settings(&self) -> &crate::cluster::trail::Settings {
+        &self.settings
+    }
+    fn verify<'a>(
+        &'a self,
+        record: &'a mut crate::engine::api::AgentChange,
+        prior: Option<&'a Value>,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(crate::cluster::trail::Trail::verify(self, record, prior))
+    }
+    fn write<'a>(&'a self, record: &'a crate::engine::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(crate::cluster::trail::Trail::write(self, record))
+    }
+}
+
+/// Shared state of both ports.
+pub struct AppState {
+    pub cluster: Arc<dyn Cluster>,
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub clock: fn() -> Timestamp,
+    /// Set on shutdown so `/readyz` fails before the listener closes.
+    pub shutting_down: AtomicBool,
+    pub events: Events,
+    /// None when agentguard does not manage its webhook configuration.
+    pub registrar: Option<Arc<dyn Register>>,
+    /// None without a namespace of its own to keep counts in: churn limits are not enforced.
+    pub breaker: Option<Arc<dyn Charge>>,
+    /// None when recording is off.
+    pub trail: Option<Arc<dyn Recorder>>,
+    /// What an agent's DELETE would take with it (see [`crate::cluster::ownership`]). None: cascades are
+    /// not looked up (offline tests only).
+    pub ownership: Option<Arc<dyn crate::cluster::ownership::Lookup>>,
+}
+
+impl AppState {
+    pub fn new(cluster: Arc<dyn Cluster>, config: Config, metrics: Arc<Metrics>) -> Self {
+        let events = Events::disabled(metrics.clone());
+        Self {
+            cluster,
+            config,
+            metrics,
+            clock: Timestamp::now,
+            shutting_down: AtomicBool::new(false),
+            events,
+            registrar: None,
+            breaker: None,
+            trail: None,
+            ownership: None,
+        }
+    }
+}
+
+/// Why a request is refused although the engine would admit it.
+#[derive(Debug)]
+pub enum Refusal {
+    /// agentguard could not do what admitting the request requires: retry (HTTP 503).
+    Unavailable(String),
+    /// A churn limit is spent (HTTP 403).
+    Forbidden(String),
+}
+
+impl Refusal {
+    /// The AdmissionReview answer.
+    pub fn response(&self, uid: &str) -> Value {
+        match self {
+            Refusal::Unavailable(message) => admission::unavailable(uid, message),
+            Refusal::Forbidden(message) => admission::forbid(uid, message),
+        }
+    }
+}
+
+/// The engine's decision, with what a DELETE would take with it where that matters.
+pub async fn decide(state: &AppState, request: &AdmissionRequest, route: Route) -> Result<Decision, Refusal> {
+    let policies = state.cluster.policies();
+    // The snapshot borrows the directory, which is not Sync: decide before any await.
+    let review = |collateral: &[Collateral]| {
+        let snapshot = Snapshot {
+            policies: &policies,
+            directory: state.cluster.directory(),
+            config: &state.config,
+            now: (state.clock)(),
+            collateral,
+        };
+        admission::review_on(request, route, &snapshot)
+    };
+    let decision = review(&[]);
+    // An agent's DELETE that would be admitted is judged again with what it would take with it;
+    // so is a human's approval of a delete (its writer must approve for all of that too).
+    if decision.allowed()
+        && let Some(ownership) = &state.ownership
+        && crate::cluster::ownership::needed(request, decision.agent, &policies)
+    {
+        return match ownership.collateral(request, &policies).await {
+            Ok(collateral) if collateral.is_empty() => Ok(decision),
+            Ok(collateral) => Ok(review(&collateral)),
+            Err(e) => {
+                // Unknown blast radius: the DELETE (or its approval) fails closed.
+                tracing::warn!(uid = %request.uid, error = format!("{e:#}"), "cannot look up what the delete cascades to; refusing");
+                Err(Refusal::Unavailable(format!(
+                    "agentguard could not find what this delete would take with it: {e:#}; retry"
+                )))
+            }
+        };
+    }
+    Ok(decision)
+}
+
+/// What admitting `request` under `decision` requires: decided purely, done by [`carry_out`].
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// The audit record of an admitted agent change.
+    pub record: Option<AgentChange>,
+    /// Churn budgets the admitted request spends.
+    pub charge: Vec<ChurnBudget>,
+    /// Identities the admitted write marks as agents.
+    pub register: AgentSet,
+    /// Events to leave on the object (none for a dry run).
+    pub events: Vec<Record>,
+}
+
+pub fn plan(state: &AppState, request: &AdmissionRequest, decision: &Decision) -> Plan {
+    let record = state.trail.as_ref().and_then(|trail| {
+        crate::cluster::trail::record_for(request, decision, trail.settings(), (state.clock)())
+    });
+    let charge = if decision.allowed() { decision.churn.clone() } else { Vec::new() };
+    let register = if decision.allowed() && !request.dry_run() && state.registrar.is_some() {
+        crate::cluster::webhook::marked_agents(&request.facts(), &state.cluster.policies(), &state.config)
+    } else {
+        AgentSet::default()
+    };
+    let events = if request.dry_run() { Vec::new() } else { events_for(request, decision) };
+    Plan { record, charge, register, events }
+}
+
+/// Carries out `plan` in the order the module doc gives; the first step that fails refuses.
+pub async fn carry_out(state: &AppState, request: &AdmissionRequest, plan: Plan) -> Result<(), Refusal> {
+    let Plan { mut record, charge, register, events } = plan;
+    let uid = &request.uid;
+    let agent = &request.user_info.username;
+    if let (Some(trail), Some(record)) = (&state.trail, record.as_mut())
+        && let Err(e) = trail.verify(record, request.old_object.as_ref()).await
+    {
+        tracing::warn!(%uid, error = format!("{e:#}"), "the request does not match the live object; refusing");
+        return Err(Refusal::Unavailable(format!(
+            "agentguard could not check this change against the live object: {e:#}; retry"
+        )));
+    }
+    if !charge.is_empty() {
+        // A limit that cannot be counted is not waived: the agent is refused, loudly.
+        let Some(breaker) = &state.breaker else {
+            return Err(Refusal::Unavailable(
+                "agentguard: a churn limit applies, but agentguard has no namespace to count in (--self-namespace)"
+                    .into(),
+            ));
+        };
+        match breaker.charge(agent, &charge, request.dry_run()).await {
+            Ok(None) => {
+                for budget in &charge {
+                    let policy = crate::metrics::policy_id_label(&budget.policy);
+                    state.metrics.set_breaker(&policy, agent, false);
+                }
+            }
+            Ok(Some(tripped)) => {
+                let policy = crate::metrics::policy_id_label(&tripped.budget.policy);
+                state.metrics.set_breaker(&policy, agent, true);
+                state.metrics.breaker_refused(&policy, agent);
+                tracing::warn!(%uid, %agent, %tripped, "churn breaker refused");
+                return Err(Refusal::Forbidden(format!(
+                    "agentguard: {} by {agent}: {tripped}",
+                    request.operation
+                )));
+            }
+            Err(e) => {
+                // Uncounted is unchecked: an agent's guarded operation fails closed.
+                tracing::warn!(%uid, error = format!("{e:#}"), "cannot charge the churn budget; refusing");
+                return Err(Refusal::Unavailable(format!(
+                    "agentguard could not check the churn limit: {e:#}; retry"
+                )));
+            }
+        }
+    }
+    if let (Some(trail), Some(record)) = (&state.trail, &record)
+        && let Err(e) = trail.write(record).await
+    {
+        // No record, no change: the way back must exist before the change does.
+        tracing::warn!(%uid, error = format!("{e:#}"), "cannot record the change; refusing");
+        return Err(Refusal::Unavailable(format!(
+            "agentguard could not record this change in its audit trail: {e:#}; retry"
+        )));
+    }
+    if !register.is_empty()
+        && let Some(registrar) = &state.registrar
+        && let Err(e) = registrar.ensure(&register).await
+    {
+        // Admitting the label unregistered would leave the new agent unguarded.
+        tracing::warn!(%uid, error = format!("{e:#}"), "cannot register a new agent; refusing the write");
+        return Err(Refusal::Unavailable(format!(
+            "agentguard could not register the new agent before admitting this write: {e:#}; retry"
+        )));
+    }
+    for event in events {
+        state.events.emit(event);
+    }
+    Ok(())
+}
+
+/// Counts the decision and logs it: refusals and held requests at INFO, plain admissions at
+/// DEBUG.
+pub fn observe(state: &AppState, request: &AdmissionRequest, decision: &Decision, started: Instant) {
+    let policy = policy_label(decision);
+    let facts = request.facts();
+    let resource = match facts.subresource {
+        "" => facts.resource.to_owned(),
+        sub => format!("{}/{sub}", facts.resource),
+    };
+    state.metrics.decided(decision, &resource, &request.user_info.username, request.dry_run());
+    state.metrics.latency.observe(started.elapsed().as_secs_f64());
+    let fields = (
+        request.uid.as_str(),
+        request.operation.as_str(),
+        resource.as_str(),
+        facts.namespace,
+        facts.name,
+        request.user_info.username.as_str(),
+        request.dry_run(),
+    );
+    let (uid, operation, resource, namespace, name, user, dry_run) = fields;
+    match &decision.verdict {
+        Verdict::Deny(denial) => tracing::info!(
+            uid, operation, resource, namespace, name, user, dry_run, outcome = decision.outcome(), %policy,
+            message = %denial, "refused"
+        ),
+        Verdict::Allow(why) if decision.outcome() != "allowed" || !decision.audits.is_empty() => {
+            tracing::info!(
+                uid, operation, resource, namespace, name, user, dry_run, outcome = decision.outcome(), %policy,
+                reason = ?why, warnings = ?decision.warnings, audits = ?decision.audits, "admitted"
+            )
+        }
+        Verdict::Allow(why) => tracing::debug!(
+            uid, operation, resource, namespace, name, user, dry_run, reason = ?why, "admitted"
+        ),
+    }
+}
+
+/// The Events a decision leaves on its object: refusals (a held request's whole change too, in
+/// parts), approvals used or written, and dry-run policy warnings. Plain admissions leave none.
+/// An approval written is reported only once the API server has stored it (see
+/// [`crate::cluster::events::Stored`]): the request alone proves nothing.
+fn events_for(request: &AdmissionRequest, decision: &Decision) -> Vec<Record> {
+    use crate::engine::policy::Allowed;
+    let who = &request.user_info.username;
+    let regarding = request.regarding();
+    let one = |warning, reason, note| vec![Record::new(regarding.clone(), warning, reason, note)];
+    match &decision.verdict {
+        Verdict::Deny(d) => match d.reason {
+            Reason::ApprovalRequired { .. } => {
+                let mut out = one(true, "ApprovalRequired", d.to_string());
+                let parts =
+                    d.change.as_ref().filter(|c| !c.is_empty()).map(crate::cluster::events::change_parts);
+                for (i, note) in parts.into_iter().flatten().enumerate() {
+                    let mut part = Record::new(regarding.clone(), true, "ApprovalChange", note);
+                    part.part = u16::try_from(i).unwrap_or(u16::MAX);
+                    out.push(part);
+                }
+                out
+            }
+            _ => one(true, "Denied", d.to_string()),
+        },
+        Verdict::Allow(why @ Allowed::Approved { .. }) => {
+            one(false, "Approved", format!("{} by {who} admitted: {why}", request.operation))
+        }
+        Verdict::Allow(Allowed::ApprovalAccepted) => {
+            let Some(object) = request.object.as_ref() else { return Vec::new() };
+            let value = crate::engine::approval::annotation(object).unwrap_or_default().to_owned();
+            let (Some(uid), Some(name)) = (regarding.uid.clone(), regarding.name.clone()) else {
+                return Vec::new();
+            };
+            let resource = kube::api::ApiResource {
+                group: request.kind.group.clone(),
+                version: request.kind.version.clone(),
+                api_version: regarding.api_version.clone().unwrap_or_default(),
+                kind: request.kind.kind.clone(),
+                plural: request.resource.resource.clone(),
+            };
+            let stored = crate::cluster::events::Stored {
+                resource,
+                namespace: regarding.namespace.clone(),
+                name,
+                uid,
+                value,
+            };
+            let note = format!("{who} approved {:?}", stored.value);
+            let mut record = Record::new(regarding, false, "ApprovalRecorded", note);
+            record.stored = Some(stored);
+            vec![record]
+        }
+        // Only for agents: an inert approval value a controller copied warns its writer, no more.
+        Verdict::Allow(_) if decision.agent && !decision.warnings.is_empty() => one(
+            true,
+            "PolicyWarning",
+            format!("{} by {who}: {}", request.operation, decision.warnings.join("; ")),
+        ),
+        Verdict::Allow(_) => Vec::new(),
+    }
+}

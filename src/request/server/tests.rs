@@ -1,0 +1,499 @@
+//! Router tests: AdmissionReviews shaped as the API server sends them, through the real axum
+//! router with `oneshot`.
+
+use std::path::PathBuf;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use futures::future::BoxFuture;
+use jiff::Timestamp;
+
+use super::*;
+use crate::cluster::breaker::Tripped;
+use crate::cluster::events::Events;
+use crate::engine::policy::identity::AgentSet;
+use crate::engine::policy::{ChurnBudget, Config, Directory, PolicySet};
+use crate::metrics::Metrics;
+
+fn at_fixed_time() -> Timestamp {
+    "2026-11-26T12:10:00Z".parse().unwrap()
+}
+
+fn state(ready: bool) -> Arc<AppState> {
+    struct NotReady;
+    impl Cluster for NotReady {
+        fn policies(&self) -> Arc<PolicySet> {
+            Arc::default()
+        }
+        fn directory(&self) -> &dyn Directory {
+            &()
+        }
+        fn ready(&self) -> bool {
+            false
+        }
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (cluster, namespaced, directory) =
+        crate::commands::check::load_world(&[root.join("examples/policies/demo.yaml")]).unwrap();
+    let (policies, problems) = PolicySet::compile(&cluster, &namespaced);
+    assert!(problems.is_empty());
+    let cluster: Arc<dyn Cluster> = if ready {
+        Arc::new(StaticCluster { policies: Arc::new(policies), directory })
+    } else {
+        Arc::new(NotReady)
+    };
+    let config =
+        Config { approval_keys: crate::engine::approval::Keys::fixed_for_tests(), ..Config::default() };
+    let mut state = AppState::new(cluster, config, Arc::new(Metrics::default()));
+    state.clock = at_fixed_time;
+    Arc::new(state)
+}
+
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/reviews").join(name);
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+async fn post(state: Arc<AppState>, body: impl Into<Body>) -> (StatusCode, Value) {
+    post_to(state, "/validate", body).await
+}
+
+async fn post_to(state: Arc<AppState>, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
+    let request = Request::post(path).header("content-type", "application/json").body(body.into()).unwrap();
+    let response = webhook_router(state).oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+async fn admit(review: &Value) -> Value {
+    let (status, body) = post(state(true), review.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(body["kind"], "AdmissionReview");
+    assert_eq!(body["response"]["uid"], review["request"]["uid"]);
+    body["response"].clone()
+}
+
+#[tokio::test]
+async fn fixtures_get_the_documented_answers() {
+    // (fixture, allowed, fragments of status.message or warnings)
+    let cases: &[(&str, bool, &[&str])] = &[
+        (
+            "01-agent-deletes-deployment.json",
+            false,
+            &[
+                "requires approval under ClusterAgentPolicy \"protect-workloads\", rule \"workloads\"",
+                "kubectl annotate deployments.apps web -n prod agentguard.io/approve=delete.",
+            ],
+        ),
+        ("02-alice-approves-the-delete.json", true, &[]),
+        ("03-mallory-tries-to-approve.json", false, &["mallory is not an approver"]),
+        ("04-agent-deletes-approved-deployment.json", true, &[]),
+        (
+            "05-agent-scales-to-zero.json",
+            false,
+            &["spec.replicas: 3 → 0", "scale subresource carries no annotations"],
+        ),
+        (
+            "06-agent-replaces-image.json",
+            false,
+            &[
+                "UPDATE of deployments.apps",
+                "spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28",
+                "agentguard.io/approve=update.",
+            ],
+        ),
+        ("07-agent-removes-its-agent-label.json", false, &["built-in rule \"agent-label\""]),
+        ("08-agent-edits-configmap-warn-mode.json", true, &["[Warn mode, not enforced]"]),
+        ("09-agent-deletes-volume-dry-run.json", false, &["never-delete-volumes", "Ask a human"]),
+        ("10-human-deletes-deployment.json", true, &[]),
+    ];
+    for (name, allowed, fragments) in cases {
+        let response = admit(&fixture(name)).await;
+        assert_eq!(response["allowed"], json!(allowed), "{name}: {response}");
+        let warnings: Vec<&str> =
+            response["warnings"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let text =
+            format!("{} {}", response["status"]["message"].as_str().unwrap_or_default(), warnings.join(" "));
+        for f in *fragments {
+            assert!(text.contains(f), "{name}: {text} lacks {f}");
+        }
+        if !allowed {
+            assert_eq!(response["status"]["code"], 403, "{name}");
+            assert_eq!(response["status"]["reason"], "Forbidden", "{name}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn dry_run_is_judged_like_the_real_request() {
+    let mut dry = fixture("01-agent-deletes-deployment.json");
+    dry["request"]["dryRun"] = json!(true);
+    let real = fixture("01-agent-deletes-deployment.json");
+    assert_eq!(admit(&dry).await, admit(&real).await);
+}
+
+#[tokio::test]
+async fn an_agent_creating_an_object_with_an_approval_is_refused() {
+    let mut review = fixture("04-agent-deletes-approved-deployment.json");
+    let object = review["request"]["oldObject"].take();
+    review["request"]["operation"] = json!("CREATE");
+    review["request"]["object"] = object;
+    review["request"]["options"] = json!({"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"});
+    let response = admit(&review).await;
+    assert_eq!(response["allowed"], false);
+    assert!(response["status"]["message"].as_str().unwrap().contains("approval-annotation"));
+}
+
+#[tokio::test]
+async fn malformed_input_is_refused_never_allowed() {
+    let st = state(true);
+    let (status, body) = post(st.clone(), "").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["response"]["allowed"], false);
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("empty"));
+
+    let (status, body) = post(st.clone(), "{{not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["response"]["allowed"], false);
+
+    let (status, body) =
+        post(st.clone(), json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).to_string())
+            .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("no request"));
+
+    // A readable uid gets a normal AdmissionReview answer, refused.
+    let mut wrong = fixture("10-human-deletes-deployment.json");
+    wrong["apiVersion"] = json!("admission.k8s.io/v1beta1");
+    let (status, body) = post(st.clone(), wrong.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["response"]["uid"], wrong["request"]["uid"]);
+    assert_eq!(body["response"]["allowed"], false);
+
+    let huge = vec![b' '; MAX_BODY_BYTES + 1];
+    let (status, body) = post(st.clone(), huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["response"]["allowed"], false);
+
+    let text = st.metrics.encode();
+    assert!(text.contains("agentguard_malformed_reviews_total 5"), "{text}");
+}
+
+#[tokio::test]
+async fn unsynced_caches_answer_with_an_error_for_failure_policy() {
+    let (status, _) = post(state(false), fixture("01-agent-deletes-deployment.json").to_string()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+async fn get(router: Router, path: &str) -> (StatusCode, String) {
+    let response = router.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn admin_port_reports_readiness_and_metrics() {
+    let st = state(true);
+    assert_eq!(get(admin_router(st.clone()), "/livez").await.0, StatusCode::OK);
+    assert_eq!(get(admin_router(st.clone()), "/readyz").await.0, StatusCode::OK);
+    assert_eq!(get(admin_router(state(false)), "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+
+    post(st.clone(), fixture("01-agent-deletes-deployment.json").to_string()).await;
+    let (status, text) = get(admin_router(st.clone()), "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        text.contains(r#"agentguard_decisions_total{outcome="held",policy="cluster/protect-workloads",action="RequireApproval",mode="Enforce",resource="deployments",agent="system:serviceaccount:agents:coder",dry_run="false"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("agentguard_review_duration_seconds_count 1"), "{text}");
+
+    st.shutting_down.store(true, Ordering::Release);
+    assert_eq!(get(admin_router(st), "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn events_are_left_for_real_requests_only() {
+    let base = state(true);
+    let (events, mut rx) = Events::channel(base.metrics.clone(), 16);
+    let cluster = base.cluster.clone();
+    let mut with_events = AppState::new(cluster, base.config.clone(), base.metrics.clone());
+    with_events.clock = at_fixed_time;
+    with_events.events = events;
+    let st = Arc::new(with_events);
+
+    post(st.clone(), fixture("01-agent-deletes-deployment.json").to_string()).await;
+    let held = rx.try_recv().expect("an Event for the held delete");
+    assert_eq!((held.reason, held.warning), ("ApprovalRequired", true));
+    assert_eq!(held.regarding.kind.as_deref(), Some("Deployment"));
+    assert_eq!(held.regarding.api_version.as_deref(), Some("apps/v1"));
+    assert_eq!(held.regarding.name.as_deref(), Some("web"));
+    assert_eq!(held.regarding.uid.as_deref(), Some("6f1c7a52-3b0e-4d7a-9a51-0c2d9e1f8b33"));
+    assert!(held.note.contains("kubectl annotate deployments.apps web"));
+
+    post(st.clone(), fixture("04-agent-deletes-approved-deployment.json").to_string()).await;
+    assert_eq!(rx.try_recv().expect("an Event for the approved delete").reason, "Approved");
+
+    let mut dry = fixture("01-agent-deletes-deployment.json");
+    dry["request"]["dryRun"] = json!(true);
+    post(st.clone(), dry.to_string()).await;
+    post(st.clone(), fixture("10-human-deletes-deployment.json").to_string()).await;
+    assert!(rx.try_recv().is_err(), "no Event for a dry run or a human's request");
+}
+
+#[tokio::test]
+async fn a_held_change_is_carried_whole_and_claimed_approvals_are_not_reported_unread() {
+    let base = state(true);
+    let (events, mut rx) = Events::channel(base.metrics.clone(), 16);
+    let mut with_events = AppState::new(base.cluster.clone(), base.config.clone(), base.metrics.clone());
+    with_events.clock = at_fixed_time;
+    with_events.events = events;
+    let st = Arc::new(with_events);
+
+    post(st.clone(), fixture("06-agent-replaces-image.json").to_string()).await;
+    assert_eq!(rx.try_recv().expect("the held update").reason, "ApprovalRequired");
+    let part = rx.try_recv().expect("the whole change");
+    assert_eq!((part.reason, part.part), ("ApprovalChange", 0));
+    assert!(
+        part.note.starts_with("change ")
+            && part
+                .note
+                .ends_with("part 1/1: spec.template.spec.containers[0].image: nginx:1.27 → nginx:1.28"),
+        "{}",
+        part.note
+    );
+    // An approval write is only reported once read back from the live object: without a
+    // client to read it with, nothing is reported.
+    let (_, body) = post(st.clone(), fixture("02-alice-approves-the-delete.json").to_string()).await;
+    assert_eq!(body["response"]["allowed"], true);
+    assert!(rx.try_recv().is_err(), "an unconfirmed approval was reported");
+}
+
+/// The demo world plus `extra` ClusterAgentPolicies (YAML), with the given side services.
+fn state_with(
+    extra: &str,
+    breaker: Option<Arc<dyn Charge>>,
+    trail: Option<Arc<dyn Recorder>>,
+) -> Arc<AppState> {
+    use serde::Deserialize as _;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (mut cluster, namespaced, directory) =
+        crate::commands::check::load_world(&[root.join("examples/policies/demo.yaml")]).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(extra).filter(|_| !extra.is_empty()) {
+        cluster.push(crate::engine::api::ClusterAgentPolicy::deserialize(doc).unwrap());
+    }
+    let (policies, problems) = PolicySet::compile(&cluster, &namespaced);
+    assert!(problems.is_empty(), "{problems:?}");
+    let cluster = Arc::new(StaticCluster { policies: Arc::new(policies), directory });
+    let config =
+        Config { approval_keys: crate::engine::approval::Keys::fixed_for_tests(), ..Config::default() };
+    let mut state = AppState::new(cluster, config, Arc::new(Metrics::default()));
+    state.clock = at_fixed_time;
+    state.breaker = breaker;
+    state.trail = trail;
+    Arc::new(state)
+}
+
+const CHURN_LIMITED: &str = "apiVersion: agentguard.io/v1alpha1\nkind: ClusterAgentPolicy\nmetadata: {name: churn}\n\
+    spec:\n  action: Allow\n  churnLimit: {maxOperations: 2, window: 10m}\n  rules:\n  - name: any\n    \
+    operations: [DELETE]\n    resources: [{apiGroups: [apps], resources: [deployments]}]\n";
+
+/// A breaker that answers from a fixed count.
+struct FixedCount(u32);
+
+impl Charge for FixedCount {
+    fn charge<'a>(
+        &'a self,
+        _: &'a str,
+        budgets: &'a [ChurnBudget],
+        _: bool,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Tripped>>> {
+        let budget = budgets[0].clone();
+        let tally = crate::cluster::breaker::Tally { count: self.0, window_start: at_fixed_time() };
+        let tripped = tally.spent(&budget).then(|| Tripped {
+            budget,
+            tally,
+            lease: "agentguard-churn-0000000000000000".into(),
+            namespace: "agentguard-system".into(),
+        });
+        Box::pin(async move { Ok(tripped) })
+    }
+}
+
+#[tokio::test]
+async fn a_churn_limit_refuses_once_spent_and_is_never_waived() {
+    // The approved delete of fixture 04 also matches the churn-limited Allow policy.
+    let review = fixture("04-agent-deletes-approved-deployment.json");
+    let within = state_with(CHURN_LIMITED, Some(Arc::new(FixedCount(1))), None);
+    assert_eq!(post(within, review.to_string()).await.1["response"]["allowed"], true);
+    let (_, spent) =
+        post(state_with(CHURN_LIMITED, Some(Arc::new(FixedCount(2))), None), review.to_string()).await;
+    assert_eq!(spent["response"]["allowed"], false);
+    assert_eq!(spent["response"]["status"]["code"], 403);
+    let message = spent["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("churn limit of ClusterAgentPolicy \"churn\" reached: 2 guarded operations"),
+        "{message}"
+    );
+    // Without anywhere to count, the limit is not waived.
+    let (_, uncounted) = post(state_with(CHURN_LIMITED, None, None), review.to_string()).await;
+    assert_eq!(uncounted["response"]["allowed"], false);
+    assert_eq!(uncounted["response"]["status"]["code"], 503);
+}
+
+/// A trail that keeps records in memory, or fails every write.
+struct MemoryTrail {
+    settings: crate::cluster::trail::Settings,
+    records: std::sync::Mutex<Vec<crate::engine::api::AgentChange>>,
+    fail: bool,
+}
+
+impl MemoryTrail {
+    fn new(fail: bool) -> Arc<Self> {
+        Arc::new(Self {
+            settings: crate::cluster::trail::Settings {
+                namespace: "agentguard-system".into(),
+                max_object_bytes: 262_144,
+                keep_secret_data: false,
+                retention: std::time::Duration::from_secs(3600),
+                max_records: 10,
+            },
+            records: Default::default(),
+            fail,
+        })
+    }
+}
+
+impl Recorder for MemoryTrail {
+    fn settings(&self) -> &crate::cluster::trail::Settings {
+        &self.settings
+    }
+    fn write<'a>(&'a self, record: &'a crate::engine::api::AgentChange) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            anyhow::ensure!(!self.fail, "the API server is unreachable");
+            self.records.lock().unwrap().push(record.clone());
+            Ok(())
+        })
+    }
+}
+
+#[tokio::test]
+async fn an_admitted_change_is_recorded_first_or_not_admitted() {
+    let review = fixture("04-agent-deletes-approved-deployment.json");
+    let trail = MemoryTrail::new(false);
+    let (_, body) = post(state_with("", None, Some(trail.clone())), review.to_string()).await;
+    assert_eq!(body["response"]["allowed"], true);
+    let records = trail.records.lock().unwrap().clone();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].spec.requester, "system:serviceaccount:agents:coder");
+    assert_eq!(records[0].spec.admission, "approved");
+
+    let (_, body) = post(state_with("", None, Some(MemoryTrail::new(true))), review.to_string()).await;
+    assert_eq!(body["response"]["allowed"], false);
+    let message = body["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("could not record this change in its audit trail"), "{message}");
+
+    // Held requests and dry runs leave no record.
+    let trail = MemoryTrail::new(false);
+    post(state_with("", None, Some(trail.clone())), fixture("01-agent-deletes-deployment.json").to_string())
+        .await;
+    post(
+        state_with("", None, Some(trail.clone())),
+        fixture("09-agent-deletes-volume-dry-run.json").to_string(),
+    )
+    .await;
+    assert!(trail.records.lock().unwrap().is_empty());
+}
+
+/// A registrar that remembers what it was asked to register, or fails.
+struct Registrations {
+    asked: std::sync::Mutex<Vec<AgentSet>>,
+    fail: bool,
+}
+
+impl Register for Registrations {
+    fn ensure<'a>(&'a self, marked: &'a AgentSet) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            anyhow::ensure!(!self.fail, "the webhook configuration cannot be written");
+            self.asked.lock().unwrap().push(marked.clone());
+            Ok(())
+        })
+    }
+    fn current(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn marking_an_agent_is_admitted_only_once_it_is_registered() {
+    let label = |labels: Value| {
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "newcomer", "namespace": "agents", "uid": "sa-1", "labels": labels}})
+    };
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "mark-1",
+            "kind": {"group": "", "version": "v1", "kind": "ServiceAccount"},
+            "resource": {"group": "", "version": "v1", "resource": "serviceaccounts"},
+            "name": "newcomer", "namespace": "agents", "operation": "UPDATE",
+            "userInfo": {"username": "alice", "groups": ["sre", "system:authenticated"]},
+            "object": label(json!({"agentguard.io/agent": "true"})),
+            "oldObject": label(json!({})),
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "UpdateOptions"}
+        }
+    });
+    for fail in [false, true] {
+        let registrations = Arc::new(Registrations { asked: Default::default(), fail });
+        let mut state = AppState::new(
+            Arc::new(StaticCluster { policies: Arc::default(), directory: Default::default() }),
+            Config::default(),
+            Arc::new(Metrics::default()),
+        );
+        state.registrar = Some(registrations.clone());
+        let (_, body) = post(Arc::new(state), review.to_string()).await;
+        assert_eq!(body["response"]["allowed"], !fail, "{body}");
+        if fail {
+            let message = body["response"]["status"]["message"].as_str().unwrap();
+            assert!(message.contains("could not register the new agent"), "{message}");
+        } else {
+            let asked = registrations.asked.lock().unwrap();
+            assert_eq!(asked.len(), 1);
+            assert!(asked[0].usernames.contains("system:serviceaccount:agents:newcomer"));
+        }
+    }
+}
+
+/// A ServiceAccount no cache has seen labelled (its label just stored, the reflector behind):
+/// the API server sent it through the `agents` webhook, whose conditions list exactly the
+/// registered agents, so it is judged as an agent. The same request on any other path is judged
+/// from the caches alone.
+#[tokio::test]
+async fn the_agents_path_judges_the_requester_an_agent_whatever_the_caches_say() {
+    let mut review = fixture("01-agent-deletes-deployment.json");
+    review["request"]["userInfo"] = json!({
+        "username": "system:serviceaccount:prod:just-labelled",
+        "groups": ["system:serviceaccounts", "system:serviceaccounts:prod", "system:authenticated"]
+    });
+    let (status, body) = post_to(state(true), "/validate/agents", review.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    let message = body["response"]["status"]["message"].as_str().unwrap_or_default();
+    assert_eq!(body["response"]["allowed"], json!(false), "{body}");
+    assert!(
+        message.contains("requires approval under ClusterAgentPolicy \"protect-workloads\""),
+        "{message}"
+    );
+    for path in ["/validate/approvals", "/validate"] {
+        let (status, body) = post_to(state(true), path, review.to_string()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["response"]["allowed"], json!(true), "{path}: not an agent by the caches: {body}");
+    }
+    let (status, _) = post_to(state(true), "/validate/other", review.to_string()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
