@@ -1,6 +1,6 @@
 //! Cost of one policy decision as the number of policies grows (decode excluded).
 //!
-//! `cargo bench --bench policy` — results and the machine they came from are in the README.
+//! `cargo bench --bench policy` — results and the machine they came from are in docs/performance.md.
 
 use std::hint::black_box;
 

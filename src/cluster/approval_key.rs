@@ -6,7 +6,7 @@
 //!   winner's), so all replicas sign and check with the same key.
 //! * Data: `key` is the current key (tickets are issued under it); every other entry whose
 //!   name starts with `previous` is a former key still accepted, so a rotation need not
-//!   invalidate the tickets outstanding (see the README's approval protocol).
+//!   invalidate the tickets outstanding (see docs/approvals.md).
 //! * Reload: every replica re-reads the Secret every 30 s ([`keep_current`]), so a rotation
 //!   reaches all replicas without a restart.
 //! * The key never leaves this process except in that Secret; only agentguard's ServiceAccount

@@ -209,7 +209,7 @@ pub enum Scope {
 /// One question about one identity: may it do any of `verbs` on `resource`, where?
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Check {
-    /// Stable finding id (see the README): `delete`, `update`, `impersonate`, ...
+    /// Stable finding id (see docs/audit.md): `delete`, `update`, `impersonate`, ...
     pub id: &'static str,
     pub severity: Severity,
     pub verbs: &'static [&'static str],
@@ -729,7 +729,7 @@ impl Report {
         out
     }
 
-    /// The JSON document of `--output json` (field names documented in the README).
+    /// The JSON document of `--output json` (field names documented in docs/audit.md).
     pub fn json(&self) -> serde_json::Value {
         let agents: Vec<serde_json::Value> = self
             .agents

@@ -140,7 +140,7 @@ pub struct CheckArgs {
     /// AdmissionReview files (JSON or YAML) to judge.
     #[arg(long = "reviews", short = 'r', requires = "policies", num_args = 1..)]
     pub reviews: Vec<PathBuf>,
-    /// Test files with expected decisions (see `check` in the README); exits 1 when a case fails.
+    /// Test files with expected decisions (see `check` in docs/operations.md); exits 1 when a case fails.
     #[arg(long = "test", short = 't', num_args = 1..)]
     pub tests: Vec<PathBuf>,
     /// Evaluate as of this time (RFC 3339); defaults to now.

@@ -10,7 +10,7 @@
 //! bridge, the route, the mounts under the node's folder and the folder itself.
 //!
 //! The kubelet settings this machine needs (a container with cgroup v1, no systemd, no image
-//! registry) are the ones in [`Node::kubelet_config`]; the README explains each.
+//! registry) are the ones in [`Node::kubelet_config`]; docs/testing.md explains each.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -200,7 +200,7 @@ impl Drop for Forwarder {
     }
 }
 
-/// Start-up timings, for the README.
+/// Start-up timings, for docs/testing.md.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Startup {
     /// containerd running and the images imported.
@@ -513,7 +513,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         Ok(())
     }
 
-    /// The kubelet's configuration for this machine: see the README's "One-node cluster".
+    /// The kubelet's configuration for this machine: see docs/testing.md, "The chart on a one-node cluster".
     fn kubelet_config(&self, port: u16, healthz: u16) -> String {
         let d = self.dir.path().display();
         format!(
