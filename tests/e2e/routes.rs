@@ -1519,3 +1519,209 @@ pub fn acting_as_another_service_account_is_still_an_agent(w: &World) -> Result<
     )?;
     Ok(())
 }
+
+/// A CustomResourceDefinition standing in for a GitOps controller's (`group`, `kind`), with an
+/// open schema: only the fields agentguard reads matter here.
+fn stand_in_crd(left: &mut Leftovers<'_>, group: &str, plural: &str, kind: &str) -> Result<()> {
+    let name = format!("{plural}.{group}");
+    left.apply(&json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": name},
+        "spec": {"group": group, "scope": "Namespaced",
+            "names": {"plural": plural, "singular": kind.to_lowercase(), "kind": kind},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
+    }))?;
+    admin(left.w, &["wait", "--for=condition=established", "--timeout=30s", &format!("crd/{name}")]).map(drop)
+}
+
+/// Destruction handed to a controller by an update: each update below makes a controller of
+/// kube-controller-manager (or a cloud or GitOps controller) delete objects a policy guards, so
+/// it is judged as those deletes and refused; the same change by a person goes through.
+pub fn controllers_handed_destruction_are_judged(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-handed")?;
+    let node = format!("e2e-routes-node-{}", std::process::id());
+    stand_in_crd(&mut left, "argoproj.io", "applications", "Application")?;
+    stand_in_crd(&mut left, "kustomize.toolkit.fluxcd.io", "kustomizations", "Kustomization")?;
+    let guarded = |name: &str, group: &str, resource: &str| {
+        rule(name, &["DELETE"], group, resource, json!({"namespaces": [ns]}))
+    };
+    left.policy(cluster_policy(
+        "e2e-routes-handed",
+        "Deny",
+        json!([
+            guarded("jobs", "batch", "jobs"),
+            guarded("history", "apps", "replicasets"),
+            guarded("volumes", "", "persistentvolumeclaims"),
+            guarded("pods", "", "pods"),
+            guarded("load-balancers", "", "services"),
+            guarded("apps", "argoproj.io", "applications"),
+            guarded("kustomizations", "kustomize.toolkit.fluxcd.io", "kustomizations"),
+        ]),
+    ))?;
+    let template = json!({"metadata": {"labels": {"app": "x"}},
+        "spec": {"containers": [{"name": "x", "image": "busybox:1.37"}], "restartPolicy": "Never"}});
+    create(
+        w,
+        &json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "report", "namespace": ns},
+        "spec": {"template": template}}),
+    )?;
+    create(
+        w,
+        &json!({"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "nightly", "namespace": ns},
+        "spec": {"schedule": "0 3 * * *", "jobTemplate": {"spec": {"template": template}}}}),
+    )?;
+    create(
+        w,
+        &json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": ns},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}}}}),
+    )?;
+    create(
+        w,
+        &json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": ns},
+        "spec": {"replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Delete"},
+            "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [{"name": "db", "image": "postgres:17"}]}},
+            "volumeClaimTemplates": [{"metadata": {"name": "data"}, "spec":
+                {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]}}),
+    )?;
+    create(
+        w,
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "front", "namespace": ns},
+        "spec": {"type": "LoadBalancer", "selector": {"app": "web"}, "ports": [{"port": 80}]}}),
+    )?;
+    left.apply(&json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}}))?;
+    create(
+        w,
+        &json!({"apiVersion": "argoproj.io/v1", "kind": "Application", "metadata": {"name": "shop", "namespace": ns},
+        "spec": {"source": {"repoURL": "https://example.com/shop.git", "path": "prod"},
+            "destination": {"namespace": "shop"}, "syncPolicy": {"automated": {"prune": false}}}}),
+    )?;
+    create(
+        w,
+        &json!({"apiVersion": "kustomize.toolkit.fluxcd.io/v1", "kind": "Kustomization", "metadata": {"name": "infra", "namespace": ns},
+        "spec": {"prune": true, "path": "./prod", "sourceRef": {"kind": "GitRepository", "name": "infra"}}}),
+    )?;
+
+    let merge = |kind: &str, name: &str, patch: Value| -> Vec<String> {
+        let mut args: Vec<String> = vec!["patch".into(), kind.into(), name.into()];
+        if kind != "node" {
+            args.extend(["-n".into(), ns.clone()]);
+        }
+        args.extend(["--type=merge".into(), "-p".into(), patch.to_string()]);
+        args
+    };
+    let mut routes = Routes::default();
+    let mut try_route = |what: &str, who: &Path, args: Vec<String>, rule: &str| {
+        routes.check(what, || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            refused_by(kubectl(w, who, &args), what, "e2e-routes-handed", rule).map(drop)
+        });
+    };
+    try_route(
+        "a Job's ttlSecondsAfterFinished set (the TTL controller deletes it)",
+        &w.editor,
+        merge("job", "report", json!({"spec": {"ttlSecondsAfterFinished": 0}})),
+        "jobs",
+    );
+    try_route(
+        "a CronJob's history limit lowered (the CronJob controller deletes its Jobs)",
+        &w.editor,
+        merge("cronjob", "nightly", json!({"spec": {"successfulJobsHistoryLimit": 0}})),
+        "jobs",
+    );
+    try_route(
+        "a Deployment's revisionHistoryLimit lowered (old ReplicaSets deleted)",
+        &w.editor,
+        merge("deployment", "web", json!({"spec": {"revisionHistoryLimit": 0}})),
+        "history",
+    );
+    try_route(
+        "a StatefulSet with whenScaled Delete scaled down through /scale",
+        &w.editor,
+        vec![
+            "scale".into(),
+            "statefulset".into(),
+            "db".into(),
+            "-n".into(),
+            ns.clone(),
+            "--replicas=1".into(),
+        ],
+        "volumes",
+    );
+    try_route(
+        "a StatefulSet with whenScaled Delete scaled down in its spec",
+        &w.editor,
+        merge("statefulset", "db", json!({"spec": {"replicas": 1}})),
+        "volumes",
+    );
+    try_route(
+        "a Service leaving type LoadBalancer (the load balancer is released)",
+        &w.editor,
+        merge("service", "front", json!({"spec": {"type": "ClusterIP"}})),
+        "load-balancers",
+    );
+    try_route(
+        "a NoExecute taint on a Node (the taint manager deletes its pods)",
+        &w.agent,
+        merge("node", &node, json!({"spec": {"taints": [{"key": "e2e", "effect": "NoExecute"}]}})),
+        "pods",
+    );
+    try_route(
+        "a Node deleted (its pods are deleted)",
+        &w.agent,
+        vec!["delete".into(), "node".into(), node.clone()],
+        "pods",
+    );
+    try_route(
+        "an Argo CD Application's automated pruning turned on",
+        &w.agent,
+        merge(
+            "applications.argoproj.io",
+            "shop",
+            json!({"spec": {"syncPolicy": {"automated": {"prune": true}}}}),
+        ),
+        "apps",
+    );
+    try_route(
+        "a pruning Flux Kustomization pointed at another path",
+        &w.agent,
+        merge("kustomizations.kustomize.toolkit.fluxcd.io", "infra", json!({"spec": {"path": "./empty"}})),
+        "kustomizations",
+    );
+    routes.check("nothing changed", || {
+        let get = |args: &[&str], path: &str| -> Result<Value> {
+            Ok(object(w, args)?.pointer(path).cloned().unwrap_or(Value::Null))
+        };
+        ensure!(
+            get(&["job", "report", "-n", &ns], "/spec/ttlSecondsAfterFinished")?.is_null(),
+            "the Job's TTL was set"
+        );
+        ensure!(
+            get(&["statefulset", "db", "-n", &ns], "/spec/replicas")? == 2,
+            "the StatefulSet was scaled down"
+        );
+        ensure!(
+            get(&["service", "front", "-n", &ns], "/spec/type")? == "LoadBalancer",
+            "the Service type changed"
+        );
+        ensure!(exists(w, &["node", &node]), "the Node is gone");
+        ensure!(
+            get(&["kustomizations.kustomize.toolkit.fluxcd.io", "infra", "-n", &ns], "/spec/path")?
+                == "./prod",
+            "the Kustomization moved"
+        );
+        Ok(())
+    });
+    routes.check("a person's same change is untouched", || {
+        accepts(
+            kubectl(w, &w.plane.admin, &["scale", "statefulset", "db", "-n", &ns, "--replicas=1"]),
+            "the admin scaling the StatefulSet down",
+        )
+        .map(drop)
+    });
+    routes.done()
+}

@@ -49,6 +49,10 @@ pub const ALL: &[(&str, Scenario)] = &[
         crate::routes::tokens_for_identities_without_brakes_are_refused,
     ),
     (
+        "route_updates_that_hand_destruction_to_a_controller_are_judged",
+        crate::routes::controllers_handed_destruction_are_judged,
+    ),
+    (
         "route_acting_as_another_service_account_is_still_an_agent",
         crate::routes::acting_as_another_service_account_is_still_an_agent,
     ),

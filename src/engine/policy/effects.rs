@@ -68,6 +68,25 @@ pub fn of<'a>(facts: &Facts<'a>) -> Vec<Effect<'a>> {
     let mut out = vec![Effect::sent(facts.clone())];
     match facts.operation {
         Operation::Delete => {
+            if facts.group.is_empty() && facts.resource == "nodes" && facts.subresource.is_empty() {
+                // The pod garbage collector deletes the pods bound to a Node that is gone.
+                let pods = Facts {
+                    group: "",
+                    resource: "pods",
+                    namespace: "",
+                    name: "",
+                    object: None,
+                    old_object: None,
+                    collateral: &[],
+                    ..facts.clone()
+                };
+                out.push(Effect {
+                    facts: pods,
+                    via: Some("deleting a Node deletes the pods bound to it".into()),
+                    any_name: true,
+                    any_namespace: true,
+                });
+            }
             for c in facts.collateral {
                 let f = Facts {
                     operation: Operation::Delete,
@@ -129,6 +148,33 @@ fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<
             format!("the {} subresource changes the object's metadata", facts.subresource),
         ));
     }
+    if facts.group == "apps"
+        && facts.resource == "statefulsets"
+        && facts.subresource == "scale"
+        && lowered(old, new, "/spec/replicas", 1)
+    {
+        // A Scale shows no retention policy: judged as if whenScaled were Delete.
+        let volumes = Facts {
+            operation: Operation::Delete,
+            group: "",
+            resource: "persistentvolumeclaims",
+            subresource: "",
+            name: "",
+            object: None,
+            old_object: None,
+            collateral: &[],
+            ..facts.clone()
+        };
+        out.push(Effect {
+            facts: volumes,
+            via: Some(
+                "scaling a StatefulSet down through /scale may delete the volumes of the removed replicas (its retention policy is not shown)"
+                    .into(),
+            ),
+            any_name: true,
+            any_namespace: false,
+        });
+    }
     if facts.subresource.is_empty() || carries_object {
         let delete = Facts { operation: Operation::Delete, object: None, ..main.clone() };
         if completes_deletion(facts, old, new) {
@@ -140,29 +186,25 @@ fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<
         if let Some(why) = arms_deletion_of_itself(facts, old, new) {
             out.push(Effect::derived(delete, why));
         }
-        if facts.group == "apps"
-            && facts.resource == "statefulsets"
-            && statefulset_arms_volume_deletion(old, new)
-        {
-            let volumes = Facts {
+        for (group, resource, anywhere, why) in hands_others_to_controllers(facts, old, new) {
+            // Which objects is not known from the request: any of that kind, in the object's
+            // namespace (or in any, for a Node's pods).
+            let others = Facts {
                 operation: Operation::Delete,
-                group: "",
-                resource: "persistentvolumeclaims",
+                group,
+                resource,
                 subresource: "",
+                namespace: if anywhere { "" } else { facts.namespace },
                 name: "",
                 object: None,
                 old_object: None,
                 collateral: &[],
-                ..facts.clone()
             };
             out.push(Effect {
-                facts: volumes,
-                via: Some(
-                    "persistentVolumeClaimRetentionPolicy: Delete arms the StatefulSet controller to delete its volumes"
-                        .into(),
-                ),
+                facts: others,
+                via: Some(why.into()),
                 any_name: true,
-                any_namespace: false,
+                any_namespace: anywhere,
             });
         }
     }
@@ -225,6 +267,45 @@ fn arms_deletion_of_itself(facts: &Facts<'_>, old: &Value, new: &Value) -> Optio
             .and_then(Value::as_str)
             .map(str::to_ascii_lowercase)
     };
+    // The TTL-after-finished controller deletes a finished Job (and its pods) once the TTL
+    // passes: setting or shortening it schedules the Job's deletion.
+    if facts.group == "batch" && facts.resource == "jobs" {
+        let ttl = |o: &Value| int(o, "/spec/ttlSecondsAfterFinished");
+        if let Some(after) = ttl(new)
+            && ttl(old).is_none_or(|before| after < before)
+        {
+            return Some("ttlSecondsAfterFinished makes the TTL controller delete the Job once it finishes");
+        }
+    }
+    if facts.group.is_empty() && facts.resource == "services" {
+        let lb = |o: &Value| text(o, "/spec/type").as_deref() == Some("loadbalancer");
+        if lb(old) && !lb(new) {
+            return Some(
+                "leaving type LoadBalancer makes the cloud controller delete the load balancer and release its address",
+            );
+        }
+    }
+    // GitOps controllers delete what their new source no longer holds once pruning is on:
+    // turning pruning on, or pointing a pruning Application or Kustomization elsewhere, is the
+    // deletion of whatever it manages (as deleting it with its cascade would be).
+    let changed = |paths: &[&str]| paths.iter().any(|p| old.pointer(p) != new.pointer(p));
+    let flag = |o: &Value, path: &str| o.pointer(path).and_then(Value::as_bool) == Some(true);
+    if facts.group == "argoproj.io" && facts.resource == "applications" {
+        let prunes = |o: &Value| flag(o, "/spec/syncPolicy/automated/prune");
+        if prunes(new) && (!prunes(old) || changed(&["/spec/source", "/spec/sources", "/spec/destination"])) {
+            return Some(
+                "automated pruning makes Argo CD delete what the Application's source no longer holds",
+            );
+        }
+    }
+    if facts.group == "kustomize.toolkit.fluxcd.io" && facts.resource == "kustomizations" {
+        let prunes = |o: &Value| flag(o, "/spec/prune");
+        if prunes(new)
+            && (!prunes(old) || changed(&["/spec/path", "/spec/sourceRef", "/spec/targetNamespace"]))
+        {
+            return Some("spec.prune makes Flux delete what the Kustomization's source no longer holds");
+        }
+    }
     if facts.group.is_empty() && facts.resource == "persistentvolumes" {
         let deletes = |o: &Value| text(o, "/spec/persistentVolumeReclaimPolicy").as_deref() == Some("delete");
         if !deletes(old) && deletes(new) {
@@ -279,14 +360,88 @@ fn crossplane_deletes(o: &Value, policies_enabled: bool) -> bool {
     (!orphan && (default || has("delete") || has("*"))) || (!default && has("delete"))
 }
 
-/// `persistentVolumeClaimRetentionPolicy` flipped to Delete (when the set is deleted or scaled
-/// down): the StatefulSet controller would delete the volume claims, and with them the data.
-fn statefulset_arms_volume_deletion(old: &Value, new: &Value) -> bool {
-    let deletes = |o: &Value, when: &str| {
+fn int(o: &Value, path: &str) -> Option<i64> {
+    o.pointer(path).and_then(Value::as_i64)
+}
+
+/// A count a controller keeps at most of something, lowered (absent is `default`): the
+/// controller deletes what is over it.
+fn lowered(old: &Value, new: &Value, path: &str, default: i64) -> bool {
+    int(new, path).unwrap_or(default) < int(old, path).unwrap_or(default)
+}
+
+/// Other objects an update makes a controller delete, as (group, resource, in any namespace,
+/// why): which ones is not known from the request.
+fn hands_others_to_controllers(
+    facts: &Facts<'_>,
+    old: &Value,
+    new: &Value,
+) -> Vec<(&'static str, &'static str, bool, &'static str)> {
+    let mut out = Vec::new();
+    let retention = |o: &Value, when: &str| {
         o.pointer(&format!("/spec/persistentVolumeClaimRetentionPolicy/{when}")).and_then(Value::as_str)
             == Some("Delete")
     };
-    ["whenDeleted", "whenScaled"].iter().any(|when| !deletes(old, when) && deletes(new, when))
+    match (facts.group, facts.resource) {
+        ("apps", "statefulsets") => {
+            if ["whenDeleted", "whenScaled"].iter().any(|when| !retention(old, when) && retention(new, when)) {
+                out.push((
+                    "",
+                    "persistentvolumeclaims",
+                    false,
+                    "persistentVolumeClaimRetentionPolicy: Delete arms the StatefulSet controller to delete its volumes",
+                ));
+            }
+            if retention(new, "whenScaled") && lowered(old, new, "/spec/replicas", 1) {
+                out.push((
+                    "",
+                    "persistentvolumeclaims",
+                    false,
+                    "scaling down a StatefulSet whose whenScaled retention is Delete deletes the volumes of the removed replicas",
+                ));
+            }
+        }
+        ("apps", "deployments") if lowered(old, new, "/spec/revisionHistoryLimit", 10) => out.push((
+            "apps",
+            "replicasets",
+            false,
+            "a lower revisionHistoryLimit makes the Deployment controller delete old ReplicaSets (its rollback history)",
+        )),
+        ("batch", "cronjobs") => {
+            if lowered(old, new, "/spec/successfulJobsHistoryLimit", 3)
+                || lowered(old, new, "/spec/failedJobsHistoryLimit", 1)
+            {
+                out.push((
+                    "batch",
+                    "jobs",
+                    false,
+                    "a lower jobs history limit makes the CronJob controller delete finished Jobs",
+                ));
+            }
+        }
+        ("", "nodes") => {
+            let no_execute = |o: &Value| {
+                o.pointer("/spec/taints")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|t| t.get("effect").and_then(Value::as_str) == Some("NoExecute"))
+                    .map(|t| (t.get("key").cloned(), t.get("value").cloned()))
+                    .collect::<Vec<_>>()
+            };
+            let before = no_execute(old);
+            if no_execute(new).iter().any(|t| !before.contains(t)) {
+                out.push((
+                    "",
+                    "pods",
+                    true,
+                    "a NoExecute taint makes the taint manager delete the node's pods that do not tolerate it",
+                ));
+            }
+        }
+        _ => {}
+    }
+    out
 }
 
 #[cfg(test)]
@@ -445,6 +600,92 @@ mod tests {
         assert_eq!(derived(&of(&facts(UPDATE, rds, Some(&orphan), Some(&delete)))).len(), 1);
         assert_eq!(derived(&of(&facts(UPDATE, rds, Some(&observe), Some(&all)))).len(), 1);
         assert!(derived(&of(&facts(UPDATE, rds, Some(&delete), Some(&orphan)))).is_empty());
+    }
+
+    #[test]
+    fn controllers_that_delete_on_an_update_are_the_deletes_they_make() {
+        let obj = |kind: &str, spec: Value| json!({"kind": kind, "metadata": {"name": "x"}, "spec": spec});
+        let case = |gr: (&'static str, &'static str), old: Value, new: Value| {
+            let e = of(&facts(UPDATE, (gr.0, gr.1, ""), Some(&old), Some(&new)));
+            let out: Vec<(String, String, bool, bool)> = e[1..]
+                .iter()
+                .map(|e| (e.facts.resource.to_owned(), e.facts.name.to_owned(), e.any_name, e.any_namespace))
+                .collect();
+            out
+        };
+        let this = |r: &str| vec![(r.to_owned(), "x".to_owned(), false, false)];
+        let any = |r: &str, anywhere: bool| vec![(r.to_owned(), String::new(), true, anywhere)];
+
+        // A Job's TTL set or shortened: the TTL controller deletes it. Lengthened: not.
+        let job =
+            |ttl: Option<i64>| obj("Job", ttl.map_or(json!({}), |t| json!({"ttlSecondsAfterFinished": t})));
+        assert_eq!(case(("batch", "jobs"), job(None), job(Some(0))), this("jobs"));
+        assert_eq!(case(("batch", "jobs"), job(Some(3600)), job(Some(60))), this("jobs"));
+        assert!(case(("batch", "jobs"), job(Some(60)), job(Some(3600))).is_empty());
+        // History limits lowered: the controllers delete Jobs and ReplicaSets over them.
+        let cron = |n: i64| obj("CronJob", json!({"successfulJobsHistoryLimit": n}));
+        assert_eq!(case(("batch", "cronjobs"), cron(3), cron(0)), any("jobs", false));
+        assert!(case(("batch", "cronjobs"), cron(0), cron(3)).is_empty());
+        let deploy =
+            |n: Option<i64>| obj("Deployment", n.map_or(json!({}), |n| json!({"revisionHistoryLimit": n})));
+        assert_eq!(case(("apps", "deployments"), deploy(None), deploy(Some(0))), any("replicasets", false));
+        assert!(case(("apps", "deployments"), deploy(Some(2)), deploy(None)).is_empty());
+        // A StatefulSet whose whenScaled retention is Delete, scaled down: its volumes go.
+        let sts = |replicas: i64| {
+            obj(
+                "StatefulSet",
+                json!({"replicas": replicas, "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Delete"}}),
+            )
+        };
+        assert_eq!(case(("apps", "statefulsets"), sts(3), sts(1)), any("persistentvolumeclaims", false));
+        assert!(case(("apps", "statefulsets"), sts(1), sts(3)).is_empty());
+        let scale = |n: i64| json!({"kind": "Scale", "metadata": {"name": "x"}, "spec": {"replicas": n}});
+        let (three, one) = (scale(3), scale(1));
+        let e = of(&facts(UPDATE, ("apps", "statefulsets", "scale"), Some(&three), Some(&one)));
+        assert_eq!(derived(&e), [(Operation::Delete, "persistentvolumeclaims/".into(), String::new())]);
+        assert!(
+            derived(&of(&facts(UPDATE, ("apps", "statefulsets", "scale"), Some(&scale(1)), Some(&scale(3)))))
+                .is_empty()
+        );
+        // A NoExecute taint added to a Node: its pods, in any namespace. NoSchedule: nothing.
+        let node = |effect: Option<&str>| {
+            obj("Node", json!({"taints": effect.map_or(json!([]), |e| json!([{"key": "k", "effect": e}]))}))
+        };
+        assert_eq!(case(("", "nodes"), node(None), node(Some("NoExecute"))), any("pods", true));
+        assert!(case(("", "nodes"), node(None), node(Some("NoSchedule"))).is_empty());
+        assert!(case(("", "nodes"), node(Some("NoExecute")), node(None)).is_empty());
+        // A load balancer released.
+        let svc = |t: &str| obj("Service", json!({"type": t}));
+        assert_eq!(case(("", "services"), svc("LoadBalancer"), svc("ClusterIP")), this("services"));
+        assert!(case(("", "services"), svc("ClusterIP"), svc("LoadBalancer")).is_empty());
+        // GitOps pruning turned on, or a pruning source moved.
+        let app = |prune: bool, path: &str| {
+            obj(
+                "Application",
+                json!({"source": {"path": path}, "syncPolicy": {"automated": {"prune": prune}}}),
+            )
+        };
+        assert_eq!(
+            case(("argoproj.io", "applications"), app(false, "a"), app(true, "a")),
+            this("applications")
+        );
+        assert_eq!(
+            case(("argoproj.io", "applications"), app(true, "a"), app(true, "b")),
+            this("applications")
+        );
+        assert!(case(("argoproj.io", "applications"), app(true, "a"), app(false, "b")).is_empty());
+        let ks = |prune: bool, path: &str| obj("Kustomization", json!({"prune": prune, "path": path}));
+        let flux = ("kustomize.toolkit.fluxcd.io", "kustomizations");
+        assert_eq!(case(flux, ks(true, "./a"), ks(true, "./b")), this("kustomizations"));
+        assert!(case(flux, ks(false, "./a"), ks(false, "./b")).is_empty());
+    }
+
+    #[test]
+    fn deleting_a_node_deletes_its_pods() {
+        let node = json!({"kind": "Node", "metadata": {"name": "n1"}});
+        let e = of(&facts(Operation::Delete, ("", "nodes", ""), Some(&node), None));
+        assert_eq!(derived(&e), [(Operation::Delete, "pods/".into(), String::new())]);
+        assert!(e[1].any_name && e[1].any_namespace);
     }
 
     #[test]
