@@ -407,17 +407,16 @@ fn hands_others_to_controllers(
             false,
             "a lower revisionHistoryLimit makes the Deployment controller delete old ReplicaSets (its rollback history)",
         )),
-        ("batch", "cronjobs") => {
+        ("batch", "cronjobs")
             if lowered(old, new, "/spec/successfulJobsHistoryLimit", 3)
-                || lowered(old, new, "/spec/failedJobsHistoryLimit", 1)
-            {
-                out.push((
-                    "batch",
-                    "jobs",
-                    false,
-                    "a lower jobs history limit makes the CronJob controller delete finished Jobs",
-                ));
-            }
+                || lowered(old, new, "/spec/failedJobsHistoryLimit", 1) =>
+        {
+            out.push((
+                "batch",
+                "jobs",
+                false,
+                "a lower jobs history limit makes the CronJob controller delete finished Jobs",
+            ))
         }
         ("", "nodes") => {
             let no_execute = |o: &Value| {
