@@ -209,7 +209,7 @@ const PART_BYTES: usize = 900;
 pub const PART_PREFIX: &str = "change ";
 
 /// The whole change, as the notes of consecutive Events: `change <id> part <i>/<n>: <text>`,
-/// the text being [`Change::full`]'s lines joined by newlines, cut at character boundaries.
+/// the text being [`crate::engine::diff::Change::full`]'s lines joined by newlines, cut at character boundaries.
 /// The engine refuses to issue a ticket for a change larger than the Events can carry.
 pub fn change_parts(change: &crate::engine::diff::Change) -> Vec<String> {
     let text = change.full().join("\n");
