@@ -279,6 +279,7 @@ mod tests {
             approve_value: "delete".into(),
             expires: None,
             unapprovable: None,
+            radius: None,
         }
     }
 

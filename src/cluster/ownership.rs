@@ -6,8 +6,8 @@
 //! DELETE as the DELETE of each of those that a policy guards (see
 //! [`crate::engine::policy::effects`]), so it must know them before it answers.
 //!
-//! Looked up, not cached: only when an agent's DELETE would otherwise be admitted and some
-//! policy guards DELETEs, with metadata-only lists of the resource types those policies name
+//! Looked up, not cached: for every agent DELETE (and human approval of a delete) while some
+//! policy guards DELETEs — a held DELETE shows it and its ticket is bound to it — with metadata-only lists of the resource types those policies name
 //! (resolved through discovery, refreshed at most once a minute). What it costs per agent DELETE:
 //! one list per guarded resource type in the namespace (cluster-wide for a cluster-scoped owner
 //! or a CRD), and one metadata read per intermediate owner not already listed (a ReplicaSet

@@ -92,7 +92,13 @@ pub fn record_for(
         resource: request.resource.resource.clone(),
         group: group.clone(),
         subresource: facts.subresource.to_owned(),
-        namespace: request.namespace.clone().unwrap_or_default(),
+        // The API server names a Namespace's own namespace in its requests (through any
+        // subresource too); the object is cluster-scoped all the same.
+        namespace: if group.is_empty() && request.resource.resource == "namespaces" {
+            String::new()
+        } else {
+            request.namespace.clone().unwrap_or_default()
+        },
         name: facts.name.to_owned(),
         uid: meta("uid").unwrap_or_default().to_owned(),
         resource_version: meta("resourceVersion").unwrap_or_default().to_owned(),

@@ -10,7 +10,9 @@
 //!           version (1) | issued-at, Unix seconds (8, big-endian) | ttl, seconds (4)
 //!           | digest (32) | mac (32)
 //! digest  = SHA-256 of what the human reviews: for a DELETE the object's state
-//!           ([`crate::engine::diff::state_digest`]), for an UPDATE the exact change ([`crate::engine::diff::Change`])
+//!           ([`crate::engine::diff::state_digest`]) and what the delete would take with it
+//!           ([`crate::engine::policy::effects::delete_digest`]), for an UPDATE the exact change
+//!           ([`crate::engine::diff::Change`])
 //! mac     = HMAC-SHA256(key, "agentguard.io/approve v1" | len(uid) | uid | op | issued-at | ttl
 //!           | digest), under a key only agentguard holds ([`Keys`])
 //! ```
@@ -293,7 +295,9 @@ pub enum Refusal {
     Foreign,
     #[error("the approval is for {approved}, not {wanted}")]
     WrongOperation { approved: Op, wanted: Op },
-    #[error("the object changed after the delete was reviewed, so the approval no longer applies")]
+    #[error(
+        "the object, or what its delete would take with it, changed after the delete was reviewed, so the approval no longer applies"
+    )]
     StaleState,
     #[error("the approval is for a different change than this one")]
     OtherChange,

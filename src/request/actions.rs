@@ -1,8 +1,8 @@
 //! What admitting a request makes agentguard do, in one place, with the fail-closed rules
 //! written once. The engine's review is pure; everything here may wait on the API server.
 //!
-//! [`decide`] reviews the request and, for an agent's DELETE (or a human's approval of one) that
-//! would be admitted, looks up what it would take with it and reviews it again with that.
+//! [`decide`] reviews the request and, for an agent's DELETE (or a human's approval of one),
+//! looks up what it would take with it and reviews it again with that.
 //! [`plan`] then says, purely, what admitting it requires: the audit record, the churn budgets
 //! to charge, the agents to register, the Events to leave. [`carry_out`] does it in this order:
 //!
@@ -213,10 +213,10 @@ pub async fn decide(state: &AppState, request: &AdmissionRequest, route: Route) 
         admission::review_on(request, route, &snapshot)
     };
     let decision = review(&[]);
-    // An agent's DELETE that would be admitted is judged again with what it would take with it;
-    // so is a human's approval of a delete (its writer must approve for all of that too).
-    if decision.allowed()
-        && let Some(ownership) = &state.ownership
+    // An agent's DELETE is judged again with what it would take with it (held, its denial shows
+    // that and its ticket is bound to it); so is a human's approval of a delete (its writer must
+    // approve for all of that too, and the ticket must be for that blast radius).
+    if let Some(ownership) = &state.ownership
         && crate::cluster::ownership::needed(request, decision.agent, &policies)
     {
         return match ownership.collateral(request, &policies).await {

@@ -1725,3 +1725,63 @@ pub fn controllers_handed_destruction_are_judged(w: &World) -> Result<()> {
     });
     routes.done()
 }
+
+/// A held Namespace delete shows what it would take with it, and its approval covers exactly
+/// that: an object added before the agent retries voids it, a fresh approval of the new radius
+/// admits it, and the namespace controller then deletes the lot.
+pub fn blast_radius_is_shown_and_bound(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = format!("e2e-radius-{}", std::process::id());
+    admin(w, &["create", "namespace", &ns])?;
+    left.objects.push(vec!["namespace".into(), ns.clone()]);
+    left.policy(cluster_policy(
+        "e2e-routes-radius",
+        "RequireApproval",
+        json!([{"name": "everything", "operations": ["DELETE"], "namespaces": [ns],
+            "resources": [{"apiGroups": ["*"], "resources": ["*"]}]}]),
+    ))?;
+    configmap(w, &ns, "settings", None)?;
+    create(
+        w,
+        &json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data", "namespace": ns},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}),
+    )?;
+    create(
+        w,
+        &json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": ns},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "web", "image": "nginx:1.27"}]}}}}),
+    )?;
+    // The Deployment's ReplicaSet and Pods exist (Pending: no node), controlled by it.
+    wait_for("the Deployment's two pods", Duration::from_secs(30), || {
+        Ok(admin(w, &["get", "pods", "-n", &ns, "-o", "name"])?.lines().count() == 2)
+    })?;
+    let delete = ["delete", "namespace", &ns, "--wait=false"];
+    let held = rejects(kubectl(w, &w.agent, &delete), "the agent's namespace delete", "requires approval")?;
+    for shown in [
+        "It would also delete:",
+        "configmaps (",
+        "settings",
+        "persistentvolumeclaims (data)",
+        "deployments.apps (web)",
+        "2 pods",
+    ] {
+        ensure!(held.contains(shown), "the held delete does not show {shown:?}: {held}");
+    }
+    let first: Vec<String> = crate::scenarios::approve_command(&held)?;
+    must(crate::scenarios::run_as(w, &w.alice, &first)).context("alice approving the delete as shown")?;
+
+    // The radius grows before the agent retries: the approval no longer covers it.
+    configmap(w, &ns, "added-later", None)?;
+    let again =
+        rejects(kubectl(w, &w.agent, &delete), "the retry after the radius grew", "requires approval")?;
+    ensure!(again.contains("changed after the delete was reviewed"), "{again}");
+    ensure!(again.contains("added-later"), "the new radius is not shown: {again}");
+    ensure!(exists(w, &["namespace", &ns]), "the namespace went on a stale approval");
+
+    // Approved as it now is: admitted, and the namespace controller deletes it all.
+    must(crate::scenarios::run_as(w, &w.alice, &crate::scenarios::approve_command(&again)?))?;
+    accepts(kubectl(w, &w.agent, &delete), "the retry approved for the radius shown")?;
+    wait_for("the namespace to go", GC_WAIT, || Ok(!exists(w, &["namespace", &ns])))?;
+    Ok(())
+}

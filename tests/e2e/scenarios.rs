@@ -48,6 +48,7 @@ pub const ALL: &[(&str, Scenario)] = &[
         "route_tokens_for_identities_without_brakes_are_refused",
         crate::routes::tokens_for_identities_without_brakes_are_refused,
     ),
+    ("route_blast_radius_is_shown_and_bound_to_the_approval", crate::routes::blast_radius_is_shown_and_bound),
     (
         "route_updates_that_hand_destruction_to_a_controller_are_judged",
         crate::routes::controllers_handed_destruction_are_judged,

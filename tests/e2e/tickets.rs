@@ -204,7 +204,7 @@ pub fn stale_delete(w: &World) -> Result<()> {
     let stale = rejects(
         w.plane.kubectl(&w.agent, &delete(&ns, "web")),
         "a delete after the spec changed",
-        "the object changed after the delete was reviewed",
+        "changed after the delete was reviewed",
     )?;
     // Nor can the stale ticket be written again.
     must(

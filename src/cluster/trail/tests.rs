@@ -230,3 +230,19 @@ fn retention_drops_old_records_and_keeps_the_newest_few() {
     gone.sort();
     assert_eq!(gone, ["a", "b"]);
 }
+
+#[test]
+fn a_namespace_is_recorded_as_the_cluster_scoped_object_it_is() {
+    // The API server sends a Namespace's requests with `namespace` set to its own name.
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo", "uid": "n1"}});
+    let mut req = request("DELETE", "Namespace", "", "namespaces", ns, false);
+    req.name = Some("demo".into());
+    let record = record_for(&req, &approved(), &settings(), now()).unwrap();
+    assert_eq!(record.spec.target.namespace, "", "{:?}", record.spec.target);
+    assert_eq!(record.spec.target.name, "demo");
+    let deployment = request("DELETE", "Deployment", "apps", "deployments", deployment(), false);
+    assert_eq!(
+        record_for(&deployment, &approved(), &settings(), now()).unwrap().spec.target.namespace,
+        "demo"
+    );
+}

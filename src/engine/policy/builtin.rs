@@ -143,7 +143,10 @@ pub(super) fn approval_write(
         .filter_map(|p| p.approval.as_ref().map(|a| a.lifetime.max_ttl))
         .min()
         .unwrap_or_default();
-    let state = facts.object.map(crate::engine::diff::state_digest).unwrap_or_default();
+    let state = facts
+        .object
+        .map(|o| super::effects::delete_digest(&crate::engine::diff::state_digest(o), uid, facts.collateral))
+        .unwrap_or_default();
     approval::check_new(new, &config.approval_keys, uid, &state, max_ttl, now).map_err(|refusal| match refusal {
         Refusal::StaleState => format!(
             "{refusal}: the object is no longer in the state the delete was reviewed in; have the agent retry for a fresh ticket"

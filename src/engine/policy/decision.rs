@@ -225,6 +225,9 @@ pub enum Reason {
         /// Set when approval cannot be given for this request (e.g. the scale subresource):
         /// how to make the change in an approvable way instead.
         unapprovable: Option<String>,
+        /// For a DELETE that would take other objects with it: what, summarised. The ticket is
+        /// bound to that set (see [`super::effects::delete_digest`]).
+        radius: Option<String>,
     },
     /// A built-in rule (no policy needed) refused it.
     Builtin { rule: &'static str, detail: String },
@@ -302,10 +305,14 @@ impl fmt::Display for Denial {
                 approve_value,
                 expires,
                 unapprovable,
+                radius,
             } => {
                 write!(f, "requires approval under {policy}, rule {rule:?}: {refusal}.")?;
                 if let Some(m) = message {
                     write!(f, " {m}")?;
+                }
+                if let Some(r) = radius {
+                    write!(f, " It would also delete: {r}.")?;
                 }
                 match unapprovable {
                     Some(how) => write!(f, " {how}")?,

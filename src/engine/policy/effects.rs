@@ -443,6 +443,122 @@ fn hands_others_to_controllers(
     out
 }
 
+/// What a DELETE's approval is bound to: the object's state and, when the delete takes others
+/// with it, the set of top-level objects it would take (each by kind, namespace, name and uid;
+/// an object controlled by the deleted one or by another in the set is represented by its
+/// controller, so pods a ReplicaSet replaces do not change it). A set that changes — an object
+/// added, removed or replaced — gives another digest, so an approval shown one blast radius does
+/// not cover another. Without collateral it is the state digest itself.
+pub fn delete_digest(state: &[u8; 32], deleted_uid: &str, collateral: &[Collateral]) -> [u8; 32] {
+    let top = top_level(deleted_uid, collateral);
+    if top.is_empty() {
+        return *state;
+    }
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"agentguard.io/radius v1\0");
+    hash.update(state);
+    for (kind, namespace, name, uid) in top {
+        for part in [kind.as_str(), namespace, name, uid] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part.as_bytes());
+        }
+    }
+    hash.finalize().into()
+}
+
+fn uid_of(c: &Collateral) -> &str {
+    c.object.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Events come and go with every action on a namespace (agentguard's own among them): they are
+/// not what an approver weighs, and would make every radius stale at once.
+fn is_event(c: &Collateral) -> bool {
+    c.resource == "events" && (c.group.is_empty() || c.group == "events.k8s.io")
+}
+
+/// The collateral not controlled by the deleted object or by other collateral, sorted.
+fn top_level<'c>(
+    deleted_uid: &str,
+    collateral: &'c [Collateral],
+) -> Vec<(String, &'c str, &'c str, &'c str)> {
+    let inside: std::collections::HashSet<&str> =
+        collateral.iter().map(uid_of).filter(|u| !u.is_empty()).chain([deleted_uid]).collect();
+    let controlled = |c: &Collateral| {
+        c.object.pointer("/metadata/ownerReferences").and_then(Value::as_array).into_iter().flatten().any(
+            |r| {
+                r.get("controller").and_then(Value::as_bool) == Some(true)
+                    && r.get("uid").and_then(Value::as_str).is_some_and(|u| inside.contains(u))
+            },
+        )
+    };
+    let mut out: Vec<_> = collateral
+        .iter()
+        .filter(|c| !is_event(c))
+        .filter(|c| c.unseen || !controlled(c))
+        .map(|c| {
+            let kind =
+                if c.group.is_empty() { c.resource.clone() } else { format!("{}.{}", c.resource, c.group) };
+            let name = if c.unseen { "*" } else { c.name.as_str() };
+            (kind, c.namespace.as_str(), name, uid_of(c))
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What a DELETE would take with it, for a human to read before approving: counts by kind, with
+/// the names of the first few top-level objects and the kinds agentguard could not see.
+pub fn radius_summary(deleted_uid: &str, collateral: &[Collateral]) -> Option<String> {
+    if collateral.iter().all(is_event) {
+        return None;
+    }
+    let mut by_kind: std::collections::BTreeMap<String, (usize, Vec<&str>, bool)> = Default::default();
+    for c in collateral.iter().filter(|c| !is_event(c)) {
+        let kind =
+            if c.group.is_empty() { c.resource.clone() } else { format!("{}.{}", c.resource, c.group) };
+        let entry = by_kind.entry(kind).or_default();
+        if c.unseen {
+            entry.2 = true;
+        } else {
+            entry.0 += 1;
+        }
+    }
+    for (kind, _, name, _) in top_level(deleted_uid, collateral) {
+        if let Some(entry) = by_kind.get_mut(&kind)
+            && name != "*"
+        {
+            entry.1.push(name);
+        }
+    }
+    const NAMES: usize = 5;
+    let parts: Vec<String> = by_kind
+        .into_iter()
+        .map(|(kind, (count, names, unseen))| {
+            let mut part = if count > 0 { format!("{count} {kind}") } else { format!("any {kind}") };
+            if !names.is_empty() && count > 0 {
+                let shown: Vec<&str> = names.iter().take(NAMES).copied().collect();
+                let more = names.len().saturating_sub(NAMES);
+                part.push_str(&format!(
+                    " ({}{})",
+                    shown.join(", "),
+                    if more > 0 { format!(" and {more} more") } else { String::new() }
+                ));
+            }
+            if unseen {
+                part.push_str(if count > 0 {
+                    " and any agentguard may not read"
+                } else {
+                    " (agentguard may not read them)"
+                });
+            }
+            part
+        })
+        .collect();
+    Some(parts.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -677,6 +793,67 @@ mod tests {
         let flux = ("kustomize.toolkit.fluxcd.io", "kustomizations");
         assert_eq!(case(flux, ks(true, "./a"), ks(true, "./b")), this("kustomizations"));
         assert!(case(flux, ks(false, "./a"), ks(false, "./b")).is_empty());
+    }
+
+    fn dependent(resource: &str, name: &str, uid: &str, controller: Option<&str>) -> Collateral {
+        let mut meta = json!({"name": name, "namespace": "prod", "uid": uid});
+        if let Some(owner) = controller {
+            meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs",
+                "uid": owner, "controller": true}]);
+        }
+        Collateral {
+            group: String::new(),
+            resource: resource.into(),
+            namespace: "prod".into(),
+            name: name.into(),
+            object: json!({"metadata": meta}),
+            via: "in Namespace \"prod\"".into(),
+            unseen: false,
+        }
+    }
+
+    #[test]
+    fn a_delete_is_bound_to_its_top_level_radius() {
+        let state = [7; 32];
+        let rs = Collateral { group: "apps".into(), ..dependent("replicasets", "rs", "rs1", None) };
+        let radius = vec![
+            rs.clone(),
+            dependent("pods", "rs-a", "p1", Some("rs1")),
+            dependent("configmaps", "cfg", "c1", None),
+        ];
+        let bound = delete_digest(&state, "ns1", &radius);
+        assert_ne!(bound, state);
+        // No collateral: the state alone, as before.
+        assert_eq!(delete_digest(&state, "ns1", &[]), state);
+        // A pod its ReplicaSet replaced: the same radius.
+        let churned = vec![
+            rs.clone(),
+            dependent("pods", "rs-b", "p2", Some("rs1")),
+            dependent("configmaps", "cfg", "c1", None),
+        ];
+        assert_eq!(delete_digest(&state, "ns1", &churned), bound);
+        // An object added, or one replaced under the same name: another radius.
+        let grown = [radius.clone(), vec![dependent("persistentvolumeclaims", "data", "v1", None)]].concat();
+        assert_ne!(delete_digest(&state, "ns1", &grown), bound);
+        let replaced = vec![
+            rs,
+            dependent("pods", "rs-a", "p1", Some("rs1")),
+            dependent("configmaps", "cfg", "c2", None),
+        ];
+        assert_ne!(delete_digest(&state, "ns1", &replaced), bound);
+        // What a human reads.
+        let summary = radius_summary("ns1", &grown).unwrap();
+        assert_eq!(
+            summary,
+            "1 configmaps (cfg), 1 persistentvolumeclaims (data), 1 pods, 1 replicasets.apps (rs)"
+        );
+        let unseen = Collateral {
+            unseen: true,
+            name: String::new(),
+            object: Value::Null,
+            ..dependent("secrets", "", "", None)
+        };
+        assert_eq!(radius_summary("ns1", &[unseen]).unwrap(), "any secrets (agentguard may not read them)");
     }
 
     #[test]

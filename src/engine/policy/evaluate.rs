@@ -239,7 +239,10 @@ fn hold(
     let state;
     let (op, digest) = match facts.operation {
         Operation::Delete => {
-            state = facts.old_object.map(crate::engine::diff::state_digest);
+            state = facts.old_object.map(|o| {
+                let uid = o.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default();
+                effects::delete_digest(&crate::engine::diff::state_digest(o), uid, facts.collateral)
+            });
             (approval::Op::Delete, state.as_ref())
         }
         _ => (approval::Op::Update, change.map(|c| &c.digest)),
@@ -308,5 +311,8 @@ fn hold(
         approve_value: ticket.as_ref().map(approval::Ticket::value).unwrap_or_default(),
         expires: ticket.map(|t| t.expires(lifetime.max_ttl)),
         unapprovable,
+        radius: (facts.operation == Operation::Delete)
+            .then(|| effects::radius_summary(uid, facts.collateral))
+            .flatten(),
     })
 }

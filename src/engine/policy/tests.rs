@@ -266,9 +266,7 @@ fn check_row(op: Operation, who: Who, action: Option<&str>, mode: &str, state: A
                                 "the approval expired at 2026-11-26T11:59:59Z".to_string()
                             }
                             ApprovalState::Stale if is_update => "a different change".to_string(),
-                            ApprovalState::Stale => {
-                                "the object changed after the delete was reviewed".to_string()
-                            }
+                            ApprovalState::Stale => "changed after the delete was reviewed".to_string(),
                             ApprovalState::Valid => unreachable!(),
                         };
                         assert!(msg.contains(&why), "{msg}");
