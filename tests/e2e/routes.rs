@@ -1315,6 +1315,17 @@ pub fn tokens_for_identities_without_brakes_are_refused(w: &World) -> Result<()>
         w.plane.kubectl(&w.plane.admin, &["create", "token", "helper", "-n", "agents"]),
         "the admin minting a token for the helper",
     )?;
+    // Nor may an agent delete an agent's account, to create it again without the mark.
+    let spare = format!("spare-{}", std::process::id());
+    admin(w, &["create", "serviceaccount", &spare, "-n", "agents"])?;
+    admin(w, &["label", "serviceaccount", &spare, "-n", "agents", "agentguard.io/agent=true"])?;
+    let denial = rejects(
+        w.plane.kubectl(&w.agent, &["delete", "serviceaccount", &spare, "-n", "agents"]),
+        "the agent deleting an agent's ServiceAccount",
+        "agent-label",
+    )?;
+    ensure!(exists(w, &["serviceaccount", &spare, "-n", "agents"]), "the account is gone: {denial}");
+    admin(w, &["delete", "serviceaccount", &spare, "-n", "agents"])?;
     Ok(())
 }
 

@@ -206,6 +206,25 @@ pub(super) fn self_protection(
     if cluster_scoped_self {
         return Some((SELF_RULE, "agents may not change agentguard's webhook configurations or RBAC".into()));
     }
+    // Deleting an agent's ServiceAccount and creating it again without the mark unmarks it:
+    // pods running as it get tokens of the new, unmarked account.
+    if facts.operation == Operation::Delete
+        && facts.group.is_empty()
+        && facts.resource == "serviceaccounts"
+        && facts.subresource.is_empty()
+    {
+        let labels = Facts::labels(facts.old_object)
+            .or_else(|| directory.service_account_labels(facts.namespace, facts.name));
+        if policies.labels_make_agent(facts.namespace, labels.as_ref(), config) {
+            return Some((
+                AGENT_LABEL_RULE,
+                format!(
+                    "agents may not delete agent ServiceAccount {}/{}: created again without its mark, it would act without brakes",
+                    facts.namespace, facts.name
+                ),
+            ));
+        }
+    }
     // Any subresource: writes through `namespaces/status` or `/finalize` store labels too.
     if !matches!(facts.operation, Operation::Update { .. }) || !facts.group.is_empty() {
         return None;

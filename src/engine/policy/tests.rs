@@ -761,6 +761,15 @@ mod builtins {
             ..facts(Operation::Delete, Some(&policy), None)
         };
         assert_eq!(builtin_rule(&decide(&none, Who::LabelledAgent, &crd)), Some(builtin::CRDS_RULE));
+
+        // Deleting an agent's account (to create it again unmarked) is refused; others are not.
+        fn delete(old: &Value) -> Facts<'_> {
+            Facts { operation: Operation::Delete, object: None, ..sa_update(old, old) }
+        }
+        let refused = decide(&none, Who::LabelledAgent, &delete(&labelled));
+        assert_eq!(builtin_rule(&refused), Some(builtin::AGENT_LABEL_RULE));
+        assert!(decide(&none, Who::LabelledAgent, &delete(&plain)).allowed());
+        assert!(decide(&none, Who::Human, &delete(&labelled)).allowed());
     }
 
     #[test]
