@@ -185,6 +185,15 @@ pub struct MatchRule {
     /// relabelling cannot take an object out of reach).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_selector: Option<LabelSelector>,
+
+    /// A CEL expression the request must also meet, over `object` (null for a DELETE),
+    /// `oldObject`, `request` (`operation`, `subresource`, `namespace`, `name`, `resource` with
+    /// `group` and `resource`) and `namespaceObject` (`metadata.name` and `metadata.labels`),
+    /// e.g. `object.spec.replicas == 0` to guard scaling to zero only. An expression that fails
+    /// to evaluate (a missing field: use `has()`) or is not a bool guards the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub condition: Option<String>,
 }
 
 /// An operation a rule guards.

@@ -1796,3 +1796,52 @@ pub fn blast_radius_is_shown_and_bound(w: &World) -> Result<()> {
     wait_for("the namespace to go", GC_WAIT, || Ok(!exists(w, &["namespace", &ns])))?;
     Ok(())
 }
+
+/// A rule's CEL `condition` guards exactly what it says: switching a feature flag off is held,
+/// other values are not; a condition that does not compile is reported in the policy's status
+/// and the rule then guards every update it covers.
+pub fn conditions_guard_exactly_what_they_say(w: &World) -> Result<()> {
+    let mut left = Leftovers::new(w);
+    let ns = namespace(w, "routes-condition")?;
+    create(
+        w,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "flags", "namespace": ns},
+        "data": {"payments": "on"}}),
+    )?;
+    let policy = |condition: &str| {
+        cluster_policy(
+            "e2e-routes-condition",
+            "RequireApproval",
+            json!([rule(
+                "payments-off",
+                &["UPDATE"],
+                "",
+                "configmaps",
+                json!({"namespaces": [ns], "condition": condition})
+            )]),
+        )
+    };
+    left.policy(policy("object.data.payments == 'off'"))?;
+    let set = |value: &str| {
+        let patch = json!({"data": {"payments": value}}).to_string();
+        kubectl(w, &w.editor, &["patch", "configmap", "flags", "-n", &ns, "--type=merge", "-p", &patch])
+    };
+    accepts(set("degraded"), "a value the condition does not cover")?;
+    let held = refused_by(set("off"), "switching payments off", "e2e-routes-condition", "payments-off")?;
+    ensure!(held.contains("requires approval"), "{held}");
+    ensure!(object(w, &["configmap", "flags", "-n", &ns])?["data"]["payments"] == "degraded", "switched off");
+
+    // A broken condition: the policy's status says so, and the rule guards without it.
+    apply(w, &policy("object.data.payments =="))?;
+    wait_for("the problem in the policy's status", Duration::from_secs(15), || {
+        let status = object(w, &["clusteragentpolicy", "e2e-routes-condition"])?["status"].to_string();
+        Ok(status.contains("condition does not parse"))
+    })?;
+    refused_by(
+        set("on"),
+        "any update under a rule whose condition is broken",
+        "e2e-routes-condition",
+        "payments-off",
+    )?;
+    Ok(())
+}

@@ -50,6 +50,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     ),
     ("route_blast_radius_is_shown_and_bound_to_the_approval", crate::routes::blast_radius_is_shown_and_bound),
     (
+        "route_rule_conditions_guard_exactly_what_they_say",
+        crate::routes::conditions_guard_exactly_what_they_say,
+    ),
+    (
         "route_updates_that_hand_destruction_to_a_controller_are_judged",
         crate::routes::controllers_handed_destruction_are_judged,
     ),

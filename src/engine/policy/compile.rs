@@ -174,7 +174,7 @@ fn compile_rule(
         })
         .collect();
     CompiledRule {
-        name,
+        name: name.clone(),
         delete: has(RuleOp::Delete),
         connect: has(RuleOp::Connect),
         replace: update || has(RuleOp::Replace),
@@ -188,6 +188,16 @@ fn compile_rule(
             rule.namespace_selector.as_ref().map(Selector::compile)
         },
         object_selector: rule.object_selector.as_ref().map(Selector::compile),
+        // A condition that does not compile is left out: the rule then guards more, not less.
+        condition: rule.condition.as_deref().and_then(|source| {
+            match super::condition::Condition::compile(source) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    problem(format!("rule {name:?}: {e}; the rule applies without it"));
+                    None
+                }
+            }
+        }),
     }
 }
 

@@ -163,6 +163,11 @@ pub(super) fn rule_matches(
         return None;
     }
     if rule.guards(facts.operation) {
+        if let Some(condition) = &rule.condition
+            && !condition.met(facts, ns_labels.get())
+        {
+            return None;
+        }
         return Some(None);
     }
     if !is_update {

@@ -23,6 +23,7 @@
 
 pub mod builtin;
 pub mod compile;
+pub mod condition;
 pub mod decision;
 pub mod effects;
 mod evaluate;
@@ -105,6 +106,16 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// The operation as the API server names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Operation::Create => "CREATE",
+            Operation::Update { .. } => "UPDATE",
+            Operation::Delete => "DELETE",
+            Operation::Connect => "CONNECT",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             Operation::Create => "CREATE",
@@ -250,6 +261,7 @@ pub(crate) struct CompiledRule {
     namespaces: Globs,
     namespace_selector: Option<Selector>,
     object_selector: Option<Selector>,
+    condition: Option<condition::Condition>,
 }
 
 /// How an UPDATE a rule does not guard would still escape it. (Handing an object to the garbage

@@ -1,0 +1,171 @@
+//! A rule's `condition`: a CEL expression over the request, compiled once per policy change with
+//! the `cel` crate, evaluated only when everything else about the rule already matches.
+//!
+//! The cost is bounded by what CEL allows (no loops but comprehensions over the input, no
+//! recursion) and by limits checked at compile time: the expression's length (4 KiB, the CRD
+//! enforces it too), its nesting (the parser's depth limit) and the variables it may name.
+//! Evaluation converts only the variables the expression names. Fail-safe: an error while
+//! evaluating, or a result that is not a bool, counts as met, so the rule guards the request.
+
+use std::sync::Arc;
+
+use cel::{Context, Program, Value as Cel};
+use serde_json::{Value, json};
+
+use super::Facts;
+use super::selector::Labels;
+
+/// The variables a condition may name (those ValidatingAdmissionPolicy uses for the same data).
+pub const VARIABLES: &[&str] = &["object", "oldObject", "request", "namespaceObject"];
+const MAX_LENGTH: usize = 4096;
+
+/// A compiled condition.
+#[derive(Clone, Debug)]
+pub struct Condition {
+    source: String,
+    program: Arc<Program>,
+    names: Vec<&'static str>,
+}
+
+impl Condition {
+    /// Compiles `source`; the error says what is wrong, for the policy's status.
+    pub fn compile(source: &str) -> Result<Self, String> {
+        if source.len() > MAX_LENGTH {
+            return Err(format!("condition is {} bytes; at most {MAX_LENGTH}", source.len()));
+        }
+        let program = Program::compile(source).map_err(|e| format!("condition does not parse: {e}"))?;
+        let references = program.references();
+        let unknown: Vec<&str> =
+            references.variables().into_iter().filter(|v| !VARIABLES.contains(v)).collect();
+        if !unknown.is_empty() {
+            return Err(format!("condition names {unknown:?}; it may name only {}", VARIABLES.join(", ")));
+        }
+        let names = VARIABLES.iter().copied().filter(|v| references.has_variable(v)).collect();
+        Ok(Self { source: source.to_owned(), program: Arc::new(program), names })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the request meets the condition (true on any error: the rule then guards it).
+    /// A variable with no value (`object` of a DELETE, `namespaceObject` of a cluster-scoped
+    /// object) is left undeclared, so naming it is an error, not a silent null.
+    pub fn met(&self, facts: &Facts<'_>, namespace_labels: Option<&Labels>) -> bool {
+        let mut context = Context::default();
+        for name in &self.names {
+            let value = match *name {
+                "object" => facts.object.cloned(),
+                "oldObject" => facts.old_object.cloned(),
+                "request" => Some(json!({
+                    "operation": facts.operation.name(),
+                    "subresource": facts.subresource,
+                    "namespace": facts.namespace,
+                    "name": facts.name,
+                    "resource": {"group": facts.group, "resource": facts.resource},
+                })),
+                "namespaceObject" => namespace_labels
+                    .map(|labels| json!({"metadata": {"name": facts.namespace, "labels": labels}})),
+                _ => None,
+            };
+            let Some(value) = value else { continue };
+            match cel::to_value(AsCel(&value)) {
+                Ok(value) => context.add_variable_from_value(*name, value),
+                Err(_) => return true,
+            }
+        }
+        !matches!(self.program.execute(&context), Ok(Cel::Bool(false)))
+    }
+}
+
+/// JSON as Kubernetes' CEL sees it: whole numbers are `int` (so `object.spec.replicas == 0`
+/// holds), not the unsigned integers a plain serialisation would make of them.
+struct AsCel<'a>(&'a Value);
+
+impl serde::Serialize for AsCel<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self.0 {
+            Value::Null => serializer.serialize_unit(),
+            Value::Bool(b) => serializer.serialize_bool(*b),
+            Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), _, _) => serializer.serialize_i64(i),
+                (None, Some(u), _) => serializer.serialize_u64(u),
+                (_, _, f) => serializer.serialize_f64(f.unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => serializer.serialize_str(s),
+            Value::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(&AsCel(item))?;
+                }
+                seq.end()
+            }
+            Value::Object(fields) => {
+                let mut map = serializer.serialize_map(Some(fields.len()))?;
+                for (k, v) in fields {
+                    map.serialize_entry(k, &AsCel(v))?;
+                }
+                map.end()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::policy::Operation;
+
+    fn facts<'a>(old: Option<&'a Value>, new: Option<&'a Value>) -> Facts<'a> {
+        Facts {
+            operation: Operation::Update { patch: Some(true) },
+            group: "apps",
+            resource: "deployments",
+            subresource: "",
+            namespace: "prod",
+            name: "web",
+            object: new,
+            old_object: old,
+            collateral: &[],
+        }
+    }
+
+    #[test]
+    fn a_condition_guards_exactly_what_it_says() {
+        let zero = Condition::compile("object.spec.replicas == 0").unwrap();
+        let (three, none) = (json!({"spec": {"replicas": 3}}), json!({"spec": {"replicas": 0}}));
+        assert!(zero.met(&facts(Some(&three), Some(&none)), None));
+        assert!(!zero.met(&facts(Some(&none), Some(&three)), None));
+        let image = Condition::compile(
+            "oldObject.spec.template.spec.containers[0].image != object.spec.template.spec.containers[0].image",
+        )
+        .unwrap();
+        let with = |i: &str| json!({"spec": {"template": {"spec": {"containers": [{"image": i}]}}}});
+        let (a, b) = (with("web:1"), with("web:2"));
+        assert!(image.met(&facts(Some(&a), Some(&b)), None));
+        assert!(!image.met(&facts(Some(&a), Some(&a)), None));
+        let ns =
+            Condition::compile("namespaceObject.metadata.labels.tier == 'prod' && request.name == 'web'")
+                .unwrap();
+        let prod: Labels = [("tier".to_string(), "prod".to_string())].into();
+        assert!(ns.met(&facts(Some(&a), Some(&b)), Some(&prod)));
+        let dev: Labels = [("tier".to_string(), "dev".to_string())].into();
+        assert!(!ns.met(&facts(Some(&a), Some(&b)), Some(&dev)));
+        // A label it needs and does not find: an error, so it guards.
+        assert!(ns.met(&facts(Some(&a), Some(&b)), Some(&Labels::new())));
+    }
+
+    #[test]
+    fn errors_and_non_bools_guard_and_bad_conditions_are_refused() {
+        // A missing field, a string where a bool is due, a DELETE's null object: all met.
+        for source in ["object.spec.missing == 1", "'yes'", "object.spec.replicas == 0"] {
+            let c = Condition::compile(source).unwrap();
+            let old = json!({"spec": {"replicas": 1}});
+            assert!(c.met(&facts(Some(&old), None), None), "{source}");
+        }
+        assert!(Condition::compile("object.spec.replicas ==").is_err());
+        assert!(Condition::compile("secret.data == 1").unwrap_err().contains("secret"));
+        assert!(Condition::compile(&"1 + ".repeat(2000)).is_err());
+    }
+}
