@@ -20,8 +20,8 @@ cargo run --locked --quiet -- crds | diff -u charts/agentguard/crds/crds.yaml - 
 step "cargo test (unit, router, CEL and TLS tests)"
 cargo test --locked
 
-step "policy unit tests of the examples (agentguard check --test)"
-cargo run --locked --quiet -- --log-format plain check --test examples/tests/demo.yaml
+step "policy unit tests of the examples and the policy library (agentguard check --test)"
+cargo run --locked --quiet -- --log-format plain check --test examples/tests/demo.yaml examples/tests/library.yaml
 
 step "Kubernetes binaries: kube-apiserver, kube-controller-manager, etcd, kubectl, helm from pinned Go modules (cached by version)"
 eval "$(hack/k8s-binaries.sh)"

@@ -35,8 +35,13 @@ impl Condition {
         }
         let program = Program::compile(source).map_err(|e| format!("condition does not parse: {e}"))?;
         let references = program.references();
-        let unknown: Vec<&str> =
-            references.variables().into_iter().filter(|v| !VARIABLES.contains(v)).collect();
+        // The iteration variables of macros (`containers.map(c, c.image)`) are references too.
+        let bound = bound_variables(source);
+        let unknown: Vec<&str> = references
+            .variables()
+            .into_iter()
+            .filter(|v| !VARIABLES.contains(v) && !bound.iter().any(|b| b == v))
+            .collect();
         if !unknown.is_empty() {
             return Err(format!("condition names {unknown:?}; it may name only {}", VARIABLES.join(", ")));
         }
@@ -76,6 +81,24 @@ impl Condition {
         }
         !matches!(self.program.execute(&context), Ok(Cel::Bool(false)))
     }
+}
+
+/// Names bound by macros: the first argument of `all`, `exists`, `exists_one`, `map`, `filter`.
+fn bound_variables(source: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for mac in ["all", "exists", "exists_one", "map", "filter"] {
+        let needle = format!(".{mac}(");
+        let mut rest = source;
+        while let Some(at) = rest.find(&needle) {
+            rest = &rest[at + needle.len()..];
+            let name: String =
+                rest.trim_start().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if !name.is_empty() {
+                out.push(name);
+            }
+        }
+    }
+    out
 }
 
 /// JSON as Kubernetes' CEL sees it: whole numbers are `int` (so `object.spec.replicas == 0`
@@ -166,6 +189,8 @@ mod tests {
         }
         assert!(Condition::compile("object.spec.replicas ==").is_err());
         assert!(Condition::compile("secret.data == 1").unwrap_err().contains("secret"));
+        assert!(Condition::compile("object.spec.containers.map(c, c.image) != []").is_ok());
+        assert!(Condition::compile("object.spec.containers.all(c, c.image == other)").is_err());
         assert!(Condition::compile(&"1 + ".repeat(2000)).is_err());
     }
 }
