@@ -771,20 +771,18 @@ fn least_privilege(setup: &Setup, agent: &Path, alice: &Path) -> Result<()> {
         "clusteragentpolicy/chart-keep-secrets",
     ])?;
     setup.admin(&["create", "configmap", "doomed", "-n", "demo"])?;
-    let delete = ["delete", "configmap", "doomed", "-n", "demo"];
-    let refusal = rejects(setup.plane.kubectl(agent, &delete), "the agent's delete", "requires approval")?;
-    let approve = approve_command(&refusal)?;
-    must(setup.plane.kubectl(alice, &approve.iter().map(String::as_str).collect::<Vec<_>>()))
-        .context("approving a delete whose cascade into Secrets is unseen")?;
     rejects(
-        setup.plane.kubectl(agent, &delete),
-        "the approved delete that may cascade into Secrets",
+        setup.plane.kubectl(agent, &["delete", "configmap", "doomed", "-n", "demo"]),
+        "the agent's delete that may cascade into Secrets",
         "unseen: agentguard may not read secrets",
     )?;
-    accepts(
-        setup.plane.kubectl(agent, &["delete", "configmap", "doomed", "-n", "demo", "--cascade=orphan"]),
-        "the approved delete that orphans its dependents",
-    )?;
+    // Orphaning its dependents, it is the ConfigMap's delete alone: held, approved, admitted.
+    let delete = ["delete", "configmap", "doomed", "-n", "demo", "--cascade=orphan"];
+    let refusal = rejects(setup.plane.kubectl(agent, &delete), "the orphaning delete", "requires approval")?;
+    let approve = approve_command(&refusal)?;
+    must(setup.plane.kubectl(alice, &approve.iter().map(String::as_str).collect::<Vec<_>>()))
+        .context("approving the orphaning delete")?;
+    accepts(setup.plane.kubectl(agent, &delete), "the approved delete that orphans its dependents")?;
     setup.admin(&["delete", "clusteragentpolicy", "chart-keep-secrets"])?;
     println!(
         "check agentguard reads no Secret: its change is recorded unverified, a delete that may cascade into guarded Secrets is judged as if it did ... ok"

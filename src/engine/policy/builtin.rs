@@ -143,11 +143,15 @@ pub(super) fn approval_write(
         .filter_map(|p| p.approval.as_ref().map(|a| a.lifetime.max_ttl))
         .min()
         .unwrap_or_default();
-    let state = facts
-        .object
-        .map(|o| super::effects::delete_digest(&crate::engine::diff::state_digest(o), uid, facts.collateral))
-        .unwrap_or_default();
-    approval::check_new(new, &config.approval_keys, uid, &state, max_ttl, now).map_err(|refusal| match refusal {
+    // A delete's ticket is bound to the object's state and what the delete would take with it:
+    // all it would cascade to, or nothing, for a delete that orphans its dependents (the approval
+    // cannot tell which the agent sent; the retry is judged against the one it sends).
+    let state = facts.object.map(crate::engine::diff::state_digest).unwrap_or_default();
+    let cascading = super::effects::delete_digest(&state, uid, facts.collateral);
+    let check = |state: &[u8; 32]| approval::check_new(new, &config.approval_keys, uid, state, max_ttl, now);
+    check(&cascading)
+        .or_else(|refusal| if refusal == Refusal::StaleState { check(&state) } else { Err(refusal) })
+        .map_err(|refusal| match refusal {
         Refusal::StaleState => format!(
             "{refusal}: the object is no longer in the state the delete was reviewed in; have the agent retry for a fresh ticket"
         ),
