@@ -98,15 +98,22 @@ fn main() -> Result<()> {
         None,
     );
 
-    let token = std::fs::read_to_string(&world.agent)?
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("token: ").map(str::to_owned))
-        .unwrap_or_default();
+    // Kubeconfig paths only: the agent's bearer token stays in its file, out of terminals and logs.
     println!("\nKeep going:");
     println!("  export KUBECONFIG={}          # cluster-admin", admin.display());
-    println!("  kubectl --kubeconfig {} ...   # the agent", world.agent.display());
-    println!("  kubectl --kubeconfig {} ...   # alice, an approver", world.alice.display());
-    println!("  agent token: {token}");
+    println!(
+        "  kubectl --kubeconfig {} ...   # the agent (a ServiceAccount labelled as an agent)",
+        world.agent.display()
+    );
+    println!("  kubectl --kubeconfig {} ...   # alice, an approver (group sre)", world.alice.display());
+    println!(
+        "  kubectl --kubeconfig {} ...   # mallory, edit everywhere, not an approver",
+        world.mallory.display()
+    );
+    println!(
+        "  This control plane has etcd, kube-apiserver and kube-controller-manager (garbage collection, \
+         namespace deletion) but no node: pods stay Pending. `hack/demo.sh --cluster` runs the chart on a node."
+    );
     println!("  agentguard metrics: {}/metrics", world.agentguard.admin);
     if exit {
         return Ok(());
