@@ -34,14 +34,11 @@ async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let app = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
         ["agentguard", ref policies @ ..] if !policies.is_empty() => {
-            // As `agentguard serve` sets up its logs.
-            let filter = std::env::var("AGENTGUARD_LOG").unwrap_or_else(|_| "info".into());
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter)?)
-                .with_writer(std::io::stderr)
-                .json()
-                .flatten_event(true)
-                .init();
+            let log = agentguard::commands::LogArgs {
+                log_format: agentguard::commands::LogFormat::Json,
+                log_filter: std::env::var("AGENTGUARD_LOG").unwrap_or_else(|_| "info".into()),
+            };
+            let _flush_on_exit = agentguard::commands::init_tracing(&log)?;
             let paths: Vec<PathBuf> = policies.iter().map(PathBuf::from).collect();
             return run(agentguard_router(&paths)?).await;
         }
