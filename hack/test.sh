@@ -23,6 +23,9 @@ cargo test --locked
 step "policy unit tests of the examples and the policy library (agentguard check --test)"
 cargo run --locked --quiet -- --log-format plain check --test examples/tests/demo.yaml examples/tests/library.yaml
 
+step "load benchmark smoke run (hack/bench.sh --smoke: both webhooks answer every example under wrk)"
+hack/bench.sh --smoke
+
 step "Kubernetes binaries: kube-apiserver, kube-controller-manager, etcd, kubectl, helm from pinned Go modules (cached by version)"
 eval "$(hack/k8s-binaries.sh)"
 export KUBE_APISERVER KUBE_CONTROLLER_MANAGER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS CERT_MANAGER_CRDS CROSSPLANE_AWS_CRDS

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub caches_ready: Gauge,
     pub policies: Gauge,
     pub policy_problems: Gauge,
+    pub policy_compiles: Counter,
     pub reached_namespaces: Gauge,
     pub agents_beyond_brakes: Gauge,
     pub certificate_reloads: Counter,
@@ -100,6 +101,12 @@ impl Default for Metrics {
             "policy_problems",
             "Problems found compiling the current policies",
             policy_problems.clone(),
+        );
+        let policy_compiles = Counter::default();
+        registry.register(
+            "policy_compiles",
+            "Times the policies were compiled (once per burst of changes to their specs)",
+            policy_compiles.clone(),
         );
         let certificate_reloads = Counter::default();
         registry.register("certificate_reloads", "Serving certificate reloads", certificate_reloads.clone());
@@ -153,6 +160,7 @@ impl Default for Metrics {
             caches_ready,
             policies,
             policy_problems,
+            policy_compiles,
             reached_namespaces,
             agents_beyond_brakes,
             certificate_reloads,

@@ -1,7 +1,8 @@
 //! The in-memory picture of the cluster the webhook decides from, kept current by kube-runtime
 //! reflectors: ServiceAccount and Namespace labels (metadata only, labels kept), the compiled
-//! [`PolicySet`], rebuilt and swapped atomically whenever a policy changes, and what RBAC lets
-//! agents become ([`Reach`]), recomputed within [`REACH_EVERY`] of any change.
+//! [`PolicySet`], rebuilt and swapped atomically within [`COMPILE_AFTER`] of a change of a
+//! policy's spec (once for a whole burst of changes; status writes change nothing compiled), and
+//! what RBAC lets agents become ([`Reach`]), recomputed within [`REACH_EVERY`] of any change.
 //!
 //! ```text
 //!  watch ServiceAccounts (metadata) ──▶ Store ─┐
@@ -14,7 +15,7 @@
 //! No API call is made on the request path. [`Caches::ready`] stays false until every watch has
 //! listed once, so the webhook never judges from a half-filled cache.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -27,6 +28,7 @@ use kube::api::{Api, ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
+use tokio::time::Instant;
 
 use crate::engine::api::{AGENT_NAMESPACE_LABEL, AgentPolicy, ClusterAgentPolicy};
 use crate::engine::policy::identity::AgentSet;
@@ -37,6 +39,10 @@ use crate::metrics::Metrics;
 
 /// How soon a change of RBAC, labels or policies is reflected in what agents can become.
 pub const REACH_EVERY: Duration = Duration::from_millis(100);
+
+/// How long policy changes are gathered before the whole set is compiled once for all of them:
+/// creating a thousand policies compiles a few times, not a thousand.
+pub const COMPILE_AFTER: Duration = Duration::from_millis(100);
 
 /// Shared, read-mostly caches. Cheap to read from any request.
 pub struct Caches {
@@ -134,12 +140,12 @@ impl Caches {
             watcher(Api::<ClusterAgentPolicy>::all(client.clone()), watcher::Config::default())
                 .default_backoff(),
         )
-        .map(|e| (Kind::Cluster, e.map(|e| Phase::of(&e))));
+        .map(|e| (Kind::Cluster, e.map(|e| Seen::of(&e))));
         let ap_watch = reflector::reflector(
             ap_writer,
             watcher(Api::<AgentPolicy>::all(client.clone()), watcher::Config::default()).default_backoff(),
         )
-        .map(|e| (Kind::Namespaced, e.map(|e| Phase::of(&e))));
+        .map(|e| (Kind::Namespaced, e.map(|e| Seen::of(&e))));
 
         let (compiled_tx, mut compiled_rx) = tokio::sync::watch::channel(false);
         let caches_for_watches = caches.clone();
@@ -147,25 +153,38 @@ impl Caches {
             let caches = caches.clone();
             let metrics = metrics.clone();
             let (cp_reader, ap_reader) = (cp_store.clone(), ap_store.clone());
-            let mut listed = [false, false];
-            futures::stream::select(cp_watch, ap_watch).for_each(move |(kind, event)| {
-                match event {
-                    Err(e) => tracing::warn!(error = %e, ?kind, "policy watch failed; retrying"),
-                    // Mid-list events: wait for the list to finish before compiling.
-                    Ok(Phase::Listing) => {}
-                    Ok(phase) => {
-                        if phase == Phase::Listed {
-                            listed[kind as usize] = true;
-                        }
-                        if listed == [true, true] {
-                            caches.recompile(&cp_reader, &ap_reader, &metrics);
-                            caches.changed.store(true, Ordering::Release);
-                            compiled_tx.send_replace(true);
-                        }
+            let events = futures::stream::select(cp_watch, ap_watch);
+            async move {
+                let mut events = std::pin::pin!(events);
+                let mut generations = Generations::default();
+                let mut listed = [false, false];
+                let mut coalesce = Coalesce::new(COMPILE_AFTER);
+                loop {
+                    let due = coalesce.due();
+                    tokio::select! {
+                        event = events.next() => match event {
+                            None => break,
+                            Some((kind, Err(e))) => tracing::warn!(error = %e, ?kind, "policy watch failed; retrying"),
+                            Some((kind, Ok(seen))) => {
+                                if seen == Seen::Listed {
+                                    listed[kind as usize] = true;
+                                }
+                                // Compiling before both lists are complete would judge from a
+                                // partial set of policies.
+                                if generations.changes(kind, seen) && listed == [true, true] {
+                                    coalesce.changed(Instant::now());
+                                }
+                            }
+                        },
+                        () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {}
+                    }
+                    if coalesce.compile_now(Instant::now()) {
+                        caches.recompile(&cp_reader, &ap_reader, &metrics);
+                        caches.changed.store(true, Ordering::Release);
+                        compiled_tx.send_replace(true);
                     }
                 }
-                futures::future::ready(())
-            })
+            }
         };
         let readiness = {
             let caches = caches.clone();
@@ -315,7 +334,8 @@ impl Caches {
         }
         metrics.policies.set(set.len() as i64);
         metrics.policy_problems.set(problems.len() as i64);
-        tracing::info!(policies = set.len(), problems = problems.len(), "policies compiled");
+        metrics.policy_compiles.inc();
+        tracing::debug!(policies = set.len(), problems = problems.len(), "policies compiled");
         self.policies.store(Arc::new(set));
         self.problems.store(Arc::new(problems));
     }
@@ -359,27 +379,111 @@ pub fn is_agent_namespace(namespace: &ObjectMeta) -> bool {
     namespace.labels.as_ref().and_then(|l| l.get(AGENT_NAMESPACE_LABEL)).map(String::as_str) == Some("true")
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {
     Cluster = 0,
     Namespaced = 1,
 }
 
-/// Where a watch stands: compiling mid-list would judge from a partial set of policies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    Listing,
+/// A policy's namespace (none for a ClusterAgentPolicy) and name.
+type Key = (Option<String>, String);
+
+/// What a policy watch event says, reduced to what deciding to compile needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Seen {
+    /// A list starts (again, after a watch was lost): what was known may be gone.
+    Relisting,
+    /// A policy of the list in progress, with its `metadata.generation`.
+    Listing(Key, Option<i64>),
+    /// The list is complete.
     Listed,
-    Changed,
+    /// A policy was created or changed, spec or not.
+    Applied(Key, Option<i64>),
+    Deleted(Key),
 }
 
-impl Phase {
-    fn of<K>(event: &watcher::Event<K>) -> Self {
-        match event {
-            watcher::Event::Init | watcher::Event::InitApply(_) => Phase::Listing,
-            watcher::Event::InitDone => Phase::Listed,
-            watcher::Event::Apply(_) | watcher::Event::Delete(_) => Phase::Changed,
+impl Seen {
+    fn of<K: Resource>(event: &watcher::Event<K>) -> Self {
+        fn key<K: Resource>(object: &K) -> Key {
+            let meta = object.meta();
+            (meta.namespace.clone(), meta.name.clone().unwrap_or_default())
         }
+        match event {
+            watcher::Event::Init => Seen::Relisting,
+            watcher::Event::InitApply(o) => Seen::Listing(key(o), o.meta().generation),
+            watcher::Event::InitDone => Seen::Listed,
+            watcher::Event::Apply(o) => Seen::Applied(key(o), o.meta().generation),
+            watcher::Event::Delete(o) => Seen::Deleted(key(o)),
+        }
+    }
+}
+
+/// The `metadata.generation` of every policy seen. The API server raises it on every change of
+/// a policy's spec and on none of its status (a subresource), labels or annotations: a policy
+/// applied at the generation already seen compiles to what is compiled already. Status writes,
+/// agentguard's own among them, are most of the events of a busy policy watch.
+#[derive(Debug, Default)]
+struct Generations(HashMap<(Kind, Key), Option<i64>>);
+
+impl Generations {
+    /// Records `seen` and says whether the policies compile differently since: at the end of a
+    /// list, on a deletion, and when a policy is applied at a new generation (or at none: an
+    /// API server that does not count is taken at its word each time).
+    fn changes(&mut self, kind: Kind, seen: Seen) -> bool {
+        match seen {
+            Seen::Relisting => {
+                self.0.retain(|(k, _), _| *k != kind);
+                false
+            }
+            Seen::Listing(key, generation) => {
+                self.0.insert((kind, key), generation);
+                false
+            }
+            Seen::Listed => true,
+            Seen::Applied(key, generation) => {
+                let before = self.0.insert((kind, key), generation);
+                generation.is_none() || before != Some(generation)
+            }
+            Seen::Deleted(key) => {
+                self.0.remove(&(kind, key));
+                true
+            }
+        }
+    }
+}
+
+/// When to compile, from when policies change: the first change opens a window of `window`,
+/// later ones within it are absorbed, and the one compile at its end takes them all in. Under a
+/// steady stream of changes that is one compile per window, and every change is compiled within
+/// a window of being made. Pure: the caller says what time it is.
+#[derive(Debug)]
+struct Coalesce {
+    window: Duration,
+    due: Option<Instant>,
+}
+
+impl Coalesce {
+    fn new(window: Duration) -> Self {
+        Self { window, due: None }
+    }
+
+    /// A change at `now`.
+    fn changed(&mut self, now: Instant) {
+        self.due.get_or_insert(now + self.window);
+    }
+
+    /// When the next compile is due, if a change waits for one.
+    fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// Whether to compile at `now`; a compile that is due is taken.
+    fn compile_now(&mut self, now: Instant) -> bool {
+        let due = self.due.is_some_and(|due| due <= now);
+        if due {
+            self.due = None;
+        }
+        due
     }
 }
 
@@ -458,6 +562,88 @@ pub(crate) mod tests {
             labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
             ..Default::default()
         }
+    }
+
+    fn policy_key(name: &str) -> Key {
+        (Some("team".into()), name.into())
+    }
+
+    #[test]
+    fn only_spec_changes_compile() {
+        let mut generations = Generations::default();
+        let mut seen = |kind, s| generations.changes(kind, s);
+        // A list compiles once, at its end.
+        assert!(!seen(Kind::Namespaced, Seen::Relisting));
+        assert!(!seen(Kind::Namespaced, Seen::Listing(policy_key("a"), Some(1))));
+        assert!(!seen(Kind::Namespaced, Seen::Listing(policy_key("b"), Some(4))));
+        assert!(seen(Kind::Namespaced, Seen::Listed));
+        // Status writes (and label or annotation edits) leave the generation as it was.
+        assert!(!seen(Kind::Namespaced, Seen::Applied(policy_key("a"), Some(1))));
+        assert!(!seen(Kind::Namespaced, Seen::Applied(policy_key("b"), Some(4))));
+        // A new spec, a new policy, one without a generation, a deletion: each compiles.
+        assert!(seen(Kind::Namespaced, Seen::Applied(policy_key("a"), Some(2))));
+        assert!(!seen(Kind::Namespaced, Seen::Applied(policy_key("a"), Some(2))));
+        assert!(seen(Kind::Namespaced, Seen::Applied(policy_key("c"), Some(1))));
+        assert!(seen(Kind::Namespaced, Seen::Applied(policy_key("d"), None)));
+        assert!(seen(Kind::Namespaced, Seen::Applied(policy_key("d"), None)));
+        assert!(seen(Kind::Namespaced, Seen::Deleted(policy_key("b"))));
+        // Recreated at generation 1 after the deletion, it is new again.
+        assert!(seen(Kind::Namespaced, Seen::Applied(policy_key("b"), Some(1))));
+        // The same name of the other kind is another policy.
+        assert!(seen(Kind::Cluster, Seen::Applied(policy_key("a"), Some(2))));
+        // A relist forgets what it does not list again: "c" applied afterwards is new.
+        assert!(!seen(Kind::Namespaced, Seen::Relisting));
+        assert!(!seen(Kind::Namespaced, Seen::Listing(policy_key("a"), Some(2))));
+        assert!(seen(Kind::Namespaced, Seen::Listed));
+        assert!(!seen(Kind::Namespaced, Seen::Applied(policy_key("a"), Some(2))));
+        assert!(seen(Kind::Namespaced, Seen::Applied(policy_key("c"), Some(1))));
+        assert!(!seen(Kind::Cluster, Seen::Applied(policy_key("a"), Some(2))));
+    }
+
+    /// Plays the compiler's loop over changes made at the given offsets: before each change,
+    /// the compile due by then runs. Returns when each compile ran.
+    fn compiles_for(changes: &[Duration]) -> Vec<Duration> {
+        let start = Instant::now();
+        let mut coalesce = Coalesce::new(COMPILE_AFTER);
+        let mut compiles = Vec::new();
+        let mut run_due = |coalesce: &mut Coalesce, now: Instant| {
+            while let Some(due) = coalesce.due()
+                && due <= now
+            {
+                assert!(!coalesce.compile_now(due - Duration::from_millis(1)), "not before it is due");
+                assert!(coalesce.compile_now(due));
+                compiles.push(due - start);
+            }
+        };
+        for at in changes {
+            run_due(&mut coalesce, start + *at);
+            coalesce.changed(start + *at);
+        }
+        run_due(&mut coalesce, start + Duration::from_secs(3600));
+        compiles
+    }
+
+    #[test]
+    fn a_burst_of_policy_changes_compiles_once() {
+        // A thousand policies created at once (an `apply -f` of a directory), their status
+        // written as they are.
+        assert_eq!(compiles_for(&[Duration::ZERO; 1000]), [COMPILE_AFTER]);
+    }
+
+    #[test]
+    fn a_steady_stream_of_changes_compiles_once_per_window() {
+        // A change every millisecond for two seconds: 2,000 changes, 20 compiles, the last one
+        // taking in the last change.
+        let changes: Vec<Duration> = (0..2000).map(Duration::from_millis).collect();
+        let expected: Vec<Duration> = (1..=20).map(|n| COMPILE_AFTER * n).collect();
+        assert_eq!(compiles_for(&changes), expected);
+    }
+
+    #[test]
+    fn changes_apart_compile_each() {
+        let second = Duration::from_secs(1);
+        assert_eq!(compiles_for(&[Duration::ZERO, second]), [COMPILE_AFTER, second + COMPILE_AFTER]);
+        assert!(compiles_for(&[]).is_empty());
     }
 
     #[test]

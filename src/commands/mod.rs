@@ -63,7 +63,8 @@ pub enum LogFormat {
 /// Sets up logging and runs the chosen command. Errors exit 1; `audit` chooses its own codes.
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let Cli { log, command } = cli;
-    init_tracing(&log)?;
+    // Held until the command returns, so that the lines still queued are written before exit.
+    let _flush_on_exit = init_tracing(&log)?;
     match command {
         Command::Crds => print!("{}", crate::engine::api::crds_yaml()),
         Command::Check(args) => check::check(&args)?,
@@ -75,13 +76,49 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn init_tracing(log: &LogArgs) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&log.log_filter)
-        .with_context(|| format!("invalid log filter {:?}", log.log_filter))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+/// rustls warns on every handshake whose client names the server by IP address in SNI (which
+/// such clients should not send, and rustls then ignores): noise, one line per connection.
+const QUIET_TARGETS: &str = "rustls::msgs::handshake=error";
+
+/// Installs the global subscriber: lines go to stderr through a writer thread, so a request
+/// never waits on the terminal or the container runtime's pipe, and are written in batches.
+/// The returned guard flushes what is still queued when dropped.
+pub fn init_tracing(log: &LogArgs) -> Result<tracing_appender::non_blocking::WorkerGuard> {
+    let filter = log_filter(&log.log_filter)?;
+    let stderr = std::io::BufWriter::with_capacity(64 * 1024, std::io::stderr());
+    // Not lossy: a full queue makes requests wait rather than drop a refusal's line.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("agentguard-log")
+        .finish(stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     match log.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Plain => builder.init(),
     }
-    Ok(())
+    Ok(guard)
+}
+
+/// The filter `--log-filter` asks for, with [`QUIET_TARGETS`] unless it names rustls itself.
+fn log_filter(asked: &str) -> Result<tracing_subscriber::EnvFilter> {
+    let filter = tracing_subscriber::EnvFilter::try_new(asked)
+        .with_context(|| format!("invalid log filter {asked:?}"))?;
+    if asked.contains("rustls") {
+        return Ok(filter);
+    }
+    Ok(filter.add_directive(QUIET_TARGETS.parse().expect("a valid directive")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rustls_handshake_warnings_are_quiet_unless_asked_for() {
+        let shown = |asked: &str| log_filter(asked).unwrap().to_string();
+        assert!(shown("info").contains("rustls::msgs::handshake=error"), "{}", shown("info"));
+        assert!(shown("debug,kube=info").contains("rustls::msgs::handshake=error"));
+        assert_eq!(shown("info,rustls=debug"), "rustls=debug,info");
+        assert!(log_filter("info,=nonsense=").is_err());
+    }
 }
