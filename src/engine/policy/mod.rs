@@ -26,6 +26,7 @@ pub mod compile;
 pub mod decision;
 pub mod effects;
 mod evaluate;
+pub mod explain;
 pub mod identity;
 mod index;
 mod matching;
