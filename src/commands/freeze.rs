@@ -4,7 +4,9 @@
 //! every agent); Deny beats every other action, approvals included. Being a policy, it takes
 //! effect the moment agentguard's policy cache sees it, on every replica, needs no restart, and
 //! is audited like any policy; agents cannot remove it (the built-in rule
-//! `agentguard-policies`). `freeze` returns once agentguard reports the policy Ready.
+//! `agentguard-policies`). `freeze` returns once agentguard reports the policy Ready (its
+//! status is written on a periodic pass, so that wait is longer than the policy takes to apply;
+//! `--no-wait` returns once the policy is stored).
 //!
 //! CREATE is not stopped: policies guard DELETE, UPDATE and CONNECT only (the CRD's operations),
 //! so a frozen agent can still create objects.
@@ -39,6 +41,9 @@ pub struct FreezeArgs {
     /// Why, shown to the agent in every refusal.
     #[arg(long)]
     pub reason: Option<String>,
+    /// Return once the policy is stored, without waiting for agentguard to report it Ready.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Args, Debug)]
@@ -140,6 +145,10 @@ pub async fn freeze(args: &FreezeArgs) -> Result<()> {
         api.patch(&name, &params, &Patch::Apply(&policy)).await.context("writing the freeze policy")?;
     let generation = stored.metadata.generation;
     let who = username.as_deref().unwrap_or("every agent");
+    if args.no_wait {
+        println!("frozen (stored, not confirmed): {who} (ClusterAgentPolicy {name:?})");
+        return Ok(());
+    }
     // In force once agentguard has compiled this generation (its Ready condition says so).
     let started = Instant::now();
     loop {

@@ -354,9 +354,9 @@ pub fn observe(state: &AppState, request: &AdmissionRequest, decision: &Decision
         request.dry_run(),
     );
     let (uid, operation, resource, namespace, name, user, dry_run) = fields;
-    // Which pod, node and token the request came from (empty when the credential says nothing).
-    let attribution = request.user_info.attribution().map(|a| a.to_string()).unwrap_or_default();
-    let attribution = attribution.as_str();
+    // Which pod, node and token the request came from (left out when the credential says nothing).
+    let attribution = request.user_info.attribution().map(|a| a.to_string());
+    let attribution = attribution.as_deref();
     match &decision.verdict {
         Verdict::Deny(denial) => tracing::info!(
             uid, operation, resource, namespace, name, user, attribution, dry_run, outcome = decision.outcome(),

@@ -53,7 +53,7 @@ pub fn approve_and_why(w: &World) -> Result<()> {
     ] {
         ensure!(why.contains(needle), "`why` lacks {needle:?}:\n{why}");
     }
-    println!("  why: {}", why.lines().nth(1).unwrap_or_default());
+    println!("  why: {}", why.lines().find(|l| l.contains("rule")).unwrap_or_default().trim());
 
     // Nothing is held yet: nothing to approve.
     let none = plugin(w, &w.alice, &["approve", "deployment/web", "-n", &ns, "--yes"], "")?;
@@ -163,7 +163,7 @@ pub fn freeze_and_unfreeze(w: &World) -> Result<()> {
     };
     let latency = returned.elapsed();
     ensure!(refusal.contains("is frozen (agentguard freeze): e2e emergency stop"), "{refusal}");
-    ensure!(latency < Duration::from_secs(2), "first refusal {latency:?} after freeze returned");
+    ensure!(latency < Duration::from_secs(1), "first refusal {latency:?} after freeze returned");
     println!(
         "  freeze took {:.0} ms; the frozen agent's first refused write ended {:.0} ms after it returned ({} admitted before)",
         (returned - asked).as_secs_f64() * 1000.0,
@@ -183,19 +183,41 @@ pub fn freeze_and_unfreeze(w: &World) -> Result<()> {
 
     let out = must(plugin(w, &w.plane.admin, &["unfreeze", "agents/editor"], "")?)?;
     ensure!(out.contains("unfrozen: system:serviceaccount:agents:editor"), "{out}");
+    let lifted = unfrozen(w, &label)?;
+    println!("  unfrozen: admitted again {:.0} ms after unfreeze returned", lifted.as_secs_f64() * 1000.0);
+    let again = plugin(w, &w.plane.admin, &["unfreeze", "agents/editor"], "")?;
+    ensure!(!again.status.success() && text(&again).contains("is not frozen"), "{}", text(&again));
+
+    // Without waiting for the status: how long the stored policy takes to refuse.
+    let out = must(plugin(w, &w.plane.admin, &["freeze", "agents/editor", "--no-wait"], "")?)?;
+    ensure!(out.contains("frozen (stored, not confirmed)"), "{out}");
+    let stored = Instant::now();
+    let mut admitted = 0;
+    while label(&w.editor, 300 + admitted).status.success() {
+        ensure!(stored.elapsed() < Duration::from_secs(10), "the frozen agent still writes after 10s");
+        admitted += 1;
+    }
+    let in_force = stored.elapsed();
+    ensure!(in_force < Duration::from_secs(1), "the stored freeze took {in_force:?} to refuse");
+    println!(
+        "  freeze --no-wait: first refused write ended {:.0} ms after the policy was stored ({admitted} admitted before)",
+        in_force.as_secs_f64() * 1000.0
+    );
+    must(plugin(w, &w.plane.admin, &["unfreeze", "agents/editor"], "")?)?;
+    unfrozen(w, &label)?;
+    Ok(())
+}
+
+/// Waits until the editor's write is admitted again: how long an unfreeze took to apply.
+fn unfrozen(w: &World, label: &dyn Fn(&Path, u32) -> Output) -> Result<Duration> {
     let lifted = Instant::now();
-    loop {
-        if label(&w.editor, 200).status.success() {
-            break;
+    // A new value each time: a write that changes nothing is admitted even to a frozen agent.
+    for attempt in 1000.. {
+        if label(&w.editor, attempt).status.success() {
+            return Ok(lifted.elapsed());
         }
         ensure!(lifted.elapsed() < Duration::from_secs(10), "the agent is still frozen 10s after unfreeze");
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!(
-        "  unfrozen: admitted again {:.0} ms after unfreeze returned",
-        lifted.elapsed().as_secs_f64() * 1000.0
-    );
-    let again = plugin(w, &w.plane.admin, &["unfreeze", "agents/editor"], "")?;
-    ensure!(!again.status.success() && text(&again).contains("is not frozen"), "{}", text(&again));
-    Ok(())
+    unreachable!("the loop returns or fails")
 }
