@@ -47,7 +47,11 @@ pub fn ticket(command: &str) -> Option<&str> {
 
 /// What the approver is shown before confirming.
 pub fn summary(p: &Pending) -> String {
-    let mut out = format!("{} {} held at {} for {}\n", p.kind, p.name, p.last_seen, p.requester);
+    let object = match p.namespace.as_str() {
+        "" => format!("{} {}", p.kind, p.name),
+        ns => format!("{} {ns}/{}", p.kind, p.name),
+    };
+    let mut out = format!("{object} held at {} for {}\n", p.last_seen, p.requester);
     if let Some(from) = &p.from {
         out.push_str(&format!("  from: {from}\n"));
     }
@@ -133,6 +137,12 @@ mod tests {
         assert!(held_for(&items, "StatefulSet", "prod", "web").is_none());
         assert_eq!(ticket("kubectl annotate x y agentguard.io/approve= --overwrite"), None);
         let shown = summary(held);
+        assert!(
+            shown.starts_with(
+                "Deployment prod/web held at 2026-11-27T12:00:00Z for system:serviceaccount:agents:coder\n"
+            ),
+            "{shown}"
+        );
         assert!(
             shown.contains("  from: credential-id=JTI=1\n") && shown.contains("    spec.replicas: 3 → 0\n"),
             "{shown}"
