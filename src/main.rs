@@ -1,6 +1,5 @@
-//! The `agentguard` binary: install the TLS crypto provider, parse arguments, run.
-
-use clap::Parser;
+//! The `agentguard` binary: install the TLS crypto provider, parse arguments, run. Started as
+//! `kubectl-agentguard`, it is the same program as a kubectl plugin.
 
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
@@ -8,5 +7,5 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
     rustls::crypto::ring::default_provider()
         .install_default()
         .map_err(|_| anyhow::anyhow!("a rustls crypto provider was already installed"))?;
-    agentguard::commands::run(agentguard::commands::Cli::parse()).await
+    agentguard::commands::run(agentguard::commands::parse()).await
 }

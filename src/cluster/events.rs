@@ -208,6 +208,10 @@ const PART_BYTES: usize = 900;
 /// The prefix of every part's note: `change <id> part <i>/<n>: `.
 pub const PART_PREFIX: &str = "change ";
 
+/// Opens where an agent's request came from at the end of a note: `[from: pod=… credential-id=…]`
+/// (see [`crate::engine::api::Attribution`]).
+pub const FROM_PREFIX: &str = "[from: ";
+
 /// The whole change, as the notes of consecutive Events: `change <id> part <i>/<n>: <text>`,
 /// the text being [`crate::engine::diff::Change::full`]'s lines joined by newlines, cut at character boundaries.
 /// The engine refuses to issue a ticket for a change larger than the Events can carry.

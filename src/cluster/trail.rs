@@ -114,6 +114,7 @@ pub fn record_for(
         time: now.to_string(),
         prior,
         prior_omitted,
+        attribution: request.user_info.attribution(),
     };
     // A deletecollection reviews every item under one request uid: the target is part of the name.
     let key =

@@ -51,6 +51,9 @@ pub struct Pending {
     pub message: String,
     /// The whole attempted change, one entry per line, when agentguard's Events carry it.
     pub change: Vec<String>,
+    /// Where the request came from (`pod=… node=… credential-id=…`), when the note says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 fn when(event: &Event) -> Option<Timestamp> {
@@ -133,6 +136,7 @@ pub fn pending(events: &[Event], now: Timestamp, since: SignedDuration) -> Vec<P
                 last_seen: at,
                 count: event.series.as_ref().map_or(1, |s| s.count.max(1)),
                 approve_command: between(&note, " runs: ", " — then retry").map(str::to_owned),
+                from: between(&note, crate::cluster::events::FROM_PREFIX, "]").map(str::to_owned),
                 message: note,
                 change,
             }
@@ -174,6 +178,9 @@ pub fn table(items: &[Pending], now: Timestamp) -> String {
             ns => format!("{} {ns}/{}", p.kind, p.name),
         };
         out.push_str(&format!("{object}  held {} ago ({}x) for {}\n", age, p.count, p.requester));
+        if let Some(from) = &p.from {
+            out.push_str(&format!("  from:    {from}\n"));
+        }
         if !p.change.is_empty() {
             out.push_str("  change:\n");
             for line in &p.change {
@@ -283,6 +290,20 @@ mod tests {
         );
         assert!(text.contains("  approve: kubectl annotate deployments.apps web -n demo agentguard.io/approve=delete.AQAAAA --overwrite\n"));
         assert_eq!(table(&[], now), "No requests are waiting for approval.\n");
+        assert_eq!(items[0].from, None);
+    }
+
+    #[test]
+    fn where_the_request_came_from_is_read_back() {
+        let now: Timestamp = "2026-11-27T12:00:00Z".parse().unwrap();
+        let mut held = event("ApprovalRequired", "u1", "2026-11-27T11:58:30Z");
+        held.note = Some(format!("{NOTE} [from: pod=coder-7d9f node=node-1 credential-id=JTI=0f3e]"));
+        let items = pending(&[held], now, SignedDuration::from_hours(1));
+        assert_eq!(items[0].from.as_deref(), Some("pod=coder-7d9f node=node-1 credential-id=JTI=0f3e"));
+        assert!(items[0].approve_command.is_some());
+        assert!(
+            table(&items, now).contains("\n  from:    pod=coder-7d9f node=node-1 credential-id=JTI=0f3e\n")
+        );
     }
 
     #[test]

@@ -232,6 +232,7 @@ mod tests {
                 time: "2026-11-27T12:00:00Z".into(),
                 prior: Some(prior),
                 prior_omitted: None,
+                attribution: None,
             },
         )
     }

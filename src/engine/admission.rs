@@ -68,8 +68,50 @@ pub struct UserInfo {
     pub username: String,
     #[serde(default)]
     pub groups: Vec<String>,
-    #[serde(default)]
+    /// Authenticator-provided extras: a map of string lists. A value of another shape makes the
+    /// review malformed (refused); `null` reads as no extras.
+    #[serde(default, deserialize_with = "null_as_empty")]
     pub extra: BTreeMap<String, Vec<String>>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Vec<String>>, D::Error> {
+    Ok(Option::<BTreeMap<String, Vec<String>>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// The `userInfo.extra` keys of a ServiceAccount token bound to a pod.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+pub const CREDENTIAL_ID_EXTRA: &str = "authentication.kubernetes.io/credential-id";
+
+/// Longest attribution value kept: anything longer did not come from the API server's token
+/// authenticator (names are at most 253 bytes), and is cut so a record or log line stays small.
+const ATTRIBUTION_BYTES: usize = 256;
+
+impl UserInfo {
+    /// Where the credential came from, from `extra`: the first value of each key, control
+    /// characters dropped and cut to a bounded length. `None` when none is present.
+    pub fn attribution(&self) -> Option<crate::engine::api::Attribution> {
+        let one = |key: &str| {
+            let value = self.extra.get(key)?.first()?;
+            let mut clean: String = value.chars().filter(|c| !c.is_control()).collect();
+            if clean.len() > ATTRIBUTION_BYTES {
+                let mut end = ATTRIBUTION_BYTES;
+                while !clean.is_char_boundary(end) {
+                    end -= 1;
+                }
+                clean.truncate(end);
+            }
+            (!clean.is_empty()).then_some(clean)
+        };
+        let attribution = crate::engine::api::Attribution {
+            pod_name: one(POD_NAME_EXTRA),
+            pod_uid: one(POD_UID_EXTRA),
+            node_name: one(NODE_NAME_EXTRA),
+            credential_id: one(CREDENTIAL_ID_EXTRA),
+        };
+        (!attribution.is_empty()).then_some(attribution)
+    }
 }
 
 /// A request that cannot be judged. It is refused, with this message.
@@ -349,6 +391,56 @@ mod tests {
             let answer = refuse(&err);
             assert_eq!(answer["response"]["allowed"], json!(false));
             assert_eq!(answer["response"]["uid"], json!(uid.unwrap_or_default()));
+        }
+    }
+
+    #[test]
+    fn extra_is_decoded_into_an_attribution() {
+        let mut r = base();
+        r["userInfo"]["extra"] = json!({
+            POD_NAME_EXTRA: ["coder-7d9f"], POD_UID_EXTRA: ["9a1c-uid"], NODE_NAME_EXTRA: ["node-1"],
+            CREDENTIAL_ID_EXTRA: ["JTI=0f3e", "ignored"], "other.example/key": ["x"]
+        });
+        let a = decode(&review_json(r)).unwrap().user_info.attribution().unwrap();
+        assert_eq!(a.pod_name.as_deref(), Some("coder-7d9f"));
+        assert_eq!(a.pod_uid.as_deref(), Some("9a1c-uid"));
+        assert_eq!(a.node_name.as_deref(), Some("node-1"));
+        assert_eq!(a.credential_id.as_deref(), Some("JTI=0f3e"));
+        assert_eq!(a.to_string(), "pod=coder-7d9f pod-uid=9a1c-uid node=node-1 credential-id=JTI=0f3e");
+
+        // Only a credential id (a token from `kubectl create token`).
+        let mut r = base();
+        r["userInfo"]["extra"] = json!({CREDENTIAL_ID_EXTRA: ["JTI=1"]});
+        assert_eq!(
+            decode(&review_json(r)).unwrap().user_info.attribution().unwrap().to_string(),
+            "credential-id=JTI=1"
+        );
+        // No extra, null, empty lists, control characters only: no attribution.
+        assert_eq!(decode(&review_json(base())).unwrap().user_info.attribution(), None);
+        for extra in
+            [json!(null), json!({}), json!({POD_NAME_EXTRA: []}), json!({POD_NAME_EXTRA: ["\n\u{7}"]})]
+        {
+            let mut r = base();
+            r["userInfo"]["extra"] = extra.clone();
+            assert_eq!(decode(&review_json(r)).unwrap().user_info.attribution(), None, "{extra}");
+        }
+        // Oversized and control characters: cut and cleaned, never trusted as they came.
+        let mut r = base();
+        r["userInfo"]["extra"] = json!({POD_NAME_EXTRA: [format!("a\nb{}", "é".repeat(300))]});
+        let name = decode(&review_json(r)).unwrap().user_info.attribution().unwrap().pod_name.unwrap();
+        assert!(name.starts_with("abé") && name.len() <= ATTRIBUTION_BYTES && !name.contains('\n'), "{name}");
+    }
+
+    #[test]
+    fn malformed_extra_is_refused_not_admitted() {
+        for extra in
+            [json!("pod"), json!([1]), json!({POD_NAME_EXTRA: "coder"}), json!({POD_NAME_EXTRA: [7]})]
+        {
+            let mut r = base();
+            r["userInfo"]["extra"] = extra.clone();
+            let err = decode(&review_json(r)).unwrap_err();
+            assert!(err.to_string().contains("request is invalid"), "{extra}: {err}");
+            assert_eq!(refuse(&err)["response"]["allowed"], json!(false));
         }
     }
 

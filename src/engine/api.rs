@@ -411,6 +411,53 @@ pub struct AgentChangeSpec {
     /// Why `prior` is absent or incomplete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prior_omitted: Option<String>,
+    /// Where the agent's credential came from, as the API server authenticated it (the token's
+    /// `userInfo.extra`). Absent when the request carried none of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<Attribution>,
+}
+
+/// What a ServiceAccount token bound to a pod tells about the request's origin: the pod, its
+/// node and the token's credential id (`authentication.kubernetes.io/…` in `userInfo.extra`).
+/// A token made by `kubectl create token` carries only the credential id.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Attribution {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The token's id (`JTI=…`), which the API server's audit log also records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_id: Option<String>,
+}
+
+impl Attribution {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
+/// `pod=NAME pod-uid=UID node=NODE credential-id=ID`, the fields present only.
+impl std::fmt::Display for Attribution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fields = [
+            ("pod", &self.pod_name),
+            ("pod-uid", &self.pod_uid),
+            ("node", &self.node_name),
+            ("credential-id", &self.credential_id),
+        ];
+        let mut first = true;
+        for (key, value) in fields {
+            if let Some(value) = value {
+                write!(f, "{}{key}={value}", if first { "" } else { " " })?;
+                first = false;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The object a change was made to.

@@ -354,19 +354,22 @@ pub fn observe(state: &AppState, request: &AdmissionRequest, decision: &Decision
         request.dry_run(),
     );
     let (uid, operation, resource, namespace, name, user, dry_run) = fields;
+    // Which pod, node and token the request came from (left out when the credential says nothing).
+    let attribution = request.user_info.attribution().map(|a| a.to_string());
+    let attribution = attribution.as_deref();
     match &decision.verdict {
         Verdict::Deny(denial) => tracing::info!(
-            uid, operation, resource, namespace, name, user, dry_run, outcome = decision.outcome(), %policy,
-            message = %denial, "refused"
+            uid, operation, resource, namespace, name, user, attribution, dry_run, outcome = decision.outcome(),
+            %policy, message = %denial, "refused"
         ),
         Verdict::Allow(why) if decision.outcome() != "allowed" || !decision.audits.is_empty() => {
             tracing::info!(
-                uid, operation, resource, namespace, name, user, dry_run, outcome = decision.outcome(), %policy,
-                reason = ?why, warnings = ?decision.warnings, audits = ?decision.audits, "admitted"
+                uid, operation, resource, namespace, name, user, attribution, dry_run, outcome = decision.outcome(),
+                %policy, reason = ?why, warnings = ?decision.warnings, audits = ?decision.audits, "admitted"
             )
         }
         Verdict::Allow(why) => tracing::debug!(
-            uid, operation, resource, namespace, name, user, dry_run, reason = ?why, "admitted"
+            uid, operation, resource, namespace, name, user, attribution, dry_run, reason = ?why, "admitted"
         ),
     }
 }
@@ -379,7 +382,14 @@ fn events_for(request: &AdmissionRequest, decision: &Decision) -> Vec<Record> {
     use crate::engine::policy::Allowed;
     let who = &request.user_info.username;
     let regarding = request.regarding();
-    let one = |warning, reason, note| vec![Record::new(regarding.clone(), warning, reason, note)];
+    // An agent's request says where it came from, at the note's end (a cut note loses it first).
+    let from = match request.user_info.attribution() {
+        Some(a) if decision.agent => format!(" {}{a}]", crate::cluster::events::FROM_PREFIX),
+        _ => String::new(),
+    };
+    let one = |warning, reason, note: String| {
+        vec![Record::new(regarding.clone(), warning, reason, format!("{note}{from}"))]
+    };
     match &decision.verdict {
         Verdict::Deny(d) => match d.reason {
             Reason::ApprovalRequired { .. } => {
@@ -430,5 +440,38 @@ fn events_for(request: &AdmissionRequest, decision: &Decision) -> Vec<Record> {
             format!("{} by {who}: {}", request.operation, decision.warnings.join("; ")),
         ),
         Verdict::Allow(_) => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::policy::{Denial, Target, builtin};
+
+    #[test]
+    fn an_agents_event_says_where_the_request_came_from() {
+        let request: AdmissionRequest = serde_json::from_value(serde_json::json!({
+            "uid": "u", "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "name": "web", "namespace": "prod", "operation": "DELETE",
+            "userInfo": {"username": "system:serviceaccount:agents:coder",
+                         "extra": {"authentication.kubernetes.io/credential-id": ["JTI=0f3e"]}},
+            "oldObject": {"metadata": {"name": "web", "uid": "o"}}
+        }))
+        .unwrap();
+        let mut decision = Decision::deny(Denial {
+            reason: Reason::Builtin { rule: builtin::SELF_RULE, detail: "no".into() },
+            requester: "system:serviceaccount:agents:coder".into(),
+            operation: "DELETE".into(),
+            target: Target::default(),
+            change: None,
+        });
+        decision.agent = true;
+        let events = events_for(&request, &decision);
+        assert_eq!(events.len(), 1);
+        assert!(events[0].note.ends_with(" [from: credential-id=JTI=0f3e]"), "{}", events[0].note);
+        // Not an agent's request (a human's approval): nothing appended.
+        decision.agent = false;
+        assert!(!events_for(&request, &decision)[0].note.contains("[from: "));
     }
 }

@@ -8,6 +8,7 @@ mod churn;
 mod cloud;
 mod cluster;
 mod pending;
+mod plugin;
 mod routes;
 mod scenarios;
 mod tamper;

@@ -31,6 +31,8 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("churn_breaker_trips_and_a_human_resets_it", crate::churn::trips_and_resets),
     ("churn_breaker_counts_exactly_across_three_replicas", crate::churn::three_replicas_share_the_count),
     ("pending_lists_held_requests_until_approved", crate::pending::lists_held_requests_until_approved),
+    ("plugin_why_names_the_rule_and_approve_admits_the_retry", crate::plugin::approve_and_why),
+    ("plugin_freeze_stops_one_agent_and_unfreeze_lifts_it", crate::plugin::freeze_and_unfreeze),
     ("audit_reports_each_agents_dangerous_rights", crate::audit::reports_granted_rights),
     ("audit_trail_records_and_restore_undoes_changes", crate::trail::records_and_restores),
     (

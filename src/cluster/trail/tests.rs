@@ -246,3 +246,28 @@ fn a_namespace_is_recorded_as_the_cluster_scoped_object_it_is() {
         "demo"
     );
 }
+
+#[test]
+fn the_record_says_which_pod_and_credential_made_the_change() {
+    let mut req = request("DELETE", "Deployment", "apps", "deployments", deployment(), false);
+    let record = record_for(&req, &approved(), &settings(), now()).unwrap();
+    assert_eq!(record.spec.attribution, None, "no extra, no attribution");
+    req.user_info.extra = [
+        (crate::engine::admission::POD_NAME_EXTRA.to_owned(), vec!["coder-7d9f".to_owned()]),
+        (crate::engine::admission::NODE_NAME_EXTRA.to_owned(), vec!["node-1".to_owned()]),
+        (crate::engine::admission::CREDENTIAL_ID_EXTRA.to_owned(), vec!["JTI=0f3e".to_owned()]),
+    ]
+    .into();
+    let record = record_for(&req, &approved(), &settings(), now()).unwrap();
+    let a = record.spec.attribution.clone().expect("attributed");
+    assert_eq!(
+        (a.pod_name.as_deref(), a.pod_uid.as_deref(), a.node_name.as_deref(), a.credential_id.as_deref()),
+        (Some("coder-7d9f"), None, Some("node-1"), Some("JTI=0f3e"))
+    );
+    // As stored: camelCase fields, absent ones left out.
+    let stored = serde_json::to_value(&record.spec).unwrap();
+    assert_eq!(
+        stored["attribution"],
+        json!({"podName": "coder-7d9f", "nodeName": "node-1", "credentialId": "JTI=0f3e"})
+    );
+}

@@ -27,6 +27,7 @@ pub mod condition;
 pub mod decision;
 pub mod effects;
 mod evaluate;
+pub mod explain;
 pub mod identity;
 mod index;
 mod matching;
