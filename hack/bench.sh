@@ -31,9 +31,12 @@ if $smoke; then
     benches/reviews/agent-updates-deployment-image.json)
 fi
 
-if ! command -v wrk >/dev/null; then
-  echo "installing wrk (Debian package wrk)" >&2
-  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >&2
+# The load generator, and what checks the answers: Debian packages of the same names.
+missing=()
+for tool in wrk curl jq; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if ((${#missing[@]})); then
+  echo "installing ${missing[*]} (Debian packages)" >&2
+  apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
 fi
 
 if $smoke; then
@@ -57,6 +60,7 @@ trap cleanup EXIT
 # start NAME ARGS...: runs the server, waits until it listens, sets $addr.
 start() {
   local name=$1; shift
+  : >"$tmp/$name.out" # read below before the server's own redirection may have made it
   "$bin" "$@" >"$tmp/$name.out" 2>"$tmp/$name.log" &
   pids+=($!)
   for _ in $(seq 100); do

@@ -59,6 +59,8 @@ pub struct Caches {
     reach: ArcSwap<Reach>,
     /// Set by every watch event; the reach is recomputed when it was.
     changed: AtomicBool,
+    /// Set while a policy change waits to be compiled (see [`Caches::compile_pending`]).
+    compile_pending: AtomicBool,
     /// One reach computation at a time, each from the caches as they are when it starts.
     reach_lock: std::sync::Mutex<()>,
     config: Config,
@@ -79,6 +81,13 @@ impl Caches {
     /// True once every reflector has listed and the policies have been compiled once.
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Whether a policy change waits to be compiled ([`COMPILE_AFTER`]): the policies in the
+    /// reflector stores may then be ahead of what is in force, so their status must not say a
+    /// new generation is.
+    pub fn compile_pending(&self) -> bool {
+        self.compile_pending.load(Ordering::Acquire)
     }
 
     /// What RBAC lets the agents become, as last computed.
@@ -114,6 +123,7 @@ impl Caches {
             problems: ArcSwap::from_pointee(Vec::new()),
             reach: ArcSwap::from_pointee(Reach::default()),
             changed: AtomicBool::new(true),
+            compile_pending: AtomicBool::new(false),
             reach_lock: std::sync::Mutex::new(()),
             config,
             ready: AtomicBool::new(false),
@@ -172,6 +182,7 @@ impl Caches {
                                 // Compiling before both lists are complete would judge from a
                                 // partial set of policies.
                                 if generations.changes(kind, seen) && listed == [true, true] {
+                                    caches.compile_pending.store(true, Ordering::Release);
                                     coalesce.changed(Instant::now());
                                 }
                             }
@@ -180,6 +191,8 @@ impl Caches {
                     }
                     if coalesce.compile_now(Instant::now()) {
                         caches.recompile(&cp_reader, &ap_reader, &metrics);
+                        // Only now: the status task must not see the old problems as current.
+                        caches.compile_pending.store(false, Ordering::Release);
                         caches.changed.store(true, Ordering::Release);
                         compiled_tx.send_replace(true);
                     }

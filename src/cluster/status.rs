@@ -53,7 +53,8 @@ pub async fn keep_reported(client: kube::Client, caches: Arc<Caches>, every: Dur
     let params = PatchParams::apply("agentguard-status").force();
     loop {
         tick.tick().await;
-        if !caches.ready() {
+        // Ready must mean in force: a policy's new generation is reported once it is compiled.
+        if !caches.ready() || caches.compile_pending() {
             continue;
         }
         let problems = caches.problems();
