@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, generated-file drift, unit and router
-# tests, then the end-to-end tests against a real kube-apiserver when its binaries can be built.
+# tests, a fuzz smoke, then the end-to-end tests against a real kube-apiserver when its binaries
+# can be built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,9 @@ cargo run --locked --quiet -- crds | diff -u charts/agentguard/crds/crds.yaml - 
 
 step "cargo test (unit, router, CEL and TLS tests)"
 cargo test --locked
+
+step "fuzz smoke: every fuzz target for a few seconds from its seed corpus (hack/fuzz.sh, docs/fuzzing.md)"
+hack/fuzz.sh --smoke
 
 step "policy unit tests of the examples (agentguard check --test)"
 cargo run --locked --quiet -- --log-format plain check --test examples/tests/demo.yaml
