@@ -93,14 +93,14 @@ enum Json {
         objects: bool,
         inner: Box<Json>,
     },
-    /// An array of `count` copies.
+    /// An array of `count` copies (nested, they make huge values).
     Wide {
-        count: u16,
+        count: u8,
         item: Box<Json>,
     },
-    /// A long string.
+    /// A string of `len` × 64 characters.
     Long {
-        len: u16,
+        len: u8,
         c: char,
     },
     Kube(Box<Object>),
@@ -177,7 +177,7 @@ impl Json {
                 Value::Array(vec![item; count])
             }
             Json::Long { len, c } => {
-                let len = (usize::from(*len) * 16).min(*budget * 16);
+                let len = (usize::from(*len) * 64).min(*budget * 16);
                 *budget -= len / 16;
                 Value::String(std::iter::repeat_n(*c, len).collect())
             }
@@ -262,7 +262,8 @@ struct Review {
 
 impl Review {
     fn build(&self) -> Value {
-        let mut budget = 200_000;
+        // Up to some MB of JSON: huge next to a real object, yet many reviews a second.
+        let mut budget = 100_000;
         let operation = match &self.operation {
             Operation::Create => "CREATE",
             Operation::Update => "UPDATE",
