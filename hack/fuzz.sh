@@ -33,8 +33,11 @@ run() {
   mkdir -p "$out" "fuzz/corpus/$target"
   echo "==> $target: ${seconds}s" >&2
   # -timeout: one input taking this long is a finding (the API server gives up after 10 s).
-  # -rss_limit_mb: the largest body is 7 MiB; a few hundred MiB per input is already a bug.
-  if ! cargo +nightly fuzz run "${build[@]}" "$target" "$out" "fuzz/corpus/$target" -- \
+  # -rss_limit_mb: far above what any review within the 7 MiB body limit should take.
+  # timeout(1): without a sanitizer runtime, libFuzzer's timeout handler can deadlock in malloc
+  # while writing the reproducer; a hung run must fail, not hang CI.
+  if ! timeout --kill-after=10 $((seconds + 120)) \
+    cargo +nightly fuzz run "${build[@]}" "$target" "$out" "fuzz/corpus/$target" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
     tail -n 60 "$log" >&2
     echo "FAILED: $target (reproducer in fuzz/artifacts/$target/, full log $log)" >&2
