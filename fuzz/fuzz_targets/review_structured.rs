@@ -262,8 +262,8 @@ struct Review {
 
 impl Review {
     fn build(&self) -> Value {
-        // Up to some MB of JSON: huge next to a real object, yet many reviews a second.
-        let mut budget = 100_000;
+        // Up to about a MB of JSON, as large as the largest objects, yet many reviews a second.
+        let mut budget = 20_000;
         let operation = match &self.operation {
             Operation::Create => "CREATE",
             Operation::Update => "UPDATE",
