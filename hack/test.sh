@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, generated-file drift, unit and router
-# tests, then the end-to-end tests against a real kube-apiserver when its binaries can be built.
+# tests, a fuzz smoke, then the end-to-end tests against a real kube-apiserver when its binaries
+# can be built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,9 @@ cargo run --locked --quiet -- --log-format plain check --test examples/tests/dem
 
 step "load benchmark smoke run (hack/bench.sh --smoke: both webhooks answer every example under wrk)"
 hack/bench.sh --smoke
+
+step "fuzz smoke: every fuzz target for a few seconds from its seed corpus (hack/fuzz.sh, docs/fuzzing.md)"
+hack/fuzz.sh --smoke
 
 step "Kubernetes binaries: kube-apiserver, kube-controller-manager, etcd, kubectl, helm from pinned Go modules (cached by version)"
 eval "$(hack/k8s-binaries.sh)"

@@ -139,6 +139,10 @@ pub fn state_digest(object: &Value) -> [u8; 32] {
                     meta.remove("annotations");
                 }
             }
+            // Metadata of bookkeeping alone is no reviewable state, as it is no change.
+            if meta.is_empty() {
+                o.remove("metadata");
+            }
         }
     }
     let mut h = Sha256::new();
@@ -172,8 +176,15 @@ fn canonical(v: &Value, h: &mut Sha256) {
             h.update((s.len() as u64).to_be_bytes());
             h.update(s.as_bytes());
         }
+        // -0.0 and 0.0 are equal JSON numbers (and no change to `Change::between`), but print
+        // apart: the state would change where nothing reviewable did.
+        Value::Number(n) if n.as_f64() == Some(0.0) && n.is_f64() => {
+            h.update([b'v']);
+            h.update(3u64.to_be_bytes());
+            h.update(b"0.0");
+        }
         other => {
-            // null, booleans and numbers: their JSON text is unambiguous.
+            // null, booleans and other numbers: their JSON text is unambiguous.
             let text = other.to_string();
             h.update([b'v']);
             h.update((text.len() as u64).to_be_bytes());
@@ -441,5 +452,33 @@ mod tests {
         // Types are part of the encoding: "3" is not 3.
         assert_ne!(state_digest(&json!({"a": "3"})), state_digest(&json!({"a": 3})));
         assert_ne!(state_digest(&json!({"a": ["b", "c"]})), state_digest(&json!({"a": ["bc"]})));
+    }
+
+    /// The state digest of `{"a": [1, 2.5, -3, true, null, "x"]}`, as computed before -0.0 was
+    /// made 0.0 (by an independent implementation of the encoding).
+    const STABLE_DIGEST: &str = "11bfdecaf576ab055f49c072bd9c83efd9c3ae4fac035f0b9000a8ffbe768349";
+
+    /// Found by the `diff` fuzz target: `-0.0` and `0.0` are the same number to the change (so
+    /// an update between them shows nothing to review) and must be to the state digest too.
+    #[test]
+    fn no_reviewable_change_is_no_new_state() {
+        let negative: Value = serde_json::from_str(r#"{"spec": {"weight": -0.0, "tiny": -5e-555}}"#).unwrap();
+        let positive: Value = serde_json::from_str(r#"{"spec": {"weight": 0.0, "tiny": 0e-5}}"#).unwrap();
+        assert!(Change::between(&negative, &positive).is_empty());
+        assert_eq!(state_digest(&negative), state_digest(&positive));
+        // Still a number, not its text, and not the integer 0.
+        assert_ne!(state_digest(&json!({"a": 0.0})), state_digest(&json!({"a": "0.0"})));
+        assert_ne!(state_digest(&json!({"a": 0.0})), state_digest(&json!({"a": 0})));
+        // Found by the same target: metadata holding bookkeeping alone is no state either.
+        let bare = json!({"spec": {}});
+        let bookkept = json!({"spec": {}, "metadata": {"resourceVersion": "1", "generation": 2}});
+        assert!(Change::between(&bare, &bookkept).is_empty());
+        assert_eq!(state_digest(&bare), state_digest(&bookkept));
+        // Everything else keeps its digest.
+        assert_eq!(
+            hex(&state_digest(&json!({"a": [1, 2.5, -3, true, null, "x"]}))),
+            STABLE_DIGEST,
+            "the digest of objects without -0.0 changed: approvals issued before would go stale"
+        );
     }
 }

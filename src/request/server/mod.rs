@@ -15,7 +15,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
@@ -27,7 +27,11 @@ use crate::engine::admission::{self, MAX_BODY_BYTES, Malformed, Route};
 /// path both shared before, answered as before for configurations an older agentguard wrote.
 pub fn webhook_router(state: Arc<AppState>) -> Router {
     use crate::cluster::webhook::{AGENTS_PATH, APPROVALS_PATH, LEGACY_PATH};
-    let on = |route: Route| move |state: State<Arc<AppState>>, body: Body| validate(state, route, body);
+    let on = |route: Route| {
+        move |state: State<Arc<AppState>>, headers: HeaderMap, body: Body| {
+            validate(state, route, headers, body)
+        }
+    };
     Router::new()
         .route(AGENTS_PATH, post(on(Route::Agents)))
         .route(APPROVALS_PATH, post(on(Route::Approvals)))
@@ -76,8 +80,31 @@ fn malformed(state: &AppState, status: StatusCode, m: &Malformed) -> Response {
     json(status, &admission::refuse(m))
 }
 
-async fn validate(State(state): State<Arc<AppState>>, route: Route, body: Body) -> Response {
+/// Whether `headers` say the body is JSON, as the API server always sends it (any parameters,
+/// such as a charset, are JSON's anyway).
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else { return false };
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    essence.eq_ignore_ascii_case("application/json")
+}
+
+async fn validate(
+    State(state): State<Arc<AppState>>,
+    route: Route,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
+    // Not the API server, or not an AdmissionReview: say so before reading what was sent.
+    if !is_json(&headers) {
+        let got = match headers.get(header::CONTENT_TYPE) {
+            Some(v) => format!("{:?}", String::from_utf8_lossy(v.as_bytes())),
+            None => "missing".to_owned(),
+        };
+        let m =
+            Malformed { uid: None, message: format!("the content type is {got}, expected application/json") };
+        return malformed(&state, StatusCode::UNSUPPORTED_MEDIA_TYPE, &m);
+    }
     let bytes = match http_body_util::Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {

@@ -23,7 +23,7 @@ fn at_fixed_time() -> Timestamp {
     "2026-11-26T12:10:00Z".parse().unwrap()
 }
 
-fn state(ready: bool) -> Arc<AppState> {
+pub(super) fn state(ready: bool) -> Arc<AppState> {
     struct NotReady;
     impl Cluster for NotReady {
         fn policies(&self) -> Arc<PolicySet> {
@@ -53,7 +53,7 @@ fn state(ready: bool) -> Arc<AppState> {
     Arc::new(state)
 }
 
-fn fixture(name: &str) -> Value {
+pub(super) fn fixture(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/reviews").join(name);
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
@@ -63,8 +63,20 @@ async fn post(state: Arc<AppState>, body: impl Into<Body>) -> (StatusCode, Value
 }
 
 async fn post_to(state: Arc<AppState>, path: &str, body: impl Into<Body>) -> (StatusCode, Value) {
-    let request = Request::post(path).header("content-type", "application/json").body(body.into()).unwrap();
-    let response = webhook_router(state).oneshot(request).await.unwrap();
+    post_as(state, path, Some("application/json"), body).await
+}
+
+async fn post_as(
+    state: Arc<AppState>,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> (StatusCode, Value) {
+    let mut request = Request::post(path);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    let response = webhook_router(state).oneshot(request.body(body.into()).unwrap()).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
@@ -496,4 +508,162 @@ async fn the_agents_path_judges_the_requester_an_agent_whatever_the_caches_say()
     }
     let (status, _) = post_to(state(true), "/validate/other", review.to_string()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// The refusal's HTTP status, `allowed` and message; every refusal must be an AdmissionReview
+/// that admits nothing.
+async fn refused(
+    state: Arc<AppState>,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> (StatusCode, String) {
+    let (status, body) = post_as(state, "/validate", content_type, body).await;
+    assert_eq!(body["kind"], "AdmissionReview", "{body}");
+    assert_eq!(body["response"]["allowed"], false, "{body}");
+    assert_eq!(body["response"]["status"]["code"], 400, "{body}");
+    (status, body["response"]["status"]["message"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_with_413_and_one_at_the_limit_is_read() {
+    let st = state(true);
+    let (status, message) =
+        refused(st.clone(), Some("application/json"), vec![b' '; MAX_BODY_BYTES + 1]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(message.contains(&format!("the body is larger than {MAX_BODY_BYTES} bytes")), "{message}");
+    // Exactly at the limit the body is read, and judged (here: empty).
+    let (status, message) = refused(st, Some("application/json"), vec![b' '; MAX_BODY_BYTES]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(message.contains("empty"), "{message}");
+}
+
+#[tokio::test]
+async fn only_json_is_read() {
+    let st = state(true);
+    let review = fixture("10-human-deletes-deployment.json").to_string();
+    for (content_type, shown) in [
+        (None, "missing"),
+        (Some("text/plain"), "\"text/plain\""),
+        (Some("application/yaml"), "\"application/yaml\""),
+        (Some("application/json-patch+json"), "\"application/json-patch+json\""),
+        (Some("application/x-www-form-urlencoded"), "\"application/x-www-form-urlencoded\""),
+    ] {
+        let (status, message) = refused(st.clone(), content_type, review.clone()).await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type:?}");
+        assert_eq!(
+            message,
+            format!("malformed AdmissionReview: the content type is {shown}, expected application/json")
+        );
+    }
+    for content_type in ["application/json", "application/json; charset=utf-8", "Application/JSON"] {
+        let (status, body) = post_as(st.clone(), "/validate", Some(content_type), review.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{content_type}");
+        assert_eq!(body["response"]["allowed"], true, "{content_type}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn truncated_or_foreign_json_is_refused_with_400() {
+    let st = state(true);
+    let review = fixture("01-agent-deletes-deployment.json").to_string();
+    for cut in [1, review.len() / 2, review.len() - 1] {
+        let (status, message) = refused(st.clone(), Some("application/json"), review[..cut].to_owned()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(message.contains("the body is not JSON"), "{cut}: {message}");
+    }
+    let (status, message) = refused(st.clone(), Some("application/json"), vec![0xff, 0xfe, b'{']).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(message.contains("the body is not JSON"), "{message}");
+    // JSON, but not an AdmissionReview.
+    for body in ["null", "42", "\"AdmissionReview\"", "[]", "{}", r#"{"hello": "world"}"#] {
+        let (status, message) = refused(st.clone(), Some("application/json"), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(
+            message.contains("expected apiVersion admission.k8s.io/v1 and kind AdmissionReview"),
+            "{message}"
+        );
+    }
+    // An AdmissionReview whose request is not a request.
+    let mut review = fixture("01-agent-deletes-deployment.json");
+    review["request"] = json!("delete everything");
+    let (status, message) = refused(st, Some("application/json"), review.to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(message.contains("has no request"), "{message}");
+}
+
+#[tokio::test]
+async fn a_wrong_api_version_or_kind_is_refused_to_its_uid() {
+    let st = state(true);
+    for (field, value) in
+        [("apiVersion", "admission.k8s.io/v1beta1"), ("apiVersion", "v1"), ("kind", "AdmissionRequest")]
+    {
+        let mut review = fixture("10-human-deletes-deployment.json");
+        review[field] = json!(value);
+        // The uid is readable, so the API server gets an answer it can match: HTTP 200, refused.
+        let (status, body) = post(st.clone(), review.to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{field}={value}");
+        assert_eq!(body["response"]["uid"], review["request"]["uid"]);
+        assert_eq!(body["response"]["allowed"], false);
+        let message = body["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("{value:?}")), "{message}");
+        // Without one, an HTTP error.
+        review["request"].as_object_mut().unwrap().remove("uid");
+        let (status, _) = refused(st.clone(), Some("application/json"), review.to_string()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{field}={value}");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_or_empty_uid_is_refused_with_400() {
+    let st = state(true);
+    let mut review = fixture("10-human-deletes-deployment.json");
+    review["request"].as_object_mut().unwrap().remove("uid");
+    let (status, message) = refused(st.clone(), Some("application/json"), review.to_string()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(message.contains("missing field `uid`"), "{message}");
+    for uid in [json!(""), json!(7), json!(null)] {
+        review["request"]["uid"] = uid.clone();
+        let (status, body) = post(st.clone(), review.to_string()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uid}");
+        assert_eq!(
+            (body["response"]["uid"].clone(), body["response"]["allowed"].clone()),
+            (json!(""), json!(false))
+        );
+    }
+}
+
+/// `depth` arrays around `null`.
+fn nested(depth: usize) -> String {
+    format!("{}null{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+#[tokio::test]
+async fn deeply_nested_json_is_refused_not_a_stack_overflow() {
+    let st = state(true);
+    // Past serde_json's recursion limit (128), wherever the nesting is: refused as not JSON.
+    let mut review = fixture("06-agent-replaces-image.json").to_string();
+    review = review.replacen("\"spec\":", &format!("\"deep\": {}, \"spec\":", nested(100_000)), 1);
+    for body in [nested(129), nested(1_000_000), review] {
+        let (status, message) = refused(st.clone(), Some("application/json"), body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(message.contains("recursion limit exceeded"), "{message}");
+    }
+    // As deep as serde_json reads, in both objects of an update: judged as usual (its diff,
+    // digest and policy walk are bounded).
+    let mut review = fixture("06-agent-replaces-image.json");
+    let deep: Value = serde_json::from_str(&nested(120)).unwrap();
+    review["request"]["object"]["spec"]["deep"] = deep.clone();
+    review["request"]["oldObject"]["spec"]["deep"] = json!([deep]);
+    let response = admit(&review).await;
+    assert_eq!(response["allowed"], false);
+    assert!(response["status"]["message"].as_str().unwrap().contains("spec.deep"), "{response}");
+    // A delete's ticket digests the whole object (engine::diff::state_digest).
+    let mut review = fixture("01-agent-deletes-deployment.json");
+    review["request"]["oldObject"]["spec"]["deep"] = deep;
+    let response = admit(&review).await;
+    assert_eq!(response["allowed"], false);
+    assert!(
+        response["status"]["message"].as_str().unwrap().contains("agentguard.io/approve=delete."),
+        "{response}"
+    );
 }

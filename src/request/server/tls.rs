@@ -1111,4 +1111,169 @@ mod tests {
         let shown = format!("{resolver:?}");
         assert!(shown.starts_with("CertResolver { chain_len: 1, not_after: Some("), "{shown}");
     }
+
+    /// A server answering the real webhook routes over the demo world, and a TLS client
+    /// configuration trusting it.
+    async fn webhook_server() -> (Server, Arc<rustls::ClientConfig>) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files_in(dir.path());
+        let ca = Ca::new("ca");
+        write_leaf(&files, &ca.issue());
+        let resolver = CertResolver::load(&files).unwrap();
+        let app = crate::request::server::webhook_router(crate::request::server::tests::state(true));
+        let server = start(&resolver, app, Duration::from_secs(1)).await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (server, Arc::new(config))
+    }
+
+    async fn connect(
+        addr: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+        alpn: &[u8],
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let mut config = rustls::ClientConfig::clone(config);
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap()
+    }
+
+    /// POSTs fixture 01 (an agent deleting a protected Deployment) over HTTP/2 or HTTP/1.1 and
+    /// checks that it is answered, and refused as the router tests expect.
+    async fn review_over(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, h2: bool) {
+        use axum::body::Bytes;
+        use http_body_util::{BodyExt, Full};
+        let review = crate::request::server::tests::fixture("01-agent-deletes-deployment.json");
+        let tls = connect(addr, config, if h2 { b"h2" } else { b"http/1.1" }).await;
+        let request = axum::http::Request::post(if h2 { "https://localhost/validate" } else { "/validate" })
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(review.to_string())))
+            .unwrap();
+        let response = if h2 {
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+            tokio::spawn(connection);
+            sender.send_request(request).await.unwrap()
+        } else {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+            tokio::spawn(connection);
+            sender.send_request(request).await.unwrap()
+        };
+        let version = if h2 { axum::http::Version::HTTP_2 } else { axum::http::Version::HTTP_11 };
+        assert_eq!(response.version(), version);
+        assert_eq!(response.status(), axum::http::StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
+        assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    }
+
+    #[tokio::test]
+    async fn http1_and_http2_both_answer_a_review() {
+        let (server, config) = webhook_server().await;
+        review_over(server.addr, &config, true).await;
+        review_over(server.addr, &config, false).await;
+        server.shutdown().await;
+    }
+
+    /// A client that has shaken hands and then sends its request head a byte at a time, never
+    /// ending it. Returns when the server closes the connection.
+    async fn slow_loris(mut tls: impl tokio::io::AsyncWrite + Unpin, pause: Duration) {
+        use tokio::io::AsyncWriteExt;
+        let head = b"POST /validate HTTP/1.1\r\nhost: localhost\r\n";
+        // Valid header lines, one after another: the head never ends and never turns invalid.
+        let endless = head.iter().chain(b"x-slow: a\r\n".iter().cycle());
+        for byte in endless {
+            if tls.write_all(&[*byte]).await.is_err() || tls.flush().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn slow_loris_clients_do_not_hold_up_a_review() {
+        let (server, config) = webhook_server().await;
+        let mut slow = JoinSet::new();
+        for _ in 0..50 {
+            let tls = connect(server.addr, &config, b"http/1.1").await;
+            slow.spawn(slow_loris(tls, Duration::from_millis(20)));
+        }
+        // Every slow client is well into its head.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for h2 in [false, true] {
+            let started = std::time::Instant::now();
+            tokio::time::timeout(Duration::from_secs(2), review_over(server.addr, &config, h2))
+                .await
+                .unwrap_or_else(|_| panic!("no answer within 2 s (h2: {h2}) while 50 clients hang"));
+            debug!(elapsed = ?started.elapsed(), h2, "answered");
+        }
+        assert!(slow.try_join_next().is_none(), "a slow client was let go: the test proved nothing");
+        slow.abort_all();
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_request_head_that_never_ends_is_cut_off_after_the_header_read_timeout() {
+        use tokio::io::AsyncReadExt;
+        let (server, config) = webhook_server().await;
+        let tls = connect(server.addr, &config, b"http/1.1").await;
+        let (mut read, write) = tokio::io::split(tls);
+        let started = std::time::Instant::now();
+        let writer = tokio::spawn(slow_loris(write, Duration::from_millis(100)));
+        let closed = tokio::time::timeout(HEADER_READ_TIMEOUT * 2, read.read(&mut [0; 1024])).await;
+        assert!(closed.is_ok(), "the connection was still open after {:?}", HEADER_READ_TIMEOUT * 2);
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= HEADER_READ_TIMEOUT - Duration::from_secs(1)
+                && elapsed < HEADER_READ_TIMEOUT + Duration::from_secs(3),
+            "closed after {elapsed:?}"
+        );
+        writer.abort();
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn tls_garbage_is_dropped_without_affecting_others() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (server, config) = webhook_server().await;
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut garbage = JoinSet::new();
+        for i in 0..20 {
+            // Random bytes (xorshift), some starting like a TLS handshake record.
+            let mut bytes: Vec<u8> = (0..4096)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            if i % 2 == 0 {
+                bytes[..3].copy_from_slice(&[0x16, 0x03, 0x01]);
+            }
+            let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+            garbage.spawn(async move {
+                // The server may close before all is written.
+                let _ = tcp.write_all(&bytes).await;
+                let _ = tcp.shutdown().await;
+                let mut rest = Vec::new();
+                tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut rest)).await.is_ok()
+            });
+        }
+        review_over(server.addr, &config, false).await;
+        while let Some(closed) = garbage.join_next().await {
+            assert!(closed.unwrap(), "a garbage connection was left open");
+        }
+        review_over(server.addr, &config, true).await;
+        server.shutdown().await;
+    }
 }
