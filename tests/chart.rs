@@ -784,6 +784,17 @@ fn least_privilege(setup: &Setup, agent: &Path, alice: &Path) -> Result<()> {
         .context("approving the orphaning delete")?;
     accepts(setup.plane.kubectl(agent, &delete), "the approved delete that orphans its dependents")?;
     setup.admin(&["delete", "clusteragentpolicy", "chart-keep-secrets"])?;
+    // Gone from agentguard's caches too (compiles are coalesced) before the next check relies on it.
+    let started = Instant::now();
+    loop {
+        let out =
+            setup.plane.kubectl(agent, &["delete", "deployment", "a", "-n", "demo", "--dry-run=server"]);
+        if String::from_utf8_lossy(&out.stderr).contains("agentguard-default") {
+            break;
+        }
+        ensure!(started.elapsed() < Duration::from_secs(10), "the deleted policy is still in force");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     println!(
         "check agentguard reads no Secret: its change is recorded unverified, a delete that may cascade into guarded Secrets is judged as if it did ... ok"
     );
