@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail, ensure};
 use cluster::{Binaries, ControlPlane, Process, free_port, spawn};
 use monitoring::{API_SERVER_SERIES, agentguard_series, exposed, metric_names, unknown_names};
 use serde::Deserialize;
-use world::{accepts, http_get, http_ok, must, rejects};
+use world::{accepts, approve_command, http_get, http_ok, must, rejects};
 
 const NS: &str = "agentguard-system";
 
@@ -691,16 +691,6 @@ fn run() -> Result<()> {
     )?;
     println!("check helm uninstall removes the webhook configuration ... ok");
     Ok(())
-}
-
-/// The approve command agentguard printed in a refusal, as arguments to kubectl.
-fn approve_command(refusal: &str) -> Result<Vec<String>> {
-    let command = refusal
-        .split(" runs: ")
-        .nth(1)
-        .and_then(|rest| rest.split(" — then retry").next())
-        .with_context(|| format!("no approve command in the refusal: {refusal}"))?;
-    Ok(command.split_whitespace().skip(1).map(str::to_owned).collect())
 }
 
 /// agentguard's own token reads no Secret, and what that costs is what the chart says: an

@@ -2,9 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use serde_json::Value;
 
+pub(crate) use crate::world::approve_command;
 use crate::world::{World, accepts, must, rejects};
 
 type Scenario = fn(&World) -> Result<()>;
@@ -145,14 +146,6 @@ pub(crate) fn exists(w: &World, ns: &str, kind: &str, name: &str) -> bool {
 pub(crate) fn get_json(w: &World, ns: &str, kind: &str, name: &str) -> Result<Value> {
     let out = must(w.plane.kubectl(&w.plane.admin, &["get", kind, name, "-n", ns, "-o", "json"]))?;
     Ok(serde_json::from_str(&out)?)
-}
-
-/// The `kubectl annotate …` command a denial tells the human to run, as arguments.
-pub(crate) fn approve_command(denial: &str) -> Result<Vec<String>> {
-    let start = denial.find("runs: kubectl ").context("the denial names no approve command")?
-        + "runs: kubectl ".len();
-    let end = denial[start..].find(" — then retry").context("approve command not terminated")? + start;
-    Ok(denial[start..end].split_whitespace().map(str::to_owned).collect())
 }
 
 pub(crate) fn run_as(w: &World, who: &std::path::Path, args: &[String]) -> std::process::Output {

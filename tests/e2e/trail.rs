@@ -10,7 +10,7 @@ use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 use crate::cluster::free_port;
-use crate::world::{World, accepts, must, rejects};
+use crate::world::{World, accepts, approve_command, must, rejects};
 
 const NS: &str = "e2e-trail";
 const LATER: &str = "e2e-trail-later";
@@ -22,16 +22,6 @@ fn agentguard(w: &World, args: &[&str]) -> std::process::Output {
         .arg("--log-format=plain")
         .output()
         .expect("agentguard runs")
-}
-
-/// The approve command agentguard printed in a refusal.
-fn approve_command(refusal: &str) -> Result<Vec<String>> {
-    let command = refusal
-        .split(" runs: ")
-        .nth(1)
-        .and_then(|rest| rest.split(" — then retry").next())
-        .with_context(|| format!("no approve command in the refusal: {refusal}"))?;
-    Ok(command.split_whitespace().skip(1).map(str::to_owned).collect())
 }
 
 /// Held, approved by alice, then admitted: the agent's `args` go through.

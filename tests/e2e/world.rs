@@ -342,3 +342,11 @@ pub fn rejects(out: Output, what: &str, needle: &str) -> Result<String> {
     ensure!(stderr.contains(needle), "{what} was refused, but the error lacks {needle:?}: {stderr}");
     Ok(stderr)
 }
+
+/// The `kubectl annotate …` command a denial tells the human to run, as arguments.
+pub fn approve_command(denial: &str) -> Result<Vec<String>> {
+    let start = denial.find("runs: kubectl ").context("the denial names no approve command")?
+        + "runs: kubectl ".len();
+    let end = denial[start..].find(" — then retry").context("approve command not terminated")? + start;
+    Ok(denial[start..end].split_whitespace().map(str::to_owned).collect())
+}
