@@ -288,6 +288,7 @@ mod tests {
             expires: None,
             unapprovable: None,
             radius: None,
+            need: 1,
         }
     }
 
@@ -366,7 +367,8 @@ mod tests {
         let approved = Allowed::Approved {
             policy: cluster("p"),
             rule: "r".into(),
-            approval: "delete".into(),
+            approvals: vec!["delete".into()],
+            approvers: Vec::new(),
             expires: jiff::Timestamp::UNIX_EPOCH,
         };
         let cases = [

@@ -54,6 +54,8 @@ pub struct Stored {
     pub namespace: Option<String>,
     pub name: String,
     pub uid: String,
+    /// The approval annotation written (`agentguard.io/approve` or one approver's own).
+    pub key: String,
     pub value: String,
 }
 
@@ -82,8 +84,7 @@ impl Stored {
             match api.get_metadata_opt(&self.name).await {
                 Ok(Some(live)) => {
                     let meta = &live.metadata;
-                    let value =
-                        meta.annotations.as_ref().and_then(|a| a.get(crate::engine::api::APPROVE_ANNOTATION));
+                    let value = meta.annotations.as_ref().and_then(|a| a.get(&self.key));
                     if meta.uid.as_deref() != Some(self.uid.as_str()) {
                         return false;
                     }
@@ -181,7 +182,10 @@ impl Events {
                 let key = (object_key(&record.regarding), record.reason, record.part);
                 let now = Instant::now();
                 last.retain(|_, at| now.duration_since(*at) < PER_OBJECT_WINDOW);
-                if last.contains_key(&key) {
+                // Each approval's Event is the trail's evidence of who wrote it (several
+                // approvers approve one object within seconds): never suppressed. Only approvers'
+                // valid, stored approvals get one, so they cannot flood.
+                if last.contains_key(&key) && record.reason != "ApprovalRecorded" {
                     worker_metrics.events_suppressed.inc();
                     continue;
                 }

@@ -51,15 +51,9 @@ pub fn needed(request: &AdmissionRequest, agent: bool, policies: &PolicySet) -> 
         return false;
     }
     let approves_delete = || {
-        let value = |o: &Option<Value>| {
-            o.as_ref()?
-                .pointer("/metadata/annotations")?
-                .get(crate::engine::api::APPROVE_ANNOTATION)?
-                .as_str()
-                .map(str::to_owned)
-        };
-        let new = value(&request.object);
-        new.as_deref().is_some_and(|v| v.starts_with("delete.")) && new != value(&request.old_object)
+        crate::engine::approval::written(request.old_object.as_ref(), request.object.as_ref())
+            .iter()
+            .any(|(_, v)| v.trim_start().starts_with("delete."))
     };
     (agent && request.operation == "DELETE") || (!agent && request.operation == "UPDATE" && approves_delete())
 }

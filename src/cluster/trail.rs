@@ -58,12 +58,12 @@ pub fn record_for(
     settings: &Settings,
     now: Timestamp,
 ) -> Option<AgentChange> {
-    let (policy, admission, approval) = match &decision.verdict {
-        Verdict::Allow(Allowed::Approved { policy, rule, approval, .. }) => {
-            (format!("{policy}, rule {rule:?}"), "approved", Some(approval.clone()))
+    let (policy, admission, approvals) = match &decision.verdict {
+        Verdict::Allow(Allowed::Approved { policy, rule, approvals, .. }) => {
+            (format!("{policy}, rule {rule:?}"), "approved", approvals.clone())
         }
         Verdict::Allow(Allowed::ByPolicy { policy, rule }) => {
-            (format!("{policy}, rule {rule:?}"), "allowed", None)
+            (format!("{policy}, rule {rule:?}"), "allowed", Vec::new())
         }
         _ => return None,
     };
@@ -109,7 +109,8 @@ pub fn record_for(
         target,
         policy,
         admission: admission.to_owned(),
-        approval,
+        approval: approvals.first().cloned(),
+        approvals: if approvals.len() > 1 { approvals } else { Vec::new() },
         change,
         time: now.to_string(),
         prior,
@@ -380,21 +381,29 @@ async fn check_pass(client: &kube::Client, api: &Api<AgentChange>, settle: Durat
                 format!("agentguard may not read {} objects, so it cannot tell", target.resource),
             ),
         };
-        let approver = match &spec.approval {
-            Some(approval) if !target.uid.is_empty() => {
-                let events: Api<Event> = Api::namespaced(client.clone(), &target.namespace);
-                let fields = format!("regarding.uid={},reason=ApprovalRecorded", target.uid);
-                events
-                    .list(&ListParams::default().fields(&fields))
-                    .await
-                    .ok()
-                    .and_then(|l| approver(&l.items, approval))
-            }
-            _ => None,
+        let approvals: Vec<&String> = if spec.approvals.is_empty() {
+            spec.approval.iter().collect()
+        } else {
+            spec.approvals.iter().collect()
         };
+        // A value that names its approver says who (the webhook admitted it only from them, and
+        // the record's prior object, checked against the live one, carries it); one that names
+        // nobody is found in agentguard's Event of its write.
+        let named = |a: &str| crate::engine::approval::approver(a).ok().flatten().map(str::to_owned);
+        let mut events = Vec::new();
+        if approvals.iter().any(|a| named(a).is_none()) && !target.uid.is_empty() {
+            let api: Api<Event> = Api::namespaced(client.clone(), &target.namespace);
+            let fields = format!("regarding.uid={},reason=ApprovalRecorded", target.uid);
+            if let Ok(list) = api.list(&ListParams::default().fields(&fields)).await {
+                events = list.items;
+            }
+        }
+        let approvers: Vec<String> =
+            approvals.iter().filter_map(|a| named(a).or_else(|| approver(&events, a))).collect();
         let status = AgentChangeStatus {
             outcome: outcome.to_owned(),
-            approver,
+            approver: approvers.first().cloned(),
+            approvers: if approvers.len() > 1 { approvers } else { Vec::new() },
             checked_at: Some(now.to_string()),
             message: Some(message),
         };

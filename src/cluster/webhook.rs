@@ -254,13 +254,16 @@ pub fn agent_condition(set: &AgentSet) -> String {
     if parts.is_empty() { "false".into() } else { parts.join(" || ") }
 }
 
-/// The condition selecting writes of the approval annotation.
+/// The condition selecting writes that set or change an approval annotation
+/// (`agentguard.io/approve`, or `agentguard.io/approve.<approver>`; see
+/// [`crate::engine::approval::is_key`]).
 pub fn approval_write_condition() -> String {
     let a = APPROVE_ANNOTATION;
     format!(
-        "object != null && has(object.metadata) && has(object.metadata.annotations) && '{a}' in object.metadata.annotations \
-         && (oldObject == null || !has(oldObject.metadata.annotations) || !('{a}' in oldObject.metadata.annotations) \
-         || oldObject.metadata.annotations['{a}'] != object.metadata.annotations['{a}'])"
+        "object != null && has(object.metadata) && has(object.metadata.annotations) \
+         && object.metadata.annotations.exists(k, (k == '{a}' || k.startsWith('{a}.')) \
+         && (oldObject == null || !has(oldObject.metadata.annotations) || !(k in oldObject.metadata.annotations) \
+         || oldObject.metadata.annotations[k] != object.metadata.annotations[k]))"
     )
 }
 
@@ -1259,7 +1262,23 @@ mod tests {
         assert!(!matches(&guard, sa, Value::Null, labelled(agent)));
         // Approvals still go through it.
         let approved = json!({"metadata": {"name": "web", "annotations": {APPROVE_ANNOTATION: "delete"}}});
-        assert!(matches(&guard, write("configmaps"), approved, json!({"metadata": {"name": "web"}})));
+        assert!(matches(&guard, write("configmaps"), approved.clone(), json!({"metadata": {"name": "web"}})));
+        // So do one approver's own approvals among several, added or changed, but not others' left
+        // as they are, nor annotations that merely look alike.
+        let annotated = |pairs: Value| json!({"metadata": {"name": "web", "annotations": pairs}});
+        let alice = format!("{APPROVE_ANNOTATION}.alice-1");
+        let bob = format!("{APPROVE_ANNOTATION}.bob-2");
+        let before = annotated(json!({APPROVE_ANNOTATION: "delete", alice.clone(): "delete.a.alice"}));
+        let added = annotated(
+            json!({APPROVE_ANNOTATION: "delete", alice.clone(): "delete.a.alice", bob.clone(): "delete.b.bob"}),
+        );
+        let changed = annotated(json!({APPROVE_ANNOTATION: "delete", alice.clone(): "delete.c.alice"}));
+        assert!(matches(&guard, write("configmaps"), added.clone(), before.clone()));
+        assert!(matches(&guard, write("configmaps"), changed, before.clone()));
+        assert!(!matches(&guard, write("configmaps"), before.clone(), before.clone()));
+        assert!(!matches(&guard, write("configmaps"), before.clone(), added));
+        let lookalike = annotated(json!({format!("{APPROVE_ANNOTATION}x"): "delete", "other": "x"}));
+        assert!(!matches(&guard, write("configmaps"), lookalike, json!({"metadata": {"name": "web"}})));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! It reads the held request back from agentguard's Events (as `pending` does), shows the whole
 //! change, asks, and writes the ticket of the latest denial into `agentguard.io/approve` with a
 //! plain merge patch: exactly what the `kubectl annotate` command of the denial does, so the
-//! webhook checks the approver and the ticket as for any other approval.
+//! webhook checks the approver and the ticket as for any other approval. Where a policy needs
+//! several approvers, it writes the approval naming this kubeconfig's user (as the API server
+//! says: SelfSubjectReview) under that user's own key.
 
 use std::io::{BufRead, Write};
 
@@ -39,10 +41,40 @@ pub fn held_for<'a>(items: &'a [Pending], kind: &str, namespace: &str, name: &st
     items.iter().find(|p| p.kind == kind && p.namespace == namespace && p.name == name)
 }
 
+/// How a held request is approved: the ticket, and whether each approver must name themselves
+/// under a key of their own (a policy needs several approvers).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ticket<'a> {
+    pub value: &'a str,
+    pub named: bool,
+}
+
 /// The approval value in a denial's `kubectl annotate` command.
-pub fn ticket(command: &str) -> Option<&str> {
-    let prefix = format!("{APPROVE_ANNOTATION}=");
-    command.split_whitespace().find_map(|word| word.strip_prefix(prefix.as_str())).filter(|v| !v.is_empty())
+pub fn ticket(command: &str) -> Option<Ticket<'_>> {
+    let plain = format!("{APPROVE_ANNOTATION}=");
+    let named = format!("{APPROVE_ANNOTATION}.<you>=");
+    command.split_whitespace().find_map(|word| {
+        if let Some(value) = word.strip_prefix(plain.as_str()) {
+            return Some(Ticket { value, named: false }).filter(|t| !t.value.is_empty());
+        }
+        let value = word.strip_prefix(named.as_str())?.strip_suffix(".<username>")?;
+        Some(Ticket { value, named: true }).filter(|t| !t.value.is_empty())
+    })
+}
+
+/// Who the kubeconfig's credentials are, as the API server sees them.
+async fn whoami(client: &kube::Client) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let api: Api<SelfSubjectReview> = Api::all(client.clone());
+    let review = api
+        .create(&kube::api::PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("asking the API server who this kubeconfig is (SelfSubjectReview)")?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .context("the API server did not say who this kubeconfig is")
 }
 
 /// What the approver is shown before confirming.
@@ -84,8 +116,15 @@ pub async fn run(args: &ApproveArgs) -> Result<()> {
         );
     };
     print!("{}", summary(held));
-    let Some(value) = held.approve_command.as_deref().and_then(ticket) else {
+    let Some(ticket) = held.approve_command.as_deref().and_then(ticket) else {
         bail!("this request cannot be approved by annotation (see the message above)");
+    };
+    // Where several must approve, each approval names its writer under a key of their own.
+    let (key, value) = if ticket.named {
+        let me = whoami(&client).await?;
+        (crate::engine::approval::key_for(&me), format!("{}.{me}", ticket.value))
+    } else {
+        (APPROVE_ANNOTATION.to_owned(), ticket.value.to_owned())
     };
     if !args.yes {
         print!("Approve this for {}? [y/N] ", held.requester);
@@ -96,13 +135,13 @@ pub async fn run(args: &ApproveArgs) -> Result<()> {
             bail!("not approved");
         }
     }
-    let patch = json!({"metadata": {"annotations": {APPROVE_ANNOTATION: value}}});
+    let patch = json!({"metadata": {"annotations": {key.as_str(): value}}});
     target
         .api(client)
         .patch(&target.name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .with_context(|| format!("writing the approval on {}", target.describe()))?;
-    println!("approved: {} ({APPROVE_ANNOTATION}={value}); the agent may retry now", target.describe());
+    println!("approved: {} ({key}={value}); the agent may retry now", target.describe());
     Ok(())
 }
 
@@ -132,7 +171,13 @@ mod tests {
         let items =
             [item("web", "2026-11-27T12:00:00Z", Some(cmd)), item("api", "2026-11-27T11:00:00Z", None)];
         let held = held_for(&items, "Deployment", "prod", "web").unwrap();
-        assert_eq!(held.approve_command.as_deref().and_then(ticket), Some("delete.AQAA"));
+        assert_eq!(
+            held.approve_command.as_deref().and_then(ticket),
+            Some(Ticket { value: "delete.AQAA", named: false })
+        );
+        let several = "kubectl agentguard approve deployments.apps/web -n prod (or: kubectl annotate \
+                       deployments.apps web -n prod agentguard.io/approve.<you>=delete.AQAA.<username> --overwrite)";
+        assert_eq!(ticket(several), Some(Ticket { value: "delete.AQAA", named: true }));
         assert!(held_for(&items, "Deployment", "other", "web").is_none());
         assert!(held_for(&items, "StatefulSet", "prod", "web").is_none());
         assert_eq!(ticket("kubectl annotate x y agentguard.io/approve= --overwrite"), None);

@@ -228,6 +228,7 @@ mod tests {
                 policy: "p".into(),
                 admission: "approved".into(),
                 approval: None,
+                approvals: Vec::new(),
                 change: None,
                 time: "2026-11-27T12:00:00Z".into(),
                 prior: Some(prior),

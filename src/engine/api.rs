@@ -275,6 +275,16 @@ pub struct Approval {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 512))]
     pub reason: Option<String>,
+    /// How many distinct approvers must approve (2 is a two-person rule). Each writes an
+    /// approval of their own that names them (`kubectl agentguard approve` does); nobody counts
+    /// twice and an agent never counts. The most any covering policy asks for applies.
+    #[serde(default = "default_min_approvers")]
+    #[schemars(range(min = 1, max = 5))]
+    pub min_approvers: u32,
+}
+
+fn default_min_approvers() -> u32 {
+    1
 }
 
 fn default_ttl() -> String {
@@ -395,9 +405,13 @@ pub struct AgentChangeSpec {
     pub policy: String,
     /// `approved` (under an approval) or `allowed` (by an Allow policy).
     pub admission: String,
-    /// The approval annotation's value, when admitted under one.
+    /// The approval annotation's value, when admitted under one (the first, where several
+    /// approvers had to approve).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<String>,
+    /// Every approval value that counted, where more than one did (`minApprovers`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<String>,
     /// The field-level change of an UPDATE, as shown to the approver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<String>,
@@ -495,6 +509,9 @@ pub struct AgentChangeStatus {
     /// Event on the object).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approver: Option<String>,
+    /// Every approver, in the order of `spec.approvals`, where several had to approve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -4,8 +4,11 @@
 //! A denial that a human may approve carries a ticket; the approver writes it on the object:
 //!
 //! ```text
-//! value   = op "." ticket                      e.g.  delete.AQAAAABpL...
+//! value   = op "." ticket [ "." approver ]     e.g.  delete.AQAAAABpL...
 //! op      = "delete" | "update"
+//! approver = the username of whoever wrote the value (checked when it is written); required
+//!           where a policy needs several approvers (`minApprovers`), each under a key of their
+//!           own ([`key_for`])
 //! ticket  = base64url, no padding, of 77 bytes:
 //!           version (1) | issued-at, Unix seconds (8, big-endian) | ttl, seconds (4)
 //!           | digest (32) | mac (32)
@@ -35,6 +38,9 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use crate::engine::api::APPROVE_ANNOTATION;
+
+/// Longest approver name a value may carry (a username).
+const APPROVER_CHARS: usize = 256;
 
 const VERSION: u8 = 1;
 const TICKET_BYTES: usize = 1 + 8 + 4 + 32 + 32;
@@ -194,6 +200,80 @@ pub enum GrammarError {
     UnknownOperation(String),
     #[error("the ticket is not one agentguard prints (base64url of {TICKET_BYTES} bytes, version {VERSION})")]
     BadTicket,
+    #[error(
+        "the approver named after the ticket must be a username (1 to {APPROVER_CHARS} printable characters)"
+    )]
+    BadApprover,
+}
+
+/// An approval value's parts: `op.ticket`, and the approver it names, if any. The ticket is
+/// base64url, which has no `.`, so the first `.` after it starts the approver's name.
+fn parts(value: &str) -> (&str, Option<&str>) {
+    let value = value.trim();
+    let Some((op, rest)) = value.split_once('.') else { return (value, None) };
+    match rest.split_once('.') {
+        Some((ticket, approver)) => (&value[..op.len() + 1 + ticket.len()], Some(approver)),
+        None => (value, None),
+    }
+}
+
+/// Who an approval value says wrote it (`op.ticket.approver`); `None` for a value that names
+/// nobody. Only the write-time check makes this true: see the module doc.
+pub fn approver(value: &str) -> Result<Option<&str>, GrammarError> {
+    match parts(value).1 {
+        None => Ok(None),
+        Some(name)
+            if !name.is_empty()
+                && name.chars().count() <= APPROVER_CHARS
+                && !name.chars().any(char::is_control) =>
+        {
+            Ok(Some(name))
+        }
+        Some(_) => Err(GrammarError::BadApprover),
+    }
+}
+
+/// Whether `key` is an approval annotation: `agentguard.io/approve`, or
+/// `agentguard.io/approve.<anything>` (one per approver, where several must approve).
+pub fn is_key(key: &str) -> bool {
+    key.strip_prefix(APPROVE_ANNOTATION).is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+/// The key an approver writes their own approval under: readable, and distinct per username (a
+/// digest of the whole name ends it, as annotation names allow only 63 characters of a few kinds).
+pub fn key_for(username: &str) -> String {
+    use sha2::Digest as _;
+    let digest = Sha256::digest(username.as_bytes());
+    let hex: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    let readable: String = username
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
+        .take(40)
+        .collect();
+    let readable = readable.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+    if readable.is_empty() {
+        format!("{APPROVE_ANNOTATION}.{hex}")
+    } else {
+        format!("{APPROVE_ANNOTATION}.{readable}-{hex}")
+    }
+}
+
+/// The approval annotations a write from `old` to `new` sets or changes, as (key, value).
+pub fn written<'a>(old: Option<&'a Value>, new: Option<&'a Value>) -> Vec<(&'a str, &'a str)> {
+    let before = |key: &str| old?.get("metadata")?.get("annotations")?.get(key)?.as_str();
+    new.into_iter().flat_map(annotations).filter(|(k, v)| before(k) != Some(*v)).collect()
+}
+
+/// Every approval annotation on `object`, as (key, value), in key order.
+pub fn annotations(object: &Value) -> impl Iterator<Item = (&str, &str)> {
+    object
+        .get("metadata")
+        .and_then(|m| m.get("annotations"))
+        .and_then(Value::as_object)
+        .into_iter()
+        .flat_map(|a| a.iter())
+        .filter(|(k, _)| is_key(k))
+        .filter_map(|(k, v)| Some((k.as_str(), v.as_str()?)))
 }
 
 fn mac_input(mac: &mut Hmac<Sha256>, uid: &str, op: Op, issued: i64, ttl: u32, digest: &[u8; 32]) {
@@ -225,9 +305,11 @@ impl Ticket {
         })
     }
 
-    /// Parses an annotation value.
+    /// Parses an annotation value (an approver it names is not part of the ticket: see
+    /// [`approver`]).
     pub fn parse(value: &str) -> Result<Self, GrammarError> {
-        let (op, ticket) = value.trim().split_once('.').ok_or(GrammarError::Shape)?;
+        approver(value)?;
+        let (op, ticket) = parts(value).0.split_once('.').ok_or(GrammarError::Shape)?;
         let op = match op {
             "delete" => Op::Delete,
             "update" => Op::Update,
@@ -253,6 +335,11 @@ impl Ticket {
         bytes.extend_from_slice(&self.digest);
         bytes.extend_from_slice(&self.mac);
         format!("{}.{}", self.op, URL_SAFE_NO_PAD.encode(bytes))
+    }
+
+    /// The annotation value naming its writer: `delete.<ticket>.<approver>`.
+    pub fn named_value(&self, approver: &str) -> String {
+        format!("{}.{approver}", self.value())
     }
 
     pub fn issued_at(&self) -> Timestamp {
@@ -305,6 +392,16 @@ pub enum Refusal {
     IssuedInFuture(Timestamp),
     #[error("the approval expired at {0}")]
     Expired(Timestamp),
+    #[error("{}", too_few(*.need, .have))]
+    TooFew { need: usize, have: Vec<String> },
+}
+
+fn too_few(need: usize, have: &[String]) -> String {
+    let missing = need.saturating_sub(have.len());
+    let so_far = if have.is_empty() { "none yet".to_owned() } else { format!("so far {}", have.join(", ")) };
+    format!(
+        "{need} distinct approvers must approve ({so_far}): {missing} more needed, each writing an approval that names them"
+    )
 }
 
 /// The approval annotation's value on `object`, if it carries one.
@@ -340,6 +437,76 @@ pub fn check(
         });
     }
     Ok(expires)
+}
+
+/// What the approvals stored on an object amount to for one request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tally {
+    /// The values that cover the request, in key order.
+    pub values: Vec<String>,
+    /// The distinct approvers those values name, in key order.
+    pub approvers: Vec<String>,
+    /// Whether a covering value names nobody: it counts only where one approval suffices.
+    pub unnamed: bool,
+    /// When the first counted approval expires.
+    pub expires: Option<Timestamp>,
+    /// Why the first value that does not cover the request does not.
+    pub refusal: Option<Refusal>,
+}
+
+impl Tally {
+    /// Judges every stored approval value against `subject` ([`check`] each). A value naming
+    /// `requester` (the agent asking) never counts: nobody approves their own request.
+    pub fn of<'a>(
+        stored: impl IntoIterator<Item = &'a str>,
+        keys: &Keys,
+        subject: &Subject<'_>,
+        max_ttl: SignedDuration,
+        now: Timestamp,
+        requester: &str,
+    ) -> Self {
+        let mut tally = Self::default();
+        for value in stored {
+            let expires = match check(Some(value), keys, subject, max_ttl, now) {
+                Ok(expires) => expires,
+                Err(refusal) => {
+                    tally.refusal.get_or_insert(refusal);
+                    continue;
+                }
+            };
+            match approver(value) {
+                Ok(Some(name)) if name == requester => continue,
+                Ok(Some(name)) => {
+                    if !tally.approvers.iter().any(|a| a == name) {
+                        tally.approvers.push(name.to_owned());
+                    }
+                }
+                Ok(None) => tally.unnamed = true,
+                Err(_) => continue,
+            }
+            tally.values.push(value.to_owned());
+            tally.expires = Some(tally.expires.map_or(expires, |e| e.min(expires)));
+        }
+        tally
+    }
+
+    /// Whether `need` distinct approvers approved: one approval of any kind suffices for one;
+    /// more must each name a different approver.
+    pub fn covers(&self, need: usize) -> bool {
+        if need <= 1 { !self.values.is_empty() } else { self.approvers.len() >= need }
+    }
+
+    /// Why the stored approvals do not cover a request that needs `need` approvers.
+    pub fn refusal(&self, need: usize) -> Refusal {
+        if need > 1 && (!self.approvers.is_empty() || self.unnamed) {
+            return Refusal::TooFew { need, have: self.approvers.clone() };
+        }
+        match &self.refusal {
+            Some(refusal) => refusal.clone(),
+            None if need > 1 => Refusal::TooFew { need, have: Vec::new() },
+            None => Refusal::Absent,
+        }
+    }
 }
 
 fn live(ticket: &Ticket, max_ttl: SignedDuration, now: Timestamp) -> Result<Timestamp, Refusal> {
@@ -525,6 +692,68 @@ mod tests {
         // An update ticket is bound to its change, which is not known yet: only its origin is checked.
         let update = issue(Op::Update, &[3; 32]).value();
         assert!(check_new(&update, &keys(), UID, &state, mins(60), now).is_ok());
+    }
+
+    #[test]
+    fn approvals_may_name_their_approver_under_keys_of_their_own() {
+        let ticket = issue(Op::Delete, &[1; 32]);
+        let named = ticket.named_value("alice@example.com");
+        assert_eq!(Ticket::parse(&named), Ok(ticket.clone()));
+        assert_eq!(approver(&named), Ok(Some("alice@example.com")));
+        assert_eq!(approver(&ticket.value()), Ok(None));
+        assert_eq!(approver(&format!("{}.", ticket.value())), Err(GrammarError::BadApprover));
+        assert_eq!(Ticket::parse(&format!("{}.a\nb", ticket.value())), Err(GrammarError::BadApprover));
+        // A name with dots keeps them all.
+        assert_eq!(approver(&ticket.named_value("a.b.c")), Ok(Some("a.b.c")));
+        let subject = Subject { uid: UID, op: Op::Delete, digest: &[1; 32] };
+        assert!(check(Some(&named), &keys(), &subject, mins(60), t(NOW)).is_ok());
+
+        assert!(is_key(APPROVE_ANNOTATION) && is_key("agentguard.io/approve.alice-1"));
+        assert!(
+            !is_key("agentguard.io/approver") && !is_key("agentguard.io/approvex.y") && !is_key("x/approve")
+        );
+        // Keys are valid annotation names, readable, and distinct per username.
+        let name_ok = |key: &str| {
+            let name = key.strip_prefix("agentguard.io/").unwrap();
+            name.len() <= 63
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && name.chars().next().unwrap().is_ascii_alphanumeric()
+                && name.chars().last().unwrap().is_ascii_alphanumeric()
+        };
+        let long = "x".repeat(300);
+        for user in
+            ["alice", "alice@example.com", "system:serviceaccount:ops:oncall", "日本", "-", long.as_str()]
+        {
+            let key = key_for(user);
+            assert!(is_key(&key) && name_ok(&key), "{user}: {key}");
+        }
+        assert!(key_for("alice@example.com").starts_with("agentguard.io/approve.alice-example.com-"));
+        assert_ne!(key_for("alice@x.com"), key_for("alice-x.com"));
+    }
+
+    #[test]
+    fn a_tally_counts_distinct_approvers_never_the_requester() {
+        let digest = [1; 32];
+        let ticket = issue(Op::Delete, &digest);
+        let subject = Subject { uid: UID, op: Op::Delete, digest: &digest };
+        let tally = |values: &[String]| {
+            Tally::of(values.iter().map(String::as_str), &keys(), &subject, mins(60), t(NOW), "agent")
+        };
+        let alice = ticket.named_value("alice");
+        let bob = ticket.named_value("bob");
+        let other = issue(Op::Delete, &[2; 32]).named_value("carol");
+        let both = tally(&[alice.clone(), alice.clone(), bob.clone(), other, ticket.named_value("agent")]);
+        assert_eq!(both.approvers, ["alice", "bob"]);
+        assert!(both.covers(2) && !both.covers(3));
+        assert_eq!(both.refusal(3), Refusal::TooFew { need: 3, have: vec!["alice".into(), "bob".into()] });
+        assert!(both.refusal(3).to_string().contains("(so far alice, bob): 1 more needed"));
+        let unnamed = tally(&[ticket.value()]);
+        assert!(unnamed.covers(1) && !unnamed.covers(2));
+        assert_eq!(tally(&[]).refusal(1), Refusal::Absent);
+        assert_eq!(
+            tally(&[issue(Op::Update, &digest).value()]).refusal(1),
+            Refusal::WrongOperation { approved: Op::Update, wanted: Op::Delete }
+        );
     }
 
     /// A small deterministic generator, so property tests need no extra crates and always replay.

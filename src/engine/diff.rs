@@ -2,7 +2,7 @@
 //! who approves it, and the digest that binds an approval to exactly that change.
 //!
 //! Pure functions over JSON values. Fields that every write touches (managedFields,
-//! resourceVersion, generation) and the approval annotation itself are not changes an approver
+//! resourceVersion, generation) and the approval annotations are not changes an approver
 //! needs to see, so they are left out of both the change and its digest. Everything else is in
 //! both: the denial may summarise ([`Change`]'s `Display`), but [`Change::full`] shows every entry
 //! and the digest (full SHA-256) covers every entry, so an approval binds what the human can see.
@@ -14,8 +14,6 @@ use std::fmt::{self, Write as _};
 
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
-
-use crate::engine::api::APPROVE_ANNOTATION;
 
 /// Entries shown in a summary; [`Change::full`] and the digest always cover all of them.
 const SHOWN_ENTRIES: usize = 12;
@@ -121,7 +119,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// SHA-256 of the state of `object` a human reviews before approving its deletion: everything
 /// but `metadata.resourceVersion`, `metadata.managedFields`, `metadata.generation`, the approval
-/// annotation (so writing the approval does not make it stale) and `status` (which controllers
+/// annotations (so writing an approval, or a second approver's, does not make it stale) and `status` (which controllers
 /// rewrite on their own; it is not what a human approves). Any other change after the review
 /// gives another digest. Map keys are hashed in sorted order, so the digest does not depend on
 /// how the object was serialised.
@@ -134,7 +132,7 @@ pub fn state_digest(object: &Value) -> [u8; 32] {
                 meta.remove(field);
             }
             if let Some(a) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
-                a.remove(APPROVE_ANNOTATION);
+                a.retain(|k, _| !crate::engine::approval::is_key(k));
                 if a.is_empty() {
                     meta.remove("annotations");
                 }
@@ -229,23 +227,12 @@ fn truncate(s: &str) -> String {
 }
 
 /// Paths that are never a change an approver needs to see, computed once.
-static IGNORED: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::new(|| {
-    [
-        "metadata.managedFields".into(),
-        "metadata.resourceVersion".into(),
-        "metadata.generation".into(),
-        annotation_path(APPROVE_ANNOTATION),
-    ]
+static IGNORED: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+    ["metadata.managedFields".into(), "metadata.resourceVersion".into(), "metadata.generation".into()]
 });
 
 fn ignored(path: &str) -> bool {
     path.starts_with("metadata.") && IGNORED.iter().any(|p| p == path)
-}
-
-fn annotation_path(key: &str) -> String {
-    let mut p = String::from("metadata.annotations");
-    push_key(&mut p, key);
-    p
 }
 
 fn push_key(path: &mut String, key: &str) {
@@ -292,7 +279,12 @@ fn walk(
         (Some(Value::Object(a)), Some(Value::Object(b))) if depth < 32 => {
             let mut keys: Vec<&String> = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
             keys.sort();
+            let annotations = path == "metadata.annotations";
             for k in keys {
+                // Approvals are no change to approve (agents may not write them anyway).
+                if annotations && crate::engine::approval::is_key(k) {
+                    continue;
+                }
                 push_key(path, k);
                 walk(path, a.get(k), b.get(k), depth + 1, secret, out);
                 path.truncate(len);
@@ -341,6 +333,7 @@ fn digest(fields: &[FieldChange]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::api::APPROVE_ANNOTATION;
     use serde_json::json;
 
     fn deployment(replicas: i64, image: &str) -> Value {

@@ -409,8 +409,6 @@ fn events_for(request: &AdmissionRequest, decision: &Decision) -> Vec<Record> {
             one(false, "Approved", format!("{} by {who} admitted: {why}", request.operation))
         }
         Verdict::Allow(Allowed::ApprovalAccepted) => {
-            let Some(object) = request.object.as_ref() else { return Vec::new() };
-            let value = crate::engine::approval::annotation(object).unwrap_or_default().to_owned();
             let (Some(uid), Some(name)) = (regarding.uid.clone(), regarding.name.clone()) else {
                 return Vec::new();
             };
@@ -421,17 +419,24 @@ fn events_for(request: &AdmissionRequest, decision: &Decision) -> Vec<Record> {
                 kind: request.kind.kind.clone(),
                 plural: request.resource.resource.clone(),
             };
-            let stored = crate::cluster::events::Stored {
-                resource,
-                namespace: regarding.namespace.clone(),
-                name,
-                uid,
-                value,
-            };
-            let note = format!("{who} approved {:?}", stored.value);
-            let mut record = Record::new(regarding, false, "ApprovalRecorded", note);
-            record.stored = Some(stored);
-            vec![record]
+            // One Event per approval written (an approver may write one of several).
+            crate::engine::approval::written(request.old_object.as_ref(), request.object.as_ref())
+                .into_iter()
+                .map(|(key, value)| {
+                    let stored = crate::cluster::events::Stored {
+                        resource: resource.clone(),
+                        namespace: regarding.namespace.clone(),
+                        name: name.clone(),
+                        uid: uid.clone(),
+                        key: key.to_owned(),
+                        value: value.to_owned(),
+                    };
+                    let note = format!("{who} approved {:?}", stored.value);
+                    let mut record = Record::new(regarding.clone(), false, "ApprovalRecorded", note);
+                    record.stored = Some(stored);
+                    record
+                })
+                .collect()
         }
         // Only for agents: an inert approval value a controller copied warns its writer, no more.
         Verdict::Allow(_) if decision.agent && !decision.warnings.is_empty() => one(

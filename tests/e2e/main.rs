@@ -3,6 +3,7 @@
 //! Kubernetes binaries); each scenario gets a fresh namespace and reports on its own.
 //! `cargo test --test e2e -- NAME` runs the scenarios whose name contains NAME.
 
+mod approvals;
 mod audit;
 mod churn;
 mod cloud;

@@ -14,7 +14,7 @@ use crate::scenarios::{deployment, namespace};
 use crate::world::{World, accepts, must, rejects};
 
 /// Runs `kubectl agentguard ARGS` as the identity of `kubeconfig`, with `stdin` as its input.
-fn plugin(w: &World, kubeconfig: &Path, args: &[&str], stdin: &str) -> Result<Output> {
+pub(crate) fn plugin(w: &World, kubeconfig: &Path, args: &[&str], stdin: &str) -> Result<Output> {
     let dir = tempfile::tempdir()?;
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_agentguard"), dir.path().join("kubectl-agentguard"))?;
     let path = std::env::join_paths(
@@ -37,7 +37,7 @@ fn plugin(w: &World, kubeconfig: &Path, args: &[&str], stdin: &str) -> Result<Ou
     Ok(child.wait_with_output()?)
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 

@@ -52,6 +52,7 @@ pub const ALL: &[(&str, Scenario)] = &[
         crate::routes::tokens_for_identities_without_brakes_are_refused,
     ),
     ("route_blast_radius_is_shown_and_bound_to_the_approval", crate::routes::blast_radius_is_shown_and_bound),
+    ("approvals_two_person_rule_needs_two_distinct_approvers", crate::approvals::two_distinct_approvers),
     (
         "route_rule_conditions_guard_exactly_what_they_say",
         crate::routes::conditions_guard_exactly_what_they_say,

@@ -34,7 +34,7 @@ fn approved(w: &World, args: &[&str]) -> Result<()> {
 }
 
 /// Waits for the checked record of `operation` on deployment `ns/name`.
-fn record(w: &World, ns: &str, operation: &str, name: &str) -> Result<Value> {
+pub(crate) fn record(w: &World, ns: &str, operation: &str, name: &str) -> Result<Value> {
     let started = Instant::now();
     loop {
         let list: Value = serde_json::from_str(&must(

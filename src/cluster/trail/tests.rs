@@ -46,7 +46,8 @@ fn approved() -> Decision {
     Decision::allow(Allowed::Approved {
         policy: PolicyId { namespace: None, name: "fail-safe".into() },
         rule: "every-delete".into(),
-        approval: "delete".into(),
+        approvals: vec!["delete".into()],
+        approvers: Vec::new(),
         expires: "2026-11-27T13:00:00Z".parse().unwrap(),
     })
 }

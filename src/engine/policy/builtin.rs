@@ -31,15 +31,15 @@ pub enum Written {
     Inert(String),
 }
 
-/// Checks a CREATE or UPDATE that sets or changes the approval annotation; `Err` says why the
+/// Checks a CREATE or UPDATE that sets or changes approval annotations; `Err` says why the
 /// write is refused.
 ///
 /// A valid approval is a ticket agentguard issued for this object (uid), still live, and for a
 /// delete, for the state the object will be in; its writer is an approver under every enforced
-/// RequireApproval policy that covers the operation on this object. Agents may not set or change
-/// the annotation at all. Anyone else writing a value that is not a ticket for this object writes
-/// nothing that counts ([`Written::Inert`]); a ticket for this object is refused unless its writer
-/// may approve.
+/// RequireApproval policy that covers the operation on this object; a value that names an
+/// approver names its writer. Agents may not set or change approvals at all. Anyone else writing
+/// a value that is not a ticket for this object writes nothing that counts ([`Written::Inert`]);
+/// a ticket for this object is refused unless its writer may approve.
 pub(super) fn approval_write(
     facts: &Facts<'_>,
     requester: &Requester,
@@ -52,28 +52,48 @@ pub(super) fn approval_write(
     if !matches!(facts.operation, Operation::Create | Operation::Update { .. }) {
         return Ok(Written::Nothing);
     }
-    let Some(new) = facts.object.and_then(approval::annotation) else {
-        return Ok(Written::Nothing);
-    };
-    // The value is unchanged: whatever else the request does, it writes no approval. (Nothing
-    // else about the object, managedFields included, bears on an approval's lifetime.)
-    if facts.old_object.and_then(approval::annotation) == Some(new) {
+    // Values left as they are write nothing, whatever else the request does. (Nothing else
+    // about the object, managedFields included, bears on an approval's lifetime.)
+    let written = approval::written(facts.old_object, facts.object);
+    if written.is_empty() {
         return Ok(Written::Nothing);
     }
     if agent {
         return Err(format!(
-            "agents may not set or change the {} annotation (they may remove it); a human approver must set it",
+            "agents may not set or change {} annotations (they may remove them); a human approver must set them",
             crate::engine::api::APPROVE_ANNOTATION
         ));
     }
+    let mut outcome = Written::Nothing;
+    for (key, value) in written {
+        match one_approval(key, value, facts, requester, policies, directory, config, now)? {
+            Written::Approval => outcome = Written::Approval,
+            Written::Inert(why) if outcome == Written::Nothing => outcome = Written::Inert(why),
+            _ => {}
+        }
+    }
+    Ok(outcome)
+}
+
+/// Checks one approval value written under `key` (see [`approval_write`]).
+#[allow(clippy::too_many_arguments)]
+fn one_approval(
+    key: &str,
+    new: &str,
+    facts: &Facts<'_>,
+    requester: &Requester,
+    policies: &PolicySet,
+    directory: &dyn Directory,
+    config: &Config,
+    now: Timestamp,
+) -> Result<Written, String> {
     let inert = |why: String| {
         Ok(Written::Inert(format!(
-            "{} {new:?} approves nothing: {why}. Approve with the command a denial (or agentguard pending) prints.",
-            crate::engine::api::APPROVE_ANNOTATION
+            "{key} {new:?} approves nothing: {why}. Approve with the command a denial (or agentguard pending) prints."
         )))
     };
-    let ticket = match Ticket::parse(new) {
-        Ok(ticket) => ticket,
+    let (ticket, named) = match Ticket::parse(new).and_then(|t| Ok((t, approval::approver(new)?))) {
+        Ok(parsed) => parsed,
         Err(e) => return inert(format!("it is malformed ({e})")),
     };
     let uid = facts
@@ -89,6 +109,27 @@ pub(super) fn approval_write(
     }
     if !ticket.authentic(&config.approval_keys, uid) {
         return inert("it is not a ticket agentguard issued for this object".into());
+    }
+    // An approval that names someone names its writer: nobody approves in another's name.
+    if let Some(name) = named
+        && name != requester.username
+    {
+        return Err(format!(
+            "this approval names {name:?}, but {} is writing it: an approval names its own writer",
+            requester.username
+        ));
+    }
+    // Nobody approves twice: another approval on the object naming the writer already counts.
+    if let Some(object) = facts.object
+        && let Some((other, _)) = approval::annotations(object).find(|(k, v)| {
+            *k != key && approval::approver(v).ok().flatten() == Some(requester.username.as_str())
+        })
+    {
+        return Err(format!(
+            "{} has already approved this object under {other}: each approver counts once (overwrite that \
+             annotation to approve again)",
+            requester.username
+        ));
     }
 
     // The enforced RequireApproval policies this approval would satisfy. A delete covers what
@@ -137,6 +178,16 @@ pub(super) fn approval_write(
             }
             None => return Err(format!("{} names no approvers", policy.id)),
         }
+    }
+    let need =
+        covering.iter().filter_map(|p| p.approval.as_ref().map(|a| a.min_approvers)).max().unwrap_or(1);
+    if need > 1 && named.is_none() {
+        return Err(format!(
+            "{need} distinct approvers must approve this, so each approval names its writer: write it as \
+             {}.<you>={new}.{} (kubectl agentguard approve does this)",
+            crate::engine::api::APPROVE_ANNOTATION,
+            requester.username
+        ));
     }
     let max_ttl: SignedDuration = covering
         .iter()

@@ -108,6 +108,7 @@ fn compile_policy(id: PolicyId, spec: &PolicySpec, problems: &mut Vec<Problem>) 
             groups: a.approvers.groups.clone(),
             lifetime: Lifetime { ttl: ttl.min(max_ttl), max_ttl },
             reason: a.reason.clone(),
+            min_approvers: a.min_approvers.max(1) as usize,
         }
     });
     if spec.action == Action::RequireApproval && approval.is_none() {

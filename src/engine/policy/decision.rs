@@ -135,8 +135,15 @@ pub enum Allowed {
     Unmatched,
     /// An Allow policy matched and nothing stricter did.
     ByPolicy { policy: PolicyId, rule: String },
-    /// A RequireApproval policy matched and a valid approval covers the request.
-    Approved { policy: PolicyId, rule: String, approval: String, expires: Timestamp },
+    /// A RequireApproval policy matched and valid approvals cover the request: `approvals` are
+    /// the values that counted, `approvers` whom they name (empty for one that names nobody).
+    Approved {
+        policy: PolicyId,
+        rule: String,
+        approvals: Vec<String>,
+        approvers: Vec<String>,
+        expires: Timestamp,
+    },
 }
 
 impl fmt::Display for Allowed {
@@ -148,8 +155,16 @@ impl fmt::Display for Allowed {
             Allowed::NoChange => f.write_str("the update changes nothing but bookkeeping fields"),
             Allowed::Unmatched => f.write_str("no enforced policy matches"),
             Allowed::ByPolicy { policy, rule } => write!(f, "allowed by {policy}, rule {rule:?}"),
-            Allowed::Approved { policy, rule, approval, expires } => {
-                write!(f, "approved ({approval:?}, valid until {expires}) under {policy}, rule {rule:?}")
+            Allowed::Approved { policy, rule, approvals, approvers, expires } => {
+                let approval = approvals.first().map(String::as_str).unwrap_or_default();
+                write!(f, "approved ({approval:?}")?;
+                if approvals.len() > 1 {
+                    write!(f, " and {} more", approvals.len() - 1)?;
+                }
+                if !approvers.is_empty() {
+                    write!(f, ", by {}", approvers.join(", "))?;
+                }
+                write!(f, ", valid until {expires}) under {policy}, rule {rule:?}")
             }
         }
     }
@@ -190,6 +205,30 @@ impl Target {
             self.resource, self.name
         )
     }
+
+    /// The same, for one of several approvers: the value names its writer, under a key of
+    /// their own (`kubectl agentguard approve` fills both in).
+    pub fn annotate_named_command(&self, value: &str) -> String {
+        format!(
+            "kubectl annotate {} {}{} {APPROVE_ANNOTATION}.<you>={value}.<username> --overwrite",
+            self.resource,
+            self.name,
+            self.namespace_flag()
+        )
+    }
+
+    /// The plugin command that shows the held change and writes the approval.
+    pub fn approve_command(&self) -> String {
+        format!("kubectl agentguard approve {}/{}{}", self.resource, self.name, self.namespace_flag())
+    }
+
+    fn namespace_flag(&self) -> String {
+        if self.namespace.is_empty() || self.resource == "namespaces" {
+            String::new()
+        } else {
+            format!(" -n {}", self.namespace)
+        }
+    }
 }
 
 impl fmt::Display for Target {
@@ -228,6 +267,8 @@ pub enum Reason {
         /// For a DELETE that would take other objects with it: what, summarised. The ticket is
         /// bound to that set (see [`super::effects::delete_digest`]).
         radius: Option<String>,
+        /// Distinct approvers needed (the most any covering policy asks for).
+        need: usize,
     },
     /// A built-in rule (no policy needed) refused it.
     Builtin { rule: &'static str, detail: String },
@@ -306,6 +347,7 @@ impl fmt::Display for Denial {
                 expires,
                 unapprovable,
                 radius,
+                need,
             } => {
                 write!(f, "requires approval under {policy}, rule {rule:?}: {refusal}.")?;
                 if let Some(m) = message {
@@ -316,6 +358,23 @@ impl fmt::Display for Denial {
                 }
                 match unapprovable {
                     Some(how) => write!(f, " {how}")?,
+                    None if *need > 1 => {
+                        let under = if covering.len() > 1 {
+                            ", each an approver under every policy below"
+                        } else {
+                            ""
+                        };
+                        write!(
+                            f,
+                            " To approve, {need} distinct approvers are needed{under}; each runs: {} (or: {}) — then retry",
+                            target.approve_command(),
+                            target.annotate_named_command(approve_value)
+                        )?;
+                        if let Some(at) = expires {
+                            write!(f, " before {at}")?;
+                        }
+                        f.write_str(".")?;
+                    }
                     None => {
                         let who = if covering.len() > 1 {
                             "an approver under every policy below"

@@ -91,8 +91,9 @@ fn decide(
     };
 
     // 5. Policies.
-    let judge =
-        |ms: &[&Match<'_>]| -> Judgement { judge(ms, facts, change.as_ref(), &config.approval_keys, now) };
+    let judge = |ms: &[&Match<'_>]| -> Judgement {
+        judge(ms, facts, change.as_ref(), &config.approval_keys, now, requester)
+    };
 
     let mut decision = {
         let enforced: Vec<&Match<'_>> = matches.iter().filter(|m| m.policy.mode == Mode::Enforce).collect();
@@ -175,6 +176,7 @@ fn judge(
     change: Option<&Change>,
     keys: &approval::Keys,
     now: Timestamp,
+    requester: &Requester,
 ) -> Judgement {
     if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Deny) {
         return Judgement::Refuse(Reason::Policy {
@@ -196,7 +198,7 @@ fn judge(
                 message: Some("this policy names no approvers, so nothing can approve it".into()),
             });
         }
-        return hold(&holds, facts, change, keys, now);
+        return hold(&holds, facts, change, keys, now, requester);
     }
     if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Allow) {
         return Judgement::Admit(Allowed::ByPolicy { policy: m.policy.id.clone(), rule: m.rule_name() });
@@ -204,20 +206,24 @@ fn judge(
     Judgement::Admit(Allowed::Unmatched)
 }
 
-/// RequireApproval: admits when the stored ticket covers this object, operation and exact
-/// state or change; otherwise refuses with a fresh ticket that would.
+/// RequireApproval: admits when the stored tickets cover this object, operation and exact
+/// state or change, from as many distinct approvers as the strictest policy needs; otherwise
+/// refuses with a fresh ticket that would.
 fn hold(
     holds: &[&&Match<'_>],
     facts: &Facts<'_>,
     change: Option<&Change>,
     keys: &approval::Keys,
     now: Timestamp,
+    requester: &Requester,
 ) -> Judgement {
     let first = holds[0];
     let mut covering: Vec<Covering> = Vec::new();
     let mut lifetime: Option<Lifetime> = None;
+    let mut need = 1;
     for m in holds {
         let Some(a) = &m.policy.approval else { continue };
+        need = need.max(a.min_approvers);
         // Every policy that holds the request must accept the approval: the strictest lifetime.
         lifetime = Some(match lifetime {
             None => a.lifetime,
@@ -275,20 +281,23 @@ fn hold(
     } else {
         None
     };
-    let stored = facts.old_object.and_then(approval::annotation);
+    let stored = facts.old_object.into_iter().flat_map(approval::annotations).map(|(_, v)| v);
     let refusal = match (&unapprovable, digest) {
         (None, Some(digest)) => {
             let subject = approval::Subject { uid, op, digest };
-            match approval::check(stored, keys, &subject, lifetime.max_ttl, now) {
-                Ok(expires) => {
+            let tally =
+                approval::Tally::of(stored, keys, &subject, lifetime.max_ttl, now, &requester.username);
+            match tally.expires {
+                Some(expires) if tally.covers(need) => {
                     return Judgement::Admit(Allowed::Approved {
                         policy: first.policy.id.clone(),
                         rule: first.rule_name(),
-                        approval: stored.unwrap_or_default().to_owned(),
+                        approvals: tally.values,
+                        approvers: tally.approvers,
                         expires,
                     });
                 }
-                Err(refusal) => refusal,
+                _ => tally.refusal(need),
             }
         }
         _ => approval::Refusal::Absent,
@@ -314,5 +323,6 @@ fn hold(
         radius: (facts.operation == Operation::Delete)
             .then(|| effects::radius_summary(uid, facts.collateral))
             .flatten(),
+        need,
     })
 }

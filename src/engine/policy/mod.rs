@@ -230,6 +230,8 @@ struct CompiledApproval {
     groups: Vec<String>,
     lifetime: Lifetime,
     reason: Option<String>,
+    /// Distinct approvers needed (at least 1).
+    min_approvers: usize,
 }
 
 impl CompiledApproval {
@@ -244,6 +246,9 @@ impl CompiledApproval {
         }
         if !self.groups.is_empty() {
             parts.push(format!("groups {}", self.groups.join(", ")));
+        }
+        if self.min_approvers > 1 {
+            parts.push(format!("{} distinct approvers needed", self.min_approvers));
         }
         parts.join("; ")
     }

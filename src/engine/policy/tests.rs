@@ -934,6 +934,98 @@ mod builtins {
     }
 
     #[test]
+    fn two_person_rule() {
+        let mut policy = deployments_policy("two-person", "RequireApproval", "Enforce");
+        policy.spec.policy.approval.as_mut().unwrap().approvers.users.push("bob".into());
+        policy.spec.policy.approval.as_mut().unwrap().min_approvers = 2;
+        let policies = set(vec![policy], vec![]);
+        let person =
+            |name: &str| Requester::resolve(name, &[], &directory(), ("agentguard.io/agent", "true"));
+        let old = deployment(3);
+        let value = ticket(&old, None, NOW);
+        let annotated = |pairs: &[(&str, String)]| {
+            let mut obj = deployment(3);
+            obj["metadata"]["annotations"] = pairs.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+            obj
+        };
+        let write = |who: &Requester, before: &Value, after: &Value| {
+            evaluate(&approve_request(before, after), who, &policies, &directory(), &config(), now())
+        };
+        let refused_with = |d: &Decision, needle: &str| {
+            assert!(
+                matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains(needle)),
+                "{needle}: {d:?}"
+            );
+        };
+        let agent_delete =
+            |obj: &Value| decide(&policies, Who::LabelledAgent, &facts(Operation::Delete, Some(obj), None));
+
+        // Held: the denial says how many must approve and how.
+        let d = agent_delete(&old);
+        refused_with(&d, "2 distinct approvers must approve (none yet): 2 more needed");
+        refused_with(&d, "kubectl agentguard approve deployments.apps/web -n prod");
+        refused_with(&d, &format!("{APPROVE_ANNOTATION}.<you>={value}.<username>"));
+
+        let alice_key = approval::key_for("alice");
+        let bob_key = approval::key_for("bob");
+        assert_ne!(alice_key, bob_key);
+        let by_alice = annotated(&[(&alice_key, format!("{value}.alice"))]);
+        // An approval that names nobody cannot be counted among several, so it is refused; one
+        // naming someone else than its writer is refused.
+        refused_with(
+            &write(&person("alice"), &old, &annotated(&[(APPROVE_ANNOTATION, value.clone())])),
+            "names its writer",
+        );
+        refused_with(
+            &write(&person("alice"), &old, &annotated(&[(&alice_key, format!("{value}.bob"))])),
+            "names \"bob\"",
+        );
+        // Alice approves; the agent is still held, told who approved and how many are missing.
+        assert_eq!(
+            write(&person("alice"), &old, &by_alice).verdict,
+            Verdict::Allow(Allowed::ApprovalAccepted)
+        );
+        refused_with(
+            &agent_delete(&by_alice),
+            "2 distinct approvers must approve (so far alice): 1 more needed",
+        );
+        // Alice cannot count twice: a second approval of hers is refused, and two on the object
+        // (however they got there) count once.
+        let twice =
+            annotated(&[(&alice_key, format!("{value}.alice")), (&bob_key, format!("{value}.alice"))]);
+        refused_with(&write(&person("alice"), &by_alice, &twice), "already approved");
+        refused_with(&agent_delete(&twice), "so far alice): 1 more needed");
+        // Neither does the agent count, whatever a value says.
+        let with_agent = annotated(&[
+            (&alice_key, format!("{value}.alice")),
+            (&bob_key, format!("{value}.system:serviceaccount:agents:coder")),
+        ]);
+        refused_with(&agent_delete(&with_agent), "1 more needed");
+        // A non-approver's approval is refused at write time.
+        let by_mallory =
+            annotated(&[(&alice_key, format!("{value}.alice")), (&bob_key, format!("{value}.mallory"))]);
+        refused_with(&write(&person("mallory"), &by_alice, &by_mallory), "mallory is not an approver");
+        // Bob approves too (Alice's approval did not make his ticket stale): admitted, both recorded.
+        let both = annotated(&[(&alice_key, format!("{value}.alice")), (&bob_key, format!("{value}.bob"))]);
+        assert_eq!(
+            write(&person("bob"), &by_alice, &both).verdict,
+            Verdict::Allow(Allowed::ApprovalAccepted)
+        );
+        match agent_delete(&both).verdict {
+            Verdict::Allow(Allowed::Approved { approvers, approvals, .. }) => {
+                assert_eq!(approvers, ["alice", "bob"]);
+                assert_eq!(approvals.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        // An agent may remove approvals but never add or change one.
+        let d = decide(&policies, Who::LabelledAgent, &approve_request(&by_alice, &both));
+        assert_eq!(builtin_rule(&d), Some(builtin::APPROVAL_RULE), "{d:?}");
+        let d = decide(&policies, Who::LabelledAgent, &approve_request(&both, &by_alice));
+        assert!(d.allowed(), "{d:?}");
+    }
+
+    #[test]
     fn agents_may_remove_an_approval_and_nothing_refreshes_one() {
         let policies = set(vec![deployments_policy("hold", "RequireApproval", "Enforce")], vec![]);
         let expired = ticket(&deployment(3), None, "2026-11-26T10:00:00Z");

@@ -1,0 +1,132 @@
+//! Approvals beyond one annotation, on the real API server: a policy that needs two distinct
+//! approvers (each writes an approval naming themselves; nobody counts twice, an agent never),
+//! recorded in the audit trail with both.
+
+use anyhow::{Context, Result, ensure};
+
+use crate::plugin::{plugin, text};
+use crate::scenarios::{deployment, exists, namespace};
+use crate::tickets::ticket_in;
+use crate::trail::record;
+use crate::world::{World, accepts, must, rejects};
+
+/// The key `agentguard.io/approve.<…>` a user's own approval goes under, as agentguard names it.
+fn key_of(w: &World, ns: &str, name: &str, user: &str) -> Result<String> {
+    let annotations: serde_json::Value = serde_json::from_str(&must(w.plane.kubectl(
+        &w.plane.admin,
+        &["get", "deployment", name, "-n", ns, "-o", "jsonpath={.metadata.annotations}"],
+    ))?)?;
+    annotations
+        .as_object()
+        .into_iter()
+        .flatten()
+        .find(|(k, v)| {
+            k.starts_with("agentguard.io/approve.")
+                && v.as_str().is_some_and(|v| v.ends_with(&format!(".{user}")))
+        })
+        .map(|(k, _)| k.clone())
+        .with_context(|| format!("no approval naming {user} on {ns}/{name}: {annotations}"))
+}
+
+pub fn two_distinct_approvers(w: &World) -> Result<()> {
+    let ns = namespace(w, "two-person")?;
+    deployment(w, &ns, "db")?;
+    let policy = format!(
+        "apiVersion: agentguard.io/v1alpha1\nkind: AgentPolicy\nmetadata: {{name: two-person, namespace: {ns}}}\nspec:\n  \
+         action: RequireApproval\n  approval: {{approvers: {{users: [alice, bob]}}, minApprovers: 2, reason: the database}}\n  \
+         rules:\n    - name: db\n      operations: [DELETE]\n      \
+         resources: [{{apiGroups: [apps], resources: [deployments]}}]\n"
+    );
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&policy)))?;
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &["wait", "--for=condition=Ready", "--timeout=30s", "agentpolicy/two-person", "-n", &ns],
+    ))?;
+    // bob is in `sre` too, so he approves under the cluster's workload policy as well.
+    let bob = w.plane.user_kubeconfig("bob", &["sre"])?;
+    let delete = ["delete", "deployment", "db", "-n", ns.as_str()];
+
+    let denial = rejects(w.plane.kubectl(&w.editor, &delete), "the agent's delete", "requires approval")?;
+    ensure!(denial.contains("2 distinct approvers must approve (none yet): 2 more needed"), "{denial}");
+    ensure!(denial.contains(&format!("kubectl agentguard approve deployments.apps/db -n {ns}")), "{denial}");
+    let start = denial.find("agentguard.io/approve.<you>=").context("no named approval command")?
+        + "agentguard.io/approve.<you>=".len();
+    let value = denial[start..].split(".<username>").next().context("no ticket")?.to_owned();
+    ensure!(ticket_in(&denial).is_err(), "a plain approval command is offered where two must approve");
+
+    // One approval naming nobody cannot count among two: refused, with how to write it.
+    let plain = format!("agentguard.io/approve={value}");
+    rejects(
+        w.plane.kubectl(&w.alice, &["annotate", "deployment", "db", "-n", &ns, &plain]),
+        "alice's approval naming nobody",
+        "each approval names its writer",
+    )?;
+    // Alice approves through the plugin (it names her, under her own key).
+    let approved = loop_until_held(w, &w.alice, &ns)?;
+    ensure!(approved.contains("approved: deployments.apps db"), "{approved}");
+    let alice_key = key_of(w, &ns, "db", "alice")?;
+    let denial =
+        rejects(w.plane.kubectl(&w.editor, &delete), "the delete with one approval", "requires approval")?;
+    ensure!(denial.contains("2 distinct approvers must approve (so far alice): 1 more needed"), "{denial}");
+
+    // Nobody approves twice, nor in another's name; an agent never, a non-approver never.
+    let again = format!("agentguard.io/approve.again={value}.alice");
+    rejects(
+        w.plane.kubectl(&w.alice, &["annotate", "deployment", "db", "-n", &ns, &again]),
+        "alice's second approval",
+        "alice has already approved this object",
+    )?;
+    let as_bob = format!("agentguard.io/approve.bob={value}.bob");
+    rejects(
+        w.plane.kubectl(&w.alice, &["annotate", "deployment", "db", "-n", &ns, &as_bob]),
+        "alice's approval in bob's name",
+        "an approval names its own writer",
+    )?;
+    let by_agent = format!("agentguard.io/approve.coder={value}.system:serviceaccount:agents:coder");
+    rejects(
+        w.plane.kubectl(&w.agent, &["annotate", "deployment", "db", "-n", &ns, &by_agent]),
+        "the agent's own approval",
+        "agents may not set or change",
+    )?;
+    let by_mallory = format!("agentguard.io/approve.mallory={value}.mallory");
+    rejects(
+        w.plane.kubectl(&w.mallory, &["annotate", "deployment", "db", "-n", &ns, &by_mallory]),
+        "mallory's approval",
+        "mallory is not an approver",
+    )?;
+    rejects(w.plane.kubectl(&w.editor, &delete), "the delete after refused approvals", "1 more needed")?;
+
+    // Bob approves with the named command the denial printed.
+    let by_bob = format!("agentguard.io/approve.bob={value}.bob");
+    accepts(w.plane.kubectl(&bob, &["annotate", "deployment", "db", "-n", &ns, &by_bob]), "bob's approval")?;
+    accepts(w.plane.kubectl(&w.editor, &delete), "the delete approved by alice and bob")?;
+    ensure!(!exists(w, &ns, "deployment", "db"), "the approved delete did not happen");
+
+    // The audit trail names both approvers, each from agentguard's own Event of their write.
+    let record = record(w, &ns, "DELETE", "db")?;
+    ensure!(record["spec"]["approvals"].as_array().map(Vec::len) == Some(2), "{record}");
+    let approvers = &record["status"]["approvers"];
+    ensure!(approvers == &serde_json::json!(["alice", "bob"]), "approvers {approvers} in {record}");
+    println!(
+        "  held with 0 then 1 of 2; refused: unnamed, twice, in another's name, agent, non-approver; admitted with alice ({alice_key}) and bob"
+    );
+    Ok(())
+}
+
+/// `kubectl agentguard approve deployment/db --yes` as `who`, once the held request's Event is
+/// there (it is written off the request path).
+fn loop_until_held(w: &World, who: &std::path::Path, ns: &str) -> Result<String> {
+    let started = std::time::Instant::now();
+    loop {
+        let out = plugin(w, who, &["approve", "deployment/db", "-n", ns, "--yes"], "")?;
+        if out.status.success() {
+            return Ok(text(&out));
+        }
+        ensure!(
+            text(&out).contains("holds no request") && started.elapsed() < std::time::Duration::from_secs(15),
+            "{}",
+            text(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
