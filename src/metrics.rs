@@ -240,9 +240,11 @@ pub fn policy_label(decision: &Decision) -> String {
             Reason::Builtin { rule, .. } => format!("builtin/{rule}"),
             other => other.policy().map(policy_id_label).unwrap_or_default(),
         },
-        Verdict::Allow(Allowed::Approved { policy, .. } | Allowed::ByPolicy { policy, .. }) => {
-            policy_id_label(policy)
-        }
+        Verdict::Allow(
+            Allowed::Approved { policy, .. }
+            | Allowed::BySession { policy, .. }
+            | Allowed::ByPolicy { policy, .. },
+        ) => policy_id_label(policy),
         Verdict::Allow(_) => String::new(),
     }
 }

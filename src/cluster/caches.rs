@@ -10,10 +10,13 @@
 //!  watch ClusterAgentPolicies ─┐               │                     + ArcSwap<Reach>
 //!  watch AgentPolicies ────────┴─▶ compile ────┤
 //!  watch Roles, ClusterRoles and bindings ──▶ reach
+//!  watch AgentSessions ──▶ Store (read only when a request is held)
 //! ```
 //!
 //! No API call is made on the request path. [`Caches::ready`] stays false until every watch has
-//! listed once, so the webhook never judges from a half-filled cache.
+//! listed once, so the webhook never judges from a half-filled cache. (Sessions are not waited
+//! for: one not yet seen only leaves a request held, and a chart upgraded without the session
+//! CRD must still become ready.)
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -30,7 +33,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use tokio::time::Instant;
 
-use crate::engine::api::{AGENT_NAMESPACE_LABEL, AgentPolicy, ClusterAgentPolicy};
+use crate::engine::api::{AGENT_NAMESPACE_LABEL, AgentPolicy, AgentSession, ClusterAgentPolicy};
 use crate::engine::policy::identity::AgentSet;
 use crate::engine::policy::reach::{self, Rbac, Reach};
 use crate::engine::policy::selector::Labels;
@@ -54,6 +57,7 @@ pub struct Caches {
     cluster_roles: Store<ClusterRole>,
     role_bindings: Store<RoleBinding>,
     cluster_role_bindings: Store<ClusterRoleBinding>,
+    sessions: Store<AgentSession>,
     policies: ArcSwap<PolicySet>,
     problems: ArcSwap<Vec<Problem>>,
     reach: ArcSwap<Reach>,
@@ -110,6 +114,7 @@ impl Caches {
         let (cr_store, cr_writer) = reflector::store::<ClusterRole>();
         let (rb_store, rb_writer) = reflector::store::<RoleBinding>();
         let (crb_store, crb_writer) = reflector::store::<ClusterRoleBinding>();
+        let (session_store, session_writer) = reflector::store::<AgentSession>();
         let caches = Arc::new(Self {
             cluster_policies: cp_store.clone(),
             agent_policies: ap_store.clone(),
@@ -119,6 +124,7 @@ impl Caches {
             cluster_roles: cr_store.clone(),
             role_bindings: rb_store.clone(),
             cluster_role_bindings: crb_store.clone(),
+            sessions: session_store,
             policies: ArcSwap::from_pointee(PolicySet::default()),
             problems: ArcSwap::from_pointee(Vec::new()),
             reach: ArcSwap::from_pointee(Reach::default()),
@@ -254,6 +260,7 @@ impl Caches {
                 rbac,
                 reach,
                 readiness,
+                session_watch(&client, session_writer),
             );
         };
         (caches, run.boxed())
@@ -561,6 +568,29 @@ impl Directory for Caches {
     fn reached_by_agents(&self, namespace: &str) -> bool {
         self.reach.load().namespaces.contains_key(namespace)
     }
+
+    fn sessions(&self, agent: &str) -> Vec<crate::engine::session::Session> {
+        self.sessions
+            .state()
+            .iter()
+            .filter(|s| s.spec.agent == agent)
+            .filter_map(|s| crate::engine::session::Session::of(s).ok())
+            .collect()
+    }
+}
+
+/// The reflector of break-glass sessions. A cluster without the session CRD (a chart upgraded
+/// without its CRDs) keeps retrying, with backoff, and no session admits anything.
+fn session_watch(client: &Client, writer: reflector::store::Writer<AgentSession>) -> BoxFuture<'static, ()> {
+    let stream =
+        watcher(Api::<AgentSession>::all(client.clone()), watcher::Config::default()).default_backoff();
+    reflector::reflector(writer, stream)
+        .for_each(|event| async move {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "session watch failed; retrying");
+            }
+        })
+        .boxed()
 }
 
 #[cfg(test)]

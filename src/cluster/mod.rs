@@ -9,6 +9,7 @@ pub mod caches;
 pub mod certs;
 pub mod events;
 pub mod ownership;
+pub mod sessions;
 pub mod status;
 pub mod trail;
 pub mod webhook;

@@ -58,9 +58,15 @@ pub fn record_for(
     settings: &Settings,
     now: Timestamp,
 ) -> Option<AgentChange> {
+    let mut session = None;
     let (policy, admission, approvals) = match &decision.verdict {
         Verdict::Allow(Allowed::Approved { policy, rule, approvals, .. }) => {
             (format!("{policy}, rule {rule:?}"), "approved", approvals.clone())
+        }
+        Verdict::Allow(Allowed::BySession { policy, rule, grants }) => {
+            // The session whose use is spent is set once it is (see `request::actions`).
+            session = grants.first().map(ToString::to_string);
+            (format!("{policy}, rule {rule:?}"), "session", Vec::new())
         }
         Verdict::Allow(Allowed::ByPolicy { policy, rule }) => {
             (format!("{policy}, rule {rule:?}"), "allowed", Vec::new())
@@ -111,6 +117,7 @@ pub fn record_for(
         admission: admission.to_owned(),
         approval: approvals.first().cloned(),
         approvals: if approvals.len() > 1 { approvals } else { Vec::new() },
+        session,
         change,
         time: now.to_string(),
         prior,

@@ -193,6 +193,8 @@ pub struct Settings {
     /// chart) creates it: a replica starting before Helm's write would otherwise win the race
     /// and fail the install. A configuration seen and then deleted is recreated either way.
     pub create_absent: bool,
+    /// agentguard's own namespace, whose leases agents' writes must reach it.
+    pub self_namespace: Option<String>,
 }
 
 /// Kubernetes' own components never reach the `approvals` webhook: the deployment controller
@@ -204,6 +206,19 @@ const NOT_CLUSTER_COMPONENTS: &str = "!request.userInfo.username.startsWith('sys
 /// Leases and events never reach agentguard — only in their real groups: a custom resource
 /// named `events` or `leases` in any other group is guarded like any other.
 const NOT_LEASES_OR_EVENTS: &str = "!(request.resource.group == 'coordination.k8s.io' && request.resource.resource == 'leases') && !(request.resource.group in ['', 'events.k8s.io'] && request.resource.resource == 'events')";
+
+/// The `agents` webhook's first condition: leases and events stay in the API server, except
+/// leases in agentguard's own namespace, which hold the churn and session counts: an agent with
+/// rights there must not reset them unseen.
+pub fn agents_scope_condition(self_namespace: Option<&str>) -> String {
+    match self_namespace {
+        None => NOT_LEASES_OR_EVENTS.to_owned(),
+        Some(ns) => format!(
+            "!(request.resource.group == 'coordination.k8s.io' && request.resource.resource == 'leases' && request.namespace != {}) && !(request.resource.group in ['', 'events.k8s.io'] && request.resource.resource == 'events')",
+            cel_string(ns)
+        ),
+    }
+}
 
 /// `s` as a CEL string literal that denotes exactly `s`: single-quoted, with the backslash and
 /// the single quote escaped, and every control character and every whitespace character but
@@ -285,9 +300,13 @@ pub fn agent_label_condition(keys: &BTreeSet<String>) -> String {
     )
 }
 
-/// The `approvals` webhook's condition: approval writes, or writes that can mark an agent.
+/// The condition selecting the opening of a break-glass session, whose opener agentguard checks.
+pub const SESSION_OPENED: &str = "request.operation == 'CREATE' && request.resource.group == 'agentguard.io' && request.resource.resource == 'agentsessions'";
+
+/// The `approvals` webhook's condition: approval writes, writes that can mark an agent, and
+/// sessions opened.
 pub fn guard_condition(keys: &BTreeSet<String>) -> String {
-    format!("({}) || ({})", approval_write_condition(), agent_label_condition(keys))
+    format!("({}) || ({}) || ({SESSION_OPENED})", approval_write_condition(), agent_label_condition(keys))
 }
 
 /// The names of the two webhooks.
@@ -346,7 +365,10 @@ pub fn desired(
                 AGENTS_PATH,
                 &["CREATE", "UPDATE", "DELETE", "CONNECT"],
                 vec![
-                    condition("not-leases-or-events", NOT_LEASES_OR_EVENTS.into()),
+                    condition(
+                        "not-leases-or-events",
+                        agents_scope_condition(settings.self_namespace.as_deref()),
+                    ),
                     condition(AGENTS_CONDITION, agent_condition(set)),
                 ],
             ),
@@ -943,6 +965,7 @@ mod tests {
             ca_file: PathBuf::new(),
             timeout_seconds: 5,
             create_absent: true,
+            self_namespace: None,
         }
     }
 
@@ -1191,6 +1214,10 @@ mod tests {
         assert!(helpers.contains(&guard_condition(&keys())), "_helpers.tpl drifted from guard_condition()");
         let quoted = serde_json::to_string(NOT_LEASES_OR_EVENTS).unwrap();
         assert!(webhook.contains(&quoted), "webhook.yaml drifted from NOT_LEASES_OR_EVENTS");
+        let agents =
+            agents_scope_condition(Some("RELEASE")).replace("'RELEASE'", "'{{ $.Release.Namespace }}'");
+        let quoted = serde_json::to_string(&agents).unwrap();
+        assert!(webhook.contains(&quoted), "webhook.yaml drifted from agents_scope_condition()");
         let quoted = serde_json::to_string(NOT_CLUSTER_COMPONENTS).unwrap();
         assert!(webhook.contains(&quoted), "webhook.yaml drifted from NOT_CLUSTER_COMPONENTS");
     }
@@ -1228,7 +1255,7 @@ mod tests {
     }
 
     fn write(resource: &str) -> serde_json::Value {
-        serde_json::json!({"resource": {"group": "", "version": "v1", "resource": resource}})
+        serde_json::json!({"operation": "UPDATE", "resource": {"group": "", "version": "v1", "resource": resource}})
     }
 
     fn labelled(labels: serde_json::Value) -> serde_json::Value {
@@ -1277,6 +1304,18 @@ mod tests {
         assert!(matches(&guard, write("configmaps"), changed, before.clone()));
         assert!(!matches(&guard, write("configmaps"), before.clone(), before.clone()));
         assert!(!matches(&guard, write("configmaps"), before.clone(), added));
+        // Sessions opened go through it; changes to them (never allowed by the schema) need not.
+        let mut session = write("agentsessions");
+        session["resource"]["group"] = json!("agentguard.io");
+        session["operation"] = json!("CREATE");
+        assert!(matches(&guard, session.clone(), json!({"metadata": {"name": "s"}}), Value::Null));
+        session["operation"] = json!("UPDATE");
+        assert!(!matches(
+            &guard,
+            session,
+            json!({"metadata": {"name": "s"}}),
+            json!({"metadata": {"name": "s"}})
+        ));
         let lookalike = annotated(json!({format!("{APPROVE_ANNOTATION}x"): "delete", "other": "x"}));
         assert!(!matches(&guard, write("configmaps"), lookalike, json!({"metadata": {"name": "web"}})));
     }
@@ -1316,6 +1355,18 @@ mod tests {
         assert!(on("example.com", "leases"));
         assert!(on("", "leases"));
         assert!(on("apps", "deployments"));
+        // Agents' writes of leases reach agentguard in its own namespace only (its counts live there).
+        let agents = agents_scope_condition(Some("agentguard-system"));
+        let lease_in = |namespace: &str| {
+            let request = serde_json::json!({"namespace": namespace,
+                "resource": {"group": "coordination.k8s.io", "version": "v1", "resource": "leases"}});
+            matches(&agents, request, serde_json::Value::Null, serde_json::Value::Null)
+        };
+        assert!(lease_in("agentguard-system"));
+        assert!(!lease_in("agents"));
+        let event = serde_json::json!({"namespace": "agentguard-system",
+            "resource": {"group": "", "version": "v1", "resource": "events"}});
+        assert!(!matches(&agents, event, serde_json::Value::Null, serde_json::Value::Null));
     }
 
     #[test]

@@ -62,21 +62,6 @@ pub fn ticket(command: &str) -> Option<Ticket<'_>> {
     })
 }
 
-/// Who the kubeconfig's credentials are, as the API server sees them.
-async fn whoami(client: &kube::Client) -> Result<String> {
-    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
-    let api: Api<SelfSubjectReview> = Api::all(client.clone());
-    let review = api
-        .create(&kube::api::PostParams::default(), &SelfSubjectReview::default())
-        .await
-        .context("asking the API server who this kubeconfig is (SelfSubjectReview)")?;
-    review
-        .status
-        .and_then(|s| s.user_info)
-        .and_then(|u| u.username)
-        .context("the API server did not say who this kubeconfig is")
-}
-
 /// What the approver is shown before confirming.
 pub fn summary(p: &Pending) -> String {
     let object = match p.namespace.as_str() {
@@ -121,7 +106,7 @@ pub async fn run(args: &ApproveArgs) -> Result<()> {
     };
     // Where several must approve, each approval names its writer under a key of their own.
     let (key, value) = if ticket.named {
-        let me = whoami(&client).await?;
+        let me = crate::commands::session::whoami(&client).await?.username;
         (crate::engine::approval::key_for(&me), format!("{}.{me}", ticket.value))
     } else {
         (APPROVE_ANNOTATION.to_owned(), ticket.value.to_owned())

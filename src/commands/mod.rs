@@ -1,5 +1,5 @@
 //! The command line: one module per subcommand (`serve`, `crds`, `check`, `pending`, `audit`,
-//! `restore`, `approve`, `why`, `freeze`/`unfreeze`, `completions`), each owning its arguments;
+//! `restore`, `approve`, `why`, `freeze`/`unfreeze`, `session`, `completions`), each owning its arguments;
 //! this module parses them and dispatches. Every `serve` flag can also be set through an
 //! environment variable, so the chart configures agentguard without templating arguments.
 //!
@@ -14,6 +14,7 @@ pub mod options;
 pub mod pending;
 pub mod restore;
 pub mod serve;
+pub mod session;
 pub mod target;
 pub mod why;
 
@@ -71,6 +72,11 @@ pub enum Command {
         after_help = "Examples:\n  kubectl agentguard unfreeze agents/coder\n  kubectl agentguard unfreeze --all"
     )]
     Unfreeze(freeze::UnfreezeArgs),
+    /// Break-glass sessions: let one agent make a bounded number of operations in one scope for a while.
+    #[command(
+        after_help = "Examples:\n  kubectl agentguard session open migrate --agent agents/coder -n prod --resource deployments.apps --operation DELETE --max 5 --ttl 30m --reason 'move to the new cluster'\n  kubectl agentguard session list\n  kubectl agentguard session close migrate"
+    )]
+    Session(session::SessionArgs),
     /// List agent identities and the rights RBAC gives them that matter (asks the API server).
     #[command(after_help = "Example:\n  agentguard audit -o json")]
     Audit(Box<audit::AuditArgs>),
@@ -140,6 +146,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Why(args) => why::run(&args).await?,
         Command::Freeze(args) => freeze::freeze(&args).await?,
         Command::Unfreeze(args) => freeze::unfreeze(&args).await?,
+        Command::Session(args) => session::run(&args).await?,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "agentguard", &mut std::io::stdout())
         }

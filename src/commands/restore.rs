@@ -229,6 +229,7 @@ mod tests {
                 admission: "approved".into(),
                 approval: None,
                 approvals: Vec::new(),
+                session: None,
                 change: None,
                 time: "2026-11-27T12:00:00Z".into(),
                 prior: Some(prior),

@@ -158,6 +158,7 @@ impl WebhookArgs {
             ca_file: webhook_ca_file.clone(),
             timeout_seconds: *webhook_timeout_seconds,
             create_absent: *create_webhook_configuration,
+            self_namespace: None,
         }))
     }
 }
@@ -205,7 +206,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         drain_seconds,
     } = args;
     let mut config = engine.config()?;
-    let webhook_settings = webhook.settings()?;
+    let webhook_settings = webhook
+        .settings()?
+        .map(|s| crate::cluster::webhook::Settings { self_namespace: config.self_namespace.clone(), ..s });
     let trail_settings = trail.settings(config.self_namespace.as_deref())?;
     let metrics = Arc::new(Metrics::default());
 
@@ -293,6 +296,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         ownership: Some(Arc::new(crate::cluster::ownership::Ownership::new(client.clone()))),
         breaker: config.self_namespace.as_deref().map(|ns| {
             Arc::new(crate::cluster::breaker::Breaker::new(client.clone(), ns)) as Arc<dyn server::Charge>
+        }),
+        sessions: config.self_namespace.as_deref().map(|ns| {
+            Arc::new(crate::cluster::sessions::Sessions::new(client.clone(), ns)) as Arc<dyn server::Spend>
         }),
         ..AppState::new(caches.clone(), config.clone(), metrics.clone())
     });

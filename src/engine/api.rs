@@ -1,5 +1,5 @@
-//! The `agentguard.io/v1alpha1` API: `ClusterAgentPolicy` and `AgentPolicy`, and the audit
-//! trail's `AgentChange` records.
+//! The `agentguard.io/v1alpha1` API: `ClusterAgentPolicy` and `AgentPolicy`, the audit
+//! trail's `AgentChange` records, and break-glass `AgentSession`s.
 //!
 //! This is the only place the policy schema lives. Everything that can be checked inside one
 //! object is expressed here (enums, bounds, patterns, CEL `x-kubernetes-validations`), so the API
@@ -412,6 +412,9 @@ pub struct AgentChangeSpec {
     /// Every approval value that counted, where more than one did (`minApprovers`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<String>,
+    /// The break-glass session it was admitted under: `NAME (uid UID), opened by USER: REASON`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
     /// The field-level change of an UPDATE, as shown to the approver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<String>,
@@ -497,6 +500,85 @@ pub struct ChangeTarget {
     pub resource_version: String,
 }
 
+/// A break-glass session: for a while, one agent may make up to `maxOperations` DELETEs or
+/// UPDATEs in one scope that RequireApproval policies would otherwise hold object by object.
+/// Only an approver opens one (agentguard checks who creates it, and that `openedBy` is them);
+/// nobody changes or extends one; deleting it closes it at once.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "agentguard.io",
+    version = "v1alpha1",
+    kind = "AgentSession",
+    plural = "agentsessions",
+    shortname = "ags",
+    category = "agentguard",
+    doc = "A time-boxed, scoped, revocable approval of one agent's operations, opened by an approver.",
+    printcolumn = r#"{"name": "Agent", "type": "string", "jsonPath": ".spec.agent"}"#,
+    printcolumn = r#"{"name": "Operations", "type": "string", "jsonPath": ".spec.operations"}"#,
+    printcolumn = r#"{"name": "Max", "type": "integer", "jsonPath": ".spec.maxOperations"}"#,
+    printcolumn = r#"{"name": "TTL", "type": "string", "jsonPath": ".spec.ttl"}"#,
+    printcolumn = r#"{"name": "Opened-By", "type": "string", "jsonPath": ".spec.openedBy.username"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a session is never changed or extended: close it (kubectl delete) and open another"))]
+#[x_kube(validation = Rule::new("duration(self.ttl) <= duration('168h')").message("ttl must not exceed 168h"))]
+#[x_kube(validation = Rule::new("duration(self.ttl) >= duration('1m')").message("ttl must be at least 1m"))]
+pub struct AgentSessionSpec {
+    /// The one agent it is for, as the API server names it
+    /// (`system:serviceaccount:NAMESPACE:NAME`).
+    #[schemars(length(min = 1, max = 256))]
+    pub agent: String,
+    /// The namespaces whose objects it covers (no wildcard).
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))
+    )]
+    pub namespaces: Vec<String>,
+    /// The resources it covers, as kubectl names them: `configmaps`, `deployments.apps`, or a
+    /// subresource such as `deployments.apps/scale` (no wildcard).
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9][a-z0-9.-]*(/[a-z]+)?$"))
+    )]
+    pub resources: Vec<String>,
+    /// The operations it covers.
+    #[schemars(length(min = 1, max = 2))]
+    pub operations: Vec<SessionOperation>,
+    /// At most this many operations are admitted under it (every replica counts in one place).
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_operations: u32,
+    /// How long it is open, from its creation; every policy it stands in for caps it with its
+    /// `maxTtl` too.
+    #[schemars(regex(pattern = r"^([0-9]{1,6}(h|m|s))+$"), length(max = 32))]
+    pub ttl: String,
+    /// Why, in the records and Events of every use.
+    #[schemars(length(min = 1, max = 512))]
+    pub reason: String,
+    /// Who opened it: must be who creates it (agentguard refuses anything else).
+    pub opened_by: SessionOpener,
+}
+
+/// An operation a session may cover.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SessionOperation {
+    #[serde(rename = "DELETE")]
+    Delete,
+    #[serde(rename = "UPDATE")]
+    Update,
+}
+
+/// Who opened a session, as the API server authenticated them when they created it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionOpener {
+    #[schemars(length(min = 1, max = 256))]
+    pub username: String,
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub groups: Vec<String>,
+}
+
 /// Whether a recorded change took effect: a later admission step can still refuse it.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -573,7 +655,7 @@ pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
 
 /// The generated CRDs as one multi-document YAML stream (what `agentguard crds` prints).
 pub fn crds_yaml() -> String {
-    let docs = [ClusterAgentPolicy::crd(), AgentPolicy::crd(), AgentChange::crd()];
+    let docs = [ClusterAgentPolicy::crd(), AgentPolicy::crd(), AgentChange::crd(), AgentSession::crd()];
     docs.iter()
         .map(|crd| {
             // Serialising a CRD built from our own types cannot fail.

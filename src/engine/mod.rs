@@ -8,3 +8,4 @@ pub mod api;
 pub mod approval;
 pub mod diff;
 pub mod policy;
+pub mod session;

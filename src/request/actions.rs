@@ -8,7 +8,9 @@
 //!
 //! 1. the record is checked against the live object, so a request that did not come from the
 //!    API server gets neither a record nor a charge;
-//! 2. churn budgets are charged (a limit that cannot be counted is not waived);
+//! 2. a break-glass session's use is counted (a session that is closed, spent or cannot be
+//!    counted admits nothing), then churn budgets are charged (a limit that cannot be counted is
+//!    not waived);
 //! 3. the record is written (no record, no change: the way back exists before the change);
 //! 4. newly marked agents are registered with the API server (an unregistered agent would be
 //!    unguarded);
@@ -16,7 +18,7 @@
 //!
 //! A step that cannot be done refuses the request: [`Refusal::Unavailable`] (503, "retry")
 //! when agentguard could not do what admitting requires, [`Refusal::Forbidden`] when a churn
-//! limit is spent.
+//! limit or a session is spent.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -110,6 +112,25 @@ impl Charge for crate::cluster::breaker::Breaker {
     }
 }
 
+/// Spends uses of break-glass sessions (see [`crate::cluster::sessions`]).
+pub trait Spend: Send + Sync + 'static {
+    fn spend<'a>(
+        &'a self,
+        spend: &'a crate::engine::session::Grant,
+        dry_run: bool,
+    ) -> BoxFuture<'a, anyhow::Result<Option<crate::cluster::sessions::Spent>>>;
+}
+
+impl Spend for crate::cluster::sessions::Sessions {
+    fn spend<'a>(
+        &'a self,
+        spend: &'a crate::engine::session::Grant,
+        dry_run: bool,
+    ) -> BoxFuture<'a, anyhow::Result<Option<crate::cluster::sessions::Spent>>> {
+        Box::pin(crate::cluster::sessions::Sessions::spend(self, spend, dry_run))
+    }
+}
+
 /// Writes audit-trail records (see [`crate::cluster::trail`]).
 pub trait Recorder: Send + Sync + 'static {
     fn settings(&self) -> &crate::cluster::trail::Settings;
@@ -154,6 +175,8 @@ pub struct AppState {
     pub registrar: Option<Arc<dyn Register>>,
     /// None without a namespace of its own to keep counts in: churn limits are not enforced.
     pub breaker: Option<Arc<dyn Charge>>,
+    /// None without a namespace of its own: no session admits anything.
+    pub sessions: Option<Arc<dyn Spend>>,
     /// None when recording is off.
     pub trail: Option<Arc<dyn Recorder>>,
     /// What an agent's DELETE would take with it (see [`crate::cluster::ownership`]). None: cascades are
@@ -173,6 +196,7 @@ impl AppState {
             events,
             registrar: None,
             breaker: None,
+            sessions: None,
             trail: None,
             ownership: None,
         }
@@ -239,6 +263,9 @@ pub async fn decide(state: &AppState, request: &AdmissionRequest, route: Route) 
 pub struct Plan {
     /// The audit record of an admitted agent change.
     pub record: Option<AgentChange>,
+    /// The break-glass sessions that would admit the request: one use of the first with uses
+    /// left is spent.
+    pub sessions: Vec<crate::engine::session::Grant>,
     /// Churn budgets the admitted request spends.
     pub charge: Vec<ChurnBudget>,
     /// Identities the admitted write marks as agents.
@@ -252,18 +279,22 @@ pub fn plan(state: &AppState, request: &AdmissionRequest, decision: &Decision) -
         crate::cluster::trail::record_for(request, decision, trail.settings(), (state.clock)())
     });
     let charge = if decision.allowed() { decision.churn.clone() } else { Vec::new() };
+    let sessions = match &decision.verdict {
+        Verdict::Allow(crate::engine::policy::Allowed::BySession { grants, .. }) => grants.clone(),
+        _ => Vec::new(),
+    };
     let register = if decision.allowed() && !request.dry_run() && state.registrar.is_some() {
         crate::cluster::webhook::marked_agents(&request.facts(), &state.cluster.policies(), &state.config)
     } else {
         AgentSet::default()
     };
     let events = if request.dry_run() { Vec::new() } else { events_for(request, decision) };
-    Plan { record, charge, register, events }
+    Plan { record, sessions, charge, register, events }
 }
 
 /// Carries out `plan` in the order the module doc gives; the first step that fails refuses.
 pub async fn carry_out(state: &AppState, request: &AdmissionRequest, plan: Plan) -> Result<(), Refusal> {
-    let Plan { mut record, charge, register, events } = plan;
+    let Plan { mut record, sessions: grants, charge, register, events } = plan;
     let uid = &request.uid;
     let agent = &request.user_info.username;
     if let (Some(trail), Some(record)) = (&state.trail, record.as_mut())
@@ -273,6 +304,43 @@ pub async fn carry_out(state: &AppState, request: &AdmissionRequest, plan: Plan)
         return Err(Refusal::Unavailable(format!(
             "agentguard could not check this change against the live object: {e:#}; retry"
         )));
+    }
+    if !grants.is_empty() {
+        // A session whose uses cannot be counted admits nothing.
+        let Some(sessions) = &state.sessions else {
+            return Err(Refusal::Unavailable(
+                "agentguard: a session would admit this, but agentguard has no namespace to count its uses in (--self-namespace)"
+                    .into(),
+            ));
+        };
+        let mut refusals = Vec::new();
+        for grant in &grants {
+            match sessions.spend(grant, request.dry_run()).await {
+                Ok(None) => {
+                    if let Some(record) = record.as_mut() {
+                        record.spec.session = Some(grant.to_string());
+                    }
+                    refusals.clear();
+                    break;
+                }
+                Ok(Some(spent)) => refusals.push(spent.to_string()),
+                Err(e) => {
+                    tracing::warn!(%uid, error = format!("{e:#}"), "cannot count the session's use; refusing");
+                    return Err(Refusal::Unavailable(format!(
+                        "agentguard could not count this use of session {:?}: {e:#}; retry",
+                        grant.name
+                    )));
+                }
+            }
+        }
+        if !refusals.is_empty() {
+            let spent = refusals.join("; ");
+            tracing::info!(%uid, %agent, %spent, "session refused");
+            return Err(Refusal::Forbidden(format!(
+                "agentguard: {} by {agent}: {spent}; the request needs an approval again",
+                request.operation
+            )));
+        }
     }
     if !charge.is_empty() {
         // A limit that cannot be counted is not waived: the agent is refused, loudly.
@@ -405,7 +473,7 @@ fn events_for(request: &AdmissionRequest, decision: &Decision) -> Vec<Record> {
             }
             _ => one(true, "Denied", d.to_string()),
         },
-        Verdict::Allow(why @ Allowed::Approved { .. }) => {
+        Verdict::Allow(why @ (Allowed::Approved { .. } | Allowed::BySession { .. })) => {
             one(false, "Approved", format!("{} by {who} admitted: {why}", request.operation))
         }
         Verdict::Allow(Allowed::ApprovalAccepted) => {

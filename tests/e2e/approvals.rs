@@ -1,6 +1,7 @@
 //! Approvals beyond one annotation, on the real API server: a policy that needs two distinct
 //! approvers (each writes an approval naming themselves; nobody counts twice, an agent never),
-//! recorded in the audit trail with both.
+//! recorded in the audit trail with both; and break-glass sessions, which admit exactly what
+//! they scope until spent, ended or closed, and which agents can neither open nor change.
 
 use anyhow::{Context, Result, ensure};
 
@@ -129,4 +130,226 @@ fn loop_until_held(w: &World, who: &std::path::Path, ns: &str) -> Result<String>
         );
         std::thread::sleep(std::time::Duration::from_millis(250));
     }
+}
+
+/// Polls `args` as the agent until the API server admits it (agentguard's cache has seen a new
+/// session), for at most ten seconds.
+fn admitted_soon(w: &World, who: &std::path::Path, args: &[&str]) -> Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let out = w.plane.kubectl(who, args);
+        if out.status.success() {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "never admitted: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A break-glass session admits exactly what it scopes, as many times as it says, until it is
+/// closed; agents can neither open, widen, extend nor reset one; each use is recorded.
+pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
+    let ns = namespace(w, "session")?;
+    let other = namespace(w, "session-other")?;
+    for name in ["a", "b", "c"] {
+        deployment(w, &ns, name)?;
+    }
+    deployment(w, &other, "x")?;
+    let delete = |name: &'static str| ["delete", "deployment", name, "-n", ns.as_str()];
+    rejects(
+        w.plane.kubectl(&w.editor, &delete("a")),
+        "the agent's delete before a session",
+        "requires approval",
+    )?;
+
+    // Agents never open one, even with cluster-admin.
+    let opened_by_agent = format!(
+        "apiVersion: agentguard.io/v1alpha1\nkind: AgentSession\nmetadata: {{name: mine}}\nspec:\n  \
+         agent: system:serviceaccount:agents:editor\n  namespaces: [{ns}]\n  resources: [deployments.apps]\n  \
+         operations: [DELETE]\n  maxOperations: 100\n  ttl: 1h\n  reason: self-service\n  \
+         openedBy: {{username: system:serviceaccount:agents:coder, groups: [system:serviceaccounts, system:serviceaccounts:agents, system:authenticated]}}\n"
+    );
+    rejects(
+        w.plane.kubectl_stdin(&w.agent, &["create", "-f", "-"], Some(&opened_by_agent)),
+        "an agent opening a session",
+        "agents may not",
+    )?;
+    // A human opens one only as themselves, and only as an approver.
+    let as_bob = opened_by_agent.replace(
+        "openedBy: {username: system:serviceaccount:agents:coder, groups: [system:serviceaccounts, system:serviceaccounts:agents, system:authenticated]}",
+        "openedBy: {username: bob, groups: [sre, system:authenticated]}",
+    );
+    rejects(
+        w.plane.kubectl_stdin(&w.alice, &["create", "-f", "-"], Some(&as_bob)),
+        "alice opening a session in bob's name",
+        "must be exactly who opens it",
+    )?;
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &["create", "clusterrolebinding", "e2e-dave", "--clusterrole=cluster-admin", "--user=dave"],
+    ))?;
+    let dave = w.plane.user_kubeconfig("dave", &["ops"])?;
+    let by_dave = plugin(
+        w,
+        &dave,
+        &[
+            "session",
+            "open",
+            "daves",
+            "--agent",
+            "agents/editor",
+            "-n",
+            &ns,
+            "--resource",
+            "deployments.apps",
+            "--operation",
+            "DELETE",
+            "--reason",
+            "x",
+        ],
+        "",
+    )?;
+    ensure!(
+        !by_dave.status.success() && text(&by_dave).contains("dave is not an approver under any"),
+        "{}",
+        text(&by_dave)
+    );
+
+    // Alice opens one for the agent: deployments in one namespace, DELETE only, twice at most.
+    let opened = must(plugin(
+        w,
+        &w.alice,
+        &[
+            "session",
+            "open",
+            "migrate",
+            "--agent",
+            "agents/editor",
+            "-n",
+            &ns,
+            "--resource",
+            "deployments.apps",
+            "--operation",
+            "DELETE",
+            "--max",
+            "2",
+            "--ttl",
+            "10m",
+            "--reason",
+            "supervised migration",
+        ],
+        "",
+    )?)?;
+    ensure!(opened.contains("session migrate opened"), "{opened}");
+    // A dry run is judged alike and spends nothing.
+    let dry = ["delete", "deployment", "a", "-n", ns.as_str(), "--dry-run=server"];
+    admitted_soon(w, &w.editor, &dry)?;
+    accepts(w.plane.kubectl(&w.editor, &dry), "a second dry run")?;
+
+    // Outside its scope: held as before.
+    rejects(
+        w.plane.kubectl(&w.editor, &["delete", "deployment", "x", "-n", &other]),
+        "a delete in another namespace",
+        "requires approval",
+    )?;
+    rejects(
+        w.plane.kubectl(&w.editor, &["scale", "deployment", "b", "-n", &ns, "--replicas=0"]),
+        "a scale (an UPDATE) under a DELETE session",
+        "requires approval",
+    )?;
+    rejects(
+        w.plane.kubectl(&w.agent, &["delete", "deployment", "b", "-n", &ns]),
+        "another agent's delete",
+        "requires approval",
+    )?;
+
+    // Agents cannot widen, extend or reset it; nobody changes it.
+    rejects(
+        w.plane.kubectl(
+            &w.agent,
+            &["patch", "agentsession", "migrate", "--type=merge", "-p", r#"{"spec":{"maxOperations":100}}"#],
+        ),
+        "an agent widening the session",
+        "never changed or extended",
+    )?;
+    rejects(
+        w.plane.kubectl(&w.agent, &["label", "agentsession", "migrate", "note=mine"]),
+        "an agent touching the session",
+        "agents may not create, change or delete agentguard policies, sessions or records",
+    )?;
+    rejects(
+        w.plane.kubectl(
+            &w.alice,
+            &["patch", "agentsession", "migrate", "--type=merge", "-p", r#"{"spec":{"ttl":"100h"}}"#],
+        ),
+        "extending the session",
+        "never changed or extended",
+    )?;
+
+    // Within it: exactly two deletes.
+    accepts(w.plane.kubectl(&w.editor, &delete("a")), "the first delete under the session")?;
+    accepts(w.plane.kubectl(&w.editor, &delete("b")), "the second delete under the session")?;
+    rejects(w.plane.kubectl(&w.editor, &delete("c")), "a third delete", "has admitted all 2 operations")?;
+    let leases = must(w.plane.kubectl(
+        &w.plane.admin,
+        &["get", "leases", "-n", "agentguard-system", "-l", "agentguard.io/session-count", "-o", "name"],
+    ))?;
+    let lease = leases.lines().next().context("no session count lease")?.to_owned();
+    rejects(
+        w.plane.kubectl(&w.agent, &["delete", &lease, "-n", "agentguard-system"]),
+        "an agent resetting the count",
+        "agentguard",
+    )?;
+    let listed = must(plugin(w, &w.alice, &["session", "list"], "")?)?;
+    ensure!(
+        listed.contains("migrate: system:serviceaccount:agents:editor may DELETE deployments.apps")
+            && listed.contains("used 2/2"),
+        "{listed}"
+    );
+
+    // Each use is recorded with the session.
+    let record = record(w, &ns, "DELETE", "a")?;
+    let session = record["spec"]["session"].as_str().unwrap_or_default();
+    ensure!(
+        session.starts_with("migrate (uid ") && session.ends_with("opened by alice: supervised migration"),
+        "{record}"
+    );
+    ensure!(record["spec"]["admission"] == "session", "{record}");
+
+    // Closing ends it at once.
+    must(plugin(
+        w,
+        &w.alice,
+        &[
+            "session",
+            "open",
+            "last",
+            "--agent",
+            "agents/editor",
+            "-n",
+            &ns,
+            "--resource",
+            "deployments.apps",
+            "--operation",
+            "DELETE",
+            "--max",
+            "5",
+            "--reason",
+            "one more",
+        ],
+        "",
+    )?)?;
+    admitted_soon(w, &w.editor, &["delete", "deployment", "c", "-n", ns.as_str(), "--dry-run=server"])?;
+    must(plugin(w, &w.alice, &["session", "close", "last"], "")?)?;
+    let refused = w.plane.kubectl(&w.editor, &delete("c"));
+    ensure!(!refused.status.success(), "a delete after the session was closed was admitted");
+    ensure!(exists(w, &ns, "deployment", "c"), "c is gone");
+    println!(
+        "  session: 2 deletes admitted, the 3rd refused; out of scope held; agent open/widen/reset refused; closed at once"
+    );
+    Ok(())
 }

@@ -54,6 +54,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("route_blast_radius_is_shown_and_bound_to_the_approval", crate::routes::blast_radius_is_shown_and_bound),
     ("approvals_two_person_rule_needs_two_distinct_approvers", crate::approvals::two_distinct_approvers),
     (
+        "approvals_a_session_admits_exactly_its_scope_until_closed",
+        crate::approvals::sessions_admit_exactly_their_scope,
+    ),
+    (
         "route_rule_conditions_guard_exactly_what_they_say",
         crate::routes::conditions_guard_exactly_what_they_say,
     ),

@@ -16,6 +16,7 @@ pub const SELF_RULE: &str = "agentguard-self";
 pub const AGENT_LABEL_RULE: &str = "agent-label";
 pub const AGENT_NAMESPACE_RULE: &str = "agent-namespace-label";
 pub const AGENT_IDENTITY_RULE: &str = "agent-identity";
+pub const SESSION_RULE: &str = "agent-session";
 
 /// What a write does to the approval annotation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,6 +215,48 @@ fn one_approval(
     Ok(Written::Approval)
 }
 
+/// Checks the creation of a break-glass session ([`crate::engine::api::AgentSession`]): only an
+/// approver under some enforced RequireApproval policy opens one, and `openedBy` is exactly who
+/// creates it (username and groups), so that what it may stand in for is judged on the opener's
+/// real rights at every use. Agents never open one. (Its spec never changes after: the schema.)
+pub(super) fn session_opened(
+    facts: &Facts<'_>,
+    requester: &Requester,
+    agent: bool,
+    policies: &PolicySet,
+) -> Result<(), String> {
+    if facts.operation != Operation::Create || facts.group != GROUP || facts.resource != "agentsessions" {
+        return Ok(());
+    }
+    if agent {
+        return Err("agents may not open sessions; an approver opens one for them".into());
+    }
+    let opener = facts.object.and_then(|o| o.pointer("/spec/openedBy"));
+    let username = opener.and_then(|o| o.get("username")).and_then(serde_json::Value::as_str);
+    let groups: Option<std::collections::BTreeSet<&str>> = opener
+        .map(|o| o.get("groups").and_then(serde_json::Value::as_array).into_iter().flatten())
+        .map(|g| g.filter_map(serde_json::Value::as_str).collect());
+    let mine: std::collections::BTreeSet<&str> = requester.groups.iter().map(String::as_str).collect();
+    if username != Some(requester.username.as_str()) || groups.as_ref() != Some(&mine) {
+        return Err(format!(
+            "a session's openedBy must be exactly who opens it: username {:?}, groups {:?} (kubectl agentguard session open fills it in)",
+            requester.username, requester.groups
+        ));
+    }
+    let approver_somewhere = policies.policies().any(|p| {
+        p.mode == Mode::Enforce
+            && p.action == Action::RequireApproval
+            && p.approval.as_ref().is_some_and(|a| a.approves(requester))
+    });
+    if !approver_somewhere {
+        return Err(format!(
+            "{} is not an approver under any enforced RequireApproval policy, so may not open a session",
+            requester.username
+        ));
+    }
+    Ok(())
+}
+
 /// Agents' changes to agentguard itself, its policies and the markers that make them agents.
 pub(super) fn self_protection(
     facts: &Facts<'_>,
@@ -244,7 +287,10 @@ pub(super) fn self_protection(
         }
     }
     if facts.group == GROUP {
-        return Some((POLICIES_RULE, "agents may not create, change or delete agentguard policies".into()));
+        return Some((
+            POLICIES_RULE,
+            "agents may not create, change or delete agentguard policies, sessions or records".into(),
+        ));
     }
     if facts.group == "apiextensions.k8s.io"
         && facts.resource == "customresourcedefinitions"

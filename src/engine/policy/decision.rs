@@ -91,7 +91,9 @@ impl Decision {
         match &self.verdict {
             Verdict::Deny(d) => Some(d.reason.action()),
             Verdict::Allow(Allowed::ByPolicy { .. }) => Some(Action::Allow),
-            Verdict::Allow(Allowed::Approved { .. }) => Some(Action::RequireApproval),
+            Verdict::Allow(Allowed::Approved { .. } | Allowed::BySession { .. }) => {
+                Some(Action::RequireApproval)
+            }
             Verdict::Allow(_) => None,
         }
     }
@@ -104,6 +106,7 @@ impl Decision {
     pub fn outcome(&self) -> &'static str {
         match &self.verdict {
             Verdict::Allow(Allowed::Approved { .. }) => "approved",
+            Verdict::Allow(Allowed::BySession { .. }) => "session",
             Verdict::Allow(_) if !self.warnings.is_empty() => "warned",
             Verdict::Allow(_) => "allowed",
             Verdict::Deny(d) => match d.reason {
@@ -135,6 +138,9 @@ pub enum Allowed {
     Unmatched,
     /// An Allow policy matched and nothing stricter did.
     ByPolicy { policy: PolicyId, rule: String },
+    /// A RequireApproval policy matched and break-glass sessions approvers opened cover the
+    /// request: one use of the first with uses left is counted before the answer goes out.
+    BySession { policy: PolicyId, rule: String, grants: Vec<crate::engine::session::Grant> },
     /// A RequireApproval policy matched and valid approvals cover the request: `approvals` are
     /// the values that counted, `approvers` whom they name (empty for one that names nobody).
     Approved {
@@ -155,6 +161,16 @@ impl fmt::Display for Allowed {
             Allowed::NoChange => f.write_str("the update changes nothing but bookkeeping fields"),
             Allowed::Unmatched => f.write_str("no enforced policy matches"),
             Allowed::ByPolicy { policy, rule } => write!(f, "allowed by {policy}, rule {rule:?}"),
+            Allowed::BySession { policy, rule, grants } => {
+                write!(f, "admitted under session")?;
+                if let Some(g) = grants.first() {
+                    write!(f, " {g}; at most {} operations, until {}", g.max_operations, g.expires)?;
+                }
+                if grants.len() > 1 {
+                    write!(f, " (or {} other sessions covering it)", grants.len() - 1)?;
+                }
+                write!(f, " for {policy}, rule {rule:?}")
+            }
             Allowed::Approved { policy, rule, approvals, approvers, expires } => {
                 let approval = approvals.first().map(String::as_str).unwrap_or_default();
                 write!(f, "approved ({approval:?}")?;

@@ -36,11 +36,14 @@ fn decide(
         })
     };
 
-    // 1. Approval writes are checked whoever sends them.
+    // 1. Approval writes, and sessions opened, are checked whoever sends them.
     let written = match builtin::approval_write(facts, requester, agent, policies, directory, config, now) {
         Err(detail) => return deny(Reason::Builtin { rule: builtin::APPROVAL_RULE, detail }, None),
         Ok(written) => written,
     };
+    if let Err(detail) = builtin::session_opened(facts, requester, agent, policies) {
+        return deny(Reason::Builtin { rule: builtin::SESSION_RULE, detail }, None);
+    }
     if !agent {
         return match written {
             builtin::Written::Approval => Decision::allow(Allowed::ApprovalAccepted),
@@ -92,7 +95,7 @@ fn decide(
 
     // 5. Policies.
     let judge = |ms: &[&Match<'_>]| -> Judgement {
-        judge(ms, facts, change.as_ref(), &config.approval_keys, now, requester)
+        judge(ms, facts, change.as_ref(), &config.approval_keys, now, requester, directory)
     };
 
     let mut decision = {
@@ -177,6 +180,7 @@ fn judge(
     keys: &approval::Keys,
     now: Timestamp,
     requester: &Requester,
+    directory: &dyn Directory,
 ) -> Judgement {
     if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Deny) {
         return Judgement::Refuse(Reason::Policy {
@@ -198,12 +202,56 @@ fn judge(
                 message: Some("this policy names no approvers, so nothing can approve it".into()),
             });
         }
-        return hold(&holds, facts, change, keys, now, requester);
+        return hold(&holds, facts, change, keys, now, requester, directory);
     }
     if let Some(m) = matches.iter().find(|m| m.policy.action == Action::Allow) {
         return Judgement::Admit(Allowed::ByPolicy { policy: m.policy.id.clone(), rule: m.rule_name() });
     }
     Judgement::Admit(Allowed::Unmatched)
+}
+
+/// The open sessions that stand in for the approval `holds` need, soonest to end first (see
+/// [`crate::engine::session`]): never where several approvers are needed, nor for what the request
+/// amounts to beyond itself, and only those whose opener approves under every holding policy.
+fn sessions_for(
+    holds: &[&&Match<'_>],
+    facts: &Facts<'_>,
+    requester: &Requester,
+    directory: &dyn Directory,
+    need: usize,
+    max_ttl: SignedDuration,
+    now: Timestamp,
+) -> Vec<crate::engine::session::Grant> {
+    use crate::engine::api::SessionOperation;
+    if need > 1 || holds.iter().any(|m| m.via.is_some() || m.escape.is_some()) {
+        return Vec::new();
+    }
+    let operation = match facts.operation {
+        Operation::Delete => SessionOperation::Delete,
+        Operation::Update { .. } => SessionOperation::Update,
+        Operation::Create | Operation::Connect => return Vec::new(),
+    };
+    let mut resource = facts.target().resource;
+    if !facts.subresource.is_empty() {
+        resource = format!("{resource}/{}", facts.subresource);
+    }
+    let request = crate::engine::session::Use {
+        agent: &requester.username,
+        operation,
+        resource: &resource,
+        namespace: facts.namespace,
+    };
+    let mut grants: Vec<crate::engine::session::Grant> = directory
+        .sessions(&requester.username)
+        .into_iter()
+        .filter(|s| {
+            s.covers(&request, max_ttl, now)
+                && holds.iter().all(|m| m.policy.approval.as_ref().is_some_and(|a| a.approves(&s.opener)))
+        })
+        .map(|s| s.grant(max_ttl))
+        .collect();
+    grants.sort_by(|a, b| (a.expires, &a.name).cmp(&(b.expires, &b.name)));
+    grants
 }
 
 /// RequireApproval: admits when the stored tickets cover this object, operation and exact
@@ -216,6 +264,7 @@ fn hold(
     keys: &approval::Keys,
     now: Timestamp,
     requester: &Requester,
+    directory: &dyn Directory,
 ) -> Judgement {
     let first = holds[0];
     let mut covering: Vec<Covering> = Vec::new();
@@ -302,6 +351,14 @@ fn hold(
         }
         _ => approval::Refusal::Absent,
     };
+    let grants = sessions_for(holds, facts, requester, directory, need, lifetime.max_ttl, now);
+    if !grants.is_empty() {
+        return Judgement::Admit(Allowed::BySession {
+            policy: first.policy.id.clone(),
+            rule: first.rule_name(),
+            grants,
+        });
+    }
     let ticket = match (&unapprovable, digest) {
         (None, Some(digest)) => approval::Ticket::issue(
             keys,

@@ -17,6 +17,10 @@ pub trait Directory {
     fn reached_by_agents(&self, _namespace: &str) -> bool {
         false
     }
+    /// The break-glass sessions opened for `agent` (see [`crate::engine::session`]).
+    fn sessions(&self, _agent: &str) -> Vec<crate::engine::session::Session> {
+        Vec::new()
+    }
 }
 
 /// A directory that knows nothing (offline `check`, or tests that need no labels).
@@ -35,6 +39,7 @@ pub struct StaticDirectory {
     pub service_accounts: BTreeMap<(String, String), Labels>,
     pub namespaces: BTreeMap<String, Labels>,
     pub reached: BTreeSet<String>,
+    pub sessions: Vec<crate::engine::session::Session>,
 }
 
 impl Directory for StaticDirectory {
@@ -46,6 +51,9 @@ impl Directory for StaticDirectory {
     }
     fn reached_by_agents(&self, namespace: &str) -> bool {
         self.reached.contains(namespace)
+    }
+    fn sessions(&self, agent: &str) -> Vec<crate::engine::session::Session> {
+        self.sessions.iter().filter(|s| s.agent == agent).cloned().collect()
     }
 }
 

@@ -1025,6 +1025,128 @@ mod builtins {
         assert!(d.allowed(), "{d:?}");
     }
 
+    fn session(opener: &str, groups: &[&str], extra: Value) -> crate::engine::session::Session {
+        let mut spec = json!({
+            "agent": "system:serviceaccount:agents:coder", "namespaces": ["prod"],
+            "resources": ["deployments.apps"], "operations": ["DELETE"], "maxOperations": 2,
+            "ttl": "30m", "reason": "migration", "openedBy": {"username": opener, "groups": groups}
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        let s: crate::engine::api::AgentSession = serde_json::from_value(json!({
+            "apiVersion": "agentguard.io/v1alpha1", "kind": "AgentSession",
+            "metadata": {"name": "migrate", "uid": "s-1", "creationTimestamp": "2026-11-26T11:50:00Z"},
+            "spec": spec
+        }))
+        .unwrap();
+        crate::engine::session::Session::of(&s).unwrap()
+    }
+
+    #[test]
+    fn a_session_stands_in_for_approvals_within_its_scope_only() {
+        let policies = set(vec![deployments_policy("hold", "RequireApproval", "Enforce")], vec![]);
+        let with = |sessions: Vec<crate::engine::session::Session>| {
+            let mut dir = directory();
+            dir.sessions = sessions;
+            dir
+        };
+        let old = deployment(3);
+        let delete = facts(Operation::Delete, Some(&old), None);
+        let judge = |who: Who, facts: &Facts<'_>, dir: &StaticDirectory| {
+            evaluate(facts, &requester(who), &policies, dir, &config(), now())
+        };
+        let dir = with(vec![session("alice", &["sre"], json!({}))]);
+        match judge(Who::LabelledAgent, &delete, &dir).verdict {
+            Verdict::Allow(Allowed::BySession { grants, .. }) => {
+                let g = &grants[0];
+                assert_eq!(
+                    (g.name.as_str(), g.uid.as_str(), g.max_operations, g.opener.as_str()),
+                    ("migrate", "s-1", 2, "alice")
+                );
+                assert_eq!(g.expires, "2026-11-26T12:20:00Z".parse::<Timestamp>().unwrap());
+            }
+            other => panic!("{other:?}"),
+        }
+        let held = |who: Who, facts: &Facts<'_>, dir: &StaticDirectory| {
+            let d = judge(who, facts, dir);
+            assert!(
+                matches!(&d.verdict, Verdict::Deny(x) if matches!(x.reason, Reason::ApprovalRequired { .. })),
+                "{d:?}"
+            );
+        };
+        // Another agent, another operation, another namespace: held as before.
+        held(Who::AgentNamespace, &delete, &dir);
+        let new = deployment(0);
+        held(
+            Who::LabelledAgent,
+            &facts(Operation::Update { patch: Some(true) }, Some(&old), Some(&new)),
+            &dir,
+        );
+        held(Who::LabelledAgent, &Facts { namespace: "dev", ..delete.clone() }, &dir);
+        // Opened by someone who is not an approver under the holding policy: covers nothing.
+        held(Who::LabelledAgent, &delete, &with(vec![session("mallory", &["dev"], json!({}))]));
+        // Ended (opened 11:50 for 5 minutes; the clock says 12:00).
+        held(Who::LabelledAgent, &delete, &with(vec![session("alice", &["sre"], json!({"ttl": "5m"}))]));
+        // What the delete takes with it, guarded beyond itself, still needs its approval.
+        let dependent = [crate::engine::policy::Collateral {
+            group: "apps".into(),
+            resource: "deployments".into(),
+            namespace: "prod".into(),
+            name: "web-2".into(),
+            object: json!({"metadata": {"name": "web-2", "namespace": "prod"}}),
+            via: "owned by Deployment \"web\"".into(),
+            unseen: false,
+        }];
+        held(Who::LabelledAgent, &Facts { collateral: &dependent, ..delete.clone() }, &dir);
+        // A policy that needs two approvers is never satisfied by one person's session.
+        let mut two = deployments_policy("two", "RequireApproval", "Enforce");
+        two.spec.policy.approval.as_mut().unwrap().min_approvers = 2;
+        let strict = set(vec![two], vec![]);
+        let d = evaluate(&delete, &requester(Who::LabelledAgent), &strict, &dir, &config(), now());
+        assert!(!d.allowed(), "{d:?}");
+        // Agents never open one.
+        let opening = json!({"spec": {"openedBy": {"username": "system:serviceaccount:agents:coder", "groups": ["system:serviceaccounts"]}}});
+        let create = Facts {
+            operation: Operation::Create,
+            group: "agentguard.io",
+            resource: "agentsessions",
+            namespace: "",
+            name: "mine",
+            object: Some(&opening),
+            old_object: None,
+            ..delete.clone()
+        };
+        assert!(!judge(Who::LabelledAgent, &create, &dir).allowed());
+        // A human opens one only as themselves, and only as an approver somewhere.
+        let by =
+            |user: &str, groups: &[&str]| json!({"spec": {"openedBy": {"username": user, "groups": groups}}});
+        let alice = by("alice", &["sre"]);
+        let d = judge(Who::Human, &Facts { object: Some(&alice), ..create.clone() }, &dir);
+        assert!(d.allowed(), "{d:?}");
+        let as_bob = by("bob", &["sre"]);
+        let d = judge(Who::Human, &Facts { object: Some(&as_bob), ..create.clone() }, &dir);
+        assert_eq!(builtin_rule(&d), Some(builtin::SESSION_RULE), "{d:?}");
+        let more_groups = by("alice", &["sre", "admins"]);
+        let d = judge(Who::Human, &Facts { object: Some(&more_groups), ..create.clone() }, &dir);
+        assert_eq!(builtin_rule(&d), Some(builtin::SESSION_RULE), "{d:?}");
+        let mallory =
+            Requester::resolve("mallory", &["dev".into()], &directory(), ("agentguard.io/agent", "true"));
+        let as_mallory = by("mallory", &["dev"]);
+        let d = evaluate(
+            &Facts { object: Some(&as_mallory), ..create.clone() },
+            &mallory,
+            &policies,
+            &dir,
+            &config(),
+            now(),
+        );
+        assert!(
+            matches!(&d.verdict, Verdict::Deny(x) if x.to_string().contains("not an approver under any")),
+            "{d:?}"
+        );
+    }
+
     #[test]
     fn agents_may_remove_an_approval_and_nothing_refreshes_one() {
         let policies = set(vec![deployments_policy("hold", "RequireApproval", "Enforce")], vec![]);

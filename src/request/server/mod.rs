@@ -6,7 +6,7 @@
 pub mod tls;
 
 use crate::request::actions;
-pub use crate::request::actions::{AppState, Charge, Cluster, Recorder, Register, StaticCluster};
+pub use crate::request::actions::{AppState, Charge, Cluster, Recorder, Register, Spend, StaticCluster};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
