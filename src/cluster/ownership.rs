@@ -15,6 +15,10 @@
 //! pure engine. An error fails the agent's request closed. A guarded type agentguard may not
 //! list (Secrets, unless the chart is told to let it read them) is not an error: what the DELETE
 //! takes of it is unseen, and judged as if it took any object of that type.
+//!
+//! Data goes too: a PersistentVolume with reclaimPolicy Delete bound to a claim the DELETE
+//! removes is deleted by the PV controller with its storage, so it is part of what the DELETE
+//! takes (one list of PersistentVolumes, only for a DELETE that removes claims or a Namespace).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -169,6 +173,84 @@ impl Ownership {
     }
 
     async fn find(&self, request: &AdmissionRequest, policies: &PolicySet) -> Result<Vec<Collateral>> {
+        let mut out = self.dependents(request, policies).await?;
+        let lost = self.volumes_lost(request, &out).await?;
+        out.extend(lost);
+        Ok(out)
+    }
+
+    /// PersistentVolumes whose data the DELETE destroys: those with reclaimPolicy Delete bound
+    /// to a claim it deletes (the claim itself, a Namespace's claims, claims among what it takes
+    /// with it). The PV controller deletes such a volume, and the storage behind it, once its
+    /// claim is gone: the DELETE is judged as the DELETE of each, and they are in its blast radius.
+    async fn volumes_lost(
+        &self,
+        request: &AdmissionRequest,
+        taken: &[Collateral],
+    ) -> Result<Vec<Collateral>> {
+        use k8s_openapi::api::core::v1::PersistentVolume;
+        let facts = request.facts();
+        let core = |resource: &str| {
+            facts.group.is_empty() && facts.resource == resource && facts.subresource.is_empty()
+        };
+        let namespace = core("namespaces").then_some(facts.name);
+        let mut claims: HashSet<(String, String)> = taken
+            .iter()
+            .filter(|c| c.group.is_empty() && c.resource == "persistentvolumeclaims" && !c.unseen)
+            .map(|c| (c.namespace.clone(), c.name.clone()))
+            .collect();
+        if core("persistentvolumeclaims") {
+            claims.insert((facts.namespace.to_owned(), facts.name.to_owned()));
+        }
+        if claims.is_empty() && namespace.is_none() {
+            return Ok(Vec::new());
+        }
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let via_unseen =
+            "the volume of a claim it deletes, unseen: agentguard may not read persistentvolumes";
+        let volumes =
+            match Api::<PersistentVolume>::all(self.client.clone()).list(&ListParams::default()).await {
+                Ok(list) => list.items,
+                Err(kube::Error::Api(e)) if e.code == 403 => {
+                    return Ok(vec![Collateral {
+                        group: String::new(),
+                        resource: "persistentvolumes".into(),
+                        namespace: String::new(),
+                        name: String::new(),
+                        object: Value::Null,
+                        via: via_unseen.into(),
+                        unseen: true,
+                    }]);
+                }
+                Err(e) => return Err(e).context("listing persistentvolumes"),
+            };
+        Ok(volumes
+            .into_iter()
+            .filter_map(|pv| {
+                let spec = pv.spec.as_ref()?;
+                if spec.persistent_volume_reclaim_policy.as_deref() != Some("Delete") {
+                    return None;
+                }
+                let claim = spec.claim_ref.as_ref()?;
+                let (ns, name) = (claim.namespace.clone()?, claim.name.clone()?);
+                let bound = namespace == Some(ns.as_str()) || claims.contains(&(ns.clone(), name.clone()));
+                bound.then(|| Collateral {
+                    group: String::new(),
+                    resource: "persistentvolumes".into(),
+                    namespace: String::new(),
+                    name: pv.metadata.name.clone().unwrap_or_default(),
+                    object: json!({"metadata": pv.metadata}),
+                    via: format!(
+                        "the volume of PersistentVolumeClaim {ns}/{name}, reclaimPolicy Delete: its data is deleted with the claim"
+                    ),
+                    unseen: false,
+                })
+            })
+            .collect())
+    }
+
+    /// What the DELETE hands to the garbage collector, the namespace controller or the API server.
+    async fn dependents(&self, request: &AdmissionRequest, policies: &PolicySet) -> Result<Vec<Collateral>> {
         let types = self.types().await?;
         let patterns = policies.delete_guarded_resources();
         let guarded: Vec<(&(String, String), &Served)> = types

@@ -353,3 +353,85 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
     );
     Ok(())
 }
+
+/// Deleting a claim whose volume's reclaimPolicy is Delete deletes the volume's data too: the
+/// delete shows it in its blast radius and is judged as the volume's delete.
+pub fn a_claims_delete_takes_its_volumes_data(w: &World) -> Result<()> {
+    let ns = namespace(w, "data-loss")?;
+    let objects = format!(
+        "apiVersion: agentguard.io/v1alpha1\nkind: ClusterAgentPolicy\nmetadata: {{name: e2e-volumes}}\nspec:\n  \
+         action: RequireApproval\n  approval: {{approvers: {{groups: [sre]}}, reason: volumes hold data}}\n  \
+         rules:\n    - name: volumes\n      operations: [DELETE]\n      resources: [{{apiGroups: [''], resources: [persistentvolumes]}}]\n\
+         ---\n{}---\n{}---\n{}---\n{}",
+        volume("e2e-pv-delete", "Delete", &ns, "data"),
+        volume("e2e-pv-retain", "Retain", &ns, "keep"),
+        claim(&ns, "data", "e2e-pv-delete"),
+        claim(&ns, "keep", "e2e-pv-retain"),
+    );
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&objects)))?;
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &["wait", "--for=condition=Ready", "--timeout=30s", "clusteragentpolicy/e2e-volumes"],
+    ))?;
+    // The PV controller binds them (and annotates the claims) first: the object reviewed is
+    // the bound claim.
+    for pvc in ["data", "keep"] {
+        must(w.plane.kubectl(
+            &w.plane.admin,
+            &["wait", "--for=jsonpath={.status.phase}=Bound", "--timeout=30s", "pvc", pvc, "-n", &ns],
+        ))?;
+    }
+    let result = (|| -> Result<()> {
+        // Retained data outlives its claim: nothing to hold.
+        accepts(
+            w.plane.kubectl(&w.editor, &["delete", "pvc", "keep", "-n", &ns]),
+            "deleting a claim whose volume is retained",
+        )?;
+        let denial = rejects(
+            w.plane.kubectl(&w.editor, &["delete", "pvc", "data", "-n", &ns, "--wait=false"]),
+            "deleting a claim whose volume is deleted with it",
+            "requires approval",
+        )?;
+        ensure!(
+            denial.contains("It would also delete: 1 persistentvolumes (e2e-pv-delete) with all their data (reclaimPolicy Delete)"),
+            "{denial}"
+        );
+        ensure!(
+            denial.contains(
+                "ClusterAgentPolicy \"e2e-volumes\", rule \"volumes (judged as the operation it amounts to"
+            ),
+            "{denial}"
+        );
+        let approve = crate::world::approve_command(&denial)?;
+        accepts(crate::scenarios::run_as(w, &w.alice, &approve), "alice's approval of the claim's delete")?;
+        accepts(
+            w.plane.kubectl(&w.editor, &["delete", "pvc", "data", "-n", &ns, "--wait=false"]),
+            "the approved delete",
+        )?;
+        println!(
+            "  a claim on a Delete volume: held, its radius names the volume and its data; a Retain claim: admitted"
+        );
+        Ok(())
+    })();
+    must(w.plane.kubectl(&w.plane.admin, &["delete", "clusteragentpolicy", "e2e-volumes"]))?;
+    for pv in ["e2e-pv-delete", "e2e-pv-retain"] {
+        let _ = w.plane.kubectl(&w.plane.admin, &["delete", "pv", pv, "--wait=false"]);
+    }
+    result
+}
+
+fn volume(name: &str, reclaim: &str, ns: &str, claim: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {name}}}\nspec:\n  capacity: {{storage: 1Gi}}\n  \
+         accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: {reclaim}\n  storageClassName: e2e-manual\n  \
+         hostPath: {{path: /tmp/{name}}}\n  claimRef: {{namespace: {ns}, name: {claim}}}\n"
+    )
+}
+
+fn claim(ns: &str, name: &str, volume: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  \
+         accessModes: [ReadWriteOnce]\n  storageClassName: e2e-manual\n  volumeName: {volume}\n  \
+         resources: {{requests: {{storage: 1Gi}}}}\n"
+    )
+}

@@ -58,6 +58,10 @@ pub const ALL: &[(&str, Scenario)] = &[
         crate::approvals::sessions_admit_exactly_their_scope,
     ),
     (
+        "approvals_a_claims_delete_shows_and_is_judged_as_its_volumes_data",
+        crate::approvals::a_claims_delete_takes_its_volumes_data,
+    ),
+    (
         "route_rule_conditions_guard_exactly_what_they_say",
         crate::routes::conditions_guard_exactly_what_they_say,
     ),

@@ -553,6 +553,9 @@ pub fn radius_summary(deleted_uid: &str, collateral: &[Collateral]) -> Option<St
                     " (agentguard may not read them)"
                 });
             }
+            if kind == "persistentvolumes" {
+                part.push_str(" with all their data (reclaimPolicy Delete)");
+            }
             part
         })
         .collect();
@@ -854,6 +857,13 @@ mod tests {
             ..dependent("secrets", "", "", None)
         };
         assert_eq!(radius_summary("ns1", &[unseen]).unwrap(), "any secrets (agentguard may not read them)");
+        // A volume whose data goes with its claim says so.
+        let volume =
+            Collateral { namespace: String::new(), ..dependent("persistentvolumes", "pv-1", "v9", None) };
+        assert_eq!(
+            radius_summary("ns1", &[volume]).unwrap(),
+            "1 persistentvolumes (pv-1) with all their data (reclaimPolicy Delete)"
+        );
     }
 
     #[test]
