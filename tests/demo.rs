@@ -97,6 +97,13 @@ fn main() -> Result<()> {
         &["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent-"],
         None,
     );
+    // A Namespace's delete is held with its blast radius: what would go with it, before anyone approves.
+    show(&world, "admin", &admin, &["create", "deployment", "api", "-n", "demo", "--image=nginx:1.27"], None);
+    let held = show(&world, "agent", &world.agent, &["delete", "namespace", "demo"], None);
+    anyhow::ensure!(
+        held.contains("It would also delete: 1 deployments.apps (api)"),
+        "the namespace's delete does not show its blast radius:\n{held}"
+    );
 
     // Kubeconfig paths only: the agent's bearer token stays in its file, out of terminals and logs.
     println!("\nKeep going:");
