@@ -22,7 +22,7 @@ step "cargo test (unit, router, CEL and TLS tests)"
 cargo test --locked
 
 step "policy unit tests of the examples and the policy library (agentguard check --test)"
-cargo run --locked --quiet -- --log-format plain check --test examples/tests/demo.yaml examples/tests/library.yaml
+cargo run --locked --quiet -- --log-format plain check --test examples/tests/demo.yaml examples/tests/library.yaml examples/tests/approvals.yaml
 
 step "load benchmark smoke run (hack/bench.sh --smoke: both webhooks answer every example under wrk)"
 hack/bench.sh --smoke
