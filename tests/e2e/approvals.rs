@@ -155,10 +155,38 @@ fn admitted_soon(w: &World, who: &std::path::Path, args: &[&str]) -> Result<()> 
 pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
     let ns = namespace(w, "session")?;
     let other = namespace(w, "session-other")?;
+    let brief = namespace(w, "session-brief")?;
     for name in ["a", "b", "c"] {
         deployment(w, &ns, name)?;
     }
     deployment(w, &other, "x")?;
+    deployment(w, &brief, "z")?;
+    // A session of the shortest lifetime, checked at the end: it admits until it ends.
+    must(plugin(
+        w,
+        &w.alice,
+        &[
+            "session",
+            "open",
+            "brief",
+            "--agent",
+            "agents/editor",
+            "-n",
+            &brief,
+            "--resource",
+            "deployments.apps",
+            "--operation",
+            "DELETE",
+            "--ttl",
+            "1m",
+            "--reason",
+            "a minute",
+        ],
+        "",
+    )?)?;
+    let brief_ends = std::time::Instant::now() + std::time::Duration::from_secs(61);
+    let brief_dry = ["delete", "deployment", "z", "-n", brief.as_str(), "--dry-run=server"];
+    admitted_soon(w, &w.editor, &brief_dry)?;
     let delete = |name: &'static str| ["delete", "deployment", name, "-n", ns.as_str()];
     rejects(
         w.plane.kubectl(&w.editor, &delete("a")),
@@ -348,8 +376,12 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
     let refused = w.plane.kubectl(&w.editor, &delete("c"));
     ensure!(!refused.status.success(), "a delete after the session was closed was admitted");
     ensure!(exists(w, &ns, "deployment", "c"), "c is gone");
+
+    // The one-minute session has ended: held again.
+    std::thread::sleep(brief_ends.saturating_duration_since(std::time::Instant::now()));
+    rejects(w.plane.kubectl(&w.editor, &brief_dry), "a delete after the session ended", "requires approval")?;
     println!(
-        "  session: 2 deletes admitted, the 3rd refused; out of scope held; agent open/widen/reset refused; closed at once"
+        "  session: 2 deletes admitted, the 3rd refused; out of scope held; agent open/widen/reset refused; closed at once; ended after its ttl"
     );
     Ok(())
 }

@@ -115,6 +115,12 @@ pub struct Process {
 }
 
 impl Process {
+    /// The process id (to read its memory and CPU from /proc: the scale scenario).
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// An error if the process has exited, with the end of its log ([`lost_a_port`] tells
     /// whether it could not bind a port).
     pub fn check_running(&mut self) -> Result<()> {

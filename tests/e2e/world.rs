@@ -37,6 +37,11 @@ pub struct Agentguard {
 }
 
 impl Agentguard {
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self._process.pid()
+    }
+
     pub fn metrics(&self) -> Result<String> {
         http_get(&format!("{}/metrics", self.admin)).map(|(_, body)| body)
     }

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The scale scenario (docs/performance.md): agentguard's resident memory with 10,000
+# ServiceAccounts in 2,000 Namespaces and 1,000 policies, and the CPU it spends taking the
+# policies in, on a real control plane. Takes a few minutes; not part of CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(hack/k8s-binaries.sh)"
+export KUBE_APISERVER KUBE_CONTROLLER_MANAGER ETCD KUBECTL HELM
+exec cargo test --locked --release --test scale -- "$@"
