@@ -154,12 +154,15 @@ impl Caches {
         let cp_watch = reflector::reflector(
             cp_writer,
             watcher(Api::<ClusterAgentPolicy>::all(client.clone()), watcher::Config::default())
-                .default_backoff(),
+                .default_backoff()
+                .modify(drop_bookkeeping),
         )
         .map(|e| (Kind::Cluster, e.map(|e| Seen::of(&e))));
         let ap_watch = reflector::reflector(
             ap_writer,
-            watcher(Api::<AgentPolicy>::all(client.clone()), watcher::Config::default()).default_backoff(),
+            watcher(Api::<AgentPolicy>::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .modify(drop_bookkeeping),
         )
         .map(|e| (Kind::Namespaced, e.map(|e| Seen::of(&e))));
 
@@ -544,6 +547,15 @@ where
         },
     );
     reflector::reflector(writer, stream).for_each(mark_changed(caches.clone(), cache)).boxed()
+}
+
+/// What a policy is compiled from is its spec (and its name, namespace, generation and status):
+/// managedFields and annotations (`kubectl apply`'s copy of the whole object among them) would
+/// only cost memory, per policy.
+fn drop_bookkeeping<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.annotations = None;
+    meta.managed_fields = None;
 }
 
 fn keep_labels_only<K: Resource>(object: &mut K) {
