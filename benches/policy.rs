@@ -135,6 +135,7 @@ fn bench(c: &mut Criterion) {
         object: None,
         old_object: Some(&old),
         collateral: &[],
+        sent: None,
     };
     let update = Facts { operation: Operation::Update { patch: None }, object: Some(&new), ..delete.clone() };
     let guarded_update = Facts {

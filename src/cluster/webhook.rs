@@ -1316,6 +1316,7 @@ mod tests {
                 object: Some(object),
                 old_object: None,
                 collateral: &[],
+                sent: None,
             }
         }
         let agent = labelled(json!({"agentguard.io/agent": "true"}));

@@ -239,6 +239,7 @@ mod tests {
             object: matches!(operation, Operation::Update { .. }).then_some(&new),
             old_object: Some(&object),
             collateral: &[],
+            sent: None,
         };
         let mut requester = Requester::resolve(who, &[], &(), ("agentguard.io/agent", "true"));
         requester.selected_as_agent = who.contains("agents:");

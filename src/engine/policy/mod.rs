@@ -144,6 +144,10 @@ pub struct Facts<'a> {
     /// What a DELETE would take with it, as the request path found it (see [`effects`]); also
     /// the pod an eviction or a connection concerns, when it was looked up.
     pub collateral: &'a [Collateral],
+    /// The AdmissionRequest as the API server sent it, for what conditions read of it beyond the
+    /// fields above (`request.userInfo`, `request.dryRun`, …). `None` for requests made up
+    /// without one (`agentguard why`, tests): conditions naming those fields then guard.
+    pub sent: Option<&'a dyn condition::SentRequest>,
 }
 
 impl Facts<'_> {

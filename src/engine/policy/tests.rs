@@ -134,6 +134,7 @@ fn facts<'a>(operation: Operation, old: Option<&'a Value>, new: Option<&'a Value
         object: new,
         old_object: old,
         collateral: &[],
+        sent: None,
     }
 }
 
