@@ -34,6 +34,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("pending_lists_held_requests_until_approved", crate::pending::lists_held_requests_until_approved),
     ("plugin_why_names_the_rule_and_approve_admits_the_retry", crate::plugin::approve_and_why),
     ("plugin_freeze_stops_one_agent_and_unfreeze_lifts_it", crate::plugin::freeze_and_unfreeze),
+    ("plugin_freeze_stops_an_agents_creates", crate::plugin::freeze_stops_creates),
     ("audit_reports_each_agents_dangerous_rights", crate::audit::reports_granted_rights),
     ("audit_trail_records_and_restore_undoes_changes", crate::trail::records_and_restores),
     (

@@ -102,7 +102,7 @@ impl CompiledRule {
             Operation::Update { patch: Some(false) } => self.replace,
             // Replace and patch cannot be told apart: a rule guarding either guards it.
             Operation::Update { patch: None } => self.replace || self.patch,
-            Operation::Create => false,
+            Operation::Create => self.create,
         }
     }
 }
@@ -157,6 +157,8 @@ pub(super) fn rule_matches(
         Some(_) if objects.old.is_none() && objects.new.is_none() && facts.old_object.is_none() => {
             (true, true)
         }
+        // A CREATE has only the new object, as Kubernetes' own objectSelector reads it.
+        Some(sel) if facts.operation == Operation::Create => (false, sel.matches(objects.new)),
         Some(sel) => (sel.matches(objects.old), is_update && sel.matches(objects.new)),
     };
     if !old_in && !new_in {

@@ -258,6 +258,9 @@ pub(crate) struct CompiledRule {
     name: String,
     delete: bool,
     connect: bool,
+    /// Only rules naming CREATE see one (the freeze does); a CREATE that amounts to another
+    /// operation (an eviction) is judged as that operation by the rules guarding it.
+    create: bool,
     replace: bool,
     patch: bool,
     /// (api groups, resource, subresource) patterns; `*` is a wildcard in any position.
@@ -303,6 +306,8 @@ pub struct PolicySet {
     subject_selectors: Vec<(Option<String>, Selector)>,
     /// (api groups, resource) of every rule guarding DELETE: what a cascade must be checked for.
     delete_resources: Vec<(Vec<String>, String)>,
+    /// Whether any rule names CREATE; when none does, a CREATE is admitted without a lookup.
+    guards_create: bool,
 }
 
 struct Match<'p> {

@@ -1227,6 +1227,60 @@ mod routes {
     }
 
     #[test]
+    fn creates_are_judged_only_by_rules_that_name_create() {
+        let deny = |selector: Value| {
+            let mut p = policy(
+                "no-new-secrets",
+                "Deny",
+                json!(["CREATE"]),
+                json!({"apiGroups": [""], "resources": ["secrets"]}),
+            );
+            p.spec.policy.rules[0].object_selector = serde_json::from_value(selector).unwrap();
+            p
+        };
+        let secret = json!({"kind": "Secret", "metadata": {"name": "x", "labels": {"tier": "prod"}}});
+        let create = on("secrets", "", facts(Operation::Create, None, Some(&secret)));
+        let with_deletes = |p: ClusterAgentPolicy| {
+            let guard_deletes = policy(
+                "secret-deletes",
+                "Deny",
+                json!(["DELETE", "UPDATE"]),
+                json!({"apiGroups": [""], "resources": ["secrets"]}),
+            );
+            set(vec![p, guard_deletes], vec![])
+        };
+        let policies = with_deletes(deny(Value::Null));
+        assert!(refused(&decide(&policies, Who::LabelledAgent, &create)).contains("no-new-secrets"));
+        assert!(decide(&policies, Who::Human, &create).allowed());
+        // Other resources, and the rule guarding DELETE and UPDATE only, do not see it.
+        let configmap = on("configmaps", "", facts(Operation::Create, None, Some(&secret)));
+        assert!(decide(&policies, Who::LabelledAgent, &configmap).allowed());
+        let only_deletes = set(vec![], vec![]);
+        assert!(decide(&only_deletes, Who::LabelledAgent, &create).allowed());
+        // The objectSelector reads the object being created.
+        let prod = with_deletes(deny(json!({"matchLabels": {"tier": "prod"}})));
+        assert!(!decide(&prod, Who::LabelledAgent, &create).allowed());
+        let dev = with_deletes(deny(json!({"matchLabels": {"tier": "dev"}})));
+        assert!(decide(&dev, Who::LabelledAgent, &create).allowed());
+        // Allow and Warn on CREATE admit; Warn says so.
+        let mut warn = deny(Value::Null);
+        warn.spec.policy.mode = crate::engine::api::Mode::Warn;
+        let d = decide(&set(vec![warn], vec![]), Who::LabelledAgent, &create);
+        assert!(d.allowed() && d.warnings.iter().any(|w| w.contains("no-new-secrets")), "{d:?}");
+        // A CREATE that amounts to a DELETE (an eviction) is still judged as that DELETE.
+        let pods = set(
+            vec![
+                deny(Value::Null),
+                policy("pods", "Deny", json!(["DELETE"]), json!({"apiGroups": [""], "resources": ["pods"]})),
+            ],
+            vec![],
+        );
+        let eviction = json!({"kind": "Eviction", "metadata": {"name": "x"}});
+        let evict = on("pods", "eviction", facts(Operation::Create, None, Some(&eviction)));
+        assert!(refused(&decide(&pods, Who::LabelledAgent, &evict)).contains("an eviction deletes the pod"));
+    }
+
+    #[test]
     fn connections_are_guarded_only_where_a_policy_says() {
         let exec = set(
             vec![policy(
