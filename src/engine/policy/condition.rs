@@ -68,25 +68,47 @@ impl Condition {
     /// A variable with no value (`object` of a DELETE, `namespaceObject` of a cluster-scoped
     /// object) is left undeclared, so naming it is an error, not a silent null.
     pub fn met(&self, facts: &Facts<'_>, namespace_labels: Option<&Labels>) -> bool {
+        self.met_with(facts, namespace_labels, &mut Variables::default())
+    }
+
+    /// [`Condition::met`], converting each variable at most once into `variables`, which the
+    /// caller keeps for every condition of the same operation: the conversion from JSON costs
+    /// more than evaluating most expressions.
+    pub fn met_with(
+        &self,
+        facts: &Facts<'_>,
+        namespace_labels: Option<&Labels>,
+        variables: &mut Variables,
+    ) -> bool {
         let mut context = Context::default();
         for name in &self.names {
-            let value = match *name {
-                "object" => facts.object.cloned(),
-                "oldObject" => facts.old_object.cloned(),
-                "request" => Some(request(facts)),
-                "namespaceObject" => namespace_labels
-                    .map(|labels| json!({"metadata": {"name": facts.namespace, "labels": labels}})),
-                _ => None,
-            };
-            let Some(value) = value else { continue };
-            match cel::to_value(AsCel(&value)) {
-                Ok(value) => context.add_variable_from_value(*name, value),
-                Err(_) => return true,
+            let Some(at) = VARIABLES.iter().position(|v| v == name) else { continue };
+            let converted = variables.0[at].get_or_insert_with(|| {
+                let value = match *name {
+                    "object" => facts.object.cloned(),
+                    "oldObject" => facts.old_object.cloned(),
+                    "request" => Some(request(facts)),
+                    "namespaceObject" => namespace_labels
+                        .map(|labels| json!({"metadata": {"name": facts.namespace, "labels": labels}})),
+                    _ => None,
+                };
+                value.map(|v| cel::to_value(AsCel(&v)).map_err(|_| ()))
+            });
+            match converted {
+                None => continue,
+                // CEL values share their maps and lists: a clone is a reference count.
+                Some(Ok(value)) => context.add_variable_from_value(*name, value.clone()),
+                Some(Err(())) => return true,
             }
         }
         !matches!(self.program.execute(&context), Ok(Cel::Bool(false)))
     }
 }
+
+/// The variables of one operation as CEL values, converted on first use (in [`VARIABLES`]'
+/// order): `None` not yet converted, `Some(None)` absent, `Some(Some(Err))` not convertible.
+#[derive(Default)]
+pub struct Variables([Option<Option<Result<Cel, ()>>>; 4]);
 
 /// `request`: the AdmissionRequest as sent, with what names the operation (`operation`,
 /// `resource`, `subResource`, `namespace`, `name`) taken from the operation being judged, which
@@ -301,6 +323,27 @@ mod tests {
         let legacy = Condition::compile("request.subresource == 'scale'").unwrap();
         assert!(legacy.met(&Facts { subresource: "scale", ..bare.clone() }, None));
         assert!(!legacy.met(&bare, None));
+    }
+
+    #[test]
+    fn conditions_sharing_converted_variables_judge_as_each_alone() {
+        let request = sent();
+        let (old, new) = (json!({"spec": {"replicas": 3}}), json!({"spec": {"replicas": 0}}));
+        let f = Facts { sent: Some(&request), ..facts(Some(&old), Some(&new)) };
+        let prod: Labels = [("tier".to_string(), "prod".to_string())].into();
+        let mut shared = Variables::default();
+        for (source, want) in [
+            ("object.spec.replicas == 0", true),
+            ("oldObject.spec.replicas == 0", false),
+            ("object.spec.missing == 1", true),
+            ("request.userInfo.uid == 'sa-uid' && object.spec.replicas == 1", false),
+            ("namespaceObject.metadata.labels.tier == 'prod'", true),
+            ("request.dryRun && oldObject.spec.replicas == 3", true),
+        ] {
+            let c = Condition::compile(source).unwrap();
+            assert_eq!(c.met(&f, Some(&prod)), want, "{source} alone");
+            assert_eq!(c.met_with(&f, Some(&prod), &mut shared), want, "{source} after the others");
+        }
     }
 
     #[test]
