@@ -1,4 +1,5 @@
-//! Cost of one policy decision as the number of policies grows (decode excluded).
+//! Cost of one policy decision as the number of policies grows (decode excluded), and with every
+//! rule carrying a CEL condition.
 //!
 //! `cargo bench --bench policy` — results and the machine they came from are in docs/performance.md.
 
@@ -33,7 +34,14 @@ const RESOURCES: [(&str, &str); 20] = [
     ("apps", "statefulsets/scale"),
 ];
 
-fn spec(i: usize) -> Value {
+/// Conditions as the policy library writes them: on the object, on who asks, on both.
+const CONDITIONS: [&str; 3] = [
+    "has(object.spec.replicas) && object.spec.replicas == 0",
+    "request.userInfo.username.startsWith('system:serviceaccount:') && object.spec.replicas == 0",
+    "!('authentication.kubernetes.io/pod-name' in request.userInfo.extra) && object.spec.replicas < oldObject.spec.replicas / 2",
+];
+
+fn spec(i: usize, conditions: bool) -> Value {
     let (group, resource) = RESOURCES[i % RESOURCES.len()];
     let action = ["Deny", "RequireApproval", "Allow"][i % 3];
     let mut spec = json!({
@@ -46,6 +54,9 @@ fn spec(i: usize) -> Value {
             "objectSelector": {"matchLabels": {"tier": format!("t{}", i % 4)}}
         }]
     });
+    if conditions {
+        spec["rules"][0]["condition"] = json!(CONDITIONS[i % CONDITIONS.len()]);
+    }
     if action == "RequireApproval" {
         spec["approval"] = json!({"approvers": {"groups": ["sre"]}});
     }
@@ -53,8 +64,9 @@ fn spec(i: usize) -> Value {
 }
 
 /// `n` policies: a tenth cluster-wide, the rest AgentPolicies spread over 100 namespaces, plus
-/// (from 100 up) two catch-all Warn policies, as a real cluster would have.
-fn policies(n: usize) -> PolicySet {
+/// (from 100 up) two catch-all Warn policies, as a real cluster would have; with `conditions`,
+/// every one of the `n` carries a condition.
+fn policies(n: usize, conditions: bool) -> PolicySet {
     let mut cluster = Vec::new();
     let mut namespaced = Vec::new();
     for i in 0..n {
@@ -62,7 +74,7 @@ fn policies(n: usize) -> PolicySet {
             cluster.push(
                 serde_json::from_value::<ClusterAgentPolicy>(json!({
                     "apiVersion": "agentguard.io/v1alpha1", "kind": "ClusterAgentPolicy",
-                    "metadata": {"name": format!("cluster-{i}")}, "spec": spec(i)
+                    "metadata": {"name": format!("cluster-{i}")}, "spec": spec(i, conditions)
                 }))
                 .unwrap(),
             );
@@ -71,7 +83,7 @@ fn policies(n: usize) -> PolicySet {
                 serde_json::from_value::<AgentPolicy>(json!({
                     "apiVersion": "agentguard.io/v1alpha1", "kind": "AgentPolicy",
                     "metadata": {"name": format!("team-{i}"), "namespace": format!("ns-{}", i % 100)},
-                    "spec": spec(i)
+                    "spec": spec(i, conditions)
                 }))
                 .unwrap(),
             );
@@ -135,6 +147,7 @@ fn bench(c: &mut Criterion) {
         object: None,
         old_object: Some(&old),
         collateral: &[],
+        sent: None,
     };
     let update = Facts { operation: Operation::Update { patch: None }, object: Some(&new), ..delete.clone() };
     let guarded_update = Facts {
@@ -146,7 +159,7 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("decision");
     for n in [1, 100, 1000] {
-        let set = policies(n);
+        let set = policies(n, false);
         group.bench_with_input(BenchmarkId::new("delete", n), &set, |b, set| {
             b.iter(|| evaluate(black_box(&delete), &requester, set, &directory, &config, now))
         });
@@ -157,6 +170,42 @@ fn bench(c: &mut Criterion) {
             let d = evaluate(&guarded_update, &requester, set, &directory, &config, now);
             assert!(!d.allowed(), "the guarded update must be refused: {d:?}");
             b.iter(|| evaluate(black_box(&guarded_update), &requester, set, &directory, &config, now))
+        });
+    }
+    group.finish();
+
+    // Every rule carries a condition. The request as the API server sends it, so conditions on
+    // `request.userInfo` are evaluated, not failed. The 10 ClusterAgentPolicies that match
+    // app-0-web in everything else evaluate their conditions: all false for 3 → 2 replicas,
+    // true for 3 → 0.
+    let sent: agentguard::engine::admission::AdmissionRequest = serde_json::from_value(json!({
+        "uid": "bench", "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+        "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+        "name": "app-0-web", "namespace": "ns-10", "operation": "UPDATE",
+        "userInfo": {"username": "system:serviceaccount:agents:coder", "uid": "sa-uid",
+                     "groups": ["system:serviceaccounts"],
+                     "extra": {"authentication.kubernetes.io/pod-name": ["coder-7f"]}}
+    }))
+    .unwrap();
+    let to_two = deployment("app-0-web", "t0", 2);
+    let condition_false = Facts { object: Some(&to_two), sent: Some(&sent), ..guarded_update.clone() };
+    let condition_true = Facts { sent: Some(&sent), ..guarded_update.clone() };
+    let unmatched_update = Facts { sent: Some(&sent), ..update.clone() };
+    let mut group = c.benchmark_group("conditions");
+    for n in [100, 1000] {
+        let set = policies(n, true);
+        group.bench_with_input(BenchmarkId::new("update", n), &set, |b, set| {
+            b.iter(|| evaluate(black_box(&unmatched_update), &requester, set, &directory, &config, now))
+        });
+        group.bench_with_input(BenchmarkId::new("conditions-false", n), &set, |b, set| {
+            let d = evaluate(&condition_false, &requester, set, &directory, &config, now);
+            assert!(d.allowed(), "every condition is false for 3 → 2 replicas: {d:?}");
+            b.iter(|| evaluate(black_box(&condition_false), &requester, set, &directory, &config, now))
+        });
+        group.bench_with_input(BenchmarkId::new("conditions-true", n), &set, |b, set| {
+            let d = evaluate(&condition_true, &requester, set, &directory, &config, now);
+            assert!(!d.allowed(), "the conditions hold for 3 → 0 replicas: {d:?}");
+            b.iter(|| evaluate(black_box(&condition_true), &requester, set, &directory, &config, now))
         });
     }
     group.finish();

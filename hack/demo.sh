@@ -5,6 +5,8 @@
 # allow with real kubectl.
 # It then keeps running, printing the kubeconfigs and the agent's token, until Ctrl-C.
 # Pass --exit to stop right after the walk-through.
+# agentguard runs as a process of the demo: if it dies, the demo says so with the end of its log
+# and exits non-zero, rather than going on with every agent request failing unexplained.
 #
 # hack/demo.sh --cluster [--exit]: the product as it is installed instead: builds the image
 # (hack/image.sh), starts a one-node cluster (kube-scheduler, kubelet, kube-proxy, containerd;

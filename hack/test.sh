@@ -46,6 +46,8 @@ cargo test --locked --test chart
 
 step "the quick start's demo runs to the end"
 cargo test --locked --test demo -- --exit
+step "the demo stops and says so when agentguard dies part-way"
+cargo test --locked --test demo -- --agentguard-dies
 
 step "end-to-end tests against a real kube-apiserver, kube-controller-manager and etcd"
 cargo test --locked --test e2e

@@ -524,9 +524,21 @@ pub struct Registrar {
     /// The live object as last read, watched or written. Held for a whole pass, so a
     /// replica's own writes never race each other.
     live: tokio::sync::Mutex<Live>,
+    /// Registrations waiting for the next write (see [`Registrar::ensure`]).
+    queued: std::sync::Mutex<Queued>,
     /// Set once the live configuration has matched the caches: until then the API server may
     /// hold an old CA bundle or agent list, so the replica does not report Ready.
     current: std::sync::atomic::AtomicBool,
+}
+
+/// What one registration is told: every caller of a coalesced write gets the same outcome.
+type Registered = Result<(), Arc<anyhow::Error>>;
+
+/// Registrations made while a write was under way, answered together by the next one.
+#[derive(Default)]
+struct Queued {
+    set: AgentSet,
+    waiting: Vec<tokio::sync::oneshot::Sender<Registered>>,
 }
 
 #[derive(Default)]
@@ -589,6 +601,7 @@ impl Registrar {
             events,
             metrics,
             live: Default::default(),
+            queued: Default::default(),
             current: Default::default(),
         }
     }
@@ -657,14 +670,51 @@ impl Registrar {
     /// Makes sure the `agents` webhook matches every identity of `marked` before returning: reads
     /// the live configuration, and writes it only if something is missing. Called on the write
     /// that marks an agent, which is refused if this fails.
+    ///
+    /// Concurrent registrations are coalesced: each is queued, and whoever next holds the live
+    /// object registers everything queued by then in one read and at most one write, and tells
+    /// every caller in that batch the outcome. A thousand agents labelled at once cost a few
+    /// writes of the configuration, not a thousand (each write carries the whole agent list).
     pub async fn ensure(&self, marked: &AgentSet) -> Result<()> {
         // What the new agent can act as is registered with it: RBAC may already let it.
         let mut marked = marked.clone();
         marked.namespaces.extend(self.caches.reach_with(&marked));
-        let marked = &marked;
-        let mut live = self.live.lock().await;
+        // A batch whose writer was cancelled (its request went away) is queued again.
         for _ in 0..ATTEMPTS {
-            self.read(&mut live).await.context("reading the webhook configuration")?;
+            let (told, outcome) = tokio::sync::oneshot::channel();
+            {
+                let mut queued = self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                queued.set.extend(&marked);
+                queued.waiting.push(told);
+            }
+            {
+                let mut live = self.live.lock().await;
+                // Empty when an earlier holder took this registration with its own: its outcome
+                // has been sent already.
+                let batch = std::mem::take(
+                    &mut *self.queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                if !batch.waiting.is_empty() {
+                    let result =
+                        self.register(&mut live, &batch.set, batch.waiting.len()).await.map_err(Arc::new);
+                    for caller in batch.waiting {
+                        let _ = caller.send(result.clone());
+                    }
+                }
+            }
+            match outcome.await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => return Err(anyhow::anyhow!("{e:#}")),
+                Err(_) => continue,
+            }
+        }
+        anyhow::bail!("the registration's writer was cancelled {ATTEMPTS} times")
+    }
+
+    /// One read and, when something of `marked` is missing, one write (again on a conflict).
+    async fn register(&self, live: &mut Live, marked: &AgentSet, callers: usize) -> Result<()> {
+        for _ in 0..ATTEMPTS {
+            self.read(live).await.context("reading the webhook configuration")?;
             let (current, set) = self.want(live.object.as_ref(), &AgentSet::default()).await?;
             if set.contains_all(marked)
                 && live.object.as_ref().is_some_and(|l| differences(l, &current).is_empty())
@@ -672,9 +722,9 @@ impl Registrar {
                 return Ok(());
             }
             let (want, _) = self.want(live.object.as_ref(), marked).await?;
-            match self.write(&mut live, &want).await {
+            match self.write(live, &want).await {
                 Ok(()) => {
-                    tracing::info!(agents = ?marked, "registered ahead of the caches");
+                    tracing::info!(agents = ?marked, registrations = callers, "registered ahead of the caches");
                     return Ok(());
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => continue,
@@ -1386,6 +1436,7 @@ mod tests {
                 object: Some(object),
                 old_object: None,
                 collateral: &[],
+                sent: None,
             }
         }
         let agent = labelled(json!({"agentguard.io/agent": "true"}));
@@ -1432,5 +1483,163 @@ mod tests {
         // Garbage in the annotation registers nobody rather than failing the pass.
         vwc.metadata.annotations = Some([(AHEAD_ANNOTATION.to_string(), "{".to_string())].into());
         assert!(ahead(Some(&vwc), now).is_empty());
+    }
+
+    /// Concurrent registrations against a fake API server that counts reads and writes.
+    mod coalescing {
+        use std::sync::Mutex;
+
+        use axum::http::{Request, Response, StatusCode};
+        use http_body_util::BodyExt;
+        use serde_json::{Value, json};
+
+        use super::super::*;
+
+        #[derive(Default)]
+        struct Server {
+            object: Option<Value>,
+            version: u64,
+            reads: usize,
+            writes: usize,
+            fail_writes: bool,
+        }
+
+        /// A client of an API server holding one ValidatingWebhookConfiguration, whose every write
+        /// takes 20 ms (so registrations arrive while one is under way) and honours the
+        /// resourceVersion precondition.
+        fn client(server: Arc<Mutex<Server>>) -> kube::Client {
+            let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+                let server = server.clone();
+                async move {
+                    let method = request.method().clone();
+                    let body = request.into_body().collect().await.map(|b| b.to_bytes().to_vec());
+                    let body = body.unwrap_or_default();
+                    let (status, reply) = if method == "GET" {
+                        let mut s = server.lock().unwrap();
+                        s.reads += 1;
+                        match &s.object {
+                            Some(o) => (StatusCode::OK, o.clone()),
+                            None => (
+                                StatusCode::NOT_FOUND,
+                                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                       "reason": "NotFound", "code": 404}),
+                            ),
+                        }
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        let mut s = server.lock().unwrap();
+                        s.writes += 1;
+                        let mut object: Value = serde_json::from_slice(&body).unwrap();
+                        let current = s.version.to_string();
+                        let precondition = object["metadata"]["resourceVersion"].as_str().map(str::to_owned);
+                        if s.fail_writes || precondition.is_some_and(|v| s.object.is_some() && v != current) {
+                            let code = if s.fail_writes { 500 } else { 409 };
+                            (
+                                StatusCode::from_u16(code).unwrap(),
+                                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code}),
+                            )
+                        } else {
+                            s.version += 1;
+                            object["metadata"]["resourceVersion"] = json!(s.version.to_string());
+                            s.object = Some(object.clone());
+                            (StatusCode::OK, object)
+                        }
+                    };
+                    let mut response =
+                        Response::new(kube::client::Body::from(serde_json::to_vec(&reply).unwrap()));
+                    *response.status_mut() = status;
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            kube::Client::new(service, "default")
+        }
+
+        fn registrar(server: Arc<Mutex<Server>>, ca: &std::path::Path) -> Registrar {
+            let client = client(server);
+            let metrics = Arc::new(Metrics::default());
+            // The caches are never started: they know no agent, so only what is registered
+            // ahead is in the configuration.
+            let (caches, _never_run) = Caches::start(client.clone(), metrics.clone(), Config::default());
+            let settings = Settings {
+                name: "agentguard".into(),
+                endpoint: Endpoint::Url("https://127.0.0.1:8443".into()),
+                ca_file: ca.to_owned(),
+                timeout_seconds: 5,
+                create_absent: true,
+            };
+            Registrar::new(
+                client,
+                caches,
+                Config::default(),
+                settings,
+                Events::disabled(metrics.clone()),
+                metrics,
+            )
+        }
+
+        fn agent(i: usize) -> AgentSet {
+            AgentSet {
+                usernames: [format!("system:serviceaccount:team-{i}:agent")].into(),
+                ..Default::default()
+            }
+        }
+
+        /// (reads, writes) so far.
+        fn counts(server: &Mutex<Server>) -> (usize, usize) {
+            let s = server.lock().unwrap();
+            (s.reads, s.writes)
+        }
+
+        fn registered(server: &Mutex<Server>) -> String {
+            let object = server.lock().unwrap().object.clone().unwrap();
+            let vwc: ValidatingWebhookConfiguration = serde_json::from_value(object).unwrap();
+            let agents = vwc.webhooks.unwrap().into_iter().find(|w| w.name == AGENTS_WEBHOOK).unwrap();
+            agents
+                .match_conditions
+                .unwrap()
+                .into_iter()
+                .find(|c| c.name == AGENTS_CONDITION)
+                .unwrap()
+                .expression
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_registrations_share_one_write() {
+            let ca = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(ca.path(), "-----BEGIN CERTIFICATE-----\n").unwrap();
+            let server = Arc::new(Mutex::new(Server::default()));
+            let registrar = registrar(server.clone(), ca.path());
+
+            // One alone: one read, one write.
+            registrar.ensure(&agent(0)).await.unwrap();
+            assert_eq!(counts(&server), (1, 1));
+
+            // 100 at once: each is admitted only once it is in the configuration, and they take
+            // two writes (the first caller's, then everyone queued behind it), not 100.
+            let calls: Vec<_> = (1..=100).map(agent).collect();
+            let results = futures::future::join_all(calls.iter().map(|a| registrar.ensure(a))).await;
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            let (reads, writes) = counts(&server);
+            assert!(writes - 1 <= 2, "100 concurrent registrations took {} writes", writes - 1);
+            assert!(reads - 1 <= 2, "100 concurrent registrations took {} reads", reads - 1);
+            let expression = registered(&server);
+            for i in 0..=100 {
+                assert!(
+                    expression.contains(&format!("system:serviceaccount:team-{i}:agent")),
+                    "agent {i} missing"
+                );
+            }
+
+            // Already registered: a read, no write.
+            registrar.ensure(&agent(7)).await.unwrap();
+            assert_eq!(counts(&server).1, writes);
+
+            // A failed write fails every registration of its batch: none is admitted unregistered.
+            server.lock().unwrap().fail_writes = true;
+            let calls: Vec<_> = (200..220).map(agent).collect();
+            let results = futures::future::join_all(calls.iter().map(|a| registrar.ensure(a))).await;
+            assert!(results.iter().all(Result::is_err), "{results:?}");
+            assert!(!registered(&server).contains("team-200:"));
+        }
     }
 }

@@ -1,15 +1,16 @@
 //! `agentguard freeze` / `unfreeze`: the emergency stop. A freeze is an ordinary
 //! ClusterAgentPolicy, `agentguard-freeze-<hash of the agent>` (or `agentguard-freeze-all`),
-//! that denies every DELETE, UPDATE and CONNECT of every resource to the agent it names (or to
-//! every agent); Deny beats every other action, approvals included. Being a policy, it takes
+//! that denies every CREATE, DELETE, UPDATE and CONNECT of every resource to the agent it names
+//! (or to every agent); Deny beats every other action, approvals included. Being a policy, it takes
 //! effect the moment agentguard's policy cache sees it, on every replica, needs no restart, and
 //! is audited like any policy; agents cannot remove it (the built-in rule
 //! `agentguard-policies`). `freeze` returns once agentguard reports the policy Ready (its
 //! status is written on a periodic pass, so that wait is longer than the policy takes to apply;
 //! `--no-wait` returns once the policy is stored).
 //!
-//! CREATE is not stopped: policies guard DELETE, UPDATE and CONNECT only (the CRD's operations),
-//! so a frozen agent can still create objects.
+//! CREATE reaches agentguard for agents only (the `agents` webhook's matchConditions select them,
+//! so no one else pays for it) and is judged only by rules that name it: the freeze's do, so a
+//! frozen agent creates nothing, and every other agent's CREATE is admitted as before.
 
 use std::time::{Duration, Instant};
 
@@ -105,7 +106,7 @@ pub fn policy(username: Option<&str>, reason: Option<&str>) -> Result<ClusterAge
         "action": "Deny",
         "rules": [{
             "name": "freeze",
-            "operations": ["DELETE", "UPDATE", "CONNECT"],
+            "operations": ["CREATE", "DELETE", "UPDATE", "CONNECT"],
             "resources": [{"apiGroups": ["*"], "resources": ["*", "*/*"]}]
         }],
         "message": message,
@@ -236,9 +237,10 @@ mod tests {
             subresource: "",
             namespace: "prod",
             name: "web",
-            object: matches!(operation, Operation::Update { .. }).then_some(&new),
-            old_object: Some(&object),
+            object: matches!(operation, Operation::Update { .. } | Operation::Create).then_some(&new),
+            old_object: (operation != Operation::Create).then_some(&object),
             collateral: &[],
+            sent: None,
         };
         let mut requester = Requester::resolve(who, &[], &(), ("agentguard.io/agent", "true"));
         requester.selected_as_agent = who.contains("agents:");
@@ -251,7 +253,7 @@ mod tests {
         let coder = "system:serviceaccount:agents:coder";
         let p = policy(Some(coder), Some("runaway loop")).unwrap();
         assert_eq!(p.metadata.annotations.as_ref().unwrap()[REASON_ANNOTATION], "runaway loop");
-        for op in [Operation::Delete, Operation::Update { patch: None }] {
+        for op in [Operation::Create, Operation::Delete, Operation::Update { patch: None }] {
             match decide(&p, coder, op) {
                 Verdict::Deny(d) => {
                     assert!(d.to_string().contains("is frozen (agentguard freeze): runaway loop"), "{d}")
@@ -269,5 +271,38 @@ mod tests {
             Verdict::Deny(_)
         ));
         assert!(matches!(decide(&all, "alice", Operation::Delete), Verdict::Allow(_)));
+        assert!(matches!(
+            decide(&all, "system:serviceaccount:agents:editor", Operation::Create),
+            Verdict::Deny(_)
+        ));
+        assert!(matches!(decide(&all, "alice", Operation::Create), Verdict::Allow(_)));
+    }
+
+    #[test]
+    fn a_freeze_leaves_other_agents_creates_alone_even_when_unmatched_requests_are_denied() {
+        let coder = "system:serviceaccount:agents:coder";
+        let (set, _) = PolicySet::compile(&[policy(Some(coder), None).unwrap()], &[]);
+        let new = json!({"metadata": {"name": "web", "labels": {"a": "b"}}});
+        let facts = Facts {
+            operation: Operation::Create,
+            group: "apps",
+            resource: "deployments",
+            subresource: "",
+            namespace: "prod",
+            name: "web",
+            object: Some(&new),
+            old_object: None,
+            collateral: &[],
+            sent: None,
+        };
+        let config = Config { unmatched: crate::engine::api::Action::Deny, ..Config::default() };
+        let now = "2026-11-27T12:00:00Z".parse().unwrap();
+        let mut editor = Requester::resolve("system:serviceaccount:agents:editor", &[], &(), ("x", "y"));
+        editor.selected_as_agent = true;
+        let d = evaluate(&facts, &editor, &set, &(), &config, now);
+        assert!(d.agent && d.allowed(), "another agent's CREATE, with --unmatched=Deny: {d:?}");
+        let mut frozen = Requester::resolve(coder, &[], &(), ("x", "y"));
+        frozen.selected_as_agent = true;
+        assert!(!evaluate(&facts, &frozen, &set, &(), &config, now).allowed());
     }
 }

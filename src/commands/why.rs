@@ -129,6 +129,7 @@ fn facts<'a>(
         object: new,
         old_object: Some(object),
         collateral: &[],
+        sent: None,
     }
 }
 

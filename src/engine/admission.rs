@@ -44,6 +44,15 @@ pub struct AdmissionRequest {
     pub dry_run: Option<bool>,
     #[serde(default)]
     pub options: Option<Value>,
+    /// The kind, resource and subresource as the client asked for them, when the API server
+    /// converted the request to the version the webhook registered for (`matchPolicy:
+    /// Equivalent`); kept only for conditions, which may read them.
+    #[serde(default)]
+    pub request_kind: Option<GroupVersionKind>,
+    #[serde(default)]
+    pub request_resource: Option<GroupVersionResource>,
+    #[serde(default)]
+    pub request_sub_resource: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -66,6 +75,8 @@ pub struct GroupVersionResource {
 pub struct UserInfo {
     #[serde(default)]
     pub username: String,
+    #[serde(default)]
+    pub uid: String,
     #[serde(default)]
     pub groups: Vec<String>,
     /// Authenticator-provided extras: a map of string lists. A value of another shape makes the
@@ -238,7 +249,43 @@ impl AdmissionRequest {
             object: self.object.as_ref(),
             old_object: self.old_object.as_ref(),
             collateral: &[],
+            sent: Some(self),
         }
+    }
+}
+
+/// `request` in conditions, as ValidatingAdmissionPolicy shows it.
+impl policy::condition::SentRequest for AdmissionRequest {
+    fn to_cel(&self) -> Value {
+        let gvk = |k: &GroupVersionKind| json!({"group": k.group, "version": k.version, "kind": k.kind});
+        let gvr = |r: &GroupVersionResource| json!({"group": r.group, "version": r.version, "resource": r.resource});
+        let mut request = json!({
+            "uid": self.uid,
+            "kind": gvk(&self.kind),
+            "resource": gvr(&self.resource),
+            "subResource": self.sub_resource.as_deref().unwrap_or_default(),
+            "requestKind": gvk(self.request_kind.as_ref().unwrap_or(&self.kind)),
+            "requestResource": gvr(self.request_resource.as_ref().unwrap_or(&self.resource)),
+            "requestSubResource": self
+                .request_sub_resource
+                .as_deref()
+                .or(self.sub_resource.as_deref())
+                .unwrap_or_default(),
+            "name": self.name.as_deref().unwrap_or_default(),
+            "namespace": self.namespace.as_deref().unwrap_or_default(),
+            "operation": self.operation,
+            "userInfo": {
+                "username": self.user_info.username,
+                "uid": self.user_info.uid,
+                "groups": self.user_info.groups,
+                "extra": self.user_info.extra,
+            },
+            "dryRun": self.dry_run(),
+        });
+        if let Some(options) = &self.options {
+            request["options"] = options.clone();
+        }
+        request
     }
 }
 

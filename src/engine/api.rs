@@ -82,6 +82,9 @@ pub struct AgentPolicySpec {
 #[x_kube(validation = Rule::new(
     "self.action == 'RequireApproval' ? has(self.approval) : !has(self.approval)"
 ).message("approval must be set when action is RequireApproval, and only then"))]
+#[x_kube(validation = Rule::new(
+    "self.action != 'RequireApproval' || self.rules.all(r, !('CREATE' in r.operations))"
+).message("a CREATE cannot be approved (there is no object yet to annotate): name CREATE with Deny or Allow, or in Warn or Audit mode"))]
 pub struct PolicySpec {
     /// Who is an agent for this policy. Omitted: every identity agentguard treats as an agent
     /// (ServiceAccounts labelled `agentguard.io/agent: "true"` or living in an agent namespace,
@@ -155,10 +158,11 @@ pub struct MatchRule {
     #[schemars(length(min = 1, max = 63))]
     pub name: Option<String>,
 
-    /// Guarded operations. UPDATE covers both REPLACE (PUT) and PATCH. Whatever the verb, a
+    /// Guarded operations. UPDATE covers both REPLACE (PUT) and PATCH; CREATE is seen only by
+    /// rules that name it. Whatever the verb, a
     /// request is judged by what it does: an eviction, removing the finalizers of an object being
     /// deleted, arming a controller to delete, or a cascade is judged as the DELETE it amounts to.
-    #[schemars(length(min = 1, max = 5))]
+    #[schemars(length(min = 1, max = 6))]
     pub operations: Vec<Operation>,
 
     /// Guarded resources.
@@ -211,6 +215,11 @@ pub enum Operation {
     /// Connecting to a pod (`pods/exec`, `pods/attach`, `pods/portforward`): the data plane, where
     /// `rm -rf` in a database pod is a deletion too. Only rules naming those subresources see it.
     Connect,
+    /// Creating an object (or a subresource: a token request, a binding). Only rules that name it
+    /// see a CREATE as such (an eviction is judged as its DELETE whatever the rule names). A
+    /// CREATE leaves nothing to annotate, so it cannot be approved: name it with Deny (the
+    /// emergency stop, `agentguard freeze`), Allow, or a Warn or Audit mode.
+    Create,
 }
 
 /// API groups and resources a rule guards.
@@ -744,6 +753,10 @@ mod tests {
                 "namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "In", "values": ["prod"]}]},
                 "objectSelector": {"matchExpressions": [{"key": "keep", "operator": "Exists"}]}}]});
             assert_eq!(check("ClusterAgentPolicy", selectors), Ok(()));
+            // CREATE with Deny: the freeze.
+            let freeze = json!({"action": "Deny", "rules": [{"operations": ["CREATE", "DELETE", "UPDATE", "CONNECT"],
+                "resources": [{"apiGroups": ["*"], "resources": ["*", "*/*"]}]}]});
+            assert_eq!(check("ClusterAgentPolicy", freeze), Ok(()));
         }
 
         #[test]
@@ -767,6 +780,12 @@ mod tests {
                     "maxTtl must not exceed 168h",
                 ),
                 (hold(json!({"approvers": {"users": ["a"]}, "ttl": "30s"})), "ttl must be at least 1m"),
+                (
+                    json!({"action": "RequireApproval", "approval": {"approvers": {"users": ["a"]}},
+                    "rules": [rule(), {"operations": ["CREATE", "DELETE"],
+                    "resources": [{"apiGroups": ["*"], "resources": ["*"]}]}]}),
+                    "a CREATE cannot be approved",
+                ),
                 (
                     json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
                     "resources": [{"apiGroups": ["apps"], "resources": ["deployments"]}],

@@ -134,6 +134,21 @@ impl Process {
         }
         Ok(())
     }
+
+    /// How it exited, if it has (it is reaped either way when dropped).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Ends it as a crash would (SIGKILL, no shutdown), for tests of whoever must notice.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Process {

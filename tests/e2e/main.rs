@@ -53,6 +53,12 @@ fn main() {
                 println!("scenario {name} ... FAILED (panicked)");
             }
         }
+        // Every later scenario would fail for this one reason, far from where it happened.
+        if let Err(e) = world.agentguard.check_alive() {
+            failed += 1;
+            println!("agentguard died during scenario {name}; the remaining scenarios are not run.\n  {e:#}");
+            break;
+        }
     }
     scenarios::report_latency(&world);
     scenarios::report_ownership_lookups(&world);

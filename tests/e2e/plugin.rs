@@ -208,6 +208,59 @@ pub fn freeze_and_unfreeze(w: &World) -> Result<()> {
     Ok(())
 }
 
+/// A frozen agent creates nothing (`kubectl create`, or server-side apply of a new object), while
+/// every other identity's CREATE, another agent's included, is admitted as before; once
+/// unfrozen, it creates again.
+pub fn freeze_stops_creates(w: &World) -> Result<()> {
+    let ns = namespace(w, "plugin-freeze-create")?;
+    let create = |who: &Path, name: &str| w.plane.kubectl(who, &["create", "configmap", name, "-n", &ns]);
+    let exists =
+        |name: &str| w.plane.kubectl(&w.plane.admin, &["get", "configmap", name, "-n", &ns]).status.success();
+    accepts(create(&w.editor, "before"), "the editor's create before the freeze")?;
+
+    let _thaw = Thaw(w);
+    let frozen =
+        must(plugin(w, &w.plane.admin, &["freeze", "agents/editor", "--reason", "e2e create stop"], "")?)?;
+    ensure!(frozen.contains("frozen: system:serviceaccount:agents:editor"), "{frozen}");
+    // Ready means every replica's cache has the policy: the first CREATE is refused.
+    rejects(
+        create(&w.editor, "during"),
+        "the frozen agent's create",
+        "is frozen (agentguard freeze): e2e create stop",
+    )?;
+    ensure!(!exists("during"), "the frozen agent's ConfigMap was stored");
+    // Creating through server-side apply (a PATCH the API server admits as a CREATE).
+    let manifest = format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: applied, namespace: {ns}}}\n");
+    rejects(
+        w.plane.kubectl_stdin(&w.editor, &["apply", "--server-side", "-f", "-"], Some(&manifest)),
+        "the frozen agent's server-side apply of a new object",
+        "is frozen",
+    )?;
+    ensure!(!exists("applied"), "the frozen agent's applied ConfigMap was stored");
+    // Another agent, a ServiceAccount that is no agent, and a human create as before.
+    accepts(create(&w.agent, "by-another-agent"), "another agent's create")?;
+    accepts(create(&w.helper, "by-a-controller"), "a controller's create")?;
+    accepts(create(&w.mallory, "by-a-human"), "a human's create")?;
+
+    must(plugin(w, &w.plane.admin, &["unfreeze", "agents/editor"], "")?)?;
+    let lifted = Instant::now();
+    let mut attempt = 0;
+    while !create(&w.editor, &format!("after-{attempt}")).status.success() {
+        ensure!(
+            lifted.elapsed() < Duration::from_secs(10),
+            "the agent still cannot create 10s after unfreeze"
+        );
+        attempt += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(exists(&format!("after-{attempt}")), "the unfrozen agent's ConfigMap is not stored");
+    println!(
+        "  unfrozen: the agent creates again {:.0} ms after unfreeze returned",
+        lifted.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}
+
 /// Waits until the editor's write is admitted again: how long an unfreeze took to apply.
 fn unfrozen(w: &World, label: &dyn Fn(&Path, u32) -> Output) -> Result<Duration> {
     let lifted = Instant::now();

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 pub(crate) use crate::world::approve_command;
@@ -34,6 +34,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("pending_lists_held_requests_until_approved", crate::pending::lists_held_requests_until_approved),
     ("plugin_why_names_the_rule_and_approve_admits_the_retry", crate::plugin::approve_and_why),
     ("plugin_freeze_stops_one_agent_and_unfreeze_lifts_it", crate::plugin::freeze_and_unfreeze),
+    ("plugin_freeze_stops_an_agents_creates", crate::plugin::freeze_stops_creates),
     ("audit_reports_each_agents_dangerous_rights", crate::audit::reports_granted_rights),
     ("audit_trail_records_and_restore_undoes_changes", crate::trail::records_and_restores),
     (
@@ -100,6 +101,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("no_unguarded_corners_and_the_webhook_configuration_is_restored", crate::tamper::scenario),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
+    ("a_thousand_agents_labelled_at_once_share_few_configuration_writes", concurrent_registrations),
 ];
 
 /// A fresh namespace `e2e-NAME`, where the `editor` agent has the real `edit` ClusterRole.
@@ -637,6 +639,94 @@ fn thousand_agents(w: &World) -> Result<()> {
         "agents were dropped with the list"
     );
     println!("  once the registered-ahead list lapsed: configuration {} bytes", settled.len());
+    Ok(())
+}
+
+/// 1,000 ServiceAccounts labelled as agents by 20 clients at once (each labelling the 10 of one
+/// namespace after another, in 5 namespaces): every label write waits for its agent's
+/// registration, and
+/// concurrent registrations share configuration writes (counted by the configuration's
+/// `metadata.generation`, which every change of its webhooks bumps). Prints the time and the
+/// writes.
+fn concurrent_registrations(w: &World) -> Result<()> {
+    let namespaces: Vec<String> = (0..100).map(|n| format!("reg-{n:02}")).collect();
+    let mut objects = Vec::new();
+    for ns in &namespaces {
+        objects.push(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
+        for a in 0..10 {
+            objects.push(serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": {"name": format!("agent-{a}"), "namespace": ns}}));
+        }
+    }
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects}).to_string();
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["create", "-f", "-"], Some(&list)))?;
+    let generation = || -> Result<u64> {
+        let out = must(w.plane.kubectl(
+            &w.plane.admin,
+            &["get", "validatingwebhookconfiguration", "agentguard", "-o", "jsonpath={.metadata.generation}"],
+        ))?;
+        out.trim().parse().with_context(|| format!("generation {out:?}"))
+    };
+    let before = generation()?;
+    let started = Instant::now();
+    let names: Vec<String> = (0..10).map(|a| format!("agent-{a}")).collect();
+    let names = &names;
+    let outcomes: Vec<Result<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = namespaces
+            .chunks(5)
+            .map(|chunk| {
+                s.spawn(move || {
+                    let mut out = String::new();
+                    for ns in chunk {
+                        let mut args = vec!["label", "serviceaccount", "-n", ns];
+                        args.extend(names.iter().map(String::as_str));
+                        args.push("agentguard.io/agent=true");
+                        out += &must(w.plane.kubectl(&w.plane.admin, &args))?;
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))).collect()
+    });
+    let labelled = started.elapsed();
+    let writes = generation()? - before;
+    let failed: Vec<anyhow::Error> = outcomes.into_iter().filter_map(Result::err).collect();
+    let expression = must(w.plane.kubectl(
+        &w.plane.admin,
+        &[
+            "get",
+            "validatingwebhookconfiguration",
+            "agentguard",
+            "-o",
+            "jsonpath={.webhooks[0].matchConditions[1].expression}",
+        ],
+    ))?;
+    // Each label write was admitted only once its agent was registered.
+    let missing: Vec<String> = namespaces
+        .iter()
+        .flat_map(|ns| (0..10).map(move |a| format!("system:serviceaccount:{ns}:agent-{a}")))
+        .filter(|u| !expression.contains(u.as_str()))
+        .collect();
+    println!(
+        "  1,000 agents labelled by 20 concurrent clients in {:.1}s: {writes} configuration writes (generation {before} → {}), {} clients failed",
+        labelled.as_secs_f64(),
+        before + writes,
+        failed.len()
+    );
+    for ns in &namespaces {
+        let _ = w.plane.kubectl(&w.plane.admin, &["delete", "namespace", ns, "--wait=false"]);
+    }
+    if let Some(e) = failed.into_iter().next() {
+        return Err(e.context("labelling a namespace's ServiceAccounts"));
+    }
+    ensure!(
+        missing.is_empty(),
+        "{} agents admitted but not registered, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    ensure!(writes < 500, "1,000 concurrent registrations took {writes} configuration writes");
     Ok(())
 }
 

@@ -30,7 +30,8 @@ pub struct World {
 }
 
 pub struct Agentguard {
-    _process: Process,
+    /// Behind a lock so that whoever holds the world can ask whether agentguard still runs.
+    process: std::sync::Mutex<Process>,
     pub admin: String,
     /// The `/validate` URL (HTTPS, certificate from the plane's CA).
     pub webhook: String,
@@ -39,7 +40,27 @@ pub struct Agentguard {
 impl Agentguard {
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {
-        self._process.pid()
+        self.process.lock().unwrap_or_else(|e| e.into_inner()).pid()
+    }
+
+    /// An error naming how agentguard exited, with the end of its log, once it is no longer
+    /// running: a caller that goes on would show requests failing for no visible reason.
+    pub fn check_alive(&self) -> Result<()> {
+        let mut process = self.process.lock().unwrap_or_else(|e| e.into_inner());
+        match process.exited() {
+            None => Ok(()),
+            Some(status) => bail!(
+                "agentguard is not running: it exited ({status}). The last lines of its log ({}):\n{}",
+                process.log().display(),
+                cluster::tail(process.log(), 20)
+            ),
+        }
+    }
+
+    /// Kills agentguard as a crash would (the demo's check that it notices).
+    #[allow(dead_code)]
+    pub fn kill(&self) {
+        self.process.lock().unwrap_or_else(|e| e.into_inner()).kill();
     }
 
     pub fn metrics(&self) -> Result<String> {
@@ -317,7 +338,7 @@ fn try_start_agentguard(plane: &ControlPlane, name: &'static str, registers: boo
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("{name} ready in {:.1}s", started.elapsed().as_secs_f64());
-    Ok(Agentguard { _process: process, admin, webhook })
+    Ok(Agentguard { process: std::sync::Mutex::new(process), admin, webhook })
 }
 
 /// Output of a command that must succeed.

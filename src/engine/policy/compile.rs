@@ -28,6 +28,7 @@ impl PolicySet {
                     Some(ns) => set.namespaced.entry(ns.clone()).or_default(),
                 };
                 index.insert(rule, (pi, ri));
+                set.guards_create |= rule.create;
                 if rule.delete {
                     for (groups, resource, sub) in &rule.resources {
                         let entry = (groups.clone(), resource.clone());
@@ -178,6 +179,7 @@ fn compile_rule(
         name: name.clone(),
         delete: has(RuleOp::Delete),
         connect: has(RuleOp::Connect),
+        create: has(RuleOp::Create),
         replace: update || has(RuleOp::Replace),
         patch: update || has(RuleOp::Patch),
         resources,

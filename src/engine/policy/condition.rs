@@ -15,6 +15,17 @@ use serde_json::{Value, json};
 use super::Facts;
 use super::selector::Labels;
 
+/// The AdmissionRequest as the API server sent it, as a condition's `request` shows it beyond
+/// [`Facts`]. Implemented by the decoded request (`engine::admission`), so this module needs no
+/// decoder.
+pub trait SentRequest: std::fmt::Debug + Sync {
+    /// `request` as ValidatingAdmissionPolicy shows it: `uid`, `kind`, `resource`,
+    /// `subResource`, `requestKind`, `requestResource`, `requestSubResource`, `name`,
+    /// `namespace`, `operation`, `userInfo` (`username`, `uid`, `groups`, `extra`), `dryRun`
+    /// and, when sent, `options`.
+    fn to_cel(&self) -> Value;
+}
+
 /// The variables a condition may name (those ValidatingAdmissionPolicy uses for the same data).
 pub const VARIABLES: &[&str] = &["object", "oldObject", "request", "namespaceObject"];
 const MAX_LENGTH: usize = 4096;
@@ -57,30 +68,73 @@ impl Condition {
     /// A variable with no value (`object` of a DELETE, `namespaceObject` of a cluster-scoped
     /// object) is left undeclared, so naming it is an error, not a silent null.
     pub fn met(&self, facts: &Facts<'_>, namespace_labels: Option<&Labels>) -> bool {
+        self.met_with(facts, namespace_labels, &mut Variables::default())
+    }
+
+    /// [`Condition::met`], converting each variable at most once into `variables`, which the
+    /// caller keeps for every condition of the same operation: the conversion from JSON costs
+    /// more than evaluating most expressions.
+    pub fn met_with(
+        &self,
+        facts: &Facts<'_>,
+        namespace_labels: Option<&Labels>,
+        variables: &mut Variables,
+    ) -> bool {
         let mut context = Context::default();
         for name in &self.names {
-            let value = match *name {
-                "object" => facts.object.cloned(),
-                "oldObject" => facts.old_object.cloned(),
-                "request" => Some(json!({
-                    "operation": facts.operation.name(),
-                    "subresource": facts.subresource,
-                    "namespace": facts.namespace,
-                    "name": facts.name,
-                    "resource": {"group": facts.group, "resource": facts.resource},
-                })),
-                "namespaceObject" => namespace_labels
-                    .map(|labels| json!({"metadata": {"name": facts.namespace, "labels": labels}})),
-                _ => None,
-            };
-            let Some(value) = value else { continue };
-            match cel::to_value(AsCel(&value)) {
-                Ok(value) => context.add_variable_from_value(*name, value),
-                Err(_) => return true,
+            let Some(at) = VARIABLES.iter().position(|v| v == name) else { continue };
+            let converted = variables.0[at].get_or_insert_with(|| {
+                let value = match *name {
+                    "object" => facts.object.cloned(),
+                    "oldObject" => facts.old_object.cloned(),
+                    "request" => Some(request(facts)),
+                    "namespaceObject" => namespace_labels
+                        .map(|labels| json!({"metadata": {"name": facts.namespace, "labels": labels}})),
+                    _ => None,
+                };
+                value.map(|v| cel::to_value(AsCel(&v)).map_err(|_| ()))
+            });
+            match converted {
+                None => continue,
+                // CEL values share their maps and lists: a clone is a reference count.
+                Some(Ok(value)) => context.add_variable_from_value(*name, value.clone()),
+                Some(Err(())) => return true,
             }
         }
         !matches!(self.program.execute(&context), Ok(Cel::Bool(false)))
     }
+}
+
+/// The variables of one operation as CEL values, converted on first use (in [`VARIABLES`]'
+/// order): `None` not yet converted, `Some(None)` absent, `Some(Some(Err))` not convertible.
+#[derive(Default)]
+pub struct Variables([Option<Option<Result<Cel, ()>>>; 4]);
+
+/// `request`: the AdmissionRequest as sent, with what names the operation (`operation`,
+/// `resource`, `subResource`, `namespace`, `name`) taken from the operation being judged, which
+/// differs from the one sent when a request is judged as what it amounts to (an eviction as its
+/// pod's DELETE, a cascade as its dependents'). `kind` and `resource.version` then describe
+/// another object, so they are left out; `requestKind`, `requestResource` and
+/// `requestSubResource` always say what was sent. `subresource` is kept for conditions written
+/// before `subResource` (ValidatingAdmissionPolicy's spelling) was added.
+fn request(facts: &Facts<'_>) -> Value {
+    let mut request = facts.sent.map(SentRequest::to_cel).unwrap_or_else(|| json!({}));
+    let Some(fields) = request.as_object_mut() else { return request };
+    let sent_resource = fields.get("resource");
+    let same = sent_resource.is_some_and(|r| r["group"] == facts.group && r["resource"] == facts.resource);
+    let mut resource = json!({"group": facts.group, "resource": facts.resource});
+    if same && let Some(version) = sent_resource.and_then(|r| r.get("version")) {
+        resource["version"] = version.clone();
+    } else {
+        fields.remove("kind");
+    }
+    fields.insert("resource".into(), resource);
+    fields.insert("operation".into(), facts.operation.name().into());
+    fields.insert("subResource".into(), facts.subresource.into());
+    fields.insert("subresource".into(), facts.subresource.into());
+    fields.insert("namespace".into(), facts.namespace.into());
+    fields.insert("name".into(), facts.name.into());
+    request
 }
 
 /// Names bound by macros: the first argument of `all`, `exists`, `exists_one`, `map`, `filter`.
@@ -151,6 +205,7 @@ mod tests {
             object: new,
             old_object: old,
             collateral: &[],
+            sent: None,
         }
     }
 
@@ -177,6 +232,118 @@ mod tests {
         assert!(!ns.met(&facts(Some(&a), Some(&b)), Some(&dev)));
         // A label it needs and does not find: an error, so it guards.
         assert!(ns.met(&facts(Some(&a), Some(&b)), Some(&Labels::new())));
+    }
+
+    /// An agent's UPDATE of a Deployment, as the API server sends it (a ServiceAccount token
+    /// bound to a pod, a dry run, a patch).
+    fn sent() -> crate::engine::admission::AdmissionRequest {
+        serde_json::from_value(json!({
+            "uid": "req-1",
+            "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
+            "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
+            "requestKind": {"group": "apps", "version": "v1beta2", "kind": "Deployment"},
+            "name": "web",
+            "namespace": "prod",
+            "operation": "UPDATE",
+            "userInfo": {
+                "username": "system:serviceaccount:agents:coder",
+                "uid": "sa-uid",
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:agents"],
+                "extra": {"authentication.kubernetes.io/pod-name": ["coder-7f"]}
+            },
+            "dryRun": true,
+            "options": {"kind": "PatchOptions", "fieldManager": "kubectl-edit"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn request_carries_what_validating_admission_policy_shows() {
+        let request = sent();
+        let (old, new) = (json!({"spec": {"replicas": 3}}), json!({"spec": {"replicas": 2}}));
+        let f = Facts { sent: Some(&request), ..facts(Some(&old), Some(&new)) };
+        for (source, want) in [
+            ("request.userInfo.username == 'system:serviceaccount:agents:coder'", true),
+            ("request.userInfo.username == 'system:serviceaccount:agents:editor'", false),
+            ("request.userInfo.uid == 'sa-uid'", true),
+            ("'system:serviceaccounts:agents' in request.userInfo.groups", true),
+            ("'sre' in request.userInfo.groups", false),
+            ("request.userInfo.extra['authentication.kubernetes.io/pod-name'][0] == 'coder-7f'", true),
+            ("request.userInfo.extra['authentication.kubernetes.io/pod-name'][0] == 'other'", false),
+            ("request.dryRun", true),
+            ("!request.dryRun", false),
+            ("request.uid == 'req-1'", true),
+            ("request.kind.kind == 'Deployment' && request.kind.version == 'v1'", true),
+            ("request.requestKind.version == 'v1beta2'", true),
+            ("request.resource.version == 'v1' && request.resource.resource == 'deployments'", true),
+            ("request.requestResource.resource == 'deployments'", true),
+            ("request.subResource == '' && request.requestSubResource == ''", true),
+            ("request.operation == 'UPDATE' && request.namespace == 'prod' && request.name == 'web'", true),
+            ("request.options.fieldManager == 'kubectl-edit'", true),
+            ("request.operation == 'DELETE'", false),
+        ] {
+            let c = Condition::compile(source).unwrap();
+            assert_eq!(c.met(&f, None), want, "{source}");
+        }
+    }
+
+    #[test]
+    fn request_names_the_operation_judged_and_what_was_sent() {
+        let request = sent();
+        let old = json!({"spec": {"replicas": 3}});
+        // The same request judged as another operation (what it amounts to): the operation and
+        // resource are the judged ones, the kind of the object sent is not claimed for it, and
+        // who sent it and how stay.
+        let pods = Facts {
+            operation: Operation::Delete,
+            group: "",
+            resource: "pods",
+            name: "",
+            sent: Some(&request),
+            ..facts(Some(&old), None)
+        };
+        for (source, want) in [
+            ("request.operation == 'DELETE' && request.resource.resource == 'pods'", true),
+            ("has(request.kind)", false),
+            ("has(request.resource.version)", false),
+            ("request.requestKind.kind == 'Deployment'", true),
+            ("request.userInfo.username == 'system:serviceaccount:agents:coder'", true),
+            ("request.dryRun", true),
+        ] {
+            assert_eq!(Condition::compile(source).unwrap().met(&pods, None), want, "{source}");
+        }
+        // Without the request as sent (`agentguard why`), what only it knows is an error: the
+        // rule guards. What the facts know is still there.
+        let bare = facts(Some(&old), None);
+        let who = Condition::compile("request.userInfo.username == 'nobody'").unwrap();
+        assert!(who.met(&bare, None));
+        let op = Condition::compile("request.operation == 'DELETE'").unwrap();
+        assert!(!op.met(&bare, None));
+        // The spelling conditions used before `subResource`.
+        let legacy = Condition::compile("request.subresource == 'scale'").unwrap();
+        assert!(legacy.met(&Facts { subresource: "scale", ..bare.clone() }, None));
+        assert!(!legacy.met(&bare, None));
+    }
+
+    #[test]
+    fn conditions_sharing_converted_variables_judge_as_each_alone() {
+        let request = sent();
+        let (old, new) = (json!({"spec": {"replicas": 3}}), json!({"spec": {"replicas": 0}}));
+        let f = Facts { sent: Some(&request), ..facts(Some(&old), Some(&new)) };
+        let prod: Labels = [("tier".to_string(), "prod".to_string())].into();
+        let mut shared = Variables::default();
+        for (source, want) in [
+            ("object.spec.replicas == 0", true),
+            ("oldObject.spec.replicas == 0", false),
+            ("object.spec.missing == 1", true),
+            ("request.userInfo.uid == 'sa-uid' && object.spec.replicas == 1", false),
+            ("namespaceObject.metadata.labels.tier == 'prod'", true),
+            ("request.dryRun && oldObject.spec.replicas == 3", true),
+        ] {
+            let c = Condition::compile(source).unwrap();
+            assert_eq!(c.met(&f, Some(&prod)), want, "{source} alone");
+            assert_eq!(c.met_with(&f, Some(&prod), &mut shared), want, "{source} after the others");
+        }
     }
 
     #[test]

@@ -102,6 +102,7 @@ pub fn of<'a>(facts: &Facts<'a>) -> Vec<Effect<'a>> {
                     object: None,
                     old_object: (!c.unseen).then_some(&c.object),
                     collateral: &[],
+                    sent: facts.sent,
                 };
                 out.push(Effect {
                     any_name: c.unseen,
@@ -199,6 +200,7 @@ fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<
                 object: None,
                 old_object: None,
                 collateral: &[],
+                sent: facts.sent,
             };
             out.push(Effect {
                 facts: others,
@@ -584,6 +586,7 @@ mod tests {
             object: new,
             old_object: old,
             collateral: &[],
+            sent: None,
         }
     }
 

@@ -64,15 +64,22 @@ fn decide(
     // 3. What the request does: DELETE, UPDATE and CONNECT as sent, and whatever else it
     // amounts to (an eviction, a cascade, finalizers removed, a controller armed to delete).
     let effects = effects::of(facts);
-    if facts.operation == Operation::Create && effects.len() == 1 {
+    // A CREATE that amounts to nothing else is judged only by rules naming CREATE, and never by
+    // `--unmatched`: creating is not what the brakes are for, only what a freeze stops.
+    let plain_create = facts.operation == Operation::Create && effects.len() == 1;
+    if plain_create && !policies.guards_create {
         return Decision::allow(Allowed::NotGuarded);
     }
     let matches: Vec<Match<'_>> = effects
         .iter()
-        // A CREATE is judged only by what it amounts to.
-        .filter(|e| e.facts.operation != Operation::Create)
+        // A CREATE as such is judged only by the rules that name CREATE (a freeze); otherwise
+        // only by what it amounts to.
+        .filter(|e| e.facts.operation != Operation::Create || policies.guards_create)
         .flat_map(|e| policies.matching_effect(e, directory, |p| p.applies_to(requester, agent)))
         .collect();
+    if matches.is_empty() && plain_create {
+        return Decision::allow(Allowed::NotGuarded);
+    }
     if matches.is_empty() && config.unmatched == Action::Allow {
         // Nothing to judge, so the change need not be computed: the common case stays cheap.
         return Decision::allow(Allowed::Unmatched);
@@ -101,6 +108,7 @@ fn decide(
     let mut decision = {
         let enforced: Vec<&Match<'_>> = matches.iter().filter(|m| m.policy.mode == Mode::Enforce).collect();
         match judge(&enforced) {
+            Judgement::Admit(Allowed::Unmatched) if plain_create => Decision::allow(Allowed::NotGuarded),
             Judgement::Admit(Allowed::Unmatched) if config.unmatched == Action::Deny => {
                 deny(Reason::Unmatched, change.clone())
             }
@@ -312,6 +320,11 @@ fn hold(
         Some(format!(
             "An eviction carries no approval: a human may approve deleting {whole}, and then the pod is \
              deleted (kubectl delete), not evicted."
+        ))
+    } else if facts.operation == Operation::Create {
+        Some(format!(
+            "A CREATE carries no approval: {whole} does not exist yet, so there is nothing to annotate. A \
+             human who may approve creates it instead."
         ))
     } else if facts.operation == Operation::Connect {
         Some(format!(

@@ -143,6 +143,7 @@ mod tests {
             object: matches!(operation, Operation::Update { .. }).then_some(object),
             old_object: Some(object),
             collateral: &[],
+            sent: None,
         }
     }
 

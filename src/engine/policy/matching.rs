@@ -4,18 +4,6 @@
 use super::*;
 
 impl PolicySet {
-    /// Rules that match the request's object, resource and operation, in policy order.
-    #[cfg(test)]
-    pub(super) fn matching<'p>(
-        &'p self,
-        facts: &Facts<'_>,
-        directory: &dyn Directory,
-        policy_filter: impl FnMut(&CompiledPolicy) -> bool,
-    ) -> Vec<Match<'p>> {
-        let effect = effects::Effect::sent(facts.clone());
-        self.matching_effect(&effect, directory, policy_filter)
-    }
-
     /// Rules that match one operation a request amounts to.
     pub(super) fn matching_effect<'p>(
         &'p self,
@@ -25,13 +13,15 @@ impl PolicySet {
     ) -> Vec<Match<'p>> {
         let facts = &effect.facts;
         let mut candidates = Vec::new();
-        self.cluster.candidates(facts.resource, facts.subresource, &mut candidates);
+        let (op, res, sub, name, any_name) =
+            (facts.operation, facts.resource, facts.subresource, facts.name, effect.any_name);
+        self.cluster.candidates(op, res, sub, name, any_name, &mut candidates);
         if effect.any_namespace {
             for index in self.namespaced.values() {
-                index.candidates(facts.resource, facts.subresource, &mut candidates);
+                index.candidates(op, res, sub, name, any_name, &mut candidates);
             }
         } else if let Some(index) = self.namespaced.get(facts.namespace) {
-            index.candidates(facts.resource, facts.subresource, &mut candidates);
+            index.candidates(op, res, sub, name, any_name, &mut candidates);
         }
         let mut ns_labels = LazyLabels::new(facts.namespace, directory);
         let old_labels = Facts::labels(facts.old_object);
@@ -44,6 +34,7 @@ impl PolicySet {
         candidates.sort_unstable();
         candidates.dedup();
 
+        let mut variables = condition::Variables::default();
         let mut out = Vec::new();
         for (pi, ri) in candidates {
             let policy = &self.policies[pi];
@@ -51,7 +42,7 @@ impl PolicySet {
                 continue;
             }
             let rule = &policy.rules[ri];
-            if let Some(escape) = rule_matches(rule, effect, &object_labels, &mut ns_labels) {
+            if let Some(escape) = rule_matches(rule, effect, &object_labels, &mut ns_labels, &mut variables) {
                 out.push(Match { policy, rule, escape, via: effect.via.as_deref().map(str::to_owned) });
             }
         }
@@ -102,7 +93,7 @@ impl CompiledRule {
             Operation::Update { patch: Some(false) } => self.replace,
             // Replace and patch cannot be told apart: a rule guarding either guards it.
             Operation::Update { patch: None } => self.replace || self.patch,
-            Operation::Create => false,
+            Operation::Create => self.create,
         }
     }
 }
@@ -114,6 +105,7 @@ pub(super) fn rule_matches(
     effect: &effects::Effect<'_>,
     objects: &ObjectLabels<'_>,
     ns_labels: &mut LazyLabels<'_>,
+    variables: &mut condition::Variables,
 ) -> Option<Option<Escape>> {
     let (facts, any_name) = (&effect.facts, effect.any_name);
     let is_update = matches!(facts.operation, Operation::Update { .. });
@@ -157,6 +149,8 @@ pub(super) fn rule_matches(
         Some(_) if objects.old.is_none() && objects.new.is_none() && facts.old_object.is_none() => {
             (true, true)
         }
+        // A CREATE has only the new object, as Kubernetes' own objectSelector reads it.
+        Some(sel) if facts.operation == Operation::Create => (false, sel.matches(objects.new)),
         Some(sel) => (sel.matches(objects.old), is_update && sel.matches(objects.new)),
     };
     if !old_in && !new_in {
@@ -164,7 +158,7 @@ pub(super) fn rule_matches(
     }
     if rule.guards(facts.operation) {
         if let Some(condition) = &rule.condition
-            && !condition.met(facts, ns_labels.get())
+            && !condition.met_with(facts, ns_labels.get(), variables)
         {
             return None;
         }

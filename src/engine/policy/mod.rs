@@ -144,6 +144,10 @@ pub struct Facts<'a> {
     /// What a DELETE would take with it, as the request path found it (see [`effects`]); also
     /// the pod an eviction or a connection concerns, when it was looked up.
     pub collateral: &'a [Collateral],
+    /// The AdmissionRequest as the API server sent it, for what conditions read of it beyond the
+    /// fields above (`request.userInfo`, `request.dryRun`, …). `None` for requests made up
+    /// without one (`agentguard why`, tests): conditions naming those fields then guard.
+    pub sent: Option<&'a dyn condition::SentRequest>,
 }
 
 impl Facts<'_> {
@@ -259,6 +263,9 @@ pub(crate) struct CompiledRule {
     name: String,
     delete: bool,
     connect: bool,
+    /// Only rules naming CREATE see one (the freeze does); a CREATE that amounts to another
+    /// operation (an eviction) is judged as that operation by the rules guarding it.
+    create: bool,
     replace: bool,
     patch: bool,
     /// (api groups, resource, subresource) patterns; `*` is a wildcard in any position.
@@ -304,6 +311,8 @@ pub struct PolicySet {
     subject_selectors: Vec<(Option<String>, Selector)>,
     /// (api groups, resource) of every rule guarding DELETE: what a cascade must be checked for.
     delete_resources: Vec<(Vec<String>, String)>,
+    /// Whether any rule names CREATE; when none does, a CREATE is admitted without a lookup.
+    guards_create: bool,
 }
 
 struct Match<'p> {

@@ -78,6 +78,10 @@ impl Globs {
         self.0.is_empty()
     }
 
+    pub fn patterns(&self) -> &[String] {
+        &self.0
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         self.0.is_empty() || self.0.iter().any(|p| glob_match(p.as_bytes(), name.as_bytes()))
     }

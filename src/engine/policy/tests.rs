@@ -134,6 +134,7 @@ fn facts<'a>(operation: Operation, old: Option<&'a Value>, new: Option<&'a Value
         object: new,
         old_object: old,
         collateral: &[],
+        sent: None,
     }
 }
 
@@ -1225,15 +1226,41 @@ fn compile_problems_are_reported_and_read_restrictively() {
 
 #[test]
 fn index_finds_the_same_rules_as_a_scan() {
-    // 300 policies over varied resources and namespaces; every lookup must agree with a scan.
+    // 300 policies over varied resources, operations, name globs (literal prefixes of several
+    // lengths, leading wildcards, `?`), object selectors and namespaces; every lookup, for every
+    // operation, name and namespace, with the name known or not, must agree with a scan.
     let resources =
         ["deployments", "statefulsets", "deployments/scale", "*", "*/scale", "configmaps", "secrets", "*/*"];
+    let operations = [
+        json!(["DELETE"]),
+        json!(["UPDATE"]),
+        json!(["PATCH"]),
+        json!(["DELETE", "UPDATE"]),
+        json!(["CONNECT"]),
+        json!(["CREATE", "DELETE"]),
+    ];
+    let names = |i: usize| match i % 6 {
+        0 => json!([]),
+        1 => json!(["*-a"]),
+        2 => json!(["n1?a", "zz*"]),
+        3 => json!([format!("n{}*", i % 7)]),
+        4 => json!([format!("n{}-a", i % 7), "n*"]),
+        _ => json!([format!("n{}-*", i % 4)]),
+    };
+    let rule = |i: usize, group: &str| {
+        let mut rule = json!({"operations": operations[i % operations.len()],
+            "resources": [{"apiGroups": [group], "resources": [resources[i % resources.len()]]}],
+            "names": names(i / 3)});
+        if i.is_multiple_of(5) {
+            rule["objectSelector"] = json!({"matchLabels": {"keep": "yes"}});
+        }
+        rule
+    };
     let cluster: Vec<_> = (0..150)
         .map(|i| {
             let r = resources[i % resources.len()];
             let group = if r.starts_with("configmaps") || r.starts_with("secrets") { "" } else { "apps" };
-            cluster_policy(&format!("c{i}"), json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
-                "resources": [{"apiGroups": [group], "resources": [r]}], "names": [format!("n{}*", i % 7)]}]}))
+            cluster_policy(&format!("c{i}"), json!({"action": "Deny", "rules": [rule(i, group)]}))
         })
         .collect();
     let namespaced: Vec<_> = (0..150)
@@ -1241,13 +1268,16 @@ fn index_finds_the_same_rules_as_a_scan() {
             agent_policy(
                 &format!("ns{}", i % 10),
                 &format!("a{i}"),
-                json!({"action": "Deny", "rules": [{"operations": ["DELETE"],
-                "resources": [{"apiGroups": ["*"], "resources": [resources[i % resources.len()]]}]}]}),
+                json!({"action": "Deny", "rules": [rule(i + 1, "*")]}),
             )
         })
         .collect();
     let (set, _) = PolicySet::compile(&cluster, &namespaced);
-    let obj = json!({"metadata": {"name": "x"}});
+    let (kept, dropped) = (
+        json!({"metadata": {"name": "x", "labels": {"keep": "yes"}}}),
+        json!({"metadata": {"name": "x", "labels": {"keep": "no"}}}),
+    );
+    let mut checked = (0, 0);
     for (group, resource, sub) in [
         ("apps", "deployments", ""),
         ("apps", "deployments", "scale"),
@@ -1255,33 +1285,60 @@ fn index_finds_the_same_rules_as_a_scan() {
         ("apps", "statefulsets", "status"),
         ("batch", "jobs", ""),
     ] {
-        for ns in ["ns1", "ns3", "other", ""] {
-            for name in ["n1-a", "n3", "zzz"] {
-                let f = Facts {
-                    group,
-                    resource,
-                    subresource: sub,
-                    namespace: ns,
-                    name,
-                    ..facts(Operation::Delete, Some(&obj), None)
-                };
-                let indexed: Vec<String> =
-                    set.matching(&f, &(), |_| true).iter().map(|m| m.policy.id.name.clone()).collect();
-                let mut ol = ObjectLabels { old: None, new: None };
-                ol.old = None;
-                let mut lazy = LazyLabels::new(ns, &());
-                let sent = effects::Effect::sent(f.clone());
-                let scanned: Vec<String> = set
-                    .policies()
-                    .filter(|p| p.id.namespace.as_deref().is_none_or(|pns| pns == ns))
-                    .flat_map(|p| p.rules.iter().map(move |r| (p, r)))
-                    .filter(|(_, r)| rule_matches(r, &sent, &ol, &mut lazy).is_some())
-                    .map(|(p, _)| p.id.name.clone())
-                    .collect();
-                assert_eq!(indexed, scanned, "{group}/{resource}/{sub} in {ns:?} named {name}");
+        for operation in [
+            Operation::Delete,
+            Operation::Update { patch: None },
+            Operation::Update { patch: Some(true) },
+            Operation::Connect,
+            Operation::Create,
+        ] {
+            let (old, new) = match operation {
+                Operation::Delete => (Some(&kept), None),
+                Operation::Update { .. } => (Some(&kept), Some(&dropped)),
+                _ => (None, Some(&kept)),
+            };
+            for ns in ["ns1", "ns3", "other", ""] {
+                for name in ["n1-a", "n1xa", "n3", "n3-", "b-a", "zzz", "n", ""] {
+                    for any_name in [false, true] {
+                        let f = Facts {
+                            group,
+                            resource,
+                            subresource: sub,
+                            namespace: ns,
+                            name,
+                            ..facts(operation, old, new)
+                        };
+                        let effect = effects::Effect { any_name, ..effects::Effect::sent(f.clone()) };
+                        let indexed: Vec<String> = set
+                            .matching_effect(&effect, &(), |_| true)
+                            .iter()
+                            .map(|m| m.policy.id.name.clone())
+                            .collect();
+                        let (ol_old, ol_new) = (Facts::labels(old), Facts::labels(new));
+                        let ol = ObjectLabels { old: ol_old.as_ref(), new: ol_new.as_ref() };
+                        let mut lazy = LazyLabels::new(ns, &());
+                        let scanned: Vec<String> = set
+                            .policies()
+                            .filter(|p| p.id.namespace.as_deref().is_none_or(|pns| pns == ns))
+                            .flat_map(|p| p.rules.iter().map(move |r| (p, r)))
+                            .filter(|(_, r)| {
+                                rule_matches(r, &effect, &ol, &mut lazy, &mut Default::default()).is_some()
+                            })
+                            .map(|(p, _)| p.id.name.clone())
+                            .collect();
+                        assert_eq!(
+                            indexed, scanned,
+                            "{operation:?} {group}/{resource}/{sub} in {ns:?} named {name:?} (any name: {any_name})"
+                        );
+                        checked.0 += 1;
+                        checked.1 += scanned.len();
+                    }
+                }
             }
         }
     }
+    // The lookups found something to agree on, not only nothing.
+    assert!(checked.1 > checked.0, "{checked:?}");
 }
 
 /// Issue-9 routes: a request is judged by what it does, whatever its verb or subresource.
@@ -1437,6 +1494,60 @@ mod routes {
             ..facts(Operation::Update { patch: None }, Some(&drop), Some(&keep))
         };
         assert!(decide(&pvcs, Who::LabelledAgent, &f).allowed());
+    }
+
+    #[test]
+    fn creates_are_judged_only_by_rules_that_name_create() {
+        let deny = |selector: Value| {
+            let mut p = policy(
+                "no-new-secrets",
+                "Deny",
+                json!(["CREATE"]),
+                json!({"apiGroups": [""], "resources": ["secrets"]}),
+            );
+            p.spec.policy.rules[0].object_selector = serde_json::from_value(selector).unwrap();
+            p
+        };
+        let secret = json!({"kind": "Secret", "metadata": {"name": "x", "labels": {"tier": "prod"}}});
+        let create = on("secrets", "", facts(Operation::Create, None, Some(&secret)));
+        let with_deletes = |p: ClusterAgentPolicy| {
+            let guard_deletes = policy(
+                "secret-deletes",
+                "Deny",
+                json!(["DELETE", "UPDATE"]),
+                json!({"apiGroups": [""], "resources": ["secrets"]}),
+            );
+            set(vec![p, guard_deletes], vec![])
+        };
+        let policies = with_deletes(deny(Value::Null));
+        assert!(refused(&decide(&policies, Who::LabelledAgent, &create)).contains("no-new-secrets"));
+        assert!(decide(&policies, Who::Human, &create).allowed());
+        // Other resources, and the rule guarding DELETE and UPDATE only, do not see it.
+        let configmap = on("configmaps", "", facts(Operation::Create, None, Some(&secret)));
+        assert!(decide(&policies, Who::LabelledAgent, &configmap).allowed());
+        let only_deletes = set(vec![], vec![]);
+        assert!(decide(&only_deletes, Who::LabelledAgent, &create).allowed());
+        // The objectSelector reads the object being created.
+        let prod = with_deletes(deny(json!({"matchLabels": {"tier": "prod"}})));
+        assert!(!decide(&prod, Who::LabelledAgent, &create).allowed());
+        let dev = with_deletes(deny(json!({"matchLabels": {"tier": "dev"}})));
+        assert!(decide(&dev, Who::LabelledAgent, &create).allowed());
+        // Allow and Warn on CREATE admit; Warn says so.
+        let mut warn = deny(Value::Null);
+        warn.spec.policy.mode = crate::engine::api::Mode::Warn;
+        let d = decide(&set(vec![warn], vec![]), Who::LabelledAgent, &create);
+        assert!(d.allowed() && d.warnings.iter().any(|w| w.contains("no-new-secrets")), "{d:?}");
+        // A CREATE that amounts to a DELETE (an eviction) is still judged as that DELETE.
+        let pods = set(
+            vec![
+                deny(Value::Null),
+                policy("pods", "Deny", json!(["DELETE"]), json!({"apiGroups": [""], "resources": ["pods"]})),
+            ],
+            vec![],
+        );
+        let eviction = json!({"kind": "Eviction", "metadata": {"name": "x"}});
+        let evict = on("pods", "eviction", facts(Operation::Create, None, Some(&eviction)));
+        assert!(refused(&decide(&pods, Who::LabelledAgent, &evict)).contains("an eviction deletes the pod"));
     }
 
     #[test]
