@@ -157,7 +157,13 @@ fn main() -> Result<()> {
         None,
     )?;
     // A Namespace's delete is held with its blast radius: what would go with it, before anyone approves.
-    show(&world, "admin", &admin, &["create", "deployment", "api", "-n", "demo", "--image=nginx:1.27"], None)?;
+    show(
+        &world,
+        "admin",
+        &admin,
+        &["create", "deployment", "api", "-n", "demo", "--image=nginx:1.27"],
+        None,
+    )?;
     let held = show(&world, "agent", &world.agent, &["delete", "namespace", "demo"], None)?;
     anyhow::ensure!(
         held.contains("It would also delete: 1 deployments.apps (api)"),

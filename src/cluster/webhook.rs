@@ -1566,6 +1566,7 @@ mod tests {
                 ca_file: ca.to_owned(),
                 timeout_seconds: 5,
                 create_absent: true,
+                self_namespace: None,
             };
             Registrar::new(
                 client,
