@@ -74,7 +74,7 @@ pub enum Command {
     Unfreeze(freeze::UnfreezeArgs),
     /// Break-glass sessions: let one agent make a bounded number of operations in one scope for a while.
     #[command(
-        after_help = "Examples:\n  kubectl agentguard session open migrate --agent agents/coder -n prod --resource deployments.apps --operation DELETE --max 5 --ttl 30m --reason 'move to the new cluster'\n  kubectl agentguard session list\n  kubectl agentguard session close migrate"
+        after_help = "Examples:\n  kubectl agentguard session open migrate --agent agents/coder --credential JTI=6e1f... -n prod --resource deployments.apps --operation DELETE --max 5 --ttl 30m --reason 'move to the new cluster'\n  kubectl agentguard session list\n  kubectl agentguard session close migrate"
     )]
     Session(session::SessionArgs),
     /// List agent identities and the rights RBAC gives them that matter (asks the API server).

@@ -42,6 +42,11 @@ pub struct OpenArgs {
     /// The agent: a ServiceAccount as NAMESPACE/NAME, or a username.
     #[arg(long)]
     pub agent: String,
+    /// The agent's credential: the `credential-id` its held request shows (`JTI=…`, in the
+    /// denial's `[from: …]`, `pending` and the records). Only requests made with that token use
+    /// the session.
+    #[arg(long)]
+    pub credential: String,
     /// A namespace it covers (repeat for more).
     #[arg(long = "namespace", short = 'n', required = true)]
     pub namespaces: Vec<String>,
@@ -91,6 +96,7 @@ pub fn session(args: &OpenArgs, opener: SessionOpener) -> Result<AgentSession> {
         .collect::<Result<Vec<_>>>()?;
     let spec = AgentSessionSpec {
         agent: crate::commands::freeze::username(&args.agent)?,
+        credential_id: args.credential.clone(),
         namespaces: args.namespaces.clone(),
         resources: args.resources.clone(),
         operations,
@@ -186,6 +192,7 @@ mod tests {
         let args = OpenArgs {
             name: "migrate".into(),
             agent: "agents/coder".into(),
+            credential: "JTI=1".into(),
             namespaces: vec!["prod".into()],
             resources: vec!["deployments.apps".into()],
             operations: vec!["DELETE".into(), "UPDATE".into()],

@@ -329,6 +329,7 @@ pub fn review_on(request: &AdmissionRequest, route: Route, snapshot: &Snapshot<'
         (key, value),
     );
     requester.selected_as_agent = route == Route::Agents;
+    requester.credential = request.user_info.attribution().and_then(|a| a.credential_id);
     policy::evaluate(
         &Facts { collateral: snapshot.collateral, ..request.facts() },
         &requester,

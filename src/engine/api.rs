@@ -538,6 +538,12 @@ pub struct AgentSessionSpec {
     /// (`system:serviceaccount:NAMESPACE:NAME`).
     #[schemars(length(min = 1, max = 256))]
     pub agent: String,
+    /// The agent's credential it is for: the `authentication.kubernetes.io/credential-id` its
+    /// requests carry (a token's `JTI=…`, shown as `credential-id=` in the denial, in `pending`
+    /// and in the records). Whoever else can act as the ServiceAccount (impersonation, a pod, a
+    /// token of their own) shares its name but never this token, so cannot use the session.
+    #[schemars(length(min = 1, max = 256))]
+    pub credential_id: String,
     /// The namespaces whose objects it covers (no wildcard).
     #[schemars(
         length(min = 1, max = 16),

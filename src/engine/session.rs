@@ -1,7 +1,9 @@
 //! Break-glass sessions ([`AgentSession`]): whether a session an approver opened stands in for
 //! the approval a held request lacks.
 //!
-//! A session covers a request when it is for this agent, lists the request's namespace,
+//! A session covers a request when it is for this agent and this agent's credential (the token
+//! whose id its requests carry: anyone who can act as a ServiceAccount — impersonation, a pod,
+//! a token of their own — shares its username, never that token), lists the request's namespace,
 //! resource (with its subresource, if any) and operation, is neither closing nor expired, and its
 //! opener is an approver under every policy that holds the request. It never stands in for a
 //! policy that needs several approvers (one person opened it), nor for what a request amounts to
@@ -39,6 +41,8 @@ pub struct Session {
     pub name: String,
     pub uid: String,
     pub agent: String,
+    /// The one credential (token) of the agent it covers.
+    credential: String,
     namespaces: Vec<String>,
     resources: Vec<String>,
     operations: Vec<SessionOperation>,
@@ -56,6 +60,8 @@ pub struct Session {
 #[derive(Clone, Copy, Debug)]
 pub struct Use<'a> {
     pub agent: &'a str,
+    /// The request's credential id, when its credential names one.
+    pub credential: Option<&'a str>,
     pub operation: SessionOperation,
     /// `configmaps`, `deployments.apps`, `deployments.apps/scale`.
     pub resource: &'a str,
@@ -76,6 +82,7 @@ impl Session {
             name,
             uid: meta.uid.clone().unwrap_or_default(),
             agent: s.spec.agent.clone(),
+            credential: s.spec.credential_id.clone(),
             namespaces: s.spec.namespaces.clone(),
             resources: s.spec.resources.clone(),
             operations: s.spec.operations.clone(),
@@ -87,6 +94,7 @@ impl Session {
                 groups: s.spec.opened_by.groups.clone(),
                 service_account: None,
                 selected_as_agent: false,
+                credential: None,
             },
             reason: s.spec.reason.clone(),
             closing: meta.deletion_timestamp.is_some(),
@@ -118,6 +126,8 @@ impl Session {
             && now < self.expires(max_ttl)
             && !self.uid.is_empty()
             && self.agent == request.agent
+            && !self.credential.is_empty()
+            && request.credential == Some(self.credential.as_str())
             && self.operations.contains(&request.operation)
             && self.namespaces.iter().any(|n| n == request.namespace)
             && self.resources.iter().any(|r| r == request.resource)
@@ -133,7 +143,7 @@ mod tests {
         let mut s = json!({
             "apiVersion": "agentguard.io/v1alpha1", "kind": "AgentSession",
             "metadata": {"name": "migrate", "uid": "s-1", "creationTimestamp": "2026-11-30T10:00:00Z"},
-            "spec": {"agent": "system:serviceaccount:agents:coder", "namespaces": ["prod"],
+            "spec": {"agent": "system:serviceaccount:agents:coder", "credentialId": "JTI=1", "namespaces": ["prod"],
                      "resources": ["deployments.apps", "configmaps"], "operations": ["DELETE"],
                      "maxOperations": 3, "ttl": "30m", "reason": "migration",
                      "openedBy": {"username": "alice", "groups": ["sre"]}}
@@ -156,14 +166,19 @@ mod tests {
         let hours = SignedDuration::from_hours(24);
         let ok = Use {
             agent: "system:serviceaccount:agents:coder",
+            credential: Some("JTI=1"),
             operation: SessionOperation::Delete,
             resource: "deployments.apps",
             namespace: "prod",
         };
         assert!(s.covers(&ok, hours, at("2026-11-30T10:10:00Z")));
-        // Outside its scope: another agent, operation, resource, subresource or namespace.
+        // Outside its scope: another agent; the same agent with another credential (a token
+        // another agent minted for it, or an impersonation, which carries none); another
+        // operation, resource, subresource or namespace.
         for other in [
             Use { agent: "system:serviceaccount:agents:other", ..ok },
+            Use { credential: Some("JTI=2"), ..ok },
+            Use { credential: None, ..ok },
             Use { operation: SessionOperation::Update, ..ok },
             Use { resource: "statefulsets.apps", ..ok },
             Use { resource: "deployments.apps/scale", ..ok },

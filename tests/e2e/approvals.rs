@@ -150,11 +150,29 @@ fn admitted_soon(w: &World, who: &std::path::Path, args: &[&str]) -> Result<()> 
     }
 }
 
+/// The credential id (`JTI=…`) of the ServiceAccount token in `kubeconfig`, as the API server
+/// puts it in `userInfo.extra`.
+fn credential_of(kubeconfig: &std::path::Path) -> Result<String> {
+    use base64::Engine as _;
+    let text = std::fs::read_to_string(kubeconfig)?;
+    let token = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token: "))
+        .context("no token in the kubeconfig")?
+        .trim_matches('"');
+    let payload = token.split('.').nth(1).context("not a JWT")?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?)?;
+    Ok(format!("JTI={}", claims["jti"].as_str().context("no jti")?))
+}
+
 /// A break-glass session admits exactly what it scopes, as many times as it says, until it is
 /// closed; agents can neither open, widen, extend nor reset one; each use is recorded.
 pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
     let ns = namespace(w, "session")?;
     let other = namespace(w, "session-other")?;
+    // A session is for one agent's credential: the token `agents:editor` acts with.
+    let credential = credential_of(&w.editor)?;
     let brief = namespace(w, "session-brief")?;
     for name in ["a", "b", "c"] {
         deployment(w, &ns, name)?;
@@ -171,6 +189,8 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
             "brief",
             "--agent",
             "agents/editor",
+            "--credential",
+            &credential,
             "-n",
             &brief,
             "--resource",
@@ -199,7 +219,7 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
         "apiVersion: agentguard.io/v1alpha1\nkind: AgentSession\nmetadata: {{name: mine}}\nspec:\n  \
          agent: system:serviceaccount:agents:editor\n  namespaces: [{ns}]\n  resources: [deployments.apps]\n  \
          operations: [DELETE]\n  maxOperations: 100\n  ttl: 1h\n  reason: self-service\n  \
-         openedBy: {{username: system:serviceaccount:agents:coder, groups: [system:serviceaccounts, system:serviceaccounts:agents, system:authenticated]}}\n"
+         credentialId: {credential}\n  openedBy: {{username: system:serviceaccount:agents:coder, groups: [system:serviceaccounts, system:serviceaccounts:agents, system:authenticated]}}\n"
     );
     rejects(
         w.plane.kubectl_stdin(&w.agent, &["create", "-f", "-"], Some(&opened_by_agent)),
@@ -230,6 +250,8 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
             "daves",
             "--agent",
             "agents/editor",
+            "--credential",
+            &credential,
             "-n",
             &ns,
             "--resource",
@@ -257,6 +279,8 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
             "migrate",
             "--agent",
             "agents/editor",
+            "--credential",
+            &credential,
             "-n",
             &ns,
             "--resource",
@@ -292,6 +316,22 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
     rejects(
         w.plane.kubectl(&w.agent, &["delete", "deployment", "b", "-n", &ns]),
         "another agent's delete",
+        "requires approval",
+    )?;
+    // Another agent acting as it (impersonation: no credential of its own), or the agent with
+    // another token of the same ServiceAccount: not the session's credential, held.
+    rejects(
+        w.plane.kubectl(
+            &w.agent,
+            &["delete", "deployment", "b", "-n", &ns, "--as=system:serviceaccount:agents:editor"],
+        ),
+        "another agent impersonating the session's agent",
+        "requires approval",
+    )?;
+    let second_token = w.plane.service_account_kubeconfig("agents", "editor")?;
+    rejects(
+        w.plane.kubectl(&second_token, &["delete", "deployment", "b", "-n", &ns]),
+        "the session's agent with another token",
         "requires approval",
     )?;
 
@@ -358,6 +398,8 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
             "last",
             "--agent",
             "agents/editor",
+            "--credential",
+            &credential,
             "-n",
             &ns,
             "--resource",

@@ -245,6 +245,7 @@ fn sessions_for(
     }
     let request = crate::engine::session::Use {
         agent: &requester.username,
+        credential: requester.credential.as_deref(),
         operation,
         resource: &resource,
         namespace: facts.namespace,

@@ -97,6 +97,10 @@ pub struct Requester {
     /// `agents` webhook, whose conditions list exactly the registered agents. A cache that has
     /// not yet seen the label cannot turn it back into a non-agent.
     pub selected_as_agent: bool,
+    /// The credential the request was made with (`authentication.kubernetes.io/credential-id`
+    /// in `userInfo.extra`: a token's JTI), when it names one. A break-glass session is pinned to
+    /// one, since anyone who can act as a ServiceAccount shares its username.
+    pub credential: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -138,6 +142,7 @@ impl Requester {
             groups: groups.to_vec(),
             service_account,
             selected_as_agent: false,
+            credential: None,
         }
     }
 

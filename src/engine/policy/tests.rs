@@ -1028,7 +1028,7 @@ mod builtins {
 
     fn session(opener: &str, groups: &[&str], extra: Value) -> crate::engine::session::Session {
         let mut spec = json!({
-            "agent": "system:serviceaccount:agents:coder", "namespaces": ["prod"],
+            "agent": "system:serviceaccount:agents:coder", "credentialId": "JTI=1", "namespaces": ["prod"],
             "resources": ["deployments.apps"], "operations": ["DELETE"], "maxOperations": 2,
             "ttl": "30m", "reason": "migration", "openedBy": {"username": opener, "groups": groups}
         });
@@ -1055,7 +1055,10 @@ mod builtins {
         let old = deployment(3);
         let delete = facts(Operation::Delete, Some(&old), None);
         let judge = |who: Who, facts: &Facts<'_>, dir: &StaticDirectory| {
-            evaluate(facts, &requester(who), &policies, dir, &config(), now())
+            // Requests made with the credential the sessions are pinned to.
+            let mut r = requester(who);
+            r.credential = Some("JTI=1".into());
+            evaluate(facts, &r, &policies, dir, &config(), now())
         };
         let dir = with(vec![session("alice", &["sre"], json!({}))]);
         match judge(Who::LabelledAgent, &delete, &dir).verdict {
@@ -1076,6 +1079,13 @@ mod builtins {
                 "{d:?}"
             );
         };
+        // The same agent's name with another credential, or none (someone acting as it): held.
+        for credential in [Some("JTI=2"), None] {
+            let mut r = requester(Who::LabelledAgent);
+            r.credential = credential.map(str::to_owned);
+            let d = evaluate(&delete, &r, &policies, &dir, &config(), now());
+            assert!(!d.allowed(), "{credential:?}: {d:?}");
+        }
         // Another agent, another operation, another namespace: held as before.
         held(Who::AgentNamespace, &delete, &dir);
         let new = deployment(0);
