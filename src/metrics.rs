@@ -56,6 +56,9 @@ pub struct Metrics {
     pub malformed: Counter,
     pub latency: Histogram,
     pub caches_ready: Gauge,
+    pub view_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub stale_refusals: Counter,
+    pub deadline_refusals: Counter,
     pub policies: Gauge,
     pub policy_problems: Gauge,
     pub policy_compiles: Counter,
@@ -82,6 +85,24 @@ impl Default for Metrics {
         registry.register("review_duration_seconds", "Time to decide one AdmissionReview", latency.clone());
         let caches_ready = Gauge::default();
         registry.register("caches_ready", "1 when every cache has synced", caches_ready.clone());
+        let view_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "view_age_seconds",
+            "Seconds since the API server last vouched for the caches (heartbeat, list or watch event), as of the scrape",
+            view_age.clone(),
+        );
+        let stale_refusals = Counter::default();
+        registry.register(
+            "stale_refusals",
+            "Agents' requests answered HTTP 503 because the view of the cluster was older than --max-staleness",
+            stale_refusals.clone(),
+        );
+        let deadline_refusals = Counter::default();
+        registry.register(
+            "deadline_refusals",
+            "Requests agentguard refused itself because the API calls they needed did not finish before the API server's timeout",
+            deadline_refusals.clone(),
+        );
         let policies = Gauge::default();
         registry.register("policies", "Policies currently compiled", policies.clone());
         let reached_namespaces = Gauge::default();
@@ -158,6 +179,9 @@ impl Default for Metrics {
             malformed,
             latency,
             caches_ready,
+            view_age,
+            stale_refusals,
+            deadline_refusals,
             policies,
             policy_problems,
             policy_compiles,

@@ -56,6 +56,18 @@ pub struct ServeArgs {
     /// Longest wait for in-flight requests to finish on shutdown, in seconds.
     #[arg(long, env = "AGENTGUARD_DRAIN_SECONDS", default_value_t = 20)]
     pub drain_seconds: u64,
+    /// Refuse agents' requests (HTTP 503, so the webhook's failurePolicy refuses them) and fail
+    /// readiness while the API server has not answered for longer than this, e.g. `60s`.
+    #[arg(long, env = "AGENTGUARD_MAX_STALENESS", default_value = "60s", value_parser = parse_staleness)]
+    pub max_staleness: Duration,
+}
+
+fn parse_staleness(text: &str) -> Result<Duration, String> {
+    match crate::engine::api::parse_duration(text) {
+        Some(d) if d >= Duration::from_secs(1) => Ok(d),
+        Some(_) => Err("at least 1s".into()),
+        None => Err(format!("{text:?} is not a duration such as 60s or 2m")),
+    }
 }
 
 /// The audit trail of admitted agent changes (AgentChange records in `--self-namespace`).
@@ -203,7 +215,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         trail,
         shutdown_delay_seconds,
         drain_seconds,
+        max_staleness,
     } = args;
+    let max_staleness = crate::cluster::freshness::Bound(max_staleness);
     let mut config = engine.config()?;
     let webhook_settings = webhook.settings()?;
     let trail_settings = trail.settings(config.self_namespace.as_deref())?;
@@ -268,7 +282,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     metrics.certificate_loaded(resolver.not_after());
 
-    let (caches, reflectors) = Caches::start(client.clone(), metrics.clone(), config.clone());
+    let (caches, reflectors) = Caches::start(client.clone(), metrics.clone(), config.clone(), max_staleness);
     let (events, event_worker) = crate::cluster::events::Events::start(
         client.clone(),
         metrics.clone(),
@@ -294,6 +308,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         breaker: config.self_namespace.as_deref().map(|ns| {
             Arc::new(crate::cluster::breaker::Breaker::new(client.clone(), ns)) as Arc<dyn server::Charge>
         }),
+        max_staleness,
         ..AppState::new(caches.clone(), config.clone(), metrics.clone())
     });
     let event_worker = tokio::spawn(event_worker);

@@ -41,6 +41,11 @@ pub trait Cluster: Send + Sync + 'static {
     fn policies(&self) -> Arc<PolicySet>;
     fn directory(&self) -> &dyn Directory;
     fn ready(&self) -> bool;
+    /// How long ago the API server last vouched for this view (see
+    /// [`crate::cluster::freshness`]); a fixed view is always current.
+    fn view_age(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 impl Cluster for Caches {
@@ -52,6 +57,9 @@ impl Cluster for Caches {
     }
     fn ready(&self) -> bool {
         Caches::ready(self)
+    }
+    fn view_age(&self) -> std::time::Duration {
+        Caches::view_age(self)
     }
 }
 
@@ -159,6 +167,8 @@ pub struct AppState {
     /// What an agent's DELETE would take with it (see [`crate::cluster::ownership`]). None: cascades are
     /// not looked up (offline tests only).
     pub ownership: Option<Arc<dyn crate::cluster::ownership::Lookup>>,
+    /// `--max-staleness`: the `agents` webhook answers HTTP 503 from a view older than this.
+    pub max_staleness: crate::cluster::freshness::Bound,
 }
 
 impl AppState {
@@ -175,6 +185,7 @@ impl AppState {
             breaker: None,
             trail: None,
             ownership: None,
+            max_staleness: crate::cluster::freshness::Bound(crate::cluster::freshness::DEFAULT_MAX_STALENESS),
         }
     }
 }

@@ -115,6 +115,10 @@ pub struct Process {
 }
 
 impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// An error if the process has exited, with the end of its log ([`lost_a_port`] tells
     /// whether it could not bind a port).
     pub fn check_running(&mut self) -> Result<()> {

@@ -7,6 +7,7 @@ mod audit;
 mod churn;
 mod cloud;
 mod cluster;
+mod faults;
 mod pending;
 mod plugin;
 mod routes;
