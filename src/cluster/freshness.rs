@@ -192,9 +192,11 @@ pub fn keep_heartbeat(
 }
 
 /// First wait before a failed watch is started over; doubled on each failure in a row.
-pub const RESTART_FIRST: Duration = Duration::from_millis(500);
-/// Longest wait between restarts of a failing watch.
-pub const RESTART_MAX: Duration = Duration::from_secs(10);
+pub const RESTART_FIRST: Duration = Duration::from_millis(250);
+/// Longest wait between restarts of a failing watch: how late, at most, a watch lists again
+/// after the API server is back (a kube-apiserver restart measured 4 s later with 10 s here).
+/// Eight watches retrying every 4 s through an outage cost nothing.
+pub const RESTART_MAX: Duration = Duration::from_secs(4);
 
 /// The wait before the `failures`-th restart in a row (1-based).
 fn restart_after(first: Duration, failures: u32) -> Duration {
@@ -292,10 +294,11 @@ mod tests {
 
     #[test]
     fn restarts_back_off_up_to_a_ceiling() {
-        let first = Duration::from_millis(500);
+        let first = Duration::from_millis(250);
         let waits: Vec<Duration> = (1..=7).map(|n| restart_after(first, n)).collect();
         let ms = |n| Duration::from_millis(n);
-        assert_eq!(waits, [ms(500), ms(1000), ms(2000), ms(4000), ms(8000), RESTART_MAX, RESTART_MAX]);
+        assert_eq!(waits, [ms(250), ms(500), ms(1000), ms(2000), ms(4000), RESTART_MAX, RESTART_MAX]);
+        assert_eq!(RESTART_MAX, ms(4000));
         assert_eq!(restart_after(first, u32::MAX), RESTART_MAX);
     }
 

@@ -383,3 +383,204 @@ pub fn hung(w: &World) -> Result<()> {
     must(w.plane.kubectl(&w.plane.admin, &["delete", "namespace", ns, "--wait=false"]))?;
     Ok(())
 }
+
+/// What one side's traffic met while the control plane was restarted.
+#[derive(Default, Debug)]
+struct Tally {
+    sent: u32,
+    admitted: u32,
+    /// Held or denied by agentguard's decision.
+    held: u32,
+    /// Refused because the API server could not get an answer from agentguard (failurePolicy).
+    no_answer: u32,
+    /// Refused by agentguard itself for want of the API server (503 AdmissionReview).
+    unavailable: u32,
+    /// Failed before any webhook: the API server or etcd down, or its authorizer not yet synced.
+    plane_down: u32,
+    /// Failed any other way.
+    other: u32,
+    /// The first few of those.
+    examples: Vec<String>,
+}
+
+impl Tally {
+    fn count(&mut self, ok: bool, stderr: &str) {
+        self.sent += 1;
+        if ok {
+            self.admitted += 1;
+        } else if stderr.contains("requires approval") || stderr.contains("denied the request") {
+            self.held += 1;
+        } else if stderr.contains("failed calling webhook") {
+            self.no_answer += 1;
+        } else if stderr.contains("agentguard") {
+            self.unavailable += 1;
+        } else if [
+            "was refused - did you specify the right host or port",
+            "connection refused",
+            "etcdserver",
+            "context deadline exceeded",
+            "the server is currently unable",
+            "Timeout",
+            "timed out",
+            "connection reset",
+            "EOF",
+            "too many requests",
+            "TLS handshake",
+            // A restarted API server answers before its RBAC authorizer has caught up.
+            "cannot delete resource",
+            "cannot create resource",
+        ]
+        .iter()
+        .any(|s| stderr.contains(s))
+        {
+            self.plane_down += 1;
+        } else {
+            self.other += 1;
+            if self.examples.len() < 5 {
+                self.examples.push(stderr.trim().to_owned());
+            }
+        }
+    }
+}
+
+fn kubectl_at(kubectl: &std::path::Path, kubeconfig: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(kubectl)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .args(args)
+        .arg("--request-timeout=10s")
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Ok(out) => (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned()),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Waits until the agent's dry-run delete of ConfigMap `name` in `ns` is refused under policy
+/// `policy`: the time it took.
+fn enforced(w: &World, ns: &str, name: &str, policy: &str) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        let (ok, _, err) = timed(w, &w.agent, &["delete", "configmap", name, "-n", ns, "--dry-run=server"]);
+        if !ok && err.contains(policy) {
+            return Ok(started.elapsed());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "policy {policy} not enforced 30s after it was created (last answer: {})",
+            if ok { "admitted".to_owned() } else { err }
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn deny_configmaps(w: &World, ns: &str, name: &str, object: &str) -> Result<()> {
+    let policy = format!(
+        "apiVersion: agentguard.io/v1alpha1\nkind: ClusterAgentPolicy\nmetadata: {{name: {name}}}\nspec:\n  action: Deny\n  \
+         rules:\n    - name: one\n      operations: [DELETE]\n      namespaces: [{ns}]\n      names: [{object}]\n      \
+         resources: [{{apiGroups: [\"\"], resources: [configmaps]}}]\n"
+    );
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&policy)))?;
+    Ok(())
+}
+
+/// kube-apiserver, then etcd, killed and started again on the same ports and data while an
+/// agent keeps trying a held delete and a human keeps creating and deleting: no held request is
+/// admitted, no human request is failed by agentguard (only by the control plane being down),
+/// agentguard's watches come back (a policy created after each restart is enforced, its view
+/// is current and it is ready). Runs on a control plane of its own.
+pub fn control_plane_restarts(_: &World) -> Result<()> {
+    let mut w = World::start()?;
+    let ns = "e2e-restart";
+    must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", ns]))?;
+    crate::scenarios::deployment(&w, ns, "web")?;
+    for name in ["after-apiserver", "after-etcd"] {
+        must(w.plane.kubectl(&w.plane.admin, &["create", "configmap", name, "-n", ns]))?;
+    }
+    let stop = AtomicBool::new(false);
+    let (kubectl, agent, alice) = (w.plane.kubectl.clone(), w.agent.clone(), w.alice.clone());
+    let mut figures = Vec::new();
+    let (agents, humans, outcome) = std::thread::scope(|scope| {
+        let agents = scope.spawn(|| {
+            let mut tally = Tally::default();
+            while !stop.load(Ordering::Acquire) {
+                let (ok, err) = kubectl_at(
+                    &kubectl,
+                    &agent,
+                    &["delete", "deployment", "web", "-n", ns, "--dry-run=server"],
+                );
+                tally.count(ok, &err);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            tally
+        });
+        let humans = scope.spawn(|| {
+            let mut tally = Tally::default();
+            let mut i = 0;
+            while !stop.load(Ordering::Acquire) {
+                let name = format!("h{i}");
+                let (ok, err) = kubectl_at(&kubectl, &alice, &["create", "configmap", &name, "-n", ns]);
+                tally.count(ok, &err);
+                let (ok, err) = kubectl_at(&kubectl, &alice, &["delete", "configmap", &name, "-n", ns]);
+                // A delete after a failed create finds nothing: that is not the webhook's doing.
+                tally.count(ok || err.contains("NotFound"), &err);
+                i += 1;
+            }
+            tally
+        });
+        let outcome = (|| -> Result<()> {
+            std::thread::sleep(Duration::from_secs(3));
+            for (process, policy, object) in [
+                ("kube-apiserver", "e2e-after-apiserver", "after-apiserver"),
+                ("etcd", "e2e-after-etcd", "after-etcd"),
+            ] {
+                let back = w.plane.restart(process, Duration::from_secs(3))?;
+                let since = Instant::now();
+                deny_configmaps(&w, ns, policy, object)?;
+                let enforced = enforced(&w, ns, object, policy)?;
+                let ready = loop {
+                    if crate::world::http_ok(&format!("{}/readyz", w.agentguard.admin)) {
+                        break since.elapsed();
+                    }
+                    ensure!(
+                        since.elapsed() < Duration::from_secs(60),
+                        "agentguard not ready after {process} restarted"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                };
+                let age = w.agentguard.gauge("agentguard_view_age_seconds")?;
+                ensure!(age < 60.0, "agentguard's view is {age}s old after {process} restarted");
+                figures.push(format!(
+                    "{process}: API server ready {:.1}s after the kill (3s down), a policy created then enforced {:.2}s later, agentguard ready, view {age:.1}s old",
+                    secs(back),
+                    secs(enforced),
+                ));
+                let _ = ready;
+                std::thread::sleep(Duration::from_secs(3));
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Release);
+        (agents.join().expect("agent traffic"), humans.join().expect("human traffic"), outcome)
+    });
+    for f in &figures {
+        println!("  {f}");
+    }
+    println!("  agent deletes (held): {agents:?}");
+    println!("  human writes: {humans:?}");
+    outcome?;
+    ensure!(agents.admitted == 0, "{} held agent deletes were admitted", agents.admitted);
+    ensure!(agents.held > 0, "agentguard held none of the agent's deletes");
+    ensure!(agents.other == 0, "agent requests failed unexpectedly: {:?}", agents.examples);
+    ensure!(
+        humans.held == 0 && humans.no_answer == 0 && humans.unavailable == 0,
+        "human requests were failed by agentguard: {humans:?}"
+    );
+    ensure!(humans.other == 0, "human requests failed unexpectedly: {:?}", humans.examples);
+    ensure!(humans.admitted > 0, "no human request got through");
+    // The world's own agentguard is still running.
+    w.agentguard.decisions()?;
+    drop(w);
+    Ok(())
+}

@@ -94,6 +94,10 @@ pub const ALL: &[(&str, Scenario)] = &[
         crate::faults::view_stale,
     ),
     ("fault_hung_agentguard_makes_agents_wait_the_timeout_and_nobody_else", crate::faults::hung),
+    (
+        "fault_apiserver_and_etcd_restarted_under_traffic_nothing_held_admitted",
+        crate::faults::control_plane_restarts,
+    ),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
 ];
