@@ -8,21 +8,30 @@
 #   hack/soak.sh                 # one hour
 #   hack/soak.sh --duration 600  # ten minutes
 #   hack/soak.sh --smoke         # five minutes, a rotation every minute (CI)
+#   hack/soak.sh --flood 60 [--rate 1000]   # agents' changes flooded straight at agentguard
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 duration=3600
 rotate=180
+flood=""
+rate=1000
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) duration=300; rotate=60 ;;
     --duration) duration="$2"; shift ;;
     --rotate) rotate="$2"; shift ;;
-    *) echo "usage: hack/soak.sh [--smoke] [--duration SECONDS] [--rotate SECONDS]" >&2; exit 2 ;;
+    --flood) flood="$2"; shift ;;
+    --rate) rate="$2"; shift ;;
+    *) echo "usage: hack/soak.sh [--smoke] [--duration SECONDS] [--rotate SECONDS] | --flood SECONDS [--rate N]" >&2; exit 2 ;;
   esac
   shift
 done
 
 eval "$(hack/k8s-binaries.sh)"
 export KUBE_APISERVER KUBE_CONTROLLER_MANAGER ETCD KUBECTL
-cargo test --locked --test soak -- --duration "$duration" --rotate "$rotate"
+if [ -n "$flood" ]; then
+  cargo test --locked --test soak -- --flood "$flood" --rate "$rate"
+else
+  cargo test --locked --test soak -- --duration "$duration" --rotate "$rotate"
+fi

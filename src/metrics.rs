@@ -59,6 +59,8 @@ pub struct Metrics {
     pub view_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub stale_refusals: Counter,
     pub deadline_refusals: Counter,
+    pub busy_refusals: Counter,
+    pub api_requests_in_flight: Gauge,
     pub policies: Gauge,
     pub policy_problems: Gauge,
     pub policy_compiles: Counter,
@@ -96,6 +98,18 @@ impl Default for Metrics {
             "stale_refusals",
             "Agents' requests answered HTTP 503 because the view of the cluster was older than --max-staleness",
             stale_refusals.clone(),
+        );
+        let busy_refusals = Counter::default();
+        registry.register(
+            "busy_refusals",
+            "Requests refused because every API-call slot (--max-inflight-api-requests) stayed taken for the wait",
+            busy_refusals.clone(),
+        );
+        let api_requests_in_flight = Gauge::default();
+        registry.register(
+            "api_requests_in_flight",
+            "Requests making their API calls now (record, churn charge, blast radius, registration), as of the scrape",
+            api_requests_in_flight.clone(),
         );
         let deadline_refusals = Counter::default();
         registry.register(
@@ -182,6 +196,8 @@ impl Default for Metrics {
             view_age,
             stale_refusals,
             deadline_refusals,
+            busy_refusals,
+            api_requests_in_flight,
             policies,
             policy_problems,
             policy_compiles,

@@ -4,6 +4,7 @@
 //! replaced every few minutes — sampling agentguard's resident memory, open file descriptors
 //! and threads. Fails on any unexpected answer, or when the end's figures exceed the start's by
 //! more than the bounds below. `cargo test --test soak -- --duration SECONDS [--rotate SECONDS]`.
+//! With `--flood SECONDS [--rate N]` it floods agentguard with agents' changes instead ([`flood`]).
 
 #[allow(dead_code)]
 #[path = "e2e/cluster.rs"]
@@ -341,7 +342,11 @@ fn run() -> Result<bool> {
 }
 
 fn main() {
-    match run() {
+    let result = match arg("--flood") {
+        Some(seconds) => flood(seconds, arg("--rate").unwrap_or(1000)),
+        None => run(),
+    };
+    match result {
         Ok(true) => println!("soak: ok"),
         Ok(false) => std::process::exit(1),
         Err(e) => {
@@ -349,4 +354,226 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// How one flood request ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Answer {
+    /// Admitted: recorded and charged.
+    Admitted,
+    /// Refused for want of an API-call slot ("agentguard is busy").
+    Busy,
+    /// Refused because its API calls did not finish before the deadline.
+    Deadline,
+    /// Anything else (counted as an error).
+    Other,
+}
+
+/// `--flood SECONDS --rate N`: N agent DELETEs a second, sent straight to agentguard's webhook
+/// port as AdmissionReviews (the API server on this machine cannot pass that many), each
+/// admitted under an Allow policy with a churn limit, so each admission checks the live object,
+/// charges the churn count and writes a record. Reports what was admitted, refused and how fast,
+/// the most API-call slots seen taken, and whether every admitted change has its record.
+fn flood(seconds: u64, rate: u64) -> Result<bool> {
+    use serde_json::{Value, json};
+    let w = World::start()?;
+    let ns = "flood";
+    must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", ns]))?;
+    let policy = "apiVersion: agentguard.io/v1alpha1\nkind: ClusterAgentPolicy\nmetadata: {name: flood}\nspec:\n  action: Allow\n  \
+                  churnLimit: {maxOperations: 100000, window: 1h}\n  rules:\n    - {name: flood, operations: [DELETE], namespaces: [flood], \
+                  resources: [{apiGroups: [\"\"], resources: [configmaps]}]}\n";
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(policy)))?;
+    const OBJECTS: usize = 100;
+    let items: Vec<Value> = (0..OBJECTS)
+        .map(|i| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": format!("c{i}"), "namespace": ns}}))
+        .collect();
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&list.to_string())))?;
+    let live: Value = serde_json::from_str(&must(
+        w.plane.kubectl(&w.plane.admin, &["get", "configmaps", "-n", ns, "-o", "json"]),
+    )?)?;
+    let live: Vec<Value> = live["items"]
+        .as_array()
+        .context("a list")?
+        .iter()
+        .filter(|o| o["metadata"]["name"].as_str().is_some_and(|n| n.starts_with('c')))
+        .cloned()
+        .collect();
+    ensure!(live.len() == OBJECTS, "{} ConfigMaps listed", live.len());
+    // The policy in force before the flood: one admitted delete through the API server.
+    let started = Instant::now();
+    while !w
+        .plane
+        .kubectl(&w.agent, &["delete", "configmap", "c0", "-n", ns, "--dry-run=server"])
+        .status
+        .success()
+    {
+        ensure!(started.elapsed() < Duration::from_secs(30), "the flood policy is not in force");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let review = |n: u64, old: &Value| {
+        json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": format!("flood-{n}"),
+                "kind": {"group": "", "version": "v1", "kind": "ConfigMap"},
+                "resource": {"group": "", "version": "v1", "resource": "configmaps"},
+                "name": old["metadata"]["name"], "namespace": ns, "operation": "DELETE",
+                "userInfo": {"username": "system:serviceaccount:agents:coder",
+                             "groups": ["system:serviceaccounts", "system:serviceaccounts:agents", "system:authenticated"]},
+                "object": null, "oldObject": old,
+                "options": {"apiVersion": "meta.k8s.io/v1", "kind": "DeleteOptions"}, "dryRun": false
+            }
+        })
+        .to_string()
+    };
+    let bodies: Vec<String> = (0..seconds * rate).map(|n| review(n, &live[n as usize % OBJECTS])).collect();
+    let url = format!("{}/agents?timeout=5s", w.agentguard.webhook);
+    let ca = std::fs::read(w.plane.dir.path().join("ca.crt"))?;
+    let admin = w.agentguard.admin.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    println!(
+        "flood: {rate} agent DELETEs/s for {seconds}s, straight to agentguard, each recorded and charged if admitted"
+    );
+    let (answers, peak_slots, after) = runtime.block_on(async move {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca)?)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let sampling = sampling.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut peak = 0.0f64;
+                while sampling.load(std::sync::atomic::Ordering::Acquire) {
+                    if let Ok((_, text)) = world::http_get(&format!("{admin}/metrics"))
+                        && let Some(v) = text
+                            .lines()
+                            .find(|l| l.starts_with("agentguard_api_requests_in_flight "))
+                            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    {
+                        peak = peak.max(v);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                peak
+            })
+        };
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut tasks = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            tick.tick().await;
+            let (client, url) = (client.clone(), url.clone());
+            tasks.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                let answer = match client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(r) => match r.json::<Value>().await {
+                        Ok(v) if v["response"]["allowed"] == true => Answer::Admitted,
+                        Ok(v) => match v["response"]["status"]["message"].as_str().unwrap_or_default() {
+                            m if m.contains("agentguard is busy") => Answer::Busy,
+                            m if m.contains("could not finish the API calls") => Answer::Deadline,
+                            m => {
+                                eprintln!("flood: unexpected answer: {m}");
+                                Answer::Other
+                            }
+                        },
+                        Err(e) => {
+                            eprintln!("flood: unreadable answer: {e}");
+                            Answer::Other
+                        }
+                    },
+                    Err(e) => {
+                        eprintln!("flood: request failed: {e}");
+                        Answer::Other
+                    }
+                };
+                (answer, sent.elapsed())
+            }));
+        }
+        let mut answers = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            answers.push(t.await?);
+        }
+        sampling.store(false, std::sync::atomic::Ordering::Release);
+        let peak = sampler.await?;
+        // At once afterwards: one more admitted, and how long it took.
+        let sent = Instant::now();
+        let body = review(u64::MAX, &live[1]);
+        let r: Value = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?
+            .json()
+            .await?;
+        ensure!(r["response"]["allowed"] == true, "not admitted right after the flood: {r}");
+        anyhow::Ok((answers, peak, sent.elapsed()))
+    })?;
+    let sent_for = answers.len() as f64 / rate as f64;
+    let of = |a: Answer| answers.iter().filter(|(x, _)| *x == a).count();
+    let slowest =
+        |a: Answer| answers.iter().filter(|(x, _)| *x == a).map(|(_, d)| *d).max().unwrap_or_default();
+    let mut sorted: Vec<Duration> = answers.iter().map(|(_, d)| *d).collect();
+    sorted.sort();
+    let p = |q: f64| sorted[((sorted.len() - 1) as f64 * q) as usize];
+    let admitted = of(Answer::Admitted) + 1;
+    println!(
+        "flood: {} sent over {:.0}s: {} admitted ({:.0}/s), {} refused busy, {} refused at the deadline, {} other",
+        answers.len(),
+        sent_for,
+        admitted - 1,
+        (admitted - 1) as f64 / sent_for,
+        of(Answer::Busy),
+        of(Answer::Deadline),
+        of(Answer::Other)
+    );
+    println!(
+        "flood: answer times p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; slowest admitted {:.0} ms, slowest busy refusal {:.0} ms; \
+         API-call slots taken at most {peak_slots} (limit 32); one admitted right after in {:.0} ms",
+        p(0.5).as_secs_f64() * 1e3,
+        p(0.99).as_secs_f64() * 1e3,
+        p(1.0).as_secs_f64() * 1e3,
+        slowest(Answer::Admitted).as_secs_f64() * 1e3,
+        slowest(Answer::Busy).as_secs_f64() * 1e3,
+        after.as_secs_f64() * 1e3
+    );
+    let records = must(w.plane.kubectl(
+        &w.plane.admin,
+        &[
+            "get",
+            "agentchanges",
+            "-n",
+            "agentguard-system",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.target.namespace}{\"\\n\"}{end}",
+        ],
+    ))?;
+    let records = records.lines().filter(|l| *l == ns).count();
+    println!("flood: {records} records for {admitted} admitted changes (the dry run before leaves none)");
+    let mut ok = true;
+    if records < admitted {
+        println!("flood FAILED: {} admitted changes have no record", admitted - records);
+        ok = false;
+    }
+    if of(Answer::Other) > 0 {
+        println!("flood FAILED: {} requests got an unexpected answer", of(Answer::Other));
+        ok = false;
+    }
+    if peak_slots > 32.0 {
+        println!("flood FAILED: {peak_slots} API-call slots taken (limit 32)");
+        ok = false;
+    }
+    if p(1.0) > Duration::from_secs(5) {
+        println!("flood FAILED: an answer took {:.1}s, past the API server's 5 s", p(1.0).as_secs_f64());
+        ok = false;
+    }
+    Ok(ok)
 }

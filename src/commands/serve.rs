@@ -60,6 +60,10 @@ pub struct ServeArgs {
     /// readiness while the API server has not answered for longer than this, e.g. `60s`.
     #[arg(long, env = "AGENTGUARD_MAX_STALENESS", default_value = "60s", value_parser = parse_staleness)]
     pub max_staleness: Duration,
+    /// Requests that may be making API calls at once (records, churn charges, blast radius,
+    /// registration); one that waits longer than a second for its turn is refused (503).
+    #[arg(long, env = "AGENTGUARD_MAX_INFLIGHT_API_REQUESTS", default_value_t = crate::request::actions::DEFAULT_API_SLOTS as u32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_inflight_api_requests: u32,
 }
 
 fn parse_staleness(text: &str) -> Result<Duration, String> {
@@ -216,6 +220,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         shutdown_delay_seconds,
         drain_seconds,
         max_staleness,
+        max_inflight_api_requests,
     } = args;
     let max_staleness = crate::cluster::freshness::Bound(max_staleness);
     let mut config = engine.config()?;
@@ -309,6 +314,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
             Arc::new(crate::cluster::breaker::Breaker::new(client.clone(), ns)) as Arc<dyn server::Charge>
         }),
         max_staleness,
+        api_slots: crate::request::actions::ApiSlots::new(
+            max_inflight_api_requests as usize,
+            crate::request::actions::DEFAULT_API_WAIT,
+        ),
         ..AppState::new(caches.clone(), config.clone(), metrics.clone())
     });
     let event_worker = tokio::spawn(event_worker);

@@ -6,7 +6,7 @@
 pub mod tls;
 
 use crate::request::actions;
-pub use crate::request::actions::{AppState, Charge, Cluster, Recorder, Register, StaticCluster};
+pub use crate::request::actions::{ApiSlots, AppState, Charge, Cluster, Recorder, Register, StaticCluster};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -76,6 +76,7 @@ fn stale(state: &AppState) -> Option<std::time::Duration> {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     state.metrics.view_age.set(state.cluster.view_age().as_secs_f64());
+    state.metrics.api_requests_in_flight.set(state.api_slots.in_use() as i64);
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.encode(),

@@ -779,3 +779,52 @@ async fn a_hung_api_call_is_refused_within_the_callers_timeout() {
     let (_, text) = get(admin_router(st), "/metrics").await;
     assert!(text.contains("agentguard_deadline_refusals_total 1"), "{text}");
 }
+
+#[tokio::test]
+async fn when_every_api_slot_is_taken_requests_needing_one_are_refused_quickly_and_the_rest_decided() {
+    use std::time::Duration;
+    struct Nothing;
+    impl crate::cluster::ownership::Lookup for Nothing {
+        fn collateral<'a>(
+            &'a self,
+            _: &'a crate::engine::admission::AdmissionRequest,
+            _: &'a PolicySet,
+        ) -> BoxFuture<'a, anyhow::Result<Vec<crate::engine::policy::Collateral>>> {
+            Box::pin(futures::future::ready(Ok(Vec::new())))
+        }
+    }
+    let base = state(true);
+    let mut st = AppState::new(base.cluster.clone(), base.config.clone(), Arc::new(Metrics::default()));
+    st.clock = at_fixed_time;
+    st.ownership = Some(Arc::new(Nothing));
+    st.api_slots = ApiSlots::new(1, Duration::from_millis(200));
+    let st = Arc::new(st);
+    let agent_delete = fixture("01-agent-deletes-deployment.json").to_string();
+
+    // A slot free: the delete's blast radius is looked up and it is held as the fixture says.
+    let (_, body) = post_to(st.clone(), "/validate/agents", agent_delete.clone()).await;
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("requires approval"), "{body}");
+
+    // The only slot taken (a flood's API calls under way): refused after the wait, not later.
+    let slot = st.api_slots.take(&st.metrics).await.unwrap();
+    let started = std::time::Instant::now();
+    let (status, body) = post_to(st.clone(), "/validate/agents", agent_delete).await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["response"]["allowed"], false);
+    assert_eq!(body["response"]["status"]["code"], 503, "{body}");
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("agentguard is busy"), "{body}");
+    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(1), "{took:?}");
+    // A decision from the caches alone (a scale to zero: no blast radius) does not wait.
+    let started = std::time::Instant::now();
+    let (_, body) =
+        post_to(st.clone(), "/validate/agents", fixture("05-agent-scales-to-zero.json").to_string()).await;
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("requires approval"), "{body}");
+    let (_, text) = get(admin_router(st.clone()), "/metrics").await;
+    assert!(text.contains("agentguard_busy_refusals_total 1"), "{text}");
+    assert!(text.contains("agentguard_api_requests_in_flight 1"), "{text}");
+    drop(slot);
+    let (_, text) = get(admin_router(st), "/metrics").await;
+    assert!(text.contains("agentguard_api_requests_in_flight 0"), "{text}");
+}
