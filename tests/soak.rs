@@ -608,6 +608,34 @@ fn flood(seconds: u64, rate: u64, replicas: usize) -> Result<bool> {
         println!("flood FAILED: {peak_slots} API-call slots taken (limit 32)");
         ok = false;
     }
+    // Retention pages through all those records: a replica keeping at most 100 trims the rest.
+    let all = |w: &World| -> Result<usize> {
+        let out = must(
+            w.plane
+                .kubectl(&w.plane.admin, &["get", "agentchanges", "-n", "agentguard-system", "-o", "name"]),
+        )?;
+        Ok(out.lines().filter(|l| !l.trim().is_empty()).count())
+    };
+    let before = all(&w)?;
+    let launch = world::Launch { args: vec!["--record-max=100".into()], ..world::Launch::default() };
+    let trimmer = world::start_agentguard_with(&w.plane, "agentguard-retention", &launch)?;
+    let started = Instant::now();
+    let after = loop {
+        let n = all(&w)?;
+        if n <= 100 || started.elapsed() > Duration::from_secs(180) {
+            break n;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    drop(trimmer);
+    println!(
+        "flood: retention with --record-max=100: {before} records → {after} in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    if after > 100 {
+        println!("flood FAILED: retention left {after} records (max 100)");
+        ok = false;
+    }
     if p(1.0) > Duration::from_secs(5) {
         println!("flood FAILED: an answer took {:.1}s, past the API server's 5 s", p(1.0).as_secs_f64());
         ok = false;
