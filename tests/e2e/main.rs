@@ -8,6 +8,7 @@ mod audit;
 mod churn;
 mod cloud;
 mod cluster;
+mod faults;
 mod pending;
 mod plugin;
 mod routes;

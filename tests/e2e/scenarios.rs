@@ -99,6 +99,15 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("cloud_cnrm_annotation_leaving_abandon_arms_a_delete", crate::cloud::cnrm),
     ("cloud_crossplane_policies_that_stop_orphaning_arm_a_delete", crate::cloud::crossplane),
     ("no_unguarded_corners_and_the_webhook_configuration_is_restored", crate::tamper::scenario),
+    (
+        "fault_view_older_than_max_staleness_refuses_agents_until_the_api_server_answers",
+        crate::faults::view_stale,
+    ),
+    ("fault_hung_agentguard_makes_agents_wait_the_timeout_and_nobody_else", crate::faults::hung),
+    (
+        "fault_apiserver_and_etcd_restarted_under_traffic_nothing_held_admitted",
+        crate::faults::control_plane_restarts,
+    ),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
     ("a_thousand_agents_labelled_at_once_share_few_configuration_writes", concurrent_registrations),
