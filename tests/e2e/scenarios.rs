@@ -62,6 +62,11 @@ pub const ALL: &[(&str, Scenario)] = &[
         crate::approvals::a_claims_delete_takes_its_volumes_data,
     ),
     (
+        "attack_claims_lost_sideways_are_judged_as_their_volumes",
+        crate::attack::claims_lost_sideways_are_judged_as_their_volumes,
+    ),
+    ("attack_session_uses_cannot_exceed_their_count", crate::attack::session_uses_cannot_exceed_their_count),
+    (
         "route_rule_conditions_guard_exactly_what_they_say",
         crate::routes::conditions_guard_exactly_what_they_say,
     ),
