@@ -307,9 +307,14 @@ fn arms_deletion_of_itself(facts: &Facts<'_>, old: &Value, new: &Value) -> Optio
         }
     }
     if facts.group.is_empty() && facts.resource == "persistentvolumes" {
-        let deletes = |o: &Value| text(o, "/spec/persistentVolumeReclaimPolicy").as_deref() == Some("delete");
+        // Recycle scrubs the volume's data (`rm -rf`) once its claim is gone: as destructive.
+        let deletes = |o: &Value| {
+            matches!(text(o, "/spec/persistentVolumeReclaimPolicy").as_deref(), Some("delete" | "recycle"))
+        };
         if !deletes(old) && deletes(new) {
-            return Some("persistentVolumeReclaimPolicy: Delete deletes the volume's storage with it");
+            return Some(
+                "persistentVolumeReclaimPolicy: Delete (or Recycle) deletes the volume's storage (or data) with it",
+            );
         }
     }
     // AWS Controllers for Kubernetes: the resource's annotation decides, else the Namespace's
@@ -678,6 +683,10 @@ mod tests {
         let pv = |p: &str| json!({"kind": "PersistentVolume", "metadata": {"name": "x"}, "spec": {"persistentVolumeReclaimPolicy": p}});
         let (retain, delete) = (pv("Retain"), pv("Delete"));
         let e = of(&facts(UPDATE, ("", "persistentvolumes", ""), Some(&retain), Some(&delete)));
+        assert_eq!(derived(&e), [(Operation::Delete, "persistentvolumes/".into(), "x".into())]);
+        // Recycle scrubs the data as surely.
+        let recycle = pv("Recycle");
+        let e = of(&facts(UPDATE, ("", "persistentvolumes", ""), Some(&retain), Some(&recycle)));
         assert_eq!(derived(&e), [(Operation::Delete, "persistentvolumes/".into(), "x".into())]);
         assert!(
             derived(&of(&facts(UPDATE, ("", "persistentvolumes", ""), Some(&delete), Some(&retain))))
