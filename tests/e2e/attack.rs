@@ -73,7 +73,9 @@ fn route(
             String::from_utf8_lossy(&pv_phase.stdout)
         );
         open.push(format!("{what} (claim {lost} {})", if gone { "deleted" } else { "not yet deleted" }));
-    } else if stderr.contains("requires approval") && stderr.contains("persistentvolumes") {
+    } else if stderr.contains("requires approval")
+        && stderr.contains(&format!("ClusterAgentPolicy \"{POLICY}\""))
+    {
         println!("  refused: {what}");
     } else {
         println!("  refused, but not as the volume's delete: {what}: {stderr}");
