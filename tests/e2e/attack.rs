@@ -397,3 +397,61 @@ pub fn session_uses_cannot_exceed_their_count(w: &World) -> Result<()> {
     }
     Ok(())
 }
+
+/// A session is for one agent; another agent that can act as that agent (`edit` lets it
+/// impersonate the ServiceAccounts of its namespaces) must not get the session's admissions.
+pub fn a_session_is_not_borrowed_by_another_agent(w: &World) -> Result<()> {
+    let ns = namespace(w, "attack-borrow")?;
+    must(w.plane.kubectl(&w.plane.admin, &["create", "serviceaccount", "worker", "-n", &ns]))?;
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &["label", "serviceaccount", "worker", "-n", &ns, "agentguard.io/agent=true"],
+    ))?;
+    w.bind_edit(&ns, &ns, "worker")?;
+    let worker = format!("system:serviceaccount:{ns}:worker");
+    w.wait_for_registration(&worker, Duration::from_secs(30))?;
+    for name in ["w1", "w2"] {
+        crate::scenarios::deployment(w, &ns, name)?;
+    }
+    must(crate::plugin::plugin(
+        w,
+        &w.alice,
+        &[
+            "session",
+            "open",
+            "atk-worker",
+            "--agent",
+            &format!("{ns}/worker"),
+            "-n",
+            &ns,
+            "--resource",
+            "deployments.apps",
+            "--operation",
+            "DELETE",
+            "--max",
+            "5",
+            "--ttl",
+            "10m",
+            "--reason",
+            "worker only",
+        ],
+        "",
+    )?)?;
+    let as_worker = format!("--as={worker}");
+    // The session's own agent: admitted (the session works).
+    admitted_soon(w, &w.editor, &["delete", "deployment", "w1", "-n", &ns, "--dry-run=server", &as_worker])?;
+    // The editor as itself: held.
+    let own = w.plane.kubectl(&w.editor, &["delete", "deployment", "w1", "-n", &ns, "--dry-run=server"]);
+    ensure_refused(&own, "the editor's own delete outside the worker's session")?;
+    // The editor acting as the worker (edit lets it impersonate the namespace's ServiceAccounts).
+    let borrowed = w.plane.kubectl(&w.editor, &["delete", "deployment", "w2", "-n", &ns, &as_worker]);
+    let _ = crate::plugin::plugin(w, &w.alice, &["session", "close", "atk-worker"], "");
+    if borrowed.status.success() {
+        println!("  OPEN: the editor deleted w2 under the worker's session by impersonating the worker");
+        bail!(
+            "another agent (agents:editor) used the session opened for {worker} by impersonating it: w2 deleted"
+        );
+    }
+    println!("  refused: {}", String::from_utf8_lossy(&borrowed.stderr));
+    Ok(())
+}

@@ -66,6 +66,7 @@ pub const ALL: &[(&str, Scenario)] = &[
         crate::attack::claims_lost_sideways_are_judged_as_their_volumes,
     ),
     ("attack_session_uses_cannot_exceed_their_count", crate::attack::session_uses_cannot_exceed_their_count),
+    ("attack_a_session_is_not_borrowed_by_another_agent", crate::attack::a_session_is_not_borrowed_by_another_agent),
     (
         "route_rule_conditions_guard_exactly_what_they_say",
         crate::routes::conditions_guard_exactly_what_they_say,
