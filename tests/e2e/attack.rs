@@ -74,7 +74,7 @@ fn route(
         );
         open.push(format!("{what} (claim {lost} {})", if gone { "deleted" } else { "not yet deleted" }));
     } else if stderr.contains("requires approval")
-        && stderr.contains(&format!("ClusterAgentPolicy \"{POLICY}\""))
+        && stderr.contains(&format!("ClusterAgentPolicy \"{POLICY}"))
     {
         println!("  refused: {what}");
     } else {
@@ -454,4 +454,71 @@ pub fn a_session_is_not_borrowed_by_another_agent(w: &World) -> Result<()> {
     }
     println!("  refused: {}", String::from_utf8_lossy(&borrowed.stderr));
     Ok(())
+}
+
+/// More ways to take a claim with its volume: a pod's generic ephemeral volume (the claim is
+/// the pod's dependent) and a Namespace outside every namespace policy.
+pub fn pods_and_namespaces_take_their_volumes_data(w: &World) -> Result<()> {
+    let ns = namespace(w, "attack-eph")?;
+    let bare = "attack-bare-ns";
+    must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", bare]))?;
+    let mut objects = format!(
+        "apiVersion: agentguard.io/v1alpha1\nkind: ClusterAgentPolicy\nmetadata: {{name: {POLICY}-2}}\nspec:\n  \
+         action: RequireApproval\n  approval: {{approvers: {{groups: [sre]}}, reason: volumes hold data}}\n  \
+         rules:\n    - name: volumes\n      operations: [DELETE]\n      resources: [{{apiGroups: [''], resources: [persistentvolumes]}}]\n"
+    );
+    objects.push_str(&format!("---\n{}", volume("e2e-atk-eph", "Delete", &ns, "app-data")));
+    objects.push_str(&format!("---\n{}", volume("e2e-atk-bare", "Delete", bare, "keep")));
+    objects.push_str(&format!("---\n{}", claim(bare, "keep", "e2e-atk-bare")));
+    objects.push_str(&format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: app, namespace: {ns}}}\nspec:\n  containers: [{{name: app, image: 'busybox:1.36'}}]\n  \
+         volumes:\n    - name: data\n      ephemeral:\n        volumeClaimTemplate:\n          spec: {{accessModes: [ReadWriteOnce], storageClassName: e2e-attack, resources: {{requests: {{storage: 1Gi}}}}}}\n"
+    ));
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&objects)))?;
+    let result = (|| -> Result<()> {
+        must(w.plane.kubectl(
+            &w.plane.admin,
+            &["wait", "--for=condition=Ready", "--timeout=30s", &format!("clusteragentpolicy/{POLICY}-2")],
+        ))?;
+        let started = Instant::now();
+        while !exists(w, &ns, "pvc", "app-data") && started.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        for (space, pvc) in [(ns.as_str(), "app-data"), (bare, "keep")] {
+            must(w.plane.kubectl(
+                &w.plane.admin,
+                &["wait", "--for=jsonpath={.status.phase}=Bound", "--timeout=60s", "pvc", pvc, "-n", space],
+            ))?;
+        }
+        let mut open = Vec::new();
+        route(
+            w,
+            &mut open,
+            "deleting a pod whose generic ephemeral volume is bound to a Delete volume",
+            w.plane.kubectl(&w.editor, &["delete", "pod", "app", "-n", &ns, "--wait=false"]),
+            &ns,
+            "app-data",
+        )?;
+        let out = w.plane.kubectl(&w.agent, &["delete", "namespace", bare, "--wait=false"]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        if out.status.success() {
+            println!(
+                "  OPEN: deleting a Namespace (no namespace policy) holding a claim on a Delete volume: admitted"
+            );
+            open.push("deleting a Namespace holding a claim on a Delete volume".to_owned());
+        } else if stderr.contains("requires approval") && stderr.contains("e2e-atk-bare") {
+            println!("  refused: deleting a Namespace holding a claim on a Delete volume");
+        } else {
+            open.push(format!("namespace delete refused for another reason: {stderr}"));
+        }
+        if !open.is_empty() {
+            bail!("{}", open.join("; "));
+        }
+        Ok(())
+    })();
+    let _ = w.plane.kubectl(&w.plane.admin, &["delete", "clusteragentpolicy", &format!("{POLICY}-2")]);
+    for pv in ["e2e-atk-eph", "e2e-atk-bare"] {
+        let _ = w.plane.kubectl(&w.plane.admin, &["delete", "pv", pv, "--wait=false"]);
+    }
+    result
 }
