@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::scenarios::{exists, namespace};
 use crate::world::{World, must};
@@ -521,4 +521,91 @@ pub fn pods_and_namespaces_take_their_volumes_data(w: &World) -> Result<()> {
         let _ = w.plane.kubectl(&w.plane.admin, &["delete", "pv", pv, "--wait=false"]);
     }
     result
+}
+
+/// Two-person rule: one approver counting twice (two keys in one write, a look-alike name, a
+/// key spelled with another case) never makes two.
+pub fn one_approver_never_counts_twice(w: &World) -> Result<()> {
+    let ns = namespace(w, "attack-two")?;
+    crate::scenarios::deployment(w, &ns, "db")?;
+    let policy = format!(
+        "apiVersion: agentguard.io/v1alpha1\nkind: AgentPolicy\nmetadata: {{name: two-person, namespace: {ns}}}\nspec:\n  \
+         action: RequireApproval\n  approval: {{approvers: {{users: [alice, bob]}}, minApprovers: 2, reason: the database}}\n  \
+         rules:\n    - name: db\n      operations: [DELETE]\n      \
+         resources: [{{apiGroups: [apps], resources: [deployments]}}]\n"
+    );
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&policy)))?;
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &["wait", "--for=condition=Ready", "--timeout=30s", "agentpolicy/two-person", "-n", &ns],
+    ))?;
+    let delete = ["delete", "deployment", "db", "-n", ns.as_str(), "--dry-run=server"];
+    let denial = w.plane.kubectl(&w.editor, &delete);
+    let denial = String::from_utf8_lossy(&denial.stderr).into_owned();
+    let start = denial.find("agentguard.io/approve.<you>=").context("no named approval command")?
+        + "agentguard.io/approve.<you>=".len();
+    let value = denial[start..].split(".<username>").next().context("no ticket")?.to_owned();
+    let annotate = |who: &std::path::Path, pairs: &[String]| {
+        let mut args: Vec<&str> = vec!["annotate", "deployment", "db", "-n", &ns, "--overwrite"];
+        args.extend(pairs.iter().map(String::as_str));
+        w.plane.kubectl(who, &args)
+    };
+    let mut open = Vec::new();
+    let probe = |what: &str, out: std::process::Output| {
+        if out.status.success() {
+            println!("  written: {what}");
+            true
+        } else {
+            println!(
+                "  refused: {what}: {}",
+                String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default()
+            );
+            false
+        }
+    };
+    // 1. Two keys naming alice in one write.
+    if probe(
+        "alice's two approvals in one write",
+        annotate(
+            &w.alice,
+            &[
+                format!("agentguard.io/approve.a1={value}.alice"),
+                format!("agentguard.io/approve.a2={value}.alice"),
+            ],
+        ),
+    ) {
+        open.push("alice wrote two approvals in one request".to_owned());
+    }
+    // 2. Alice's look-alike name (a zero-width space), beside her real one.
+    probe("alice's approval", annotate(&w.alice, &[format!("agentguard.io/approve.alice={value}.alice")]));
+    if probe(
+        "alice's approval naming alice + U+200B",
+        annotate(&w.alice, &[format!("agentguard.io/approve.alice2={value}.alice\u{200b}")]),
+    ) {
+        open.push("alice wrote an approval naming a look-alike of herself".to_owned());
+    }
+    // 3. Alice under a key spelled with a capital (not an approval key): must not count.
+    probe(
+        "alice's value under agentguard.io/Approve.alice3",
+        annotate(&w.alice, &[format!("agentguard.io/Approve.alice3={value}.alice")]),
+    );
+    let out = w.plane.kubectl(&w.editor, &delete);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        open.push("the agent's delete was admitted with alice alone".to_owned());
+    } else {
+        // The capitalised key is an ordinary annotation: writing it changed the object, so the
+        // reviewed state (and alice's approval with it) is stale; either way, held.
+        anyhow::ensure!(stderr.contains("requires approval"), "{stderr}");
+        let why = if stderr.contains("1 more needed") {
+            "1 more needed"
+        } else {
+            "stale after the Approve.* write"
+        };
+        println!("  held with alice alone: {why}");
+    }
+    if !open.is_empty() {
+        bail!("{}", open.join("; "));
+    }
+    Ok(())
 }

@@ -74,6 +74,7 @@ pub const ALL: &[(&str, Scenario)] = &[
         "attack_pods_and_namespaces_take_their_volumes_data",
         crate::attack::pods_and_namespaces_take_their_volumes_data,
     ),
+    ("attack_one_approver_never_counts_twice", crate::attack::one_approver_never_counts_twice),
     (
         "route_rule_conditions_guard_exactly_what_they_say",
         crate::routes::conditions_guard_exactly_what_they_say,
