@@ -4,6 +4,7 @@
 //! `cargo test --test e2e -- NAME` runs the scenarios whose name contains NAME.
 
 mod approvals;
+mod attack;
 mod audit;
 mod churn;
 mod cloud;

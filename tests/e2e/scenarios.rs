@@ -63,6 +63,20 @@ pub const ALL: &[(&str, Scenario)] = &[
         crate::approvals::a_claims_delete_takes_its_volumes_data,
     ),
     (
+        "attack_claims_lost_sideways_are_judged_as_their_volumes",
+        crate::attack::claims_lost_sideways_are_judged_as_their_volumes,
+    ),
+    ("attack_session_uses_cannot_exceed_their_count", crate::attack::session_uses_cannot_exceed_their_count),
+    (
+        "attack_a_session_is_not_borrowed_by_another_agent",
+        crate::attack::a_session_is_not_borrowed_by_another_agent,
+    ),
+    (
+        "attack_pods_and_namespaces_take_their_volumes_data",
+        crate::attack::pods_and_namespaces_take_their_volumes_data,
+    ),
+    ("attack_one_approver_never_counts_twice", crate::attack::one_approver_never_counts_twice),
+    (
         "route_rule_conditions_guard_exactly_what_they_say",
         crate::routes::conditions_guard_exactly_what_they_say,
     ),
