@@ -294,6 +294,7 @@ fn admitted_soon(w: &World, who: &std::path::Path, args: &[&str]) -> Result<()> 
 }
 
 fn open_session(w: &World, name: &str, ns: &str, max: &str) -> Result<()> {
+    let credential = crate::approvals::credential_of(&w.editor)?;
     must(crate::plugin::plugin(
         w,
         &w.alice,
@@ -303,6 +304,8 @@ fn open_session(w: &World, name: &str, ns: &str, max: &str) -> Result<()> {
             name,
             "--agent",
             "agents/editor",
+            "--credential",
+            &credential,
             "-n",
             ns,
             "--resource",
@@ -413,6 +416,9 @@ pub fn a_session_is_not_borrowed_by_another_agent(w: &World) -> Result<()> {
     for name in ["w1", "w2"] {
         crate::scenarios::deployment(w, &ns, name)?;
     }
+    // The worker's own token: the credential the session is for.
+    let worker_kc = w.plane.service_account_kubeconfig(&ns, "worker")?;
+    let credential = crate::approvals::credential_of(&worker_kc)?;
     must(crate::plugin::plugin(
         w,
         &w.alice,
@@ -422,6 +428,8 @@ pub fn a_session_is_not_borrowed_by_another_agent(w: &World) -> Result<()> {
             "atk-worker",
             "--agent",
             &format!("{ns}/worker"),
+            "--credential",
+            &credential,
             "-n",
             &ns,
             "--resource",
@@ -438,8 +446,8 @@ pub fn a_session_is_not_borrowed_by_another_agent(w: &World) -> Result<()> {
         "",
     )?)?;
     let as_worker = format!("--as={worker}");
-    // The session's own agent: admitted (the session works).
-    admitted_soon(w, &w.editor, &["delete", "deployment", "w1", "-n", &ns, "--dry-run=server", &as_worker])?;
+    // The session's own agent, with its own token: admitted (the session works).
+    admitted_soon(w, &worker_kc, &["delete", "deployment", "w1", "-n", &ns, "--dry-run=server"])?;
     // The editor as itself: held.
     let own = w.plane.kubectl(&w.editor, &["delete", "deployment", "w1", "-n", &ns, "--dry-run=server"]);
     ensure_refused(&own, "the editor's own delete outside the worker's session")?;

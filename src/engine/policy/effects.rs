@@ -251,6 +251,7 @@ fn volumes_of_claims<'a>(facts: &Facts<'a>, old: &'a Value, out: &mut Vec<Effect
             object: None,
             old_object: None,
             collateral: &[],
+            sent: facts.sent,
         };
         out.push(Effect {
             facts: f,
