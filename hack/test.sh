@@ -10,9 +10,9 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "cargo fmt --check"
 cargo fmt --all --check
 
-step "cargo clippy --all-targets -- -D warnings (and the suites cargo test skips: chart, demo, e2e, cluster)"
+step "cargo clippy --all-targets -- -D warnings (and the suites cargo test skips: chart, demo, e2e, cluster, soak)"
 cargo clippy --locked --all-targets -- -D warnings
-cargo clippy --locked --test chart --test demo --test e2e --test cluster -- -D warnings
+cargo clippy --locked --test chart --test demo --test e2e --test cluster --test soak -- -D warnings
 
 step "generated CRDs match the Rust types"
 cargo run --locked --quiet -- crds | diff -u charts/agentguard/crds/crds.yaml - \
@@ -48,6 +48,9 @@ step "the quick start's demo runs to the end"
 cargo test --locked --test demo -- --exit
 step "the demo stops and says so when agentguard dies part-way"
 cargo test --locked --test demo -- --agentguard-dies
+
+step "soak smoke: five minutes of mixed traffic, agentguard's memory, files and threads flat (hack/soak.sh --smoke)"
+hack/soak.sh --smoke
 
 step "end-to-end tests against a real kube-apiserver, kube-controller-manager and etcd"
 cargo test --locked --test e2e

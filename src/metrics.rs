@@ -56,6 +56,11 @@ pub struct Metrics {
     pub malformed: Counter,
     pub latency: Histogram,
     pub caches_ready: Gauge,
+    pub view_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub stale_refusals: Counter,
+    pub deadline_refusals: Counter,
+    pub busy_refusals: Counter,
+    pub api_requests_in_flight: Gauge,
     pub policies: Gauge,
     pub policy_problems: Gauge,
     pub policy_compiles: Counter,
@@ -82,6 +87,36 @@ impl Default for Metrics {
         registry.register("review_duration_seconds", "Time to decide one AdmissionReview", latency.clone());
         let caches_ready = Gauge::default();
         registry.register("caches_ready", "1 when every cache has synced", caches_ready.clone());
+        let view_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "view_age_seconds",
+            "Seconds since the API server last vouched for the caches (heartbeat, list or watch event), as of the scrape",
+            view_age.clone(),
+        );
+        let stale_refusals = Counter::default();
+        registry.register(
+            "stale_refusals",
+            "Agents' requests answered HTTP 503 because the view of the cluster was older than --max-staleness",
+            stale_refusals.clone(),
+        );
+        let busy_refusals = Counter::default();
+        registry.register(
+            "busy_refusals",
+            "Requests refused because every API-call slot (--max-inflight-api-requests) stayed taken for the wait",
+            busy_refusals.clone(),
+        );
+        let api_requests_in_flight = Gauge::default();
+        registry.register(
+            "api_requests_in_flight",
+            "Requests making their API calls now (record, churn charge, blast radius, registration), as of the scrape",
+            api_requests_in_flight.clone(),
+        );
+        let deadline_refusals = Counter::default();
+        registry.register(
+            "deadline_refusals",
+            "Requests agentguard refused itself because the API calls they needed did not finish before the API server's timeout",
+            deadline_refusals.clone(),
+        );
         let policies = Gauge::default();
         registry.register("policies", "Policies currently compiled", policies.clone());
         let reached_namespaces = Gauge::default();
@@ -158,6 +193,11 @@ impl Default for Metrics {
             malformed,
             latency,
             caches_ready,
+            view_age,
+            stale_refusals,
+            deadline_refusals,
+            busy_refusals,
+            api_requests_in_flight,
             policies,
             policy_problems,
             policy_compiles,

@@ -323,6 +323,7 @@ fn run() -> Result<()> {
         "AgentguardCertificateExpiresSoon",
         "AgentguardBreakerTripped",
         "AgentguardCachesNotReady",
+        "AgentguardViewStale",
     ] {
         ensure!(names.contains(alert), "the PrometheusRule has no {alert}: {names:?}");
     }

@@ -14,6 +14,8 @@
 //! `kubectl annotate lease NAME -n NAMESPACE agentguard.io/reset-churn=now --overwrite`
 //! (the refusal message prints the exact command). The next charge opens a new window.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -103,11 +105,29 @@ impl std::fmt::Display for Tripped {
 pub struct Breaker {
     api: Api<Lease>,
     namespace: String,
+    /// One charge of a Lease at a time within this process: concurrent charges of one Lease
+    /// would otherwise all read the same count and all but one retry, again and again (32
+    /// agents' changes at once ran out of attempts); serialised here, only other replicas'
+    /// writes make a charge retry.
+    charging: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Breaker {
     pub fn new(client: kube::Client, namespace: &str) -> Self {
-        Self { api: Api::namespaced(client, namespace), namespace: namespace.to_owned() }
+        Self {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            charging: Default::default(),
+        }
+    }
+
+    /// The lock of Lease `name`; locks nobody holds or waits for are dropped as the map grows.
+    fn lock_of(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.charging.lock().unwrap_or_else(|e| e.into_inner());
+        if locks.len() > 1024 {
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        locks.entry(name.to_owned()).or_default().clone()
     }
 
     /// Spends one operation of each budget for `agent`, or says which budget is spent. With
@@ -130,6 +150,8 @@ impl Breaker {
         // Counted per subject; the agent is recorded as the last one to spend.
         let subject = if budget.subject.is_empty() { agent } else { budget.subject.as_str() };
         let name = lease_name(budget, subject);
+        let lock = self.lock_of(&name);
+        let _one_at_a_time = if dry_run { None } else { Some(lock.lock().await) };
         for _ in 0..ATTEMPTS {
             let lease = self.api.get_opt(&name).await.with_context(|| format!("reading lease {name}"))?;
             let now = Timestamp::now();

@@ -14,9 +14,11 @@
 //! ```
 //!
 //! No API call is made on the request path. [`Caches::ready`] stays false until every watch has
-//! listed once, so the webhook never judges from a half-filled cache. (Sessions are not waited
-//! for: one not yet seen only leaves a request held, and a chart upgraded without the session
-//! CRD must still become ready.)
+//! listed once, so the webhook never judges from a half-filled cache; [`Caches::view_age`] says
+//! how long ago the API server last vouched for what they hold (see [`freshness`]): a failed
+//! watch starts over with a fresh list, and a heartbeat notices a silent partition. (Sessions
+//! are not waited for: one not yet seen only leaves a request held, and a chart upgraded
+//! without the session CRD must still become ready.)
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -33,6 +35,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use tokio::time::Instant;
 
+use crate::cluster::freshness::{self, Bound, Freshness};
 use crate::engine::api::{AGENT_NAMESPACE_LABEL, AgentPolicy, AgentSession, ClusterAgentPolicy};
 use crate::engine::policy::identity::AgentSet;
 use crate::engine::policy::reach::{self, Rbac, Reach};
@@ -69,6 +72,7 @@ pub struct Caches {
     reach_lock: std::sync::Mutex<()>,
     config: Config,
     ready: AtomicBool,
+    freshness: Arc<Freshness>,
 }
 
 impl Caches {
@@ -94,18 +98,26 @@ impl Caches {
         self.compile_pending.load(Ordering::Acquire)
     }
 
+    /// How long ago the API server last vouched for the whole view (see [`freshness`]).
+    pub fn view_age(&self) -> Duration {
+        self.freshness.age()
+    }
+
     /// What RBAC lets the agents become, as last computed.
     pub fn reach(&self) -> Arc<Reach> {
         self.reach.load_full()
     }
 
-    /// Starts the reflectors. The returned future drives them until dropped. `config` says who
-    /// is an agent (label, usernames, groups) and agentguard's own namespace.
+    /// Starts the reflectors and the heartbeat. The returned future drives them until dropped.
+    /// `config` says who is an agent (label, usernames, groups) and agentguard's own namespace;
+    /// `max_staleness` sets the heartbeat's pace ([`Bound::heartbeat_every`]).
     pub fn start(
         client: Client,
         metrics: Arc<Metrics>,
         config: Config,
+        max_staleness: Bound,
     ) -> (Arc<Self>, BoxFuture<'static, ()>) {
+        let freshness = Arc::new(Freshness::new());
         let (sa_store, sa_writer) = reflector::store();
         let (ns_store, ns_writer) = reflector::store();
         let (cp_store, cp_writer) = reflector::store::<ClusterAgentPolicy>();
@@ -133,37 +145,37 @@ impl Caches {
             reach_lock: std::sync::Mutex::new(()),
             config,
             ready: AtomicBool::new(false),
+            freshness: freshness.clone(),
         });
+        let restart = freshness::RESTART_FIRST;
 
         // Only labels are kept: the rest of the metadata would cost memory for nothing.
-        let sa_watch = reflector::reflector(
-            sa_writer,
-            watcher(
-                Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .modify(keep_labels_only),
-        );
-        let ns_watch = reflector::reflector(
-            ns_writer,
-            watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default())
-                .default_backoff()
-                .modify(keep_labels_only),
-        );
-        let cp_watch = reflector::reflector(
-            cp_writer,
-            watcher(Api::<ClusterAgentPolicy>::all(client.clone()), watcher::Config::default())
-                .default_backoff()
-                .modify(drop_bookkeeping),
-        )
+        // Every watch starts over with a fresh list when it fails (see [`freshness::relisting`]).
+        let sa_watch = reflector::reflector(sa_writer, {
+            let api = Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone());
+            freshness::relisting(restart, move || {
+                watcher(api.clone(), watcher::Config::default()).modify(keep_labels_only).boxed()
+            })
+        });
+        let ns_watch = reflector::reflector(ns_writer, {
+            let api = Api::<PartialObjectMeta<Namespace>>::all(client.clone());
+            freshness::relisting(restart, move || {
+                watcher(api.clone(), watcher::Config::default()).modify(keep_labels_only).boxed()
+            })
+        });
+        let cp_watch = reflector::reflector(cp_writer, {
+            let api = Api::<ClusterAgentPolicy>::all(client.clone());
+            freshness::relisting(restart, move || {
+                watcher(api.clone(), watcher::Config::default()).modify(drop_bookkeeping).boxed()
+            })
+        })
         .map(|e| (Kind::Cluster, e.map(|e| Seen::of(&e))));
-        let ap_watch = reflector::reflector(
-            ap_writer,
-            watcher(Api::<AgentPolicy>::all(client.clone()), watcher::Config::default())
-                .default_backoff()
-                .modify(drop_bookkeeping),
-        )
+        let ap_watch = reflector::reflector(ap_writer, {
+            let api = Api::<AgentPolicy>::all(client.clone());
+            freshness::relisting(restart, move || {
+                watcher(api.clone(), watcher::Config::default()).modify(drop_bookkeeping).boxed()
+            })
+        })
         .map(|e| (Kind::Namespaced, e.map(|e| Seen::of(&e))));
 
         let (compiled_tx, mut compiled_rx) = tokio::sync::watch::channel(false);
@@ -183,8 +195,14 @@ impl Caches {
                     tokio::select! {
                         event = events.next() => match event {
                             None => break,
-                            Some((kind, Err(e))) => tracing::warn!(error = %e, ?kind, "policy watch failed; retrying"),
+                            Some((kind, Err(e))) => {
+                                caches.freshness.watch_failed(kind.watch());
+                                tracing::warn!(error = %e, ?kind, "policy watch failed; listing again");
+                            }
                             Some((kind, Ok(seen))) => {
+                                if seen != Seen::Relisting {
+                                    caches.freshness.watch_answered(kind.watch());
+                                }
                                 if seen == Seen::Listed {
                                     listed[kind as usize] = true;
                                 }
@@ -255,8 +273,10 @@ impl Caches {
                 }
             }
         };
+        let heartbeat = freshness::keep_heartbeat(client.clone(), freshness, max_staleness);
         let run = async move {
             tokio::join!(
+                heartbeat,
                 sa_watch.for_each(mark_changed(caches_for_watches.clone(), "serviceaccounts")),
                 ns_watch.for_each(mark_changed(caches_for_watches, "namespaces")),
                 compiler,
@@ -408,6 +428,16 @@ enum Kind {
     Namespaced = 1,
 }
 
+impl Kind {
+    /// The watch's name for [`Freshness`].
+    fn watch(self) -> &'static str {
+        match self {
+            Kind::Cluster => "clusteragentpolicies",
+            Kind::Namespaced => "agentpolicies",
+        }
+    }
+}
+
 /// A policy's namespace (none for a ClusterAgentPolicy) and name.
 type Key = (Option<String>, String);
 
@@ -510,14 +540,22 @@ impl Coalesce {
     }
 }
 
-fn mark_changed<T>(
+fn mark_changed<K>(
     caches: Arc<Caches>,
     cache: &'static str,
-) -> impl FnMut(Result<T, watcher::Error>) -> futures::future::Ready<()> {
+) -> impl FnMut(Result<watcher::Event<K>, watcher::Error>) -> futures::future::Ready<()> {
     move |event| {
         match event {
-            Ok(_) => caches.changed.store(true, Ordering::Release),
-            Err(e) => tracing::warn!(error = %e, cache, "watch failed; retrying"),
+            Ok(event) => {
+                if freshness::is_answer(&event) {
+                    caches.freshness.watch_answered(cache);
+                }
+                caches.changed.store(true, Ordering::Release)
+            }
+            Err(e) => {
+                caches.freshness.watch_failed(cache);
+                tracing::warn!(error = %e, cache, "watch failed; listing again")
+            }
         }
         futures::future::ready(())
     }
@@ -539,13 +577,16 @@ where
         + Sync
         + 'static,
 {
-    let stream = watcher(Api::<K>::all(client.clone()), watcher::Config::default()).default_backoff().modify(
-        |o: &mut K| {
-            let meta = o.meta_mut();
-            meta.annotations = None;
-            meta.managed_fields = None;
-        },
-    );
+    let api = Api::<K>::all(client.clone());
+    let stream = freshness::relisting(freshness::RESTART_FIRST, move || {
+        watcher(api.clone(), watcher::Config::default())
+            .modify(|o: &mut K| {
+                let meta = o.meta_mut();
+                meta.annotations = None;
+                meta.managed_fields = None;
+            })
+            .boxed()
+    });
     reflector::reflector(writer, stream).for_each(mark_changed(caches.clone(), cache)).boxed()
 }
 

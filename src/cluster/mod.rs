@@ -8,6 +8,7 @@ pub mod breaker;
 pub mod caches;
 pub mod certs;
 pub mod events;
+pub mod freshness;
 pub mod ownership;
 pub mod sessions;
 pub mod status;

@@ -228,9 +228,12 @@ impl Ownership {
             .into_iter()
             .filter_map(|pv| {
                 let spec = pv.spec.as_ref()?;
-                if spec.persistent_volume_reclaim_policy.as_deref() != Some("Delete") {
+                // Recycle scrubs the volume (`rm -rf`) for the next claim: its data goes too.
+                let reclaim = spec.persistent_volume_reclaim_policy.as_deref();
+                if !matches!(reclaim, Some("Delete" | "Recycle")) {
                     return None;
                 }
+                let reclaim = reclaim.unwrap_or_default();
                 let claim = spec.claim_ref.as_ref()?;
                 let (ns, name) = (claim.namespace.clone()?, claim.name.clone()?);
                 let bound = namespace == Some(ns.as_str()) || claims.contains(&(ns.clone(), name.clone()));
@@ -241,7 +244,7 @@ impl Ownership {
                     name: pv.metadata.name.clone().unwrap_or_default(),
                     object: json!({"metadata": pv.metadata}),
                     via: format!(
-                        "the volume of PersistentVolumeClaim {ns}/{name}, reclaimPolicy Delete: its data is deleted with the claim"
+                        "the volume of PersistentVolumeClaim {ns}/{name}, reclaimPolicy {reclaim}: its data is deleted with the claim"
                     ),
                     unseen: false,
                 })
@@ -253,13 +256,20 @@ impl Ownership {
     async fn dependents(&self, request: &AdmissionRequest, policies: &PolicySet) -> Result<Vec<Collateral>> {
         let types = self.types().await?;
         let patterns = policies.delete_guarded_resources();
+        let guards = |group: &str, resource: &str| {
+            patterns.iter().any(|(groups, res)| {
+                groups.iter().any(|g| g == "*" || g == group) && (res == "*" || res == resource)
+            })
+        };
+        // Where volumes are guarded, the claims a DELETE takes must be seen, guarded or not: a
+        // claim bound to a reclaimPolicy Delete volume takes its data along (`volumes_lost`).
+        let volumes_guarded = guards("", "persistentvolumes");
         let guarded: Vec<(&(String, String), &Served)> = types
             .by_resource
             .iter()
             .filter(|((group, resource), _)| {
-                patterns.iter().any(|(groups, res)| {
-                    groups.iter().any(|g| g == "*" || g == group) && (res == "*" || res == resource)
-                })
+                guards(group, resource)
+                    || (volumes_guarded && group.is_empty() && resource == "persistentvolumeclaims")
             })
             .collect();
         let facts = request.facts();

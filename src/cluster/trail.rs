@@ -349,10 +349,28 @@ pub async fn keep_checked(client: kube::Client, settings: Settings, every: Durat
     }
 }
 
+/// Records listed per page by the retention pass.
+const RETENTION_PAGE: u32 = 500;
+
 async fn retain(api: &Api<AgentChange>, settings: &Settings) -> Result<()> {
-    let all =
-        api.list_metadata(&ListParams::default().labels("app.kubernetes.io/managed-by=agentguard")).await?;
-    let metas: Vec<ObjectMeta> = all.items.into_iter().map(|m| m.metadata).collect();
+    // Page by page, keeping only the name and creation time of each: up to --record-max
+    // records' whole metadata (managedFields and all) decoded at once is a burst of memory the
+    // allocator keeps once it has grown to it.
+    let mut metas: Vec<ObjectMeta> = Vec::new();
+    let mut params =
+        ListParams::default().labels("app.kubernetes.io/managed-by=agentguard").limit(RETENTION_PAGE);
+    loop {
+        let page = api.list_metadata(&params).await?;
+        metas.extend(page.items.into_iter().map(|m| ObjectMeta {
+            name: m.metadata.name,
+            creation_timestamp: m.metadata.creation_timestamp,
+            ..ObjectMeta::default()
+        }));
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
     for name in expired(&metas, Timestamp::now(), settings.retention, settings.max_records) {
         match api.delete(&name, &DeleteParams::default()).await {
             Ok(_) => tracing::info!(record = %name, "audit record expired"),

@@ -56,6 +56,22 @@ pub struct ServeArgs {
     /// Longest wait for in-flight requests to finish on shutdown, in seconds.
     #[arg(long, env = "AGENTGUARD_DRAIN_SECONDS", default_value_t = 20)]
     pub drain_seconds: u64,
+    /// Refuse agents' requests (HTTP 503, so the webhook's failurePolicy refuses them) and fail
+    /// readiness while the API server has not answered for longer than this, e.g. `60s`.
+    #[arg(long, env = "AGENTGUARD_MAX_STALENESS", default_value = "60s", value_parser = parse_staleness)]
+    pub max_staleness: Duration,
+    /// Requests that may be making API calls at once (records, churn charges, blast radius,
+    /// registration); one that waits longer than a second for its turn is refused (503).
+    #[arg(long, env = "AGENTGUARD_MAX_INFLIGHT_API_REQUESTS", default_value_t = crate::request::actions::DEFAULT_API_SLOTS as u32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_inflight_api_requests: u32,
+}
+
+fn parse_staleness(text: &str) -> Result<Duration, String> {
+    match crate::engine::api::parse_duration(text) {
+        Some(d) if d >= Duration::from_secs(1) => Ok(d),
+        Some(_) => Err("at least 1s".into()),
+        None => Err(format!("{text:?} is not a duration such as 60s or 2m")),
+    }
 }
 
 /// The audit trail of admitted agent changes (AgentChange records in `--self-namespace`).
@@ -204,7 +220,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         trail,
         shutdown_delay_seconds,
         drain_seconds,
+        max_staleness,
+        max_inflight_api_requests,
     } = args;
+    let max_staleness = crate::cluster::freshness::Bound(max_staleness);
     let mut config = engine.config()?;
     let webhook_settings = webhook
         .settings()?
@@ -271,7 +290,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     };
     metrics.certificate_loaded(resolver.not_after());
 
-    let (caches, reflectors) = Caches::start(client.clone(), metrics.clone(), config.clone());
+    let (caches, reflectors) = Caches::start(client.clone(), metrics.clone(), config.clone(), max_staleness);
     let (events, event_worker) = crate::cluster::events::Events::start(
         client.clone(),
         metrics.clone(),
@@ -300,6 +319,11 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         sessions: config.self_namespace.as_deref().map(|ns| {
             Arc::new(crate::cluster::sessions::Sessions::new(client.clone(), ns)) as Arc<dyn server::Spend>
         }),
+        max_staleness,
+        api_slots: crate::request::actions::ApiSlots::new(
+            max_inflight_api_requests as usize,
+            crate::request::actions::DEFAULT_API_WAIT,
+        ),
         ..AppState::new(caches.clone(), config.clone(), metrics.clone())
     });
     let event_worker = tokio::spawn(event_worker);

@@ -43,6 +43,11 @@ pub trait Cluster: Send + Sync + 'static {
     fn policies(&self) -> Arc<PolicySet>;
     fn directory(&self) -> &dyn Directory;
     fn ready(&self) -> bool;
+    /// How long ago the API server last vouched for this view (see
+    /// [`crate::cluster::freshness`]); a fixed view is always current.
+    fn view_age(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 impl Cluster for Caches {
@@ -54,6 +59,9 @@ impl Cluster for Caches {
     }
     fn ready(&self) -> bool {
         Caches::ready(self)
+    }
+    fn view_age(&self) -> std::time::Duration {
+        Caches::view_age(self)
     }
 }
 
@@ -182,7 +190,54 @@ pub struct AppState {
     /// What an agent's DELETE would take with it (see [`crate::cluster::ownership`]). None: cascades are
     /// not looked up (offline tests only).
     pub ownership: Option<Arc<dyn crate::cluster::ownership::Lookup>>,
+    /// `--max-staleness`: the `agents` webhook answers HTTP 503 from a view older than this.
+    pub max_staleness: crate::cluster::freshness::Bound,
+    /// Requests that may be making their API calls at once (`--max-inflight-api-requests`).
+    pub api_slots: ApiSlots,
 }
+
+/// How many requests may be making API calls (the blast radius, the record, the churn charge,
+/// registering an agent) at once, and how long one waits for its turn before it is refused: a
+/// flood of agents' changes queues here instead of piling calls onto the API server, and is
+/// refused quickly rather than at the API server's timeout. Decisions from the caches alone
+/// (held, denied, allowed without a record) never wait for a slot.
+#[derive(Clone)]
+pub struct ApiSlots {
+    slots: Arc<tokio::sync::Semaphore>,
+    pub limit: usize,
+    pub wait: std::time::Duration,
+}
+
+impl ApiSlots {
+    pub fn new(limit: usize, wait: std::time::Duration) -> Self {
+        Self { slots: Arc::new(tokio::sync::Semaphore::new(limit.max(1))), limit: limit.max(1), wait }
+    }
+
+    /// Slots taken now.
+    pub fn in_use(&self) -> usize {
+        self.limit - self.slots.available_permits()
+    }
+
+    /// A slot, or the refusal to answer with when none frees up within `wait`.
+    pub async fn take(&self, metrics: &Metrics) -> Result<tokio::sync::OwnedSemaphorePermit, Refusal> {
+        match tokio::time::timeout(self.wait, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                metrics.busy_refusals.inc();
+                Err(Refusal::Unavailable(format!(
+                    "agentguard is busy: {} requests are making API calls already and none finished within {:.1}s; retry",
+                    self.limit,
+                    self.wait.as_secs_f64()
+                )))
+            }
+        }
+    }
+}
+
+/// The default `--max-inflight-api-requests`.
+pub const DEFAULT_API_SLOTS: usize = 32;
+/// How long a request waits for a slot by default.
+pub const DEFAULT_API_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl AppState {
     pub fn new(cluster: Arc<dyn Cluster>, config: Config, metrics: Arc<Metrics>) -> Self {
@@ -199,6 +254,8 @@ impl AppState {
             sessions: None,
             trail: None,
             ownership: None,
+            max_staleness: crate::cluster::freshness::Bound(crate::cluster::freshness::DEFAULT_MAX_STALENESS),
+            api_slots: ApiSlots::new(DEFAULT_API_SLOTS, DEFAULT_API_WAIT),
         }
     }
 }
@@ -243,6 +300,7 @@ pub async fn decide(state: &AppState, request: &AdmissionRequest, route: Route) 
     if let Some(ownership) = &state.ownership
         && crate::cluster::ownership::needed(request, decision.agent, &policies)
     {
+        let _slot = state.api_slots.take(&state.metrics).await?;
         return match ownership.collateral(request, &policies).await {
             Ok(collateral) if collateral.is_empty() => Ok(decision),
             Ok(collateral) => Ok(review(&collateral)),
@@ -295,6 +353,12 @@ pub fn plan(state: &AppState, request: &AdmissionRequest, decision: &Decision) -
 /// Carries out `plan` in the order the module doc gives; the first step that fails refuses.
 pub async fn carry_out(state: &AppState, request: &AdmissionRequest, plan: Plan) -> Result<(), Refusal> {
     let Plan { mut record, sessions: grants, charge, register, events } = plan;
+    // Every step below may wait on the API server: take a slot (see [`ApiSlots`]).
+    let calls = record.is_some() || !grants.is_empty() || !charge.is_empty() || !register.is_empty();
+    let _slot = match calls {
+        true => Some(state.api_slots.take(&state.metrics).await?),
+        false => None,
+    };
     let uid = &request.uid;
     let agent = &request.user_info.username;
     if let (Some(trail), Some(record)) = (&state.trail, record.as_mut())

@@ -112,6 +112,9 @@ pub struct Process {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    /// The program and arguments it was started with, to start it again ([`Process::restart`]).
+    program: std::ffi::OsString,
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Process {
@@ -119,6 +122,25 @@ impl Process {
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the process (SIGKILL: no goodbye to its clients), waits `down`, and starts it
+    /// again with the same program and arguments (same ports, same data), its log appended.
+    pub fn restart(&mut self, down: Duration) -> Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        eprintln!("killed {}", self.name);
+        std::thread::sleep(down);
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        self.child = Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} again", self.name))?;
+        eprintln!("started {} again", self.name);
+        Ok(())
     }
 
     /// An error if the process has exited, with the end of its log ([`lost_a_port`] tells
@@ -160,7 +182,9 @@ impl Drop for Process {
 }
 
 pub fn spawn(name: &'static str, command: Command, log: &Path) -> Result<Process> {
-    Ok(Process { name, child: start_logged(name, command, log)?, log: log.to_owned() })
+    let (program, args) =
+        (command.get_program().to_owned(), command.get_args().map(|a| a.to_owned()).collect());
+    Ok(Process { name, child: start_logged(name, command, log)?, log: log.to_owned(), program, args })
 }
 
 /// Starts `command` with no input and stdout and stderr written to `log`.
@@ -343,6 +367,26 @@ impl ControlPlane {
                         .success()
             },
         )
+    }
+
+    /// Kills `name` (etcd or kube-apiserver), leaves it down for `down`, starts it again on the
+    /// same ports and data, and waits until the API server is ready again: the time from the
+    /// kill to ready.
+    pub fn restart(&mut self, name: &str, down: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let process = self
+            .processes
+            .iter_mut()
+            .find(|p| p.name == name)
+            .with_context(|| format!("no process {name}"))?;
+        process.restart(down)?;
+        self.wait_until(
+            &format!("ready after restarting {name}"),
+            Duration::from_secs(120),
+            "kube-apiserver.log",
+            |p| p.kubectl(&p.admin, &["get", "--raw", "/readyz"]).status.success(),
+        )?;
+        Ok(started.elapsed())
     }
 
     /// Polls `ready` until it holds; an error if a process exits first or `limit` passes.

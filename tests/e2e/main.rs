@@ -4,10 +4,12 @@
 //! `cargo test --test e2e -- NAME` runs the scenarios whose name contains NAME.
 
 mod approvals;
+mod attack;
 mod audit;
 mod churn;
 mod cloud;
 mod cluster;
+mod faults;
 mod pending;
 mod plugin;
 mod routes;

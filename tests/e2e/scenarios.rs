@@ -63,6 +63,20 @@ pub const ALL: &[(&str, Scenario)] = &[
         crate::approvals::a_claims_delete_takes_its_volumes_data,
     ),
     (
+        "attack_claims_lost_sideways_are_judged_as_their_volumes",
+        crate::attack::claims_lost_sideways_are_judged_as_their_volumes,
+    ),
+    ("attack_session_uses_cannot_exceed_their_count", crate::attack::session_uses_cannot_exceed_their_count),
+    (
+        "attack_a_session_is_not_borrowed_by_another_agent",
+        crate::attack::a_session_is_not_borrowed_by_another_agent,
+    ),
+    (
+        "attack_pods_and_namespaces_take_their_volumes_data",
+        crate::attack::pods_and_namespaces_take_their_volumes_data,
+    ),
+    ("attack_one_approver_never_counts_twice", crate::attack::one_approver_never_counts_twice),
+    (
         "route_rule_conditions_guard_exactly_what_they_say",
         crate::routes::conditions_guard_exactly_what_they_say,
     ),
@@ -99,6 +113,15 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("cloud_cnrm_annotation_leaving_abandon_arms_a_delete", crate::cloud::cnrm),
     ("cloud_crossplane_policies_that_stop_orphaning_arm_a_delete", crate::cloud::crossplane),
     ("no_unguarded_corners_and_the_webhook_configuration_is_restored", crate::tamper::scenario),
+    (
+        "fault_view_older_than_max_staleness_refuses_agents_until_the_api_server_answers",
+        crate::faults::view_stale,
+    ),
+    ("fault_hung_agentguard_makes_agents_wait_the_timeout_and_nobody_else", crate::faults::hung),
+    (
+        "fault_apiserver_and_etcd_restarted_under_traffic_nothing_held_admitted",
+        crate::faults::control_plane_restarts,
+    ),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
     ("a_thousand_agents_labelled_at_once_share_few_configuration_writes", concurrent_registrations),

@@ -38,9 +38,21 @@ pub struct Agentguard {
 }
 
 impl Agentguard {
+    /// The process id (to stop and continue it, and to read its memory).
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {
         self.process.lock().unwrap_or_else(|e| e.into_inner()).pid()
+    }
+
+    /// The value of an unlabelled series, e.g. `agentguard_view_age_seconds`.
+    #[allow(dead_code)]
+    pub fn gauge(&self, name: &str) -> Result<f64> {
+        let text = self.metrics()?;
+        let line = text
+            .lines()
+            .find(|l| l.split(' ').next() == Some(name))
+            .with_context(|| format!("no {name} in the metrics"))?;
+        Ok(line.rsplit(' ').next().unwrap_or_default().parse()?)
     }
 
     /// An error naming how agentguard exited, with the end of its log, once it is no longer
@@ -287,9 +299,32 @@ spec:
       resources: [{apiGroups: [""], resources: [configmaps]}]
 "#;
 
+/// How to start an agentguard beyond the world's defaults.
+#[derive(Default, Clone)]
+pub struct Launch {
+    /// Keep this webhook configuration (registering the process's own URL); None: serve direct
+    /// requests only.
+    pub webhook_configuration: Option<String>,
+    /// Reach the API server through this kubeconfig instead of the admin's.
+    pub kubeconfig: Option<PathBuf>,
+    /// More `serve` flags.
+    pub args: Vec<String>,
+}
+
 /// Starts an agentguard replica logging to `NAME.log`. Only the one that `registers` keeps the
 /// webhook configuration (the API server can call one URL); the others serve direct requests.
 pub fn start_agentguard(plane: &ControlPlane, name: &'static str, registers: bool) -> Result<Agentguard> {
+    let launch =
+        Launch { webhook_configuration: registers.then(|| "agentguard".to_owned()), ..Launch::default() };
+    start_agentguard_with(plane, name, &launch)
+}
+
+/// [`start_agentguard`] with more say over how.
+pub fn start_agentguard_with(
+    plane: &ControlPlane,
+    name: &'static str,
+    launch: &Launch,
+) -> Result<Agentguard> {
     let dir = plane.dir.path();
     if !dir.join("agentguard.crt").exists() {
         let (cert, key) = plane.pki.serving()?;
@@ -298,7 +333,7 @@ pub fn start_agentguard(plane: &ControlPlane, name: &'static str, registers: boo
     }
     let mut attempt = 1;
     loop {
-        match try_start_agentguard(plane, name, registers) {
+        match try_start_agentguard(plane, name, launch) {
             Err(e) if attempt < START_ATTEMPTS && cluster::lost_a_port(&e) => {
                 eprintln!("{name} lost a port, starting again on new ports: {e:#}");
                 attempt += 1;
@@ -311,12 +346,12 @@ pub fn start_agentguard(plane: &ControlPlane, name: &'static str, registers: boo
 /// Starts tried before giving up when a port was taken between picking and binding it.
 const START_ATTEMPTS: u32 = 4;
 
-fn try_start_agentguard(plane: &ControlPlane, name: &'static str, registers: bool) -> Result<Agentguard> {
+fn try_start_agentguard(plane: &ControlPlane, name: &'static str, launch: &Launch) -> Result<Agentguard> {
     let dir = plane.dir.path();
     let (webhook_port, admin_port) = (free_port(), free_port());
     let webhook = format!("https://127.0.0.1:{webhook_port}/validate");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentguard"));
-    cmd.env("KUBECONFIG", &plane.admin)
+    cmd.env("KUBECONFIG", launch.kubeconfig.as_ref().unwrap_or(&plane.admin))
         .arg("serve")
         .arg(format!("--webhook-addr=127.0.0.1:{webhook_port}"))
         .arg(format!("--admin-addr=127.0.0.1:{admin_port}"))
@@ -324,9 +359,10 @@ fn try_start_agentguard(plane: &ControlPlane, name: &'static str, registers: boo
         .arg(format!("--tls-key={}", dir.join("agentguard.key").display()))
         .arg(format!("--webhook-ca-file={}", dir.join("ca.crt").display()))
         .args(["--self-namespace=agentguard-system", "--shutdown-delay-seconds=0", "--log-format=json"]);
-    if registers {
-        cmd.arg(format!("--webhook-url={webhook}"));
+    if let Some(configuration) = &launch.webhook_configuration {
+        cmd.arg(format!("--webhook-url={webhook}")).arg(format!("--webhook-configuration={configuration}"));
     }
+    cmd.args(&launch.args);
     let mut process = spawn(name, cmd, &dir.join(format!("{name}.log")))?;
     let admin = format!("http://127.0.0.1:{admin_port}");
     let started = Instant::now();

@@ -210,6 +210,58 @@ fn updates<'a>(facts: &Facts<'a>, old: &'a Value, new: &'a Value, out: &mut Vec<
             });
         }
     }
+    volumes_of_claims(facts, old, out);
+}
+
+/// A claim's volume goes with it where its reclaimPolicy is Delete (or Recycle), which an
+/// update does not show: each claim deletion an update amounts to is judged as its volume's
+/// deletion too — the volume the claim names, or any volume where the claims are not known (a
+/// StatefulSet's). Only volumes are judged by this; Retain volumes' claims may be held too.
+fn volumes_of_claims<'a>(facts: &Facts<'a>, old: &'a Value, out: &mut Vec<Effect<'a>>) {
+    let claims: Vec<(Option<&'a str>, String)> = out
+        .iter()
+        .filter(|e| {
+            e.via.is_some()
+                && e.facts.operation == Operation::Delete
+                && e.facts.group.is_empty()
+                && e.facts.resource == "persistentvolumeclaims"
+        })
+        .map(|e| {
+            let own = !e.any_name && facts.group.is_empty() && facts.resource == "persistentvolumeclaims";
+            let volume = if own {
+                Some(old.pointer("/spec/volumeName").and_then(Value::as_str).unwrap_or_default())
+            } else {
+                None
+            };
+            (volume, e.via.as_deref().unwrap_or_default().to_owned())
+        })
+        .collect();
+    for (volume, via) in claims {
+        // An unbound claim takes no volume with it.
+        if volume == Some("") {
+            continue;
+        }
+        let f = Facts {
+            operation: Operation::Delete,
+            group: "",
+            resource: "persistentvolumes",
+            subresource: "",
+            namespace: "",
+            name: volume.unwrap_or_default(),
+            object: None,
+            old_object: None,
+            collateral: &[],
+            sent: facts.sent,
+        };
+        out.push(Effect {
+            facts: f,
+            via: Some(
+                format!("{via}, and the claim's volume with it where its reclaimPolicy is Delete").into(),
+            ),
+            any_name: volume.is_none(),
+            any_namespace: false,
+        });
+    }
 }
 
 /// Whether the metadata a policy can act on (labels, annotations, owners, finalizers) differs.
@@ -309,9 +361,14 @@ fn arms_deletion_of_itself(facts: &Facts<'_>, old: &Value, new: &Value) -> Optio
         }
     }
     if facts.group.is_empty() && facts.resource == "persistentvolumes" {
-        let deletes = |o: &Value| text(o, "/spec/persistentVolumeReclaimPolicy").as_deref() == Some("delete");
+        // Recycle scrubs the volume's data (`rm -rf`) once its claim is gone: as destructive.
+        let deletes = |o: &Value| {
+            matches!(text(o, "/spec/persistentVolumeReclaimPolicy").as_deref(), Some("delete" | "recycle"))
+        };
         if !deletes(old) && deletes(new) {
-            return Some("persistentVolumeReclaimPolicy: Delete deletes the volume's storage with it");
+            return Some(
+                "persistentVolumeReclaimPolicy: Delete (or Recycle) deletes the volume's storage (or data) with it",
+            );
         }
     }
     // AWS Controllers for Kubernetes: the resource's annotation decides, else the Namespace's
@@ -682,6 +739,10 @@ mod tests {
         let (retain, delete) = (pv("Retain"), pv("Delete"));
         let e = of(&facts(UPDATE, ("", "persistentvolumes", ""), Some(&retain), Some(&delete)));
         assert_eq!(derived(&e), [(Operation::Delete, "persistentvolumes/".into(), "x".into())]);
+        // Recycle scrubs the data as surely.
+        let recycle = pv("Recycle");
+        let e = of(&facts(UPDATE, ("", "persistentvolumes", ""), Some(&retain), Some(&recycle)));
+        assert_eq!(derived(&e), [(Operation::Delete, "persistentvolumes/".into(), "x".into())]);
         assert!(
             derived(&of(&facts(UPDATE, ("", "persistentvolumes", ""), Some(&delete), Some(&retain))))
                 .is_empty()
@@ -690,8 +751,29 @@ mod tests {
         let sts = |p: &str| json!({"kind": "StatefulSet", "metadata": {"name": "x"}, "spec": {"persistentVolumeClaimRetentionPolicy": {"whenDeleted": p}}});
         let (keep, drop) = (sts("Retain"), sts("Delete"));
         let e = of(&facts(UPDATE, ("apps", "statefulsets", ""), Some(&keep), Some(&drop)));
-        assert_eq!(derived(&e), [(Operation::Delete, "persistentvolumeclaims/".into(), String::new())]);
-        assert!(e[1].any_name);
+        assert_eq!(
+            derived(&e),
+            [
+                (Operation::Delete, "persistentvolumeclaims/".into(), String::new()),
+                (Operation::Delete, "persistentvolumes/".into(), String::new())
+            ]
+        );
+        assert!(e[1].any_name && e[2].any_name);
+        // A bound claim handed to the garbage collector takes its volume; an unbound one none.
+        let pvc = |owners: Value, volume: &str| json!({"kind": "PersistentVolumeClaim", "metadata": {"name": "c", "ownerReferences": owners}, "spec": {"volumeName": volume}});
+        let owner = json!([{"apiVersion": "v1", "kind": "ConfigMap", "name": "gone", "uid": "u"}]);
+        let (bare, owned) = (pvc(json!([]), "pv-1"), pvc(owner.clone(), "pv-1"));
+        let e = of(&facts(UPDATE, ("", "persistentvolumeclaims", ""), Some(&bare), Some(&owned)));
+        assert_eq!(
+            derived(&e),
+            [
+                (Operation::Delete, "persistentvolumeclaims/".into(), "x".into()),
+                (Operation::Delete, "persistentvolumes/".into(), "pv-1".into())
+            ]
+        );
+        let (bare, owned) = (pvc(json!([]), ""), pvc(owner, ""));
+        let e = of(&facts(UPDATE, ("", "persistentvolumeclaims", ""), Some(&bare), Some(&owned)));
+        assert_eq!(derived(&e).len(), 1);
 
         let ann = |k: &str, v: Option<&str>| {
             let mut o = json!({"kind": "Bucket", "metadata": {"name": "x", "annotations": {}}});
@@ -758,12 +840,20 @@ mod tests {
                 json!({"replicas": replicas, "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Delete"}}),
             )
         };
-        assert_eq!(case(("apps", "statefulsets"), sts(3), sts(1)), any("persistentvolumeclaims", false));
+        let claims_and_volumes =
+            [any("persistentvolumeclaims", false), any("persistentvolumes", false)].concat();
+        assert_eq!(case(("apps", "statefulsets"), sts(3), sts(1)), claims_and_volumes);
         assert!(case(("apps", "statefulsets"), sts(1), sts(3)).is_empty());
         let scale = |n: i64| json!({"kind": "Scale", "metadata": {"name": "x"}, "spec": {"replicas": n}});
         let (three, one) = (scale(3), scale(1));
         let e = of(&facts(UPDATE, ("apps", "statefulsets", "scale"), Some(&three), Some(&one)));
-        assert_eq!(derived(&e), [(Operation::Delete, "persistentvolumeclaims/".into(), String::new())]);
+        assert_eq!(
+            derived(&e),
+            [
+                (Operation::Delete, "persistentvolumeclaims/".into(), String::new()),
+                (Operation::Delete, "persistentvolumes/".into(), String::new())
+            ]
+        );
         assert!(
             derived(&of(&facts(UPDATE, ("apps", "statefulsets", "scale"), Some(&scale(1)), Some(&scale(3)))))
                 .is_empty()

@@ -6,15 +6,15 @@
 pub mod tls;
 
 use crate::request::actions;
-pub use crate::request::actions::{AppState, Charge, Cluster, Recorder, Register, Spend, StaticCluster};
+pub use crate::request::actions::{ApiSlots, AppState, Charge, Cluster, Recorder, Register, Spend, StaticCluster};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -28,8 +28,8 @@ use crate::engine::admission::{self, MAX_BODY_BYTES, Malformed, Route};
 pub fn webhook_router(state: Arc<AppState>) -> Router {
     use crate::cluster::webhook::{AGENTS_PATH, APPROVALS_PATH, LEGACY_PATH};
     let on = |route: Route| {
-        move |state: State<Arc<AppState>>, headers: HeaderMap, body: Body| {
-            validate(state, route, headers, body)
+        move |state: State<Arc<AppState>>, query: RawQuery, headers: HeaderMap, body: Body| {
+            validate(state, route, query, headers, body)
         }
     };
     Router::new()
@@ -53,6 +53,14 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
     } else if !state.cluster.ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "caches not synced").into_response()
+    } else if let Some(age) = stale(&state) {
+        // Out of the Service's endpoints: the API server calls a replica that is current.
+        let bound = state.max_staleness.0.as_secs();
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("view of the cluster is {}s old (max {bound}s)", age.as_secs()),
+        )
+            .into_response()
     } else if state.registrar.as_ref().is_some_and(|r| !r.current()) {
         (StatusCode::SERVICE_UNAVAILABLE, "webhook configuration not yet current").into_response()
     } else {
@@ -60,7 +68,15 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The view's age when it is older than `--max-staleness`.
+fn stale(state: &AppState) -> Option<std::time::Duration> {
+    let age = state.cluster.view_age();
+    state.max_staleness.stale(age).then_some(age)
+}
+
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    state.metrics.view_age.set(state.cluster.view_age().as_secs_f64());
+    state.metrics.api_requests_in_flight.set(state.api_slots.in_use() as i64);
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.encode(),
@@ -88,13 +104,37 @@ fn is_json(headers: &HeaderMap) -> bool {
     essence.eq_ignore_ascii_case("application/json")
 }
 
+/// How long the API server waits for this call: the `timeout` it appends to the webhook's URL
+/// (`?timeout=5s`, from the configuration's `timeoutSeconds`), or the chart's 5 s without one.
+fn caller_timeout(query: Option<&str>) -> Duration {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("timeout="))
+        .and_then(crate::engine::api::parse_duration)
+        .filter(|t| !t.is_zero())
+        .unwrap_or(Duration::from_secs(5))
+}
+
+/// How long agentguard works on one request before it refuses it itself: a fifth of the caller's
+/// timeout (at least half a second) is left over, so that the answer, with a message saying
+/// why, reaches the API server before it gives up waiting. Only the API calls an admitted
+/// agent change needs (the blast radius, the record, the churn charge, registering an agent)
+/// can take that long: the API server slow or out of reach.
+pub fn deadline(caller_timeout: Duration) -> Duration {
+    let margin = (caller_timeout / 5).max(Duration::from_millis(500));
+    caller_timeout.saturating_sub(margin).max(Duration::from_millis(250))
+}
+
 async fn validate(
     State(state): State<Arc<AppState>>,
     route: Route,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
+    let caller_timeout = caller_timeout(query.as_deref());
     // Not the API server, or not an AdmissionReview: say so before reading what was sent.
     if !is_json(&headers) {
         let got = match headers.get(header::CONTENT_TYPE) {
@@ -126,14 +166,56 @@ async fn validate(
         // for everyone else. Guessing from half-synced caches could do either wrongly.
         return (StatusCode::SERVICE_UNAVAILABLE, "agentguard caches are not synced yet").into_response();
     }
-    let decision = match actions::decide(&state, &request, route).await {
-        Ok(decision) => decision,
-        Err(refusal) => return json(StatusCode::OK, &refusal.response(&request.uid)),
-    };
-    let plan = actions::plan(&state, &request, &decision);
-    if let Err(refusal) = actions::carry_out(&state, &request, plan).await {
-        return json(StatusCode::OK, &refusal.response(&request.uid));
+    // The agents webhook's requests are agents' by construction: judging them from a view the
+    // API server has not vouched for within the bound could admit what a newer policy holds.
+    // An error status lets failurePolicy: Fail refuse them. Everyone else's (approvals, label
+    // writes) are judged as usual: holding them would not make the view fresher.
+    if route == Route::Agents
+        && let Some(age) = stale(&state)
+    {
+        state.metrics.stale_refusals.inc();
+        tracing::warn!(
+            uid = %request.uid,
+            age_seconds = age.as_secs(),
+            "refused an agent's request: the view of the cluster is older than --max-staleness"
+        );
+        let bound = state.max_staleness.0.as_secs();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "agentguard has not heard from the API server for {}s (more than --max-staleness {bound}s): agents' requests are refused until it has",
+                age.as_secs()
+            ),
+        )
+            .into_response();
     }
+    let work = async {
+        let decision = actions::decide(&state, &request, route).await?;
+        let plan = actions::plan(&state, &request, &decision);
+        actions::carry_out(&state, &request, plan).await?;
+        Ok::<_, actions::Refusal>(decision)
+    };
+    let limit = deadline(caller_timeout);
+    let decision = match tokio::time::timeout(limit.saturating_sub(started.elapsed()), work).await {
+        Ok(Ok(decision)) => decision,
+        Ok(Err(refusal)) => return json(StatusCode::OK, &refusal.response(&request.uid)),
+        Err(_) => {
+            // Whatever was under way is dropped: a record written for a change refused here is
+            // marked NeverHappened by the trail's checker, as for any later refusal.
+            state.metrics.deadline_refusals.inc();
+            tracing::warn!(
+                uid = %request.uid,
+                limit_ms = limit.as_millis() as u64,
+                "refused: the API calls this request needs did not finish in time"
+            );
+            let refusal = actions::Refusal::Unavailable(format!(
+                "agentguard could not finish the API calls this request needs within {:.1}s (the API server waits {}s): the API server is slow or out of reach; retry",
+                limit.as_secs_f64(),
+                caller_timeout.as_secs()
+            ));
+            return json(StatusCode::OK, &refusal.response(&request.uid));
+        }
+    };
     actions::observe(&state, &request, &decision, started);
     json(StatusCode::OK, &admission::respond(&request.uid, &decision))
 }

@@ -667,3 +667,164 @@ async fn deeply_nested_json_is_refused_not_a_stack_overflow() {
         "{response}"
     );
 }
+
+/// A fixed view last vouched for `age` ago.
+fn state_aged(age: std::time::Duration) -> Arc<AppState> {
+    struct Aged(StaticCluster, std::time::Duration);
+    impl Cluster for Aged {
+        fn policies(&self) -> Arc<PolicySet> {
+            self.0.policies()
+        }
+        fn directory(&self) -> &dyn Directory {
+            self.0.directory()
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+        fn view_age(&self) -> std::time::Duration {
+            self.1
+        }
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (cluster, namespaced, directory) =
+        crate::commands::check::load_world(&[root.join("examples/policies/demo.yaml")]).unwrap();
+    let (policies, _) = PolicySet::compile(&cluster, &namespaced);
+    let cluster = Aged(StaticCluster { policies: Arc::new(policies), directory }, age);
+    let config =
+        Config { approval_keys: crate::engine::approval::Keys::fixed_for_tests(), ..Config::default() };
+    let mut state = AppState::new(Arc::new(cluster), config, Arc::new(Metrics::default()));
+    state.clock = at_fixed_time;
+    Arc::new(state)
+}
+
+#[tokio::test]
+async fn a_view_older_than_the_bound_refuses_agents_only() {
+    use std::time::Duration;
+    let agent = fixture("01-agent-deletes-deployment.json").to_string();
+    let approval = fixture("02-alice-approves-the-delete.json").to_string();
+
+    // Within the bound (60 s by default): judged as usual.
+    let fresh = state_aged(Duration::from_secs(60));
+    let (status, body) = post_to(fresh.clone(), "/validate/agents", agent.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["response"]["allowed"], false, "held, as the fixture says");
+    assert_eq!(get(admin_router(fresh.clone()), "/readyz").await.0, StatusCode::OK);
+
+    // Past it: the agents webhook answers 503, so failurePolicy: Fail refuses the agent
+    // without a decision from a view that may be out of date...
+    let stale = state_aged(Duration::from_secs(61));
+    let (status, body) = post_to(stale.clone(), "/validate/agents", agent).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body, Value::Null, "no AdmissionReview: the API server's failurePolicy decides");
+    // ...while an approver's write on the approvals webhook is judged as before.
+    let (status, body) = post_to(stale.clone(), "/validate/approvals", approval).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["response"]["allowed"], true, "{body}");
+
+    let (status, text) = get(admin_router(stale.clone()), "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(text.contains("61s old"), "{text}");
+    let (_, text) = get(admin_router(stale), "/metrics").await;
+    assert!(text.contains("agentguard_view_age_seconds 61.0"), "{text}");
+    assert!(text.contains("agentguard_stale_refusals_total 1"), "{text}");
+    let (_, text) = get(admin_router(fresh), "/metrics").await;
+    assert!(text.contains("agentguard_stale_refusals_total 0"), "{text}");
+}
+
+#[test]
+fn agentguard_answers_before_the_api_server_gives_up() {
+    use std::time::Duration;
+    let ms = Duration::from_millis;
+    assert_eq!(caller_timeout(Some("timeout=5s")), Duration::from_secs(5));
+    assert_eq!(caller_timeout(Some("a=b&timeout=10s")), Duration::from_secs(10));
+    assert_eq!(caller_timeout(None), Duration::from_secs(5));
+    assert_eq!(caller_timeout(Some("timeout=junk")), Duration::from_secs(5));
+    assert_eq!(deadline(Duration::from_secs(5)), ms(4000));
+    assert_eq!(deadline(Duration::from_secs(30)), ms(24000));
+    assert_eq!(deadline(Duration::from_secs(1)), ms(500));
+}
+
+#[tokio::test]
+async fn a_hung_api_call_is_refused_within_the_callers_timeout() {
+    use std::time::Duration;
+    struct Hangs;
+    impl crate::cluster::ownership::Lookup for Hangs {
+        fn collateral<'a>(
+            &'a self,
+            _: &'a crate::engine::admission::AdmissionRequest,
+            _: &'a PolicySet,
+        ) -> BoxFuture<'a, anyhow::Result<Vec<crate::engine::policy::Collateral>>> {
+            Box::pin(futures::future::pending())
+        }
+    }
+    let base = state(true);
+    let mut st = AppState::new(base.cluster.clone(), base.config.clone(), Arc::new(Metrics::default()));
+    st.clock = at_fixed_time;
+    st.ownership = Some(Arc::new(Hangs));
+    let st = Arc::new(st);
+    let started = std::time::Instant::now();
+    let (status, body) = post_to(
+        st.clone(),
+        "/validate/agents?timeout=1s",
+        fixture("01-agent-deletes-deployment.json").to_string(),
+    )
+    .await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["response"]["allowed"], false);
+    assert_eq!(body["response"]["status"]["code"], 503, "{body}");
+    let message = body["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("could not finish the API calls"), "{message}");
+    assert!(took >= Duration::from_millis(500) && took < Duration::from_secs(1), "{took:?}");
+    let (_, text) = get(admin_router(st), "/metrics").await;
+    assert!(text.contains("agentguard_deadline_refusals_total 1"), "{text}");
+}
+
+#[tokio::test]
+async fn when_every_api_slot_is_taken_requests_needing_one_are_refused_quickly_and_the_rest_decided() {
+    use std::time::Duration;
+    struct Nothing;
+    impl crate::cluster::ownership::Lookup for Nothing {
+        fn collateral<'a>(
+            &'a self,
+            _: &'a crate::engine::admission::AdmissionRequest,
+            _: &'a PolicySet,
+        ) -> BoxFuture<'a, anyhow::Result<Vec<crate::engine::policy::Collateral>>> {
+            Box::pin(futures::future::ready(Ok(Vec::new())))
+        }
+    }
+    let base = state(true);
+    let mut st = AppState::new(base.cluster.clone(), base.config.clone(), Arc::new(Metrics::default()));
+    st.clock = at_fixed_time;
+    st.ownership = Some(Arc::new(Nothing));
+    st.api_slots = ApiSlots::new(1, Duration::from_millis(200));
+    let st = Arc::new(st);
+    let agent_delete = fixture("01-agent-deletes-deployment.json").to_string();
+
+    // A slot free: the delete's blast radius is looked up and it is held as the fixture says.
+    let (_, body) = post_to(st.clone(), "/validate/agents", agent_delete.clone()).await;
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("requires approval"), "{body}");
+
+    // The only slot taken (a flood's API calls under way): refused after the wait, not later.
+    let slot = st.api_slots.take(&st.metrics).await.unwrap();
+    let started = std::time::Instant::now();
+    let (status, body) = post_to(st.clone(), "/validate/agents", agent_delete).await;
+    let took = started.elapsed();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["response"]["allowed"], false);
+    assert_eq!(body["response"]["status"]["code"], 503, "{body}");
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("agentguard is busy"), "{body}");
+    assert!(took >= Duration::from_millis(200) && took < Duration::from_secs(1), "{took:?}");
+    // A decision from the caches alone (a scale to zero: no blast radius) does not wait.
+    let started = std::time::Instant::now();
+    let (_, body) =
+        post_to(st.clone(), "/validate/agents", fixture("05-agent-scales-to-zero.json").to_string()).await;
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("requires approval"), "{body}");
+    let (_, text) = get(admin_router(st.clone()), "/metrics").await;
+    assert!(text.contains("agentguard_busy_refusals_total 1"), "{text}");
+    assert!(text.contains("agentguard_api_requests_in_flight 1"), "{text}");
+    drop(slot);
+    let (_, text) = get(admin_router(st), "/metrics").await;
+    assert!(text.contains("agentguard_api_requests_in_flight 0"), "{text}");
+}
