@@ -1559,7 +1559,9 @@ mod tests {
             let metrics = Arc::new(Metrics::default());
             // The caches are never started: they know no agent, so only what is registered
             // ahead is in the configuration.
-            let (caches, _never_run) = Caches::start(client.clone(), metrics.clone(), Config::default());
+            let bound = crate::cluster::freshness::Bound(crate::cluster::freshness::DEFAULT_MAX_STALENESS);
+            let (caches, _never_run) =
+                Caches::start(client.clone(), metrics.clone(), Config::default(), bound);
             let settings = Settings {
                 name: "agentguard".into(),
                 endpoint: Endpoint::Url("https://127.0.0.1:8443".into()),

@@ -152,7 +152,7 @@ fn admitted_soon(w: &World, who: &std::path::Path, args: &[&str]) -> Result<()> 
 
 /// The credential id (`JTI=…`) of the ServiceAccount token in `kubeconfig`, as the API server
 /// puts it in `userInfo.extra`.
-fn credential_of(kubeconfig: &std::path::Path) -> Result<String> {
+pub(crate) fn credential_of(kubeconfig: &std::path::Path) -> Result<String> {
     use base64::Engine as _;
     let text = std::fs::read_to_string(kubeconfig)?;
     let token = text

@@ -749,7 +749,10 @@ fn concurrent_registrations(w: &World) -> Result<()> {
         missing.len(),
         missing.first()
     );
-    ensure!(writes < 500, "1,000 concurrent registrations took {writes} configuration writes");
+    // One write per registration would be 1,000. How many share a write depends on how many
+    // clients are waiting at once (488 and 677 writes in two runs on a loaded 2-core machine):
+    // at least a tenth saved shows the coalescing without measuring the machine.
+    ensure!(writes < 900, "1,000 concurrent registrations took {writes} configuration writes");
     Ok(())
 }
 

@@ -6,7 +6,9 @@
 pub mod tls;
 
 use crate::request::actions;
-pub use crate::request::actions::{ApiSlots, AppState, Charge, Cluster, Recorder, Register, Spend, StaticCluster};
+pub use crate::request::actions::{
+    ApiSlots, AppState, Charge, Cluster, Recorder, Register, Spend, StaticCluster,
+};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
