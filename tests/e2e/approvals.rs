@@ -328,9 +328,10 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
         "another agent impersonating the session's agent",
         "requires approval",
     )?;
-    let second_token = w.plane.service_account_kubeconfig("agents", "editor")?;
+    let token = must(w.plane.kubectl(&w.plane.admin, &["create", "token", "editor", "-n", "agents"]))?;
+    let token = format!("--token={}", token.trim());
     rejects(
-        w.plane.kubectl(&second_token, &["delete", "deployment", "b", "-n", &ns]),
+        w.plane.kubectl(&w.editor, &["delete", "deployment", "b", "-n", &ns, &token]),
         "the session's agent with another token",
         "requires approval",
     )?;
