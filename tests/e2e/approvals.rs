@@ -134,7 +134,7 @@ fn loop_until_held(w: &World, who: &std::path::Path, ns: &str) -> Result<String>
 
 /// Polls `args` as the agent until the API server admits it (agentguard's cache has seen a new
 /// session), for at most ten seconds.
-fn admitted_soon(w: &World, who: &std::path::Path, args: &[&str]) -> Result<()> {
+pub(crate) fn admitted_soon(w: &World, who: &std::path::Path, args: &[&str]) -> Result<()> {
     let started = std::time::Instant::now();
     loop {
         let out = w.plane.kubectl(who, args);
@@ -495,7 +495,7 @@ pub fn a_claims_delete_takes_its_volumes_data(w: &World) -> Result<()> {
     result
 }
 
-fn volume(name: &str, reclaim: &str, ns: &str, claim: &str) -> String {
+pub(crate) fn volume(name: &str, reclaim: &str, ns: &str, claim: &str) -> String {
     format!(
         "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {name}}}\nspec:\n  capacity: {{storage: 1Gi}}\n  \
          accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: {reclaim}\n  storageClassName: e2e-manual\n  \
@@ -503,7 +503,7 @@ fn volume(name: &str, reclaim: &str, ns: &str, claim: &str) -> String {
     )
 }
 
-fn claim(ns: &str, name: &str, volume: &str) -> String {
+pub(crate) fn claim(ns: &str, name: &str, volume: &str) -> String {
     format!(
         "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  \
          accessModes: [ReadWriteOnce]\n  storageClassName: e2e-manual\n  volumeName: {volume}\n  \

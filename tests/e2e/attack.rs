@@ -1,32 +1,17 @@
-//! Attacks on the data-loss rule ("data goes with its claim"): routes by which an agent can have
-//! a claim bound to a reclaimPolicy Delete (or Recycle) volume removed while only the volumes are
-//! guarded. Each route must be judged as the volume's DELETE; every route that is admitted is
-//! listed in the failure.
+//! Attacks on the approvals beyond one annotation, as an agent would try them: claims removed
+//! sideways while only their volumes are guarded (each must be judged as the volume's DELETE),
+//! sessions used beyond their count or by another agent acting as the session's agent, and one
+//! approver counting twice. Every route that is admitted is named in the failure.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::approvals::{admitted_soon, claim, volume};
 use crate::scenarios::{exists, namespace};
 use crate::world::{World, must};
 
 const POLICY: &str = "e2e-attack-volumes";
-
-fn volume(name: &str, reclaim: &str, ns: &str, claim: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: {name}}}\nspec:\n  capacity: {{storage: 1Gi}}\n  \
-         accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: {reclaim}\n  storageClassName: e2e-attack\n  \
-         hostPath: {{path: /tmp/{name}}}\n  claimRef: {{namespace: {ns}, name: {claim}}}\n"
-    )
-}
-
-fn claim(ns: &str, name: &str, volume: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  \
-         accessModes: [ReadWriteOnce]\n  storageClassName: e2e-attack\n  volumeName: {volume}\n  \
-         resources: {{requests: {{storage: 1Gi}}}}\n"
-    )
-}
 
 fn stateful_set(ns: &str, name: &str, retention: &str) -> String {
     format!(
@@ -35,7 +20,7 @@ fn stateful_set(ns: &str, name: &str, retention: &str) -> String {
          persistentVolumeClaimRetentionPolicy: {{{retention}}}\n  \
          template:\n    metadata: {{labels: {{app: {name}}}}}\n    \
          spec: {{containers: [{{name: db, image: 'postgres:17', volumeMounts: [{{name: data, mountPath: /data}}]}}]}}\n  \
-         volumeClaimTemplates:\n    - metadata: {{name: data}}\n      spec: {{accessModes: [ReadWriteOnce], storageClassName: e2e-attack, \
+         volumeClaimTemplates:\n    - metadata: {{name: data}}\n      spec: {{accessModes: [ReadWriteOnce], storageClassName: e2e-manual, \
          resources: {{requests: {{storage: 1Gi}}}}}}\n"
     )
 }
@@ -275,24 +260,6 @@ fn ensure_refused(out: &std::process::Output, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Polls `args` as `who` until the API server admits it (agentguard's cache has seen a new
-/// session), for at most ten seconds.
-fn admitted_soon(w: &World, who: &std::path::Path, args: &[&str]) -> Result<()> {
-    let started = Instant::now();
-    loop {
-        let out = w.plane.kubectl(who, args);
-        if out.status.success() {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(10),
-            "never admitted: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn open_session(w: &World, name: &str, ns: &str, max: &str) -> Result<()> {
     let credential = crate::approvals::credential_of(&w.editor)?;
     must(crate::plugin::plugin(
@@ -480,7 +447,7 @@ pub fn pods_and_namespaces_take_their_volumes_data(w: &World) -> Result<()> {
     objects.push_str(&format!("---\n{}", claim(bare, "keep", "e2e-atk-bare")));
     objects.push_str(&format!(
         "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: app, namespace: {ns}}}\nspec:\n  containers: [{{name: app, image: 'busybox:1.36'}}]\n  \
-         volumes:\n    - name: data\n      ephemeral:\n        volumeClaimTemplate:\n          spec: {{accessModes: [ReadWriteOnce], storageClassName: e2e-attack, resources: {{requests: {{storage: 1Gi}}}}}}\n"
+         volumes:\n    - name: data\n      ephemeral:\n        volumeClaimTemplate:\n          spec: {{accessModes: [ReadWriteOnce], storageClassName: e2e-manual, resources: {{requests: {{storage: 1Gi}}}}}}\n"
     ));
     must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&objects)))?;
     let result = (|| -> Result<()> {
