@@ -3,7 +3,12 @@
 //!
 //! The cost is bounded by what CEL allows (no loops but comprehensions over the input, no
 //! recursion) and by limits checked at compile time: the expression's length (4 KiB, the CRD
-//! enforces it too), its nesting (the parser's depth limit) and the variables it may name.
+//! enforces it too), its nesting (the parser's depth limit), the variables it may name, and its
+//! comprehensions (`all`, `exists`, `map`, `filter`…): at most [`MAX_COMPREHENSIONS`], nested at
+//! most [`MAX_COMPREHENSION_DEPTH`] deep. So an evaluation costs at most a fixed multiple of the
+//! square of the largest list in the request, whatever an agent puts in its object (which the API
+//! server caps at 3 MiB): one comprehension inside another compares two containers lists, a third
+//! level would cube an agent-chosen length.
 //! Evaluation converts only the variables the expression names. Fail-safe: an error while
 //! evaluating, or a result that is not a bool, counts as met, so the rule guards the request.
 
@@ -29,6 +34,59 @@ pub trait SentRequest: std::fmt::Debug + Sync {
 /// The variables a condition may name (those ValidatingAdmissionPolicy uses for the same data).
 pub const VARIABLES: &[&str] = &["object", "oldObject", "request", "namespaceObject"];
 const MAX_LENGTH: usize = 4096;
+/// Comprehensions a condition may hold in all.
+pub const MAX_COMPREHENSIONS: usize = 8;
+/// How deep comprehensions may nest (one inside another is two).
+pub const MAX_COMPREHENSION_DEPTH: usize = 2;
+
+/// (comprehensions in all, deepest nesting) of an expression.
+fn comprehensions(e: &cel::IdedExpr) -> (usize, usize) {
+    use cel::common::ast::{EntryExpr, Expr};
+    let mut children: Vec<&cel::IdedExpr> = Vec::new();
+    let own = match &e.expr {
+        Expr::Comprehension(c) => {
+            children.extend([&c.iter_range, &c.accu_init, &c.loop_cond, &c.loop_step, &c.result]);
+            1
+        }
+        Expr::Call(c) => {
+            children.extend(c.target.as_deref());
+            children.extend(c.args.iter());
+            0
+        }
+        Expr::List(l) => {
+            children.extend(l.elements.iter());
+            0
+        }
+        Expr::Map(m) => {
+            for entry in &m.entries {
+                if let EntryExpr::MapEntry(me) = &entry.expr {
+                    children.extend([&me.key, &me.value]);
+                }
+            }
+            0
+        }
+        Expr::Struct(s) => {
+            for entry in &s.entries {
+                if let EntryExpr::StructField(f) = &entry.expr {
+                    children.push(&f.value);
+                }
+            }
+            0
+        }
+        Expr::Select(s) => {
+            children.push(&s.operand);
+            0
+        }
+        Expr::Unspecified | Expr::Ident(_) | Expr::Literal(_) => 0,
+    };
+    let (mut total, mut deepest) = (own, 0);
+    for child in children {
+        let (n, depth) = comprehensions(child);
+        total += n;
+        deepest = deepest.max(depth);
+    }
+    (total, deepest + own)
+}
 
 /// A compiled condition.
 #[derive(Clone, Debug)]
@@ -45,6 +103,13 @@ impl Condition {
             return Err(format!("condition is {} bytes; at most {MAX_LENGTH}", source.len()));
         }
         let program = Program::compile(source).map_err(|e| format!("condition does not parse: {e}"))?;
+        let (count, depth) = comprehensions(program.expression());
+        if count > MAX_COMPREHENSIONS || depth > MAX_COMPREHENSION_DEPTH {
+            return Err(format!(
+                "condition holds {count} comprehensions nested {depth} deep; at most {MAX_COMPREHENSIONS}, nested \
+                 {MAX_COMPREHENSION_DEPTH} deep, so that its cost stays bounded whatever the object holds"
+            ));
+        }
         let references = program.references();
         // The iteration variables of macros (`containers.map(c, c.image)`) are references too.
         let bound = bound_variables(source);
@@ -255,6 +320,31 @@ mod tests {
             "options": {"kind": "PatchOptions", "fieldManager": "kubectl-edit"}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn comprehensions_are_bounded_in_number_and_depth() {
+        let containers = "object.spec.template.spec.containers";
+        // One inside another (an image changed: each new container against the old ones): fine.
+        let nested =
+            format!("{containers}.exists(c, !oldObject.{}.exists(o, o.image == c.image))", &containers[7..]);
+        assert!(Condition::compile(&nested).is_ok(), "{nested}");
+        // A third level would cube a length the agent chooses.
+        let cubed =
+            format!("{containers}.all(a, {containers}.all(b, {containers}.all(c, a.name != b.name)))");
+        let e = Condition::compile(&cubed).unwrap_err();
+        assert!(e.contains("nested 3 deep"), "{e}");
+        // Side by side they add up: eight are fine, nine are not.
+        let one = format!("{containers}.exists(c, c.name == 'x')");
+        let eight = [one.as_str(); 8].join(" || ");
+        assert!(Condition::compile(&eight).is_ok());
+        let nine = [one.as_str(); 9].join(" || ");
+        assert!(Condition::compile(&nine).unwrap_err().contains("holds 9 comprehensions"));
+        // Inside lists, maps and calls too.
+        let hidden = format!(
+            "[{containers}.all(a, [{containers}.all(b, {{'k': {containers}.all(c, true)}})].size() > 0)].size() > 0"
+        );
+        assert!(Condition::compile(&hidden).unwrap_err().contains("nested 3 deep"));
     }
 
     #[test]
