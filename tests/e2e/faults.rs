@@ -154,7 +154,7 @@ fn secs(d: Duration) -> f64 {
 /// API server answers again, agents are decided again.
 pub fn view_stale(w: &World) -> Result<()> {
     const BOUND: Duration = Duration::from_secs(4);
-    let ns = "e2e-stale";
+    let ns = "e2e-view-age";
     must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", ns]))?;
     must(w.plane.kubectl(&w.plane.admin, &["create", "configmap", "kept", "-n", ns]))?;
     for i in 0..40 {
