@@ -29,9 +29,8 @@ fn key_of(w: &World, ns: &str, name: &str, user: &str) -> Result<String> {
         .with_context(|| format!("no approval naming {user} on {ns}/{name}: {annotations}"))
 }
 
-pub fn two_distinct_approvers(w: &World) -> Result<()> {
-    let ns = namespace(w, "two-person")?;
-    deployment(w, &ns, "db")?;
+/// An AgentPolicy in `ns` holding deployments' deletes for two distinct approvers (alice and bob).
+pub(crate) fn two_person_policy(w: &World, ns: &str) -> Result<()> {
     let policy = format!(
         "apiVersion: agentguard.io/v1alpha1\nkind: AgentPolicy\nmetadata: {{name: two-person, namespace: {ns}}}\nspec:\n  \
          action: RequireApproval\n  approval: {{approvers: {{users: [alice, bob]}}, minApprovers: 2, reason: the database}}\n  \
@@ -41,8 +40,22 @@ pub fn two_distinct_approvers(w: &World) -> Result<()> {
     must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&policy)))?;
     must(w.plane.kubectl(
         &w.plane.admin,
-        &["wait", "--for=condition=Ready", "--timeout=30s", "agentpolicy/two-person", "-n", &ns],
+        &["wait", "--for=condition=Ready", "--timeout=30s", "agentpolicy/two-person", "-n", ns],
     ))?;
+    Ok(())
+}
+
+/// The ticket of the named approval command a denial prints where several must approve.
+pub(crate) fn named_ticket(denial: &str) -> Result<String> {
+    let start = denial.find("agentguard.io/approve.<you>=").context("no named approval command")?
+        + "agentguard.io/approve.<you>=".len();
+    Ok(denial[start..].split(".<username>").next().context("no ticket")?.to_owned())
+}
+
+pub fn two_distinct_approvers(w: &World) -> Result<()> {
+    let ns = namespace(w, "two-person")?;
+    deployment(w, &ns, "db")?;
+    two_person_policy(w, &ns)?;
     // bob is in `sre` too, so he approves under the cluster's workload policy as well.
     let bob = w.plane.user_kubeconfig("bob", &["sre"])?;
     let delete = ["delete", "deployment", "db", "-n", ns.as_str()];
@@ -50,9 +63,7 @@ pub fn two_distinct_approvers(w: &World) -> Result<()> {
     let denial = rejects(w.plane.kubectl(&w.editor, &delete), "the agent's delete", "requires approval")?;
     ensure!(denial.contains("2 distinct approvers must approve (none yet): 2 more needed"), "{denial}");
     ensure!(denial.contains(&format!("kubectl agentguard approve deployments.apps/db -n {ns}")), "{denial}");
-    let start = denial.find("agentguard.io/approve.<you>=").context("no named approval command")?
-        + "agentguard.io/approve.<you>=".len();
-    let value = denial[start..].split(".<username>").next().context("no ticket")?.to_owned();
+    let value = named_ticket(&denial)?;
     ensure!(ticket_in(&denial).is_err(), "a plain approval command is offered where two must approve");
 
     // One approval naming nobody cannot count among two: refused, with how to write it.

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use crate::approvals::{admitted_soon, claim, volume};
 use crate::scenarios::{exists, namespace};
@@ -503,23 +503,11 @@ pub fn pods_and_namespaces_take_their_volumes_data(w: &World) -> Result<()> {
 pub fn one_approver_never_counts_twice(w: &World) -> Result<()> {
     let ns = namespace(w, "attack-two")?;
     crate::scenarios::deployment(w, &ns, "db")?;
-    let policy = format!(
-        "apiVersion: agentguard.io/v1alpha1\nkind: AgentPolicy\nmetadata: {{name: two-person, namespace: {ns}}}\nspec:\n  \
-         action: RequireApproval\n  approval: {{approvers: {{users: [alice, bob]}}, minApprovers: 2, reason: the database}}\n  \
-         rules:\n    - name: db\n      operations: [DELETE]\n      \
-         resources: [{{apiGroups: [apps], resources: [deployments]}}]\n"
-    );
-    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&policy)))?;
-    must(w.plane.kubectl(
-        &w.plane.admin,
-        &["wait", "--for=condition=Ready", "--timeout=30s", "agentpolicy/two-person", "-n", &ns],
-    ))?;
+    crate::approvals::two_person_policy(w, &ns)?;
     let delete = ["delete", "deployment", "db", "-n", ns.as_str(), "--dry-run=server"];
     let denial = w.plane.kubectl(&w.editor, &delete);
     let denial = String::from_utf8_lossy(&denial.stderr).into_owned();
-    let start = denial.find("agentguard.io/approve.<you>=").context("no named approval command")?
-        + "agentguard.io/approve.<you>=".len();
-    let value = denial[start..].split(".<username>").next().context("no ticket")?.to_owned();
+    let value = crate::approvals::named_ticket(&denial)?;
     let annotate = |who: &std::path::Path, pairs: &[String]| {
         let mut args: Vec<&str> = vec!["annotate", "deployment", "db", "-n", &ns, "--overwrite"];
         args.extend(pairs.iter().map(String::as_str));
