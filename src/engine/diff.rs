@@ -34,12 +34,20 @@ pub struct FieldChange {
     pub redacted: bool,
 }
 
-/// Everything an UPDATE changes.
+/// Everything an UPDATE changes, up to what an approver could review.
+///
+/// Collecting stops once the entries' full rendering passes [`REVIEWABLE_BYTES`]: such a change
+/// cannot be approved whatever follows, and an agent must not be able to make a replica hold
+/// every leaf of a multi-megabyte object twice over (a body of a million changed array
+/// elements once cost hundreds of MB and seconds).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Change {
+    /// Every entry, in path order; only the first ones when [`Change::cut_short`].
     pub fields: Vec<FieldChange>,
     /// SHA-256 naming this exact change: an update approval's ticket is bound to it.
     pub digest: [u8; 32],
+    /// Collecting stopped past [`REVIEWABLE_BYTES`]: more may follow the entries kept.
+    pub cut_short: bool,
 }
 
 impl Change {
@@ -62,10 +70,11 @@ impl Change {
     fn compare(old: &Value, new: &Value) -> Self {
         let secret = old.get("kind").and_then(Value::as_str) == Some("Secret")
             && old.get("apiVersion").and_then(Value::as_str) == Some("v1");
-        let mut fields = Vec::new();
-        walk(&mut String::new(), Some(old), Some(new), 0, secret, &mut fields);
-        let digest = digest(&fields);
-        Self { fields, digest }
+        let mut walk = Walk { secret, fields: Vec::new(), bytes: 0 };
+        walk.visit(&mut String::new(), Some(old), Some(new), 0);
+        let cut_short = walk.bytes > REVIEWABLE_BYTES;
+        let digest = digest(&walk.fields, cut_short);
+        Self { fields: walk.fields, digest, cut_short }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -79,25 +88,27 @@ impl Change {
     }
 
     /// Bytes of the full rendering, when it is within [`REVIEWABLE_BYTES`]; `Err` with the size
-    /// when it is not.
+    /// when it is not (the size of the entries kept, when the change was cut short).
     pub fn reviewable(&self) -> Result<usize, usize> {
         let size: usize = self.full().iter().map(|l| l.len() + 1).sum();
-        if size <= REVIEWABLE_BYTES { Ok(size) } else { Err(size) }
+        if size <= REVIEWABLE_BYTES && !self.cut_short { Ok(size) } else { Err(size) }
     }
 
     /// Every entry, one per line, values in full (Secret values stay redacted).
     pub fn full(&self) -> Vec<String> {
-        self.fields
-            .iter()
-            .map(|c| {
-                format!(
-                    "{}: {} → {}",
-                    c.path,
-                    render_full(&c.old, c.redacted),
-                    render_full(&c.new, c.redacted)
-                )
-            })
-            .collect()
+        self.fields.iter().map(FieldChange::line).collect()
+    }
+}
+
+impl FieldChange {
+    /// The entry as [`Change::full`] shows it.
+    fn line(&self) -> String {
+        format!(
+            "{}: {} → {}",
+            self.path,
+            render_full(&self.old, self.redacted),
+            render_full(&self.new, self.redacted)
+        )
     }
 }
 
@@ -201,8 +212,10 @@ impl fmt::Display for Change {
             write!(f, "{}: {} → {}", c.path, render(&c.old, c.redacted), render(&c.new, c.redacted))?;
         }
         let hidden = self.fields.len().saturating_sub(SHOWN_ENTRIES);
-        if hidden > 0 {
-            write!(f, "; … and {hidden} more")?;
+        match (hidden, self.cut_short) {
+            (0, false) => {}
+            (_, false) => write!(f, "; … and {hidden} more")?,
+            (_, true) => write!(f, "; … and more (over {} KiB in all)", REVIEWABLE_BYTES / 1024)?,
         }
         Ok(())
     }
@@ -249,57 +262,63 @@ fn push_key(path: &mut String, key: &str) {
     }
 }
 
-fn walk(
-    path: &mut String,
-    old: Option<&Value>,
-    new: Option<&Value>,
-    depth: usize,
+/// The comparison under way: the entries found so far and the bytes of their full rendering.
+struct Walk {
     secret: bool,
-    out: &mut Vec<FieldChange>,
-) {
-    if old == new || ignored(path) {
-        return;
-    }
-    let len = path.len();
-    // An object or list that appears or disappears is shown field by field, so that e.g. a
-    // first annotation is seen as that annotation (and the approval is still left out).
-    let empty_object = Value::Object(Default::default());
-    let empty_array = Value::Array(Vec::new());
-    let absent_as_empty = |other: Option<&Value>| match other {
-        Some(Value::Object(m)) if !m.is_empty() => Some(&empty_object),
-        Some(Value::Array(a)) if !a.is_empty() => Some(&empty_array),
-        _ => None,
-    };
-    let (old, new) = match (old, new) {
-        (None, Some(_)) => (absent_as_empty(new).or(old), new),
-        (Some(_), None) => (old, absent_as_empty(old).or(new)),
-        pair => pair,
-    };
-    match (old, new) {
-        (Some(Value::Object(a)), Some(Value::Object(b))) if depth < 32 => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
-            keys.sort();
-            let annotations = path == "metadata.annotations";
-            for k in keys {
-                // Approvals are no change to approve (agents may not write them anyway).
-                if annotations && crate::engine::approval::is_key(k) {
-                    continue;
+    fields: Vec<FieldChange>,
+    bytes: usize,
+}
+
+impl Walk {
+    fn visit(&mut self, path: &mut String, old: Option<&Value>, new: Option<&Value>, depth: usize) {
+        if self.bytes > REVIEWABLE_BYTES || old == new || ignored(path) {
+            return;
+        }
+        let len = path.len();
+        // An object or list that appears or disappears is shown field by field, so that e.g. a
+        // first annotation is seen as that annotation (and the approval is still left out).
+        let empty_object = Value::Object(Default::default());
+        let empty_array = Value::Array(Vec::new());
+        let absent_as_empty = |other: Option<&Value>| match other {
+            Some(Value::Object(m)) if !m.is_empty() => Some(&empty_object),
+            Some(Value::Array(a)) if !a.is_empty() => Some(&empty_array),
+            _ => None,
+        };
+        let (old, new) = match (old, new) {
+            (None, Some(_)) => (absent_as_empty(new).or(old), new),
+            (Some(_), None) => (old, absent_as_empty(old).or(new)),
+            pair => pair,
+        };
+        match (old, new) {
+            (Some(Value::Object(a)), Some(Value::Object(b))) if depth < 32 => {
+                let mut keys: Vec<&String> =
+                    a.keys().chain(b.keys().filter(|k| !a.contains_key(*k))).collect();
+                keys.sort();
+                let annotations = path == "metadata.annotations";
+                for k in keys {
+                    // Approvals are no change to approve (agents may not write them anyway).
+                    if annotations && crate::engine::approval::is_key(k) {
+                        continue;
+                    }
+                    push_key(path, k);
+                    self.visit(path, a.get(k), b.get(k), depth + 1);
+                    path.truncate(len);
                 }
-                push_key(path, k);
-                walk(path, a.get(k), b.get(k), depth + 1, secret, out);
-                path.truncate(len);
             }
-        }
-        (Some(Value::Array(a)), Some(Value::Array(b))) if depth < 32 => {
-            for i in 0..a.len().max(b.len()) {
-                let _ = write!(path, "[{i}]");
-                walk(path, a.get(i), b.get(i), depth + 1, secret, out);
-                path.truncate(len);
+            (Some(Value::Array(a)), Some(Value::Array(b))) if depth < 32 => {
+                for i in 0..a.len().max(b.len()) {
+                    let _ = write!(path, "[{i}]");
+                    self.visit(path, a.get(i), b.get(i), depth + 1);
+                    path.truncate(len);
+                }
             }
-        }
-        _ => {
-            let redacted = secret && (path.starts_with("data") || path.starts_with("stringData"));
-            out.push(FieldChange { path: path.clone(), old: old.cloned(), new: new.cloned(), redacted });
+            _ => {
+                let redacted = self.secret && (path.starts_with("data") || path.starts_with("stringData"));
+                let field =
+                    FieldChange { path: path.clone(), old: old.cloned(), new: new.cloned(), redacted };
+                self.bytes += field.line().len() + 1;
+                self.fields.push(field);
+            }
         }
     }
 }
@@ -307,9 +326,13 @@ fn walk(
 /// SHA-256 over every change, each field length-prefixed so no two changes encode alike.
 /// Redacted old values are left out so the digest reveals nothing about a Secret the agent could
 /// not read (the new values are the agent's own).
-fn digest(fields: &[FieldChange]) -> [u8; 32] {
+fn digest(fields: &[FieldChange], cut_short: bool) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"agentguard change v1\n");
+    if cut_short {
+        // Never approvable; marked so that it names nothing a whole change could be.
+        h.update(b"cut short\n");
+    }
     h.update((fields.len() as u64).to_be_bytes());
     let mut part = |bytes: &[u8]| {
         h.update((bytes.len() as u64).to_be_bytes());
@@ -412,17 +435,45 @@ mod tests {
 
     #[test]
     fn summary_is_bounded() {
-        let old = json!({"data": (0..100).map(|i| (format!("k{i:03}"), json!("x".repeat(500)))).collect::<serde_json::Map<_, _>>()});
-        let new = json!({"data": (0..100).map(|i| (format!("k{i:03}"), json!("y".repeat(500)))).collect::<serde_json::Map<_, _>>()});
+        let old = json!({"data": (0..40).map(|i| (format!("k{i:03}"), json!("x".repeat(500)))).collect::<serde_json::Map<_, _>>()});
+        let new = json!({"data": (0..40).map(|i| (format!("k{i:03}"), json!("y".repeat(500)))).collect::<serde_json::Map<_, _>>()});
         let change = Change::between(&old, &new);
         let text = change.to_string();
-        assert_eq!(change.fields.len(), 100);
-        assert!(text.ends_with("; … and 88 more"), "{text}");
+        assert_eq!(change.fields.len(), 40);
+        assert!(text.ends_with("; … and 28 more"), "{text}");
         assert!(text.chars().count() < 12 * 200, "{} chars", text.chars().count());
         // The full view hides nothing.
         let full = change.full();
-        assert_eq!(full.len(), 100);
-        assert!(full[99].starts_with("data.k099: ") && full[99].ends_with(&"y".repeat(500)), "{}", full[99]);
+        assert_eq!(full.len(), 40);
+        assert!(full[39].starts_with("data.k039: ") && full[39].ends_with(&"y".repeat(500)), "{}", full[39]);
+    }
+
+    #[test]
+    fn a_change_too_large_to_review_is_cut_short_not_held_whole() {
+        let old = json!({"data": {"items": vec![0; 1_000_000]}});
+        let new = json!({"data": {"items": vec![1; 1_000_000]}});
+        let change = Change::between(&old, &new);
+        assert!(change.cut_short);
+        // Kept: just past what an approver could review, not a million entries.
+        let kept: usize = change.full().iter().map(|l| l.len() + 1).sum();
+        assert!(kept > REVIEWABLE_BYTES && kept < REVIEWABLE_BYTES + 100, "{kept} bytes kept");
+        assert!(change.fields.len() < 3_000, "{} entries", change.fields.len());
+        assert!(change.reviewable().is_err());
+        assert!(change.to_string().ends_with("; … and more (over 48 KiB in all)"), "{change}");
+        // What it changes beyond the cut does not matter: it can never be approved.
+        let mut other = new.clone();
+        other["data"]["items"][999_999] = json!(2);
+        assert_eq!(Change::between(&old, &other).digest, change.digest);
+
+        // A change just within the limit is whole, reviewable, and named apart from one cut short.
+        let entries = |n: usize| json!({"data": (0..n).map(|i| (format!("k{i:04}"), json!("x".repeat(100)))).collect::<serde_json::Map<_, _>>()});
+        let line = Change::between(&json!({}), &entries(1)).reviewable().expect("one entry");
+        let fits = REVIEWABLE_BYTES / line;
+        let within = Change::between(&json!({}), &entries(fits));
+        assert!(!within.cut_short && within.reviewable().is_ok(), "{:?}", within.reviewable());
+        assert_eq!(within.fields.len(), fits);
+        let beyond = Change::between(&json!({}), &entries(fits + 10));
+        assert!(beyond.cut_short && beyond.reviewable().is_err());
     }
 
     #[test]

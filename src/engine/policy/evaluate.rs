@@ -332,9 +332,13 @@ fn hold(
             "A connection carries no approval: a human who may approve runs this on {whole} instead."
         ))
     } else if let Some(Err(size)) = change.map(Change::reviewable) {
+        let size = match change.is_some_and(|c| c.cut_short) {
+            true => "more than that".to_owned(),
+            false => format!("{size} bytes"),
+        };
         Some(format!(
-            "The change is too large to show an approver in full ({size} bytes; at most {} KiB), so it \
-             cannot be approved: make it in smaller changes.",
+            "The change is too large to show an approver in full (at most {} KiB; this one is {size}), so \
+             it cannot be approved: make it in smaller changes.",
             crate::engine::diff::REVIEWABLE_BYTES / 1024
         ))
     } else if uid.is_empty() || digest.is_none() {
