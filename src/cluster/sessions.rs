@@ -5,10 +5,14 @@
 //! at once, whatever a replica's cache still holds. The count lives in a Lease in agentguard's
 //! namespace named from the session's uid (agents may not touch that namespace; a session opened
 //! again under the same name is a new session with a count of its own). A count is a read and a
-//! write carrying the resourceVersion read, redone on a conflict, as the churn breaker's.
+//! write carrying the resourceVersion read, redone on a conflict, as the churn breaker's. The
+//! session owns its Lease, so the garbage collector removes the count once the session is
+//! deleted (closed).
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::Resource;
 use kube::api::{Api, ObjectMeta, PostParams};
 use sha2::{Digest, Sha256};
 
@@ -102,6 +106,13 @@ impl Sessions {
                 name: Some(name.to_owned()),
                 namespace: Some(self.namespace.clone()),
                 resource_version: rv,
+                owner_references: Some(vec![OwnerReference {
+                    api_version: AgentSession::api_version(&()).into_owned(),
+                    kind: AgentSession::kind(&()).into_owned(),
+                    name: spend.name.clone(),
+                    uid: spend.uid.clone(),
+                    ..Default::default()
+                }]),
                 labels: Some(
                     [
                         ("app.kubernetes.io/managed-by".to_owned(), "agentguard".to_owned()),

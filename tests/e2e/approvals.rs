@@ -431,6 +431,18 @@ pub fn sessions_admit_exactly_their_scope(w: &World) -> Result<()> {
     ensure!(!refused.status.success(), "a delete after the session was closed was admitted");
     ensure!(exists(w, &ns, "deployment", "c"), "c is gone");
 
+    // A closed session's count goes with it (the session owns its Lease).
+    must(plugin(w, &w.alice, &["session", "close", "migrate"], "")?)?;
+    let started = std::time::Instant::now();
+    let lease_name = lease.rsplit('/').next().unwrap_or_default();
+    while exists(w, "agentguard-system", "lease", lease_name) {
+        ensure!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{lease} outlived its closed session by 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+
     // The one-minute session has ended: held again.
     std::thread::sleep(brief_ends.saturating_duration_since(std::time::Instant::now()));
     rejects(w.plane.kubectl(&w.editor, &brief_dry), "a delete after the session ended", "requires approval")?;
