@@ -339,7 +339,7 @@ pub async fn keep_checked(client: kube::Client, settings: Settings, every: Durat
             tracing::warn!(error = format!("{e:#}"), "cannot check the audit trail");
         }
         if retained_at.is_none_or(|at| at.elapsed() >= RETENTION_EVERY) {
-            match retain(&api, &settings).await {
+            match retain(&client, &api, &settings).await {
                 Ok(()) => retained_at = Some(tokio::time::Instant::now()),
                 Err(e) => {
                     tracing::warn!(error = format!("{e:#}"), "cannot apply the audit trail's retention")
@@ -350,20 +350,42 @@ pub async fn keep_checked(client: kube::Client, settings: Settings, every: Durat
 }
 
 /// Records listed per page by the retention pass.
-const RETENTION_PAGE: u32 = 500;
+const RETENTION_PAGE: u32 = 100;
 
-async fn retain(api: &Api<AgentChange>, settings: &Settings) -> Result<()> {
-    // Page by page, keeping only the name and creation time of each: up to --record-max
-    // records' whole metadata (managedFields and all) decoded at once is a burst of memory the
-    // allocator keeps once it has grown to it.
+/// A page of records as retention reads it: names and ages, nothing else. The metadata list
+/// the API server sends also carries each record's managedFields (about 1.5 KB a record);
+/// decoded into `ObjectMeta` they became trees of values many times the page's size, a burst
+/// the allocator kept and the soak saw as memory growing with the number of records.
+#[derive(serde::Deserialize)]
+struct AgePage {
+    #[serde(default)]
+    items: Vec<AgeItem>,
+    #[serde(default)]
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ListMeta,
+}
+
+#[derive(serde::Deserialize)]
+struct AgeItem {
+    metadata: AgeMeta,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AgeMeta {
+    name: Option<String>,
+    creation_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+}
+
+async fn retain(client: &kube::Client, api: &Api<AgentChange>, settings: &Settings) -> Result<()> {
     let mut metas: Vec<ObjectMeta> = Vec::new();
     let mut params =
         ListParams::default().labels("app.kubernetes.io/managed-by=agentguard").limit(RETENTION_PAGE);
     loop {
-        let page = api.list_metadata(&params).await?;
-        metas.extend(page.items.into_iter().map(|m| ObjectMeta {
-            name: m.metadata.name,
-            creation_timestamp: m.metadata.creation_timestamp,
+        let request = kube::core::Request::new(api.resource_url()).list_metadata(&params)?;
+        let page: AgePage = client.request(request).await?;
+        metas.extend(page.items.into_iter().map(|i| ObjectMeta {
+            name: i.metadata.name,
+            creation_timestamp: i.metadata.creation_timestamp,
             ..ObjectMeta::default()
         }));
         match page.metadata.continue_.filter(|c| !c.is_empty()) {

@@ -272,3 +272,39 @@ fn the_record_says_which_pod_and_credential_made_the_change() {
         json!({"podName": "coder-7d9f", "nodeName": "node-1", "credentialId": "JTI=0f3e"})
     );
 }
+
+#[test]
+fn retention_reads_names_and_ages_from_a_metadata_page() {
+    // A page as the API server sends it (PartialObjectMetadataList), managedFields and all.
+    let page: AgePage = serde_json::from_value(json!({
+        "kind": "PartialObjectMetadataList",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": "14467", "continue": "eyJ2IjoibWV0YS5rOHMuaW8vdjEifQ"},
+        "items": [
+            {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": {
+                    "name": "delete-001601aabe31f65e",
+                    "namespace": "agentguard-system",
+                    "creationTimestamp": "2026-11-30T18:17:24Z",
+                    "labels": {"agentguard.io/outcome": "happened"},
+                    "managedFields": [{"fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:prior": {".": {}}}}}]
+                }
+            },
+            {"metadata": {"name": "no-age"}}
+        ]
+    }))
+    .expect("a metadata page");
+    assert_eq!(page.metadata.continue_.as_deref(), Some("eyJ2IjoibWV0YS5rOHMuaW8vdjEifQ"));
+    let first = &page.items[0].metadata;
+    assert_eq!(first.name.as_deref(), Some("delete-001601aabe31f65e"));
+    assert_eq!(
+        first.creation_timestamp.as_ref().map(|t| t.0.to_string()).as_deref(),
+        Some("2026-11-30T18:17:24Z")
+    );
+    assert!(page.items[1].metadata.creation_timestamp.is_none());
+    // The last page has no continue token.
+    let last: AgePage = serde_json::from_value(json!({"metadata": {}, "items": []})).expect("an empty page");
+    assert!(last.metadata.continue_.is_none() && last.items.is_empty());
+}
