@@ -811,7 +811,8 @@ spec:
 /// update does (SIGTERM, exit, a new one started, the next only once it is ready), while agents
 /// and a human keep writing: an agent's guarded deletes (a Deny and a RequireApproval policy) are
 /// all refused; every change an Allow policy or alice's approval admits has its AgentChange
-/// record; none of alice's requests fails, her approvals included (the `approvals` webhook).
+/// record; none of alice's requests fails, her approvals included (the `approvals` webhook); and
+/// no request at all goes without an answer (a stopping replica drains what it took).
 /// Runs on a control plane of its own, whose agentguard the three replicas replace.
 pub fn rolling_restart(_: &World) -> Result<()> {
     const RECORDED: usize = 800;
@@ -1035,6 +1036,10 @@ pub fn rolling_restart(_: &World) -> Result<()> {
         ensure!(guarded.tally.held > 0 && !approved.is_empty() && !admitted.is_empty(), "too little traffic");
         ensure!(approver.failed() == 0, "alice's approvals failed: {:?}", approver.tally);
         ensure!(writes.failed() == 0, "alice's writes failed: {:?}", writes.tally);
+        // A replica that stops finishes what it took and hands the rest on: the API server never
+        // goes without an answer, so agents' legitimate requests do not fail either.
+        let unanswered = guarded.tally.no_answer + recorded.tally.no_answer + approving.tally.no_answer;
+        ensure!(unanswered == 0, "{unanswered} agent requests went without an answer from agentguard");
         let list: serde_json::Value = serde_json::from_str(&must(
             w.plane
                 .kubectl(&w.plane.admin, &["get", "agentchanges", "-n", "agentguard-system", "-o", "json"]),
