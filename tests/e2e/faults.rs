@@ -1,6 +1,7 @@
 //! `fault_*` scenarios: agentguard keeps refusing agents, and only agents, while what it depends
-//! on fails. Each runs a second agentguard with a webhook configuration of its own
-//! ([`Replica`]), so the world's agentguard and the scenarios after it are left as they were.
+//! on fails or it is itself restarted. Each runs a second agentguard with a webhook configuration
+//! of its own ([`Replica`]), or a control plane of its own, so the world's agentguard and the
+//! scenarios after it are left as they were.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
