@@ -590,8 +590,8 @@ pub fn control_plane_restarts(_: &World) -> Result<()> {
 /// What the API server calls in [`rolling_restart`] instead of one replica, as it calls a
 /// Service: each new TCP connection (TLS passes through) goes to the next replica, round-robin,
 /// among those whose `/readyz` answered 200 at the last look (every 100 ms, as endpoints follow
-/// readiness), and on to the one after when a replica's port refuses it. Open connections stay
-/// where they are, as kube-proxy leaves them.
+/// readiness), and on to the one after when a replica's port refuses it (counted: kube-proxy would
+/// have failed that call). Open connections stay where they are, as kube-proxy leaves them.
 struct Front {
     port: u16,
     backends: Arc<Mutex<Vec<Backend>>>,
@@ -599,6 +599,9 @@ struct Front {
     retired: Mutex<Vec<String>>,
     /// Connections no replica took: the API server saw them closed unanswered.
     unrouted: Arc<AtomicU32>,
+    /// Connections refused by a replica still listed as ready: it stopped listening before
+    /// readiness took it out.
+    refused: Arc<AtomicU32>,
     stop: Arc<AtomicBool>,
 }
 
@@ -630,7 +633,8 @@ impl Front {
         let port = listener.local_addr()?.port();
         let backends: Arc<Mutex<Vec<Backend>>> = Arc::default();
         let (unrouted, stop) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicBool::new(false)));
-        let (b, u, s) = (backends.clone(), unrouted.clone(), stop.clone());
+        let refused = Arc::new(AtomicU32::new(0));
+        let (b, u, r, s) = (backends.clone(), unrouted.clone(), refused.clone(), stop.clone());
         std::thread::spawn(move || {
             let never_cut = Arc::new(AtomicBool::new(false));
             let mut next = 0usize;
@@ -650,7 +654,10 @@ impl Front {
                 };
                 next = next.wrapping_add(1);
                 let server = candidates.into_iter().find_map(|addr| {
-                    let server = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+                    let Ok(server) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+                        r.fetch_add(1, Ordering::AcqRel);
+                        return None;
+                    };
                     let mut backends = b.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(b) = backends.iter_mut().find(|b| b.webhook == addr) {
                         b.connections += 1;
@@ -683,7 +690,7 @@ impl Front {
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        Ok(Self { port, backends, retired: Mutex::default(), unrouted, stop })
+        Ok(Self { port, backends, retired: Mutex::default(), unrouted, refused, stop })
     }
 
     /// Puts `backend` in slot `slot` (appended past the end).
@@ -1011,8 +1018,9 @@ pub fn rolling_restart(_: &World) -> Result<()> {
     let (guarded, (recorded, admitted), (approving, approver, approved, unapproved), writes) =
         outcome.map_err(with_logs)?;
     println!(
-        "  front: connections per replica: {}; {} taken by none",
+        "  front: connections per replica: {}; {} refused by a replica listed as ready, {} taken by none",
         front.spread(),
+        front.refused.load(Ordering::Acquire),
         front.unrouted.load(Ordering::Acquire)
     );
     println!("  agent's guarded deletes: {guarded}");
@@ -1025,6 +1033,9 @@ pub fn rolling_restart(_: &World) -> Result<()> {
     println!("  alice's approvals: {approver}");
     println!("  alice's writes: {writes}");
     let checked = (|| -> Result<()> {
+        // Readiness fails before the listener closes, so no new connection meets a closed port.
+        let refused = front.refused.load(Ordering::Acquire) + front.unrouted.load(Ordering::Acquire);
+        ensure!(refused == 0, "{refused} connections met a replica that had stopped listening");
         ensure!(
             guarded.tally.admitted == 0,
             "{} guarded agent deletes were admitted",
