@@ -588,15 +588,14 @@ pub fn control_plane_restarts(_: &World) -> Result<()> {
 }
 
 /// What the API server calls in [`rolling_restart`] instead of one replica, as it calls a
-/// Service: each new TCP connection (TLS passes through) goes to the next replica, round-robin,
-/// among those whose `/readyz` answered 200 at the last look (every 100 ms, as endpoints follow
-/// readiness), and on to the one after when a replica's port refuses it (counted: kube-proxy would
-/// have failed that call). Open connections stay where they are, as kube-proxy leaves them.
+/// Service: each new TCP connection (TLS passes through) goes to a replica picked at random among
+/// those listed as ready, as kube-proxy's iptables mode picks, and on to the next one listed when
+/// its port refuses it (counted: kube-proxy would have failed that call). `/readyz` is read every
+/// 100 ms and a change is acted on [`ENDPOINTS_LAG`] later, as endpoints reach kube-proxy on every
+/// node some time after the pod changed. Open connections stay where they are, as with kube-proxy.
 struct Front {
     port: u16,
     backends: Arc<Mutex<Vec<Backend>>>,
-    /// `name N` of each replaced replica: the connections it was given.
-    retired: Mutex<Vec<String>>,
     /// Connections no replica took: the API server saw them closed unanswered.
     unrouted: Arc<AtomicU32>,
     /// Connections refused by a replica still listed as ready: it stopped listening before
@@ -609,9 +608,15 @@ struct Backend {
     name: &'static str,
     webhook: SocketAddr,
     admin: String,
+    /// What the front acts on.
     ready: bool,
+    /// A different answer of `/readyz`, and since when it has been given.
+    changing: Option<(bool, Instant)>,
     connections: u32,
 }
+
+/// How long after `/readyz` changed the [`Front`] acts on it.
+const ENDPOINTS_LAG: Duration = Duration::from_secs(1);
 
 impl Backend {
     /// A replica that has just answered ready.
@@ -622,6 +627,7 @@ impl Backend {
             webhook: address.parse().with_context(|| format!("webhook address of {name}"))?,
             admin: agentguard.admin.clone(),
             ready: true,
+            changing: None,
             connections: 0,
         })
     }
@@ -637,7 +643,6 @@ impl Front {
         let (b, u, r, s) = (backends.clone(), unrouted.clone(), refused.clone(), stop.clone());
         std::thread::spawn(move || {
             let never_cut = Arc::new(AtomicBool::new(false));
-            let mut next = 0usize;
             for client in listener.incoming() {
                 if s.load(Ordering::Acquire) {
                     break;
@@ -646,13 +651,16 @@ impl Front {
                 let candidates: Vec<SocketAddr> = {
                     let backends = b.lock().unwrap_or_else(|e| e.into_inner());
                     let n = backends.len().max(1);
+                    // Random enough, and no generator to depend on.
+                    let first = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos() as usize / 1000);
                     (0..backends.len())
-                        .map(|k| &backends[(next + k) % n])
+                        .map(|k| &backends[(first + k) % n])
                         .filter(|b| b.ready)
                         .map(|b| b.webhook)
                         .collect()
                 };
-                next = next.wrapping_add(1);
                 let server = candidates.into_iter().find_map(|addr| {
                     let Ok(server) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
                         r.fetch_add(1, Ordering::AcqRel);
@@ -684,35 +692,33 @@ impl Front {
                     let ready = crate::world::http_ok(&format!("{admin}/readyz"));
                     let mut backends = b.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(b) = backends.iter_mut().find(|b| b.admin == admin) {
-                        b.ready = ready;
+                        b.changing = match b.changing {
+                            _ if ready == b.ready => None,
+                            Some((to, since)) if to == ready && since.elapsed() >= ENDPOINTS_LAG => {
+                                b.ready = ready;
+                                None
+                            }
+                            Some((to, since)) if to == ready => Some((to, since)),
+                            _ => Some((ready, Instant::now())),
+                        };
                     }
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
-        Ok(Self { port, backends, retired: Mutex::default(), unrouted, refused, stop })
+        Ok(Self { port, backends, unrouted, refused, stop })
     }
 
-    /// Puts `backend` in slot `slot` (appended past the end).
-    fn set(&self, slot: usize, backend: Backend) {
-        let mut backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        if slot < backends.len() {
-            let old = std::mem::replace(&mut backends[slot], backend);
-            self.retired
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(format!("{} {}", old.name, old.connections));
-        } else {
-            backends.push(backend);
-        }
+    /// Lists a replica that has just answered ready. One that stopped stays listed, and is left
+    /// out once its failing readiness reaches the front.
+    fn add(&self, backend: Backend) {
+        self.backends.lock().unwrap_or_else(|e| e.into_inner()).push(backend);
     }
 
     /// How many connections each replica, past and present, was given, as `name N`.
     fn spread(&self) -> String {
-        let mut all = self.retired.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        all.extend(backends.iter().map(|b| format!("{} {}", b.name, b.connections)));
-        all.join(", ")
+        backends.iter().map(|b| format!("{} {}", b.name, b.connections)).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -775,16 +781,16 @@ impl std::fmt::Display for Stream {
     }
 }
 
-/// The connections a stopped replica still had open when it stopped listening, from its log
-/// ("?" if the line is not there).
-fn open_at_drain(log: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines()
+/// The connections a stopped replica still had open when it stopped listening, from its log.
+fn open_at_drain(log: &std::path::Path) -> Result<u32> {
+    let text = std::fs::read_to_string(log)?;
+    let line = text
+        .lines()
         .rev()
         .find(|l| l.contains("draining connections"))
-        .and_then(|l| l.split("\"open_connections\":").nth(1))
-        .map(|rest| rest.chars().take_while(char::is_ascii_digit).collect())
-        .unwrap_or_else(|| "?".to_owned())
+        .with_context(|| format!("{} does not say it stopped listening", log.display()))?;
+    let count = line.split("\"open_connections\":").nth(1).unwrap_or_default();
+    Ok(count.chars().take_while(char::is_ascii_digit).collect::<String>().parse()?)
 }
 
 const ROLLING_NS: &str = "e2e-rolling";
@@ -832,12 +838,12 @@ pub fn rolling_restart(_: &World) -> Result<()> {
     let ns = ROLLING_NS;
     must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", ns]))?;
     crate::scenarios::deployment(&w, ns, "web")?;
-    let mut items = vec![
-        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "guarded", "namespace": ns}}),
-    ];
-    for name in (0..RECORDED).map(|i| format!("rec-{i}")).chain((0..APPROVED).map(|i| format!("appr-{i}"))) {
-        items.push(serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": ns}}));
-    }
+    let names = std::iter::once("guarded".to_owned())
+        .chain((0..RECORDED).map(|i| format!("rec-{i}")))
+        .chain((0..APPROVED).map(|i| format!("appr-{i}")));
+    let items: Vec<serde_json::Value> = names
+        .map(|name| serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": ns}}))
+        .collect();
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
     must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&list.to_string())))?;
     deny_configmaps(&w, ns, "e2e-rolling-deny", "guarded")?;
@@ -861,21 +867,21 @@ pub fn rolling_restart(_: &World) -> Result<()> {
         webhook_configuration: Some("agentguard".to_owned()),
         webhook_url: Some(format!("https://127.0.0.1:{}/validate", front.port)),
         // Readiness fails this long before the listener closes (the chart's default is 5 s, for
-        // endpoints to reach every node; the front looks every 100 ms).
+        // endpoints to reach every node; the front acts on readiness 1 s late).
         args: vec!["--shutdown-delay-seconds=2".to_owned()],
         ..Launch::default()
     };
     let mut replicas = Vec::new();
-    for (slot, name) in FIRST.into_iter().enumerate() {
+    for name in FIRST {
         let replica = start_agentguard_with(&w.plane, name, &launch)?;
-        front.set(slot, Backend::of(name, &replica)?);
+        front.add(Backend::of(name, &replica)?);
         replicas.push((name, replica));
     }
     enforced(&w, ns, "guarded", "e2e-rolling-deny")?;
 
     let stop = AtomicBool::new(false);
     let (kubectl, agent, alice) = (w.plane.kubectl.clone(), w.agent.clone(), w.alice.clone());
-    let mut figures = Vec::new();
+    let (mut figures, mut drained) = (Vec::new(), 0);
     let outcome = std::thread::scope(|scope| {
         let guarded = scope.spawn(|| {
             let mut stream = Stream::default();
@@ -967,14 +973,16 @@ pub fn rolling_restart(_: &World) -> Result<()> {
             std::thread::sleep(Duration::from_secs(3));
             for slot in 0..replicas.len() {
                 let (name, old) = &replicas[slot];
-                let decided = old.decisions()?;
+                // Summed floats: an empty sum prints as -0.
+                let decided = old.decisions()? as u64;
                 let (stopped, status) = old.terminate(Duration::from_secs(40))?;
                 ensure!(status.success(), "{name} exited {status} after SIGTERM");
-                let draining = open_at_drain(&w.plane.dir.path().join(format!("{name}.log")));
+                let draining = open_at_drain(&w.plane.dir.path().join(format!("{name}.log")))?;
+                drained += draining;
                 let started = Instant::now();
                 let replica = start_agentguard_with(&w.plane, SECOND[slot], &launch)?;
                 let ready = started.elapsed();
-                front.set(slot, Backend::of(SECOND[slot], &replica)?);
+                front.add(Backend::of(SECOND[slot], &replica)?);
                 figures.push(format!(
                     "{name} ({decided} reviews decided, {draining} connections open when it stopped listening) exited 0 \
                      {:.2}s after SIGTERM; {} ready {:.2}s after it was started",
@@ -1036,6 +1044,9 @@ pub fn rolling_restart(_: &World) -> Result<()> {
         // Readiness fails before the listener closes, so no new connection meets a closed port.
         let refused = front.refused.load(Ordering::Acquire) + front.unrouted.load(Ordering::Acquire);
         ensure!(refused == 0, "{refused} connections met a replica that had stopped listening");
+        // The API server keeps one connection, on one replica at a time: the one it was on when
+        // the restarts began was stopped with it open.
+        ensure!(drained > 0, "no replica had a connection open when it stopped: nothing was drained");
         ensure!(
             guarded.tally.admitted == 0,
             "{} guarded agent deletes were admitted",
