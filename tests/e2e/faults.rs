@@ -1059,16 +1059,13 @@ pub fn rolling_restart(_: &World) -> Result<()> {
     for f in &figures {
         println!("  {f}");
     }
+    // The replicas' logs go with the control plane: their ends are printed before the error.
     let with_logs = |e: anyhow::Error| {
-        let logs: Vec<String> = FIRST
-            .iter()
-            .chain(SECOND.iter())
-            .map(|name| {
-                let log = w.plane.dir.path().join(format!("{name}.log"));
-                format!("--- {name} ---\n{}", crate::cluster::tail(&log, 15))
-            })
-            .collect();
-        e.context(logs.join("\n"))
+        for name in FIRST.iter().chain(SECOND.iter()) {
+            let log = w.plane.dir.path().join(format!("{name}.log"));
+            println!("--- {name} (last 15 lines) ---\n{}", crate::cluster::tail(&log, 15));
+        }
+        e
     };
     let (guarded, (recorded, admitted), (approving, approver, approved, unapproved), writes) =
         outcome.map_err(with_logs)?;
