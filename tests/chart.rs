@@ -153,6 +153,44 @@ fn docs(rendered: &str) -> Result<Vec<serde_json::Value>> {
         .collect())
 }
 
+/// In the chart rendered with its defaults: a rolling update never leaves fewer replicas serving
+/// (one new pod Ready before an old one stops), a drain takes one at a time, and a stopping pod's
+/// grace period outlasts readiness failing and the drain (agentguard's own settings, read from
+/// the container). Returns the grace period.
+fn check_rolling_update(rendered: &str) -> Result<i64> {
+    let docs = docs(rendered)?;
+    let find = |kind: &str| {
+        docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == "agentguard").cloned()
+    };
+    let deployment = find("Deployment").context("no Deployment")?;
+    let strategy = &deployment["spec"]["strategy"];
+    ensure!(
+        strategy["type"] == "RollingUpdate"
+            && strategy["rollingUpdate"]["maxUnavailable"] == 0
+            && strategy["rollingUpdate"]["maxSurge"] == 1,
+        "update strategy: {strategy}"
+    );
+    let pdb = find("PodDisruptionBudget").context("no PodDisruptionBudget")?;
+    ensure!(pdb["spec"]["maxUnavailable"] == 1, "PodDisruptionBudget: {}", pdb["spec"]);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    ensure!(container["readinessProbe"]["httpGet"]["path"] == "/readyz", "readiness: {container}");
+    let env = |name: &str| -> Result<i64> {
+        container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str()?.parse().ok())
+            .with_context(|| format!("the container sets no number {name}"))
+    };
+    let (delay, drain) = (env("AGENTGUARD_SHUTDOWN_DELAY_SECONDS")?, env("AGENTGUARD_DRAIN_SECONDS")?);
+    ensure!(delay >= 1, "readiness fails only {delay}s before the listener closes");
+    let grace = pod["terminationGracePeriodSeconds"].as_i64().context("no terminationGracePeriodSeconds")?;
+    ensure!(grace > delay + drain, "grace period {grace}s, shutdown delay {delay}s + drain {drain}s");
+    Ok(grace)
+}
+
 /// In the chart rendered with cert-manager: the webhook configuration's `inject-ca-from` names a
 /// rendered Certificate for the Service's DNS name, whose Secret is the one the Deployment
 /// mounts, issued through rendered Issuers down to a self-signed one. Returns the Issuers seen.
@@ -297,6 +335,8 @@ fn run() -> Result<()> {
         .admin(&["apply", "--dry-run=server", "-f", &root.join("manifests/examples").to_string_lossy()])
         .context("server-side validation of manifests/examples")?;
     println!("check rendered chart and examples pass server-side validation ... ok");
+    let grace = check_rolling_update(&rendered)?;
+    println!("check rolling update: one pod at a time, new one Ready first, {grace}s grace period ... ok");
 
     // Monitoring: the objects pass their CRDs; alerts and dashboard read series that exist.
     let mut template_monitoring = template.clone();

@@ -1,17 +1,18 @@
 //! `fault_*` scenarios: agentguard keeps refusing agents, and only agents, while what it depends
-//! on fails. Each runs a second agentguard with a webhook configuration of its own
-//! ([`Replica`]), so the world's agentguard and the scenarios after it are left as they were.
+//! on fails or it is itself restarted. Each runs a second agentguard with a webhook configuration
+//! of its own ([`Replica`]), or a control plane of its own, so the world's agentguard and the
+//! scenarios after it are left as they were.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
-use crate::world::{Agentguard, Launch, World, must, start_agentguard_with};
+use crate::world::{Agentguard, Launch, World, approve_command, must, start_agentguard_with};
 
 /// A TCP forwarder between agentguard and the API server that can be cut like a network
 /// partition: while cut, nothing is forwarded either way and nothing is closed (connections stay
@@ -105,6 +106,7 @@ impl<'w> Replica<'w> {
             webhook_configuration: Some(name.to_owned()),
             kubeconfig,
             args: args.iter().map(|a| a.to_string()).collect(),
+            ..Launch::default()
         };
         let mut replica = Self { w, configuration: name.to_owned(), agentguard: None };
         replica.agentguard = Some(start_agentguard_with(&w.plane, name, &launch)?);
@@ -581,6 +583,575 @@ pub fn control_plane_restarts(_: &World) -> Result<()> {
     ensure!(humans.admitted > 0, "no human request got through");
     // The world's own agentguard is still running.
     w.agentguard.decisions()?;
+    drop(w);
+    Ok(())
+}
+
+/// What the API server calls in [`rolling_restart`] instead of one replica, as it calls a
+/// Service: each new TCP connection (TLS passes through) goes to a replica picked at random among
+/// those listed as ready, as kube-proxy's iptables mode picks, and on to the next one listed when
+/// its port refuses it (counted: kube-proxy would have failed that call). `/readyz` is read every
+/// 100 ms and a change is acted on [`ENDPOINTS_LAG`] later, as endpoints reach kube-proxy on every
+/// node some time after the pod changed. Open connections stay where they are, as with kube-proxy.
+struct Front {
+    port: u16,
+    backends: Arc<Mutex<Vec<Backend>>>,
+    /// Connections no replica took: the API server saw them closed unanswered.
+    unrouted: Arc<AtomicU32>,
+    /// Connections refused by a replica still listed as ready: it stopped listening before
+    /// readiness took it out.
+    refused: Arc<AtomicU32>,
+    stop: Arc<AtomicBool>,
+}
+
+struct Backend {
+    name: &'static str,
+    webhook: SocketAddr,
+    admin: String,
+    /// What the front acts on.
+    ready: bool,
+    /// A different answer of `/readyz`, and since when it has been given.
+    changing: Option<(bool, Instant)>,
+    connections: u32,
+}
+
+/// How long after `/readyz` changed the [`Front`] acts on it.
+const ENDPOINTS_LAG: Duration = Duration::from_secs(1);
+
+impl Backend {
+    /// A replica that has just answered ready.
+    fn of(name: &'static str, agentguard: &Agentguard) -> Result<Self> {
+        let address = agentguard.webhook.trim_start_matches("https://").split('/').next().unwrap_or_default();
+        Ok(Self {
+            name,
+            webhook: address.parse().with_context(|| format!("webhook address of {name}"))?,
+            admin: agentguard.admin.clone(),
+            ready: true,
+            changing: None,
+            connections: 0,
+        })
+    }
+}
+
+impl Front {
+    fn start() -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let backends: Arc<Mutex<Vec<Backend>>> = Arc::default();
+        let (unrouted, stop) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicBool::new(false)));
+        let refused = Arc::new(AtomicU32::new(0));
+        let (b, u, r, s) = (backends.clone(), unrouted.clone(), refused.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let never_cut = Arc::new(AtomicBool::new(false));
+            for client in listener.incoming() {
+                if s.load(Ordering::Acquire) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let candidates: Vec<SocketAddr> = {
+                    let backends = b.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = backends.len().max(1);
+                    // Random enough, and no generator to depend on.
+                    let first = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos() as usize / 1000);
+                    (0..backends.len())
+                        .map(|k| &backends[(first + k) % n])
+                        .filter(|b| b.ready)
+                        .map(|b| b.webhook)
+                        .collect()
+                };
+                let server = candidates.into_iter().find_map(|addr| {
+                    let Ok(server) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+                        r.fetch_add(1, Ordering::AcqRel);
+                        return None;
+                    };
+                    let mut backends = b.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(b) = backends.iter_mut().find(|b| b.webhook == addr) {
+                        b.connections += 1;
+                    }
+                    Some(server)
+                });
+                let Some(server) = server else {
+                    u.fetch_add(1, Ordering::AcqRel);
+                    continue;
+                };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else { continue };
+                    let (c, s) = (never_cut.clone(), s.clone());
+                    std::thread::spawn(move || pump(from, to, &c, &s));
+                }
+            }
+        });
+        let (b, s) = (backends.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Acquire) {
+                let admins: Vec<String> =
+                    b.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|b| b.admin.clone()).collect();
+                for admin in admins {
+                    let ready = crate::world::http_ok(&format!("{admin}/readyz"));
+                    let mut backends = b.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(b) = backends.iter_mut().find(|b| b.admin == admin) {
+                        b.changing = match b.changing {
+                            _ if ready == b.ready => None,
+                            Some((to, since)) if to == ready && since.elapsed() >= ENDPOINTS_LAG => {
+                                b.ready = ready;
+                                None
+                            }
+                            Some((to, since)) if to == ready => Some((to, since)),
+                            _ => Some((ready, Instant::now())),
+                        };
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        Ok(Self { port, backends, unrouted, refused, stop })
+    }
+
+    /// Lists a replica that has just answered ready. One that stopped stays listed, and is left
+    /// out once its failing readiness reaches the front.
+    fn add(&self, backend: Backend) {
+        self.backends.lock().unwrap_or_else(|e| e.into_inner()).push(backend);
+    }
+
+    /// How many connections each replica, past and present, was given, as `name N`.
+    fn spread(&self) -> String {
+        let backends = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        backends.iter().map(|b| format!("{} {}", b.name, b.connections)).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// One stream of traffic: what it met and its slowest answer.
+#[derive(Default, Debug)]
+struct Stream {
+    tally: Tally,
+    longest: Duration,
+    /// Of the requests without an answer, those whose call ran into the webhook's timeout (a
+    /// replica starved of CPU, not one going away).
+    timed_out: u32,
+    /// The first few refusals that name neither of the guarding policies.
+    unexpected: Vec<String>,
+}
+
+impl Stream {
+    /// Runs kubectl as `who`, counts the answer; (admitted, stderr).
+    fn run(&mut self, kubectl: &std::path::Path, who: &std::path::Path, args: &[&str]) -> (bool, String) {
+        let started = Instant::now();
+        let (ok, err) = kubectl_at(kubectl, who, args);
+        self.longest = self.longest.max(started.elapsed());
+        self.tally.count(ok, &err);
+        if err.contains("failed calling webhook") && err.contains("deadline exceeded") {
+            self.timed_out += 1;
+        }
+        let expected = ["requires approval", "e2e-rolling-deny"].iter().any(|p| err.contains(p));
+        if !ok && !expected && self.unexpected.len() < 3 {
+            self.unexpected.push(err.trim().to_owned());
+        }
+        (ok, err)
+    }
+
+    /// Requests that went without an answer for another reason than the webhook's timeout: the
+    /// connection they were on was cut, or none could be made.
+    fn cut_off(&self) -> u32 {
+        self.tally.no_answer - self.timed_out
+    }
+
+    /// Adds another thread's counts to these.
+    fn add(&mut self, other: &Stream) {
+        let (t, o) = (&mut self.tally, &other.tally);
+        t.sent += o.sent;
+        t.admitted += o.admitted;
+        t.held += o.held;
+        t.no_answer += o.no_answer;
+        t.unavailable += o.unavailable;
+        t.plane_down += o.plane_down;
+        t.other += o.other;
+        t.examples.extend(o.examples.iter().cloned());
+        self.longest = self.longest.max(other.longest);
+        self.timed_out += other.timed_out;
+        self.unexpected.extend(other.unexpected.iter().cloned());
+    }
+
+    fn failed(&self) -> u32 {
+        self.tally.sent - self.tally.admitted
+    }
+}
+
+impl std::fmt::Display for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = &self.tally;
+        write!(
+            f,
+            "{} sent, {} admitted, {} held or denied, {} without an answer from agentguard ({} of them timed out), \
+             {} other; slowest {:.2}s",
+            t.sent,
+            t.admitted,
+            t.held,
+            t.no_answer,
+            self.timed_out,
+            t.unavailable + t.plane_down + t.other,
+            secs(self.longest)
+        )?;
+        for refusal in &self.unexpected {
+            write!(f, "\n    refused: {refusal}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The connections a stopped replica still had open when it stopped listening, from its log.
+fn open_at_drain(log: &std::path::Path) -> Result<u32> {
+    let text = std::fs::read_to_string(log)?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("draining connections"))
+        .with_context(|| format!("{} does not say it stopped listening", log.display()))?;
+    let count = line.split("\"open_connections\":").nth(1).unwrap_or_default();
+    Ok(count.chars().take_while(char::is_ascii_digit).collect::<String>().parse()?)
+}
+
+/// The rolling restart's records: (operation, object name) → the outcome the check set (empty
+/// until a replica has checked it and labelled it so).
+fn rolling_records(w: &World) -> Result<std::collections::HashMap<(String, String), String>> {
+    let list: serde_json::Value = serde_json::from_str(&must(
+        w.plane.kubectl(&w.plane.admin, &["get", "agentchanges", "-n", "agentguard-system", "-o", "json"]),
+    )?)?;
+    Ok(list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["spec"]["target"]["namespace"] == ROLLING_NS)
+        .map(|r| {
+            let field = |f: &str| r.pointer(f).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            // The checker writes the status, then the label.
+            let labelled = r["metadata"]["labels"]["agentguard.io/outcome"] != "pending";
+            let outcome = if labelled { field("/status/outcome") } else { String::new() };
+            ((field("/spec/operation"), field("/spec/target/name")), outcome)
+        })
+        .collect())
+}
+
+const ROLLING_NS: &str = "e2e-rolling";
+const ROLLING_POLICIES: &str = r#"
+apiVersion: agentguard.io/v1alpha1
+kind: ClusterAgentPolicy
+metadata: {name: e2e-rolling-recorded}
+spec:
+  action: Allow
+  rules:
+    - name: recorded
+      operations: [UPDATE]
+      namespaces: [e2e-rolling]
+      names: ["rec-*"]
+      resources: [{apiGroups: [""], resources: [configmaps]}]
+---
+apiVersion: agentguard.io/v1alpha1
+kind: ClusterAgentPolicy
+metadata: {name: e2e-rolling-approved}
+spec:
+  action: RequireApproval
+  approval: {approvers: {users: [alice]}}
+  rules:
+    - name: approved
+      operations: [DELETE]
+      namespaces: [e2e-rolling]
+      names: ["appr-*"]
+      resources: [{apiGroups: [""], resources: [configmaps]}]
+"#;
+
+/// Three replicas behind a [`Front`], restarted one after another as a Deployment's rolling
+/// update does (SIGTERM, exit, a new one started, the next only once it is ready), while agents
+/// and a human keep writing: an agent's guarded deletes (a Deny and a RequireApproval policy) are
+/// all refused; every change an Allow policy or alice's approval admits has its AgentChange
+/// record; none of alice's requests fails, her approvals included (the `approvals` webhook); and
+/// no request at all goes without an answer (a stopping replica drains what it took).
+/// Runs on a control plane of its own, whose agentguard the three replicas replace.
+pub fn rolling_restart(_: &World) -> Result<()> {
+    const RECORDED: usize = 800;
+    const APPROVED: usize = 200;
+    const RECORDING: usize = 3;
+    const FIRST: [&str; 3] = ["rolling-a", "rolling-b", "rolling-c"];
+    const SECOND: [&str; 3] = ["rolling-a2", "rolling-b2", "rolling-c2"];
+    let w = World::start()?;
+    let ns = ROLLING_NS;
+    must(w.plane.kubectl(&w.plane.admin, &["create", "namespace", ns]))?;
+    crate::scenarios::deployment(&w, ns, "web")?;
+    let names = std::iter::once("guarded".to_owned())
+        .chain((0..RECORDED).map(|i| format!("rec-{i}")))
+        .chain((0..APPROVED).map(|i| format!("appr-{i}")));
+    let items: Vec<serde_json::Value> = names
+        .map(|name| serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": ns}}))
+        .collect();
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(&list.to_string())))?;
+    deny_configmaps(&w, ns, "e2e-rolling-deny", "guarded")?;
+    must(w.plane.kubectl_stdin(&w.plane.admin, &["apply", "-f", "-"], Some(ROLLING_POLICIES)))?;
+    must(w.plane.kubectl(
+        &w.plane.admin,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "--timeout=30s",
+            "clusteragentpolicy/e2e-rolling-deny",
+            "clusteragentpolicy/e2e-rolling-recorded",
+            "clusteragentpolicy/e2e-rolling-approved",
+        ],
+    ))?;
+
+    // The three replicas take over the world's webhook configuration, pointed at the front.
+    w.agentguard.kill();
+    let front = Front::start()?;
+    let launch = Launch {
+        webhook_configuration: Some("agentguard".to_owned()),
+        webhook_url: Some(format!("https://127.0.0.1:{}/validate", front.port)),
+        // Readiness fails this long before the listener closes (the chart's default is 5 s, for
+        // endpoints to reach every node; the front acts on readiness 1 s late).
+        args: vec!["--shutdown-delay-seconds=2".to_owned()],
+        ..Launch::default()
+    };
+    let mut replicas = Vec::new();
+    for name in FIRST {
+        let replica = start_agentguard_with(&w.plane, name, &launch)?;
+        front.add(Backend::of(name, &replica)?);
+        replicas.push((name, replica));
+    }
+    enforced(&w, ns, "guarded", "e2e-rolling-deny")?;
+
+    let stop = AtomicBool::new(false);
+    let (kubectl, agent, alice) = (w.plane.kubectl.clone(), w.agent.clone(), w.alice.clone());
+    let (mut figures, mut drained) = (Vec::new(), 0);
+    let outcome = std::thread::scope(|scope| {
+        let guarded = scope.spawn(|| {
+            let mut stream = Stream::default();
+            let targets = [["delete", "configmap", "guarded"], ["delete", "deployment", "web"]];
+            for k in 0.. {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let [verb, kind, name] = targets[k % 2];
+                stream.run(&kubectl, &agent, &[verb, kind, name, "-n", ns]);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            stream
+        });
+        // Several at once, so that some are in flight whenever a replica stops.
+        let recorded: Vec<_> = (0..RECORDING)
+            .map(|t| {
+                let (stop, kubectl, agent) = (&stop, &kubectl, &agent);
+                scope.spawn(move || {
+                    let (mut stream, mut admitted) = (Stream::default(), Vec::new());
+                    for i in (t..RECORDED).step_by(RECORDING) {
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                        let name = format!("rec-{i}");
+                        let annotate = ["annotate", "configmap", &name, "-n", ns, "e2e=rolled"];
+                        if stream.run(kubectl, agent, &annotate).0 {
+                            admitted.push(name);
+                        }
+                    }
+                    (stream, admitted)
+                })
+            })
+            .collect();
+        let approvals = scope.spawn(|| {
+            let (mut agent_stream, mut human) = (Stream::default(), Stream::default());
+            let (mut approved, mut unapproved) = (Vec::new(), Vec::new());
+            for i in 0..APPROVED {
+                let name = format!("appr-{i}");
+                let delete = ["delete", "configmap", name.as_str(), "-n", ns];
+                // The agent asks until agentguard holds the delete and says how to approve it.
+                let denial = loop {
+                    if stop.load(Ordering::Acquire) {
+                        break None;
+                    }
+                    let (ok, err) = agent_stream.run(&kubectl, &agent, &delete);
+                    if ok {
+                        unapproved.push(name.clone());
+                        break None;
+                    }
+                    if err.contains("requires approval") {
+                        break Some(err);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                };
+                let Some(command) = denial.and_then(|d| approve_command(&d).ok()) else { continue };
+                let command: Vec<&str> = command.iter().map(String::as_str).collect();
+                if !human.run(&kubectl, &alice, &command).0 {
+                    continue;
+                }
+                // Approved: the agent's delete goes through, recorded.
+                while !stop.load(Ordering::Acquire) {
+                    let (ok, err) = agent_stream.run(&kubectl, &agent, &delete);
+                    if ok {
+                        approved.push(name.clone());
+                        break;
+                    }
+                    if err.contains("NotFound") {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            (agent_stream, human, approved, unapproved)
+        });
+        let writes = scope.spawn(|| {
+            let mut stream = Stream::default();
+            for i in 0.. {
+                if stop.load(Ordering::Acquire) {
+                    break;
+                }
+                let name = format!("h{i}");
+                stream.run(&kubectl, &alice, &["create", "configmap", &name, "-n", ns]);
+                stream.run(&kubectl, &alice, &["delete", "configmap", &name, "-n", ns]);
+            }
+            stream
+        });
+        let restarts = (|| -> Result<()> {
+            std::thread::sleep(Duration::from_secs(3));
+            for slot in 0..replicas.len() {
+                let (name, old) = &replicas[slot];
+                // Summed floats: an empty sum prints as -0.
+                let decided = old.decisions()? as u64;
+                let (stopped, status) = old.terminate(Duration::from_secs(40))?;
+                ensure!(status.success(), "{name} exited {status} after SIGTERM");
+                let draining = open_at_drain(&w.plane.dir.path().join(format!("{name}.log")))?;
+                drained += draining;
+                let started = Instant::now();
+                let replica = start_agentguard_with(&w.plane, SECOND[slot], &launch)?;
+                let ready = started.elapsed();
+                front.add(Backend::of(SECOND[slot], &replica)?);
+                figures.push(format!(
+                    "{name} ({decided} reviews decided, {draining} connections open when it stopped listening) exited 0 \
+                     {:.2}s after SIGTERM; {} ready {:.2}s after it was started",
+                    secs(stopped),
+                    SECOND[slot],
+                    secs(ready)
+                ));
+                replicas[slot] = (SECOND[slot], replica);
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            Ok(())
+        })();
+        stop.store(true, Ordering::Release);
+        let guarded = guarded.join().expect("guarded deletes");
+        let (mut stream, mut admitted) = (Stream::default(), Vec::new());
+        for thread in recorded {
+            let (s, a) = thread.join().expect("recorded changes");
+            stream.add(&s);
+            admitted.extend(a);
+        }
+        let recorded = (stream, admitted);
+        let approvals = approvals.join().expect("approvals");
+        let writes = writes.join().expect("human writes");
+        restarts.map(|()| (guarded, recorded, approvals, writes))
+    });
+    for f in &figures {
+        println!("  {f}");
+    }
+    // The replicas' logs go with the control plane: their ends are printed before the error.
+    let with_logs = |e: anyhow::Error| {
+        for name in FIRST.iter().chain(SECOND.iter()) {
+            let log = w.plane.dir.path().join(format!("{name}.log"));
+            println!("--- {name} (last 15 lines) ---\n{}", crate::cluster::tail(&log, 15));
+        }
+        e
+    };
+    let (guarded, (recorded, admitted), (approving, approver, approved, unapproved), writes) =
+        outcome.map_err(with_logs)?;
+    println!(
+        "  front: connections per replica: {}; {} refused by a replica listed as ready, {} taken by none",
+        front.spread(),
+        front.refused.load(Ordering::Acquire),
+        front.unrouted.load(Ordering::Acquire)
+    );
+    println!("  agent's guarded deletes: {guarded}");
+    println!("  agent's changes an Allow policy admits: {recorded}");
+    println!(
+        "  agent's deletes under approval: {approving}; {} approved and done, {} admitted unapproved",
+        approved.len(),
+        unapproved.len()
+    );
+    println!("  alice's approvals: {approver}");
+    println!("  alice's writes: {writes}");
+    let checked = (|| -> Result<()> {
+        // Readiness fails before the listener closes, so no new connection meets a closed port.
+        let refused = front.refused.load(Ordering::Acquire) + front.unrouted.load(Ordering::Acquire);
+        ensure!(refused == 0, "{refused} connections met a replica that had stopped listening");
+        // The API server keeps one connection, on one replica at a time: the one it was on when
+        // the restarts began was stopped with it open.
+        ensure!(drained > 0, "no replica had a connection open when it stopped: nothing was drained");
+        ensure!(
+            guarded.tally.admitted == 0,
+            "{} guarded agent deletes were admitted",
+            guarded.tally.admitted
+        );
+        ensure!(unapproved.is_empty(), "agent deletes admitted without approval: {unapproved:?}");
+        for (kind, name) in [("configmap", "guarded"), ("deployment", "web")] {
+            ensure!(crate::scenarios::exists(&w, ns, kind, name), "the guarded {kind} {name} is gone");
+        }
+        ensure!(guarded.tally.held > 0 && !approved.is_empty() && !admitted.is_empty(), "too little traffic");
+        ensure!(approver.failed() == 0, "alice's approvals failed: {:?}", approver.tally);
+        ensure!(writes.failed() == 0, "alice's writes failed: {:?}", writes.tally);
+        // A replica that stops finishes what it took and hands the rest on: no call of the API
+        // server's is cut off, so agents' legitimate requests do not fail either. (A call that
+        // runs into the webhook's 5 s timeout on a machine starved of CPU is another matter.)
+        let cut_off = guarded.cut_off() + recorded.cut_off() + approving.cut_off();
+        ensure!(cut_off == 0, "{cut_off} agent requests were cut off without an answer from agentguard");
+        // Each record is checked a few seconds after it is written, by whichever replica runs
+        // then: records of a stopped replica are checked by the others.
+        let started = Instant::now();
+        let records = loop {
+            let records = rolling_records(&w)?;
+            if records.values().all(|outcome| !outcome.is_empty()) {
+                break records;
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "records still unchecked after 60s: {records:?}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let checked_after = started.elapsed();
+        let outcome = |operation: &str, name: &String| records.get(&(operation.to_owned(), name.clone()));
+        let missing: Vec<&String> = admitted
+            .iter()
+            .filter(|n| outcome("UPDATE", n).is_none())
+            .chain(approved.iter().filter(|n| outcome("DELETE", n).is_none()))
+            .collect();
+        let not_happened: Vec<&String> = admitted
+            .iter()
+            .filter(|n| outcome("UPDATE", n).is_some_and(|o| o != "Happened"))
+            .chain(approved.iter().filter(|n| outcome("DELETE", n).is_some_and(|o| o != "Happened")))
+            .collect();
+        println!(
+            "  AgentChange records: {} for {} admitted changes ({} updates, {} approved deletes), {} missing; \
+             all checked {:.1}s after the traffic stopped, {} of the admitted ones not marked Happened",
+            records.len(),
+            admitted.len() + approved.len(),
+            admitted.len(),
+            approved.len(),
+            missing.len(),
+            secs(checked_after),
+            not_happened.len()
+        );
+        ensure!(missing.is_empty(), "admitted agent changes without a record: {missing:?}");
+        ensure!(not_happened.is_empty(), "admitted agent changes not marked Happened: {not_happened:?}");
+        Ok(())
+    })();
+    checked.map_err(with_logs)?;
+    drop(replicas);
+    drop(front);
     drop(w);
     Ok(())
 }

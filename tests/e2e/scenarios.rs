@@ -122,6 +122,10 @@ pub const ALL: &[(&str, Scenario)] = &[
         "fault_apiserver_and_etcd_restarted_under_traffic_nothing_held_admitted",
         crate::faults::control_plane_restarts,
     ),
+    (
+        "fault_rolling_restart_of_three_replicas_under_load_admits_nothing_guarded_and_fails_no_human",
+        crate::faults::rolling_restart,
+    ),
     // Last: it leaves 1,000 agents behind.
     ("a_thousand_agents_in_a_hundred_namespaces_fit_the_webhook", thousand_agents),
     ("a_thousand_agents_labelled_at_once_share_few_configuration_writes", concurrent_registrations),

@@ -69,6 +69,22 @@ impl Agentguard {
         }
     }
 
+    /// Stops agentguard as the kubelet does (SIGTERM) and waits for it to exit: how long that
+    /// took and how it exited. An error if it is still running after `limit`.
+    #[allow(dead_code)]
+    pub fn terminate(&self, limit: Duration) -> Result<(Duration, std::process::ExitStatus)> {
+        let started = Instant::now();
+        let status = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status()?;
+        ensure!(status.success(), "kill -TERM {} failed", self.pid());
+        loop {
+            if let Some(status) = self.process.lock().unwrap_or_else(|e| e.into_inner()).exited() {
+                return Ok((started.elapsed(), status));
+            }
+            ensure!(started.elapsed() < limit, "agentguard still running {limit:?} after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills agentguard as a crash would (the demo's check that it notices).
     #[allow(dead_code)]
     pub fn kill(&self) {
@@ -305,6 +321,9 @@ pub struct Launch {
     /// Keep this webhook configuration (registering the process's own URL); None: serve direct
     /// requests only.
     pub webhook_configuration: Option<String>,
+    /// The URL it registers there; None: its own webhook port. Replicas behind one front
+    /// register the front's.
+    pub webhook_url: Option<String>,
     /// Reach the API server through this kubeconfig instead of the admin's.
     pub kubeconfig: Option<PathBuf>,
     /// More `serve` flags.
@@ -358,9 +377,14 @@ fn try_start_agentguard(plane: &ControlPlane, name: &'static str, launch: &Launc
         .arg(format!("--tls-cert={}", dir.join("agentguard.crt").display()))
         .arg(format!("--tls-key={}", dir.join("agentguard.key").display()))
         .arg(format!("--webhook-ca-file={}", dir.join("ca.crt").display()))
-        .args(["--self-namespace=agentguard-system", "--shutdown-delay-seconds=0", "--log-format=json"]);
+        .args(["--self-namespace=agentguard-system", "--log-format=json"]);
+    // Nothing to wait for behind no Service, unless the launch says otherwise.
+    if !launch.args.iter().any(|a| a.starts_with("--shutdown-delay-seconds")) {
+        cmd.arg("--shutdown-delay-seconds=0");
+    }
     if let Some(configuration) = &launch.webhook_configuration {
-        cmd.arg(format!("--webhook-url={webhook}")).arg(format!("--webhook-configuration={configuration}"));
+        let url = launch.webhook_url.as_deref().unwrap_or(&webhook);
+        cmd.arg(format!("--webhook-url={url}")).arg(format!("--webhook-configuration={configuration}"));
     }
     cmd.args(&launch.args);
     let mut process = spawn(name, cmd, &dir.join(format!("{name}.log")))?;
