@@ -10,7 +10,9 @@
 #   hack/bench-apiserver.sh --smoke   dev build, one round of 2 s: proves the benchmark works
 #
 # Environment: APIBENCH_DURATION (seconds, default 10), APIBENCH_ROUNDS (3),
-# APIBENCH_CONNECTIONS (16), APIBENCH_AGENTGUARD_ARGS (more `agentguard serve` flags).
+# APIBENCH_CONNECTIONS (16), APIBENCH_HTTP2 (1: offer HTTP/2, which the API server uses only to a
+# loopback webhook; default HTTP/1.1, as through a Service), APIBENCH_AGENTGUARD_ARGS (more
+# `agentguard serve` flags).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -10,9 +10,9 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "cargo fmt --check"
 cargo fmt --all --check
 
-step "cargo clippy --all-targets -- -D warnings (and the suites cargo test skips: chart, demo, e2e, cluster, soak, scale)"
+step "cargo clippy --all-targets -- -D warnings (and the suites cargo test skips: chart, demo, e2e, cluster, soak, scale, apibench)"
 cargo clippy --locked --all-targets -- -D warnings
-cargo clippy --locked --test chart --test demo --test e2e --test cluster --test soak --test scale -- -D warnings
+cargo clippy --locked --test chart --test demo --test e2e --test cluster --test soak --test scale --test apibench -- -D warnings
 
 step "generated CRDs match the Rust types"
 cargo run --locked --quiet -- crds | diff -u charts/agentguard/crds/crds.yaml - \
