@@ -34,6 +34,9 @@ step "Kubernetes binaries: kube-apiserver, kube-controller-manager, etcd, kubect
 eval "$(hack/k8s-binaries.sh)"
 export KUBE_APISERVER KUBE_CONTROLLER_MANAGER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS CERT_MANAGER_CRDS CROSSPLANE_AWS_CRDS
 
+step "benchmark through the API server, smoke run (hack/bench-apiserver.sh --smoke: no admission, agentguard and a ValidatingAdmissionPolicy each answer every DELETE as expected under wrk)"
+hack/bench-apiserver.sh --smoke
+
 step "helm lint, and manifests/install.yaml matches the chart"
 "$HELM" lint --strict charts/agentguard
 "$HELM" lint --strict charts/agentguard --set prometheusRule.enabled=true --set grafanaDashboard.enabled=true \
