@@ -229,6 +229,8 @@ struct Sample {
     /// LIST requests the API server served meanwhile (agentguard's ownership lookups, and the
     /// controllers' few).
     lists: f64,
+    /// agentguard's own time per review (`agentguard_review_duration_seconds`), ms.
+    review_ms: f64,
     /// The most connections from the API server to agentguard's webhook port open at once under
     /// the load (sampled every 100 ms), and how many were opened during it.
     connections: usize,
@@ -311,19 +313,28 @@ fn main() -> Result<()> {
     );
     println!();
     println!(
-        "| round | mode | req/s | p50 ms | p99 ms | API server: request ms | validating admission ms | webhook calls, mean ms | LISTs served | connections to agentguard: most open (opened) |"
+        "| round | mode | req/s | p50 ms | p99 ms | API server: request ms | validating admission ms | webhook calls, mean ms | agentguard's review ms | LISTs served | connections to agentguard: most open (opened) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut samples: BTreeMap<Mode, Vec<Sample>> = BTreeMap::new();
     let mut known = BTreeSet::new();
     for round in 0..settings.rounds {
         // Each round starts with another mode, so none profits from going first or last.
         for i in 0..MODES.len() {
             let mode = MODES[(round + i) % MODES.len()];
-            let sample = measure(&plane, &settings, &url, &scripts[&mode], mode, webhook_port, &mut known)?;
+            let sample = measure(
+                &plane,
+                &agentguard,
+                &settings,
+                &url,
+                &scripts[&mode],
+                mode,
+                webhook_port,
+                &mut known,
+            )?;
             agentguard.check_alive()?;
             println!(
-                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}, {:.2} | {:.0} | {} ({}) |",
+                "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}, {:.2} | {:.2} | {:.0} | {} ({}) |",
                 round + 1,
                 mode.name(),
                 sample.rps,
@@ -333,6 +344,7 @@ fn main() -> Result<()> {
                 sample.validate_ms,
                 sample.webhook_calls,
                 sample.webhook_ms,
+                sample.review_ms,
                 sample.lists,
                 sample.connections,
                 sample.new_connections,
@@ -484,6 +496,20 @@ fn histogram(metrics: &str, name: &str, labels: &[&str]) -> (f64, f64) {
     (sum(metrics, &format!("{name}_count"), labels), sum(metrics, &format!("{name}_sum"), labels))
 }
 
+/// (count, sum) of agentguard's `agentguard_review_duration_seconds`: from reading the request
+/// to the answer, its own API calls included.
+fn review_time(agentguard: &world::Agentguard) -> Result<(f64, f64)> {
+    let metrics = agentguard.metrics()?;
+    let value = |name: &str| -> Result<f64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {name} in agentguard's metrics"))
+    };
+    Ok((value("agentguard_review_duration_seconds_count")?, value("agentguard_review_duration_seconds_sum")?))
+}
+
 /// Remote ports of the established TCP connections to `port` on loopback (IPv4).
 fn connections_to(port: u16) -> BTreeSet<u16> {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
@@ -499,8 +525,10 @@ fn connections_to(port: u16) -> BTreeSet<u16> {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn measure(
     plane: &ControlPlane,
+    agentguard: &world::Agentguard,
     settings: &Settings,
     url: &str,
     script: &Path,
@@ -512,6 +540,7 @@ fn measure(
     let webhook = ["name=\"agents.agentguard.io\"", "operation=\"DELETE\""];
     let validate = ["operation=\"DELETE\"", "type=\"validate\""];
     let before = scrape(plane)?;
+    let reviews_before = review_time(agentguard)?;
     let wrk = Command::new("wrk")
         .arg("-t1")
         .arg(format!("-c{}", settings.connections))
@@ -536,6 +565,7 @@ fn measure(
     }
     let out = wrk.wait_with_output()?;
     let after = scrape(plane)?;
+    let reviews_after = review_time(agentguard)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     ensure!(out.status.success(), "wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     ensure!(!text.contains("Socket errors"), "{}: socket errors under load:\n{text}", mode.name());
@@ -586,6 +616,7 @@ fn measure(
         sample.webhook_calls,
         sample.requests
     );
+    sample.review_ms = mean(reviews_after, reviews_before);
     let name = "apiserver_admission_step_admission_duration_seconds";
     sample.validate_ms = mean(histogram(&after, name, &validate), histogram(&before, name, &validate));
     // agentguard's own calls on the request path: the ownership view lists the guarded resource
