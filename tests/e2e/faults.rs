@@ -105,6 +105,7 @@ impl<'w> Replica<'w> {
             webhook_configuration: Some(name.to_owned()),
             kubeconfig,
             args: args.iter().map(|a| a.to_string()).collect(),
+            ..Launch::default()
         };
         let mut replica = Self { w, configuration: name.to_owned(), agentguard: None };
         replica.agentguard = Some(start_agentguard_with(&w.plane, name, &launch)?);
