@@ -10,9 +10,9 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "cargo fmt --check"
 cargo fmt --all --check
 
-step "cargo clippy --all-targets -- -D warnings (and the suites cargo test skips: chart, demo, e2e, cluster, soak, scale)"
+step "cargo clippy --all-targets -- -D warnings (and the suites cargo test skips: chart, demo, e2e, cluster, soak, scale, apibench)"
 cargo clippy --locked --all-targets -- -D warnings
-cargo clippy --locked --test chart --test demo --test e2e --test cluster --test soak --test scale -- -D warnings
+cargo clippy --locked --test chart --test demo --test e2e --test cluster --test soak --test scale --test apibench -- -D warnings
 
 step "generated CRDs match the Rust types"
 cargo run --locked --quiet -- crds | diff -u charts/agentguard/crds/crds.yaml - \
@@ -33,6 +33,9 @@ hack/fuzz.sh --smoke
 step "Kubernetes binaries: kube-apiserver, kube-controller-manager, etcd, kubectl, helm from pinned Go modules (cached by version)"
 eval "$(hack/k8s-binaries.sh)"
 export KUBE_APISERVER KUBE_CONTROLLER_MANAGER ETCD KUBECTL HELM PROMETHEUS_OPERATOR_CRDS CERT_MANAGER_CRDS CROSSPLANE_AWS_CRDS
+
+step "benchmark through the API server, smoke run (hack/bench-apiserver.sh --smoke: no admission, agentguard and a ValidatingAdmissionPolicy each answer every DELETE as expected under wrk)"
+hack/bench-apiserver.sh --smoke
 
 step "helm lint, and manifests/install.yaml matches the chart"
 "$HELM" lint --strict charts/agentguard

@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// server's, set in its AdmissionConfiguration). Without it, any client may connect.
     #[arg(long, env = "AGENTGUARD_CLIENT_CA_FILE")]
     pub client_ca_file: Option<PathBuf>,
+    /// Offer HTTP/2 (ALPN `h2`) on the webhook port. The API server speaks HTTP/1.1 to a webhook
+    /// reached through a Service or a non-loopback URL whatever is offered; `false` makes a
+    /// loopback `--webhook-url` (tests, benchmarks) behave the same.
+    #[arg(long, env = "AGENTGUARD_WEBHOOK_HTTP2", default_value_t = true, action = clap::ArgAction::Set)]
+    pub webhook_http2: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -214,6 +219,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         tls_key,
         cert_reload_seconds,
         client_ca_file,
+        webhook_http2,
         engine,
         webhook,
         self_signed,
@@ -288,6 +294,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         None => tls::server_config(resolver.clone()),
         Some(ca) => tls::server_config_requiring_clients(resolver.clone(), ca)?,
     };
+    let tls_config = if webhook_http2 { tls_config } else { tls::without_http2(tls_config) };
     metrics.certificate_loaded(resolver.not_after());
 
     let (caches, reflectors) = Caches::start(client.clone(), metrics.clone(), config.clone(), max_staleness);

@@ -328,6 +328,9 @@ pub struct Launch {
     pub kubeconfig: Option<PathBuf>,
     /// More `serve` flags.
     pub args: Vec<String>,
+    /// Run this agentguard binary instead of the one cargo built with the test (a release build
+    /// under a dev-profile harness: the API-server benchmark).
+    pub binary: Option<PathBuf>,
 }
 
 /// Starts an agentguard replica logging to `NAME.log`. Only the one that `registers` keeps the
@@ -369,7 +372,8 @@ fn try_start_agentguard(plane: &ControlPlane, name: &'static str, launch: &Launc
     let dir = plane.dir.path();
     let (webhook_port, admin_port) = (free_port(), free_port());
     let webhook = format!("https://127.0.0.1:{webhook_port}/validate");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentguard"));
+    let binary = launch.binary.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agentguard")));
+    let mut cmd = Command::new(binary);
     cmd.env("KUBECONFIG", launch.kubeconfig.as_ref().unwrap_or(&plane.admin))
         .arg("serve")
         .arg(format!("--webhook-addr=127.0.0.1:{webhook_port}"))

@@ -243,6 +243,16 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Arc<ServerConfig> {
     Arc::new(config)
 }
 
+/// `config` offering only HTTP/1.1 by ALPN. The API server's webhook client asks for HTTP/1.1
+/// alone whenever the webhook is reached through a Service or a URL that is not on loopback (so
+/// that its calls spread over replicas), and for HTTP/2 too only on loopback: this makes a
+/// loopback webhook (tests, benchmarks) spoken to as a cluster's is.
+pub fn without_http2(config: Arc<ServerConfig>) -> Arc<ServerConfig> {
+    let mut config = Arc::unwrap_or_clone(config);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
 /// Like [`server_config`], but every client must present a certificate signed by a CA in the
 /// PEM file `client_ca` (the API server's webhook client certificate, configured through its
 /// AdmissionConfiguration kubeconfig). Read once at start.
@@ -1068,6 +1078,37 @@ mod tests {
             let tls = connector.connect(name, tcp).await.unwrap();
             assert_eq!(tls.get_ref().1.alpn_protocol(), Some(expected));
         }
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn without_http2_a_client_offering_both_gets_http1() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files_in(dir.path());
+        let ca = Ca::new("ca");
+        write_leaf(&files, &ca.issue());
+        let resolver = CertResolver::load(&files).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let config = without_http2(server_config(Arc::clone(&resolver)));
+        let task = tokio::spawn(serve(listener, config, ok_app(), stopped, Duration::from_secs(1)));
+        let server = Server { addr, stop, task };
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(server.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"http/1.1".as_slice()));
+        drop(tls);
         server.shutdown().await;
     }
 
