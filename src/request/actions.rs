@@ -296,8 +296,14 @@ pub async fn decide(state: &AppState, request: &AdmissionRequest, route: Route) 
     let decision = review(&[]);
     // An agent's DELETE is judged again with what it would take with it (held, its denial shows
     // that and its ticket is bound to it); so is a human's approval of a delete (its writer must
-    // approve for all of that too, and the ticket must be for that blast radius).
+    // approve for all of that too, and the ticket must be for that blast radius). Not a DELETE an
+    // enforced Deny policy already refuses: Deny comes first whatever else matches, so the lists
+    // of every guarded type (two API calls or more) could change nothing but its message.
+    let denied_anyway = decision.agent
+        && request.operation == "DELETE"
+        && matches!(&decision.verdict, Verdict::Deny(d) if matches!(d.reason, Reason::Policy { .. }));
     if let Some(ownership) = &state.ownership
+        && !denied_anyway
         && crate::cluster::ownership::needed(request, decision.agent, &policies)
     {
         let _slot = state.api_slots.take(&state.metrics).await?;

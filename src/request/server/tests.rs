@@ -781,6 +781,46 @@ async fn a_hung_api_call_is_refused_within_the_callers_timeout() {
 }
 
 #[tokio::test]
+async fn a_delete_a_deny_policy_refuses_is_answered_without_looking_up_its_blast_radius() {
+    use std::time::Duration;
+    struct Hangs;
+    impl crate::cluster::ownership::Lookup for Hangs {
+        fn collateral<'a>(
+            &'a self,
+            _: &'a crate::engine::admission::AdmissionRequest,
+            _: &'a PolicySet,
+        ) -> BoxFuture<'a, anyhow::Result<Vec<crate::engine::policy::Collateral>>> {
+            Box::pin(futures::future::pending())
+        }
+    }
+    let base = state(true);
+    let mut st = AppState::new(base.cluster.clone(), base.config.clone(), Arc::new(Metrics::default()));
+    st.clock = at_fixed_time;
+    st.ownership = Some(Arc::new(Hangs));
+    let st = Arc::new(st);
+    // Denied whatever it takes along: no lookup, so the lookup that never answers is not waited for.
+    let started = std::time::Instant::now();
+    let (_, body) = post_to(
+        st.clone(),
+        "/validate/agents?timeout=1s",
+        fixture("09-agent-deletes-volume-dry-run.json").to_string(),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+    assert_eq!(body["response"]["allowed"], false);
+    assert_eq!(body["response"]["status"]["code"], 403, "{body}");
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("is denied by"), "{body}");
+    // A held delete still waits for its blast radius (its ticket is bound to it).
+    let (_, body) = post_to(
+        st.clone(),
+        "/validate/agents?timeout=1s",
+        fixture("01-agent-deletes-deployment.json").to_string(),
+    )
+    .await;
+    assert_eq!(body["response"]["status"]["code"], 503, "{body}");
+}
+
+#[tokio::test]
 async fn when_every_api_slot_is_taken_requests_needing_one_are_refused_quickly_and_the_rest_decided() {
     use std::time::Duration;
     struct Nothing;
