@@ -203,7 +203,9 @@ fn configuration(plane: &ControlPlane) -> Result<(usize, usize, usize, usize)> {
         .as_array()
         .context("no webhooks")?
         .iter()
-        .filter_map(|w| w["matchConditions"].as_array()?.iter().find(|c| c["name"] == "agents")?["expression"].as_str())
+        .filter_map(|w| {
+            w["matchConditions"].as_array()?.iter().find(|c| c["name"] == "agents")?["expression"].as_str()
+        })
         .collect();
     let agents = conditions.iter().map(|c| c.matches("system:serviceaccount:reg-").count()).sum();
     let largest = conditions.iter().map(|c| c.len()).max().unwrap_or_default();
@@ -228,8 +230,13 @@ fn one_condition(plane: &ControlPlane, n: usize) -> Result<String> {
                       "rules": [{"apiGroups": ["*"], "apiVersions": ["*"], "operations": ["DELETE"], "resources": ["*/*"]}],
                       "matchConditions": [{"name": "agents", "expression": expression}]}]
     });
-    let out = plane.kubectl_stdin(&plane.admin, &["create", "--dry-run=server", "-f", "-"], Some(&object.to_string()));
-    let text = String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr }).into_owned();
+    let out = plane.kubectl_stdin(
+        &plane.admin,
+        &["create", "--dry-run=server", "-f", "-"],
+        Some(&object.to_string()),
+    );
+    let text =
+        String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr }).into_owned();
     // The API server quotes the whole expression back: keep its words.
     let text: String = text.split(&expression).collect::<Vec<_>>().join("<the expression>");
     Ok(format!("{} bytes: {}", expression.len(), text.trim()))
