@@ -8,7 +8,8 @@
 #   hack/soak.sh                 # one hour
 #   hack/soak.sh --duration 600  # ten minutes
 #   hack/soak.sh --smoke         # five minutes, a rotation every minute (CI)
-#   hack/soak.sh --flood 60 [--rate 1000] [--replicas 3]   # agents' changes flooded straight at agentguard
+#   hack/soak.sh --flood 60 [--rate 1000[,200,50]] [--replicas 3]   # agents' changes flooded straight at
+#                                                                  # agentguard, one step per rate
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
     --flood) flood="$2"; shift ;;
     --rate) rate="$2"; shift ;;
     --replicas) replicas="$2"; shift ;;
-    *) echo "usage: hack/soak.sh [--smoke] [--duration SECONDS] [--rotate SECONDS] | --flood SECONDS [--rate N] [--replicas N]" >&2; exit 2 ;;
+    *) echo "usage: hack/soak.sh [--smoke] [--duration SECONDS] [--rotate SECONDS] | --flood SECONDS [--rate N[,N…]] [--replicas N]" >&2; exit 2 ;;
   esac
   shift
 done

@@ -74,6 +74,7 @@ pub struct Metrics {
     pub events_suppressed: Counter,
     pub webhook_configuration_restored: Counter,
     pub webhook_configuration_restore_failures: Counter,
+    pub webhook_configuration_update_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -187,6 +188,12 @@ impl Default for Metrics {
             "Attempts to restore the webhook configuration after someone else changed or deleted it that failed",
             webhook_configuration_restore_failures.clone(),
         );
+        let webhook_configuration_update_failures = Counter::default();
+        registry.register(
+            "webhook_configuration_update_failures",
+            "Attempts to bring the webhook configuration up to date with the caches that failed (the API server refused the write, or could not be reached)",
+            webhook_configuration_update_failures.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -211,6 +218,7 @@ impl Default for Metrics {
             events_suppressed,
             webhook_configuration_restored,
             webhook_configuration_restore_failures,
+            webhook_configuration_update_failures,
         }
     }
 }

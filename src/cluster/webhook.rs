@@ -269,6 +269,57 @@ pub fn agent_condition(set: &AgentSet) -> String {
     if parts.is_empty() { "false".into() } else { parts.join(" || ") }
 }
 
+/// The longest `agents` condition written into one webhook. The API server parses every
+/// matchCondition with CEL's default limit of 100,000 code points and refuses the whole
+/// configuration past it ("expression code point size exceeds limit"): about 2,300 agents'
+/// usernames. A byte count never undercounts code points.
+pub const MAX_CONDITION_BYTES: usize = 90_000;
+
+/// The `agents` conditions selecting exactly the agents of `set`, one per agents webhook: the
+/// whole [`agent_condition`] while it fits in [`MAX_CONDITION_BYTES`]; past that the usernames
+/// are split over several conditions. The first also holds the agent namespaces and groups;
+/// the others exclude them, so that no request matches two of the webhooks (each would be
+/// recorded and charged again).
+pub fn agent_conditions(set: &AgentSet) -> Vec<String> {
+    let whole = agent_condition(set);
+    if whole.len() <= MAX_CONDITION_BYTES {
+        return vec![whole];
+    }
+    let rest = agent_condition(&AgentSet { usernames: BTreeSet::new(), ..set.clone() });
+    let others = |users: &BTreeSet<String>| {
+        let users = agent_condition(&AgentSet { usernames: users.clone(), ..AgentSet::default() });
+        if rest == "false" { users } else { format!("({users}) && !({rest})") }
+    };
+    let mut chunks: Vec<BTreeSet<String>> = vec![BTreeSet::new()];
+    // The first condition's size beyond its usernames, then each other one's.
+    let mut room = MAX_CONDITION_BYTES.saturating_sub(rest.len() + 64);
+    for user in &set.usernames {
+        let cost = cel_string(user).len() + 2;
+        let last = chunks.last_mut().expect("never empty");
+        if cost > room && !last.is_empty() {
+            chunks.push(BTreeSet::new());
+            room = MAX_CONDITION_BYTES.saturating_sub(rest.len() + 96);
+        }
+        room = room.saturating_sub(cost);
+        chunks.last_mut().expect("never empty").insert(user.clone());
+    }
+    let mut out = vec![agent_condition(&AgentSet { usernames: chunks.remove(0), ..set.clone() })];
+    out.extend(chunks.iter().map(others));
+    out
+}
+
+/// The name of the `n`th agents webhook (from 0): the first is [`AGENTS_WEBHOOK`].
+pub fn agents_webhook(n: usize) -> String {
+    if n == 0 { AGENTS_WEBHOOK.to_owned() } else { format!("agents-{}.agentguard.io", n + 1) }
+}
+
+/// Whether `name` is an agents webhook after the first, which come and go with the agent list.
+fn more_agents_webhook(name: &str) -> bool {
+    name.strip_prefix("agents-")
+        .and_then(|n| n.strip_suffix(".agentguard.io"))
+        .is_some_and(|n| n.parse::<usize>().is_ok_and(|n| n >= 2))
+}
+
 /// The condition selecting writes that set or change an approval annotation
 /// (`agentguard.io/approve`, or `agentguard.io/approve.<approver>`; see
 /// [`crate::engine::approval::is_key`]).
@@ -353,36 +404,41 @@ pub fn desired(
             namespace_selector: Some(LabelSelector::default()),
             object_selector: Some(LabelSelector::default()),
         };
+    let agents = |n: usize, expression: String| {
+        webhook(
+            &agents_webhook(n),
+            AGENTS_PATH,
+            &["CREATE", "UPDATE", "DELETE", "CONNECT"],
+            vec![
+                condition("not-leases-or-events", agents_scope_condition(settings.self_namespace.as_deref())),
+                condition(AGENTS_CONDITION, expression),
+            ],
+        )
+    };
+    let mut conditions = agent_conditions(set).into_iter();
+    let mut webhooks = vec![
+        agents(0, conditions.next().unwrap_or_else(|| "false".into())),
+        webhook(
+            APPROVALS_WEBHOOK,
+            APPROVALS_PATH,
+            &["CREATE", "UPDATE"],
+            vec![
+                condition("not-leases-or-events", NOT_LEASES_OR_EVENTS.into()),
+                condition("not-cluster-components", NOT_CLUSTER_COMPONENTS.into()),
+                condition(GUARD_CONDITION, guard_condition(label_keys)),
+            ],
+        ),
+    ];
+    // More agents than one condition can list: each further part in a webhook of its own, after
+    // the approvals webhook so the first two stay where they always were.
+    webhooks.extend(conditions.enumerate().map(|(i, expression)| agents(i + 1, expression)));
     ValidatingWebhookConfiguration {
         metadata: ObjectMeta {
             name: Some(settings.name.clone()),
             labels: Some([("app.kubernetes.io/managed-by".to_string(), "agentguard".to_string())].into()),
             ..Default::default()
         },
-        webhooks: Some(vec![
-            webhook(
-                AGENTS_WEBHOOK,
-                AGENTS_PATH,
-                &["CREATE", "UPDATE", "DELETE", "CONNECT"],
-                vec![
-                    condition(
-                        "not-leases-or-events",
-                        agents_scope_condition(settings.self_namespace.as_deref()),
-                    ),
-                    condition(AGENTS_CONDITION, agent_condition(set)),
-                ],
-            ),
-            webhook(
-                APPROVALS_WEBHOOK,
-                APPROVALS_PATH,
-                &["CREATE", "UPDATE"],
-                vec![
-                    condition("not-leases-or-events", NOT_LEASES_OR_EVENTS.into()),
-                    condition("not-cluster-components", NOT_CLUSTER_COMPONENTS.into()),
-                    condition(GUARD_CONDITION, guard_condition(label_keys)),
-                ],
-            ),
-        ]),
+        webhooks: Some(webhooks),
     }
 }
 
@@ -455,7 +511,13 @@ pub fn differences(
     live_names.sort();
     want_names.sort();
     if live_names != want_names {
-        out.push(Difference { field: "webhooks".into(), from_caches: false });
+        // Only agents webhooks past the first come or go: the agent list grew or shrank.
+        let from_caches = live_names
+            .iter()
+            .filter(|n| !want_names.contains(n))
+            .chain(want_names.iter().filter(|n| !live_names.contains(n)))
+            .all(|n| more_agents_webhook(n));
+        out.push(Difference { field: "webhooks".into(), from_caches });
     }
     for w in want {
         let Some(l) = live.iter().find(|l| l.name == w.name) else { continue };
@@ -790,6 +852,7 @@ impl Registrar {
                 false => {}
             }
             if let Err(e) = self.reconcile(&mut live).await {
+                self.metrics.webhook_configuration_update_failures.inc();
                 tracing::warn!(error = format!("{e:#}"), name = %self.settings.name, "cannot keep the webhook configuration");
                 // Read it again before the next attempt, after a pause: it may have changed, or
                 // agentguard may have lost its rights to it (an uninstall in progress).
@@ -1168,6 +1231,64 @@ mod tests {
         assert_eq!(next_step(&[field(true), field(false)], false, true, now), Step::Restore);
         assert_eq!(next_step(&[field(true)], false, true, now), Step::Wait);
         assert_eq!(next_step(&[field(true)], false, true, CACHE_GRACE), Step::Restore);
+    }
+
+    #[test]
+    fn ten_thousand_agents_are_split_over_webhooks_each_matching_its_own() {
+        let username = |i: usize| format!("system:serviceaccount:reg-{:04}:agent-{}", i / 10, i % 10);
+        let many = AgentSet {
+            usernames: (0..10_000).map(username).collect(),
+            namespaces: ["team-ns".to_owned()].into(),
+            groups: ["agents".to_owned()].into(),
+        };
+        let vwc = desired(&settings(), b"CA", &many, &keys());
+        let webhooks = vwc.webhooks.unwrap();
+        let agents: Vec<&ValidatingWebhook> =
+            webhooks.iter().filter(|w| w.name != APPROVALS_WEBHOOK).collect();
+        assert!(agents.len() >= 5, "{} agents webhooks", agents.len());
+        assert_eq!(webhooks[0].name, AGENTS_WEBHOOK);
+        assert_eq!(webhooks[1].name, APPROVALS_WEBHOOK);
+        let conditions: Vec<&str> = agents
+            .iter()
+            .map(|w| {
+                let c = w.match_conditions.as_ref().unwrap();
+                assert_eq!(c[0].name, "not-leases-or-events");
+                assert_eq!(w.client_config, webhooks[0].client_config);
+                assert_eq!(w.rules, webhooks[0].rules);
+                c.iter().find(|c| c.name == AGENTS_CONDITION).unwrap().expression.as_str()
+            })
+            .collect();
+        assert!(conditions.iter().all(|c| c.len() <= MAX_CONDITION_BYTES));
+        // Every agent in exactly one webhook, whoever it is; nobody else in any.
+        let programs: Vec<cel::Program> =
+            conditions.iter().map(|c| cel::Program::compile(c).unwrap()).collect();
+        let matched = |user: &str, groups: &[&str]| {
+            let mut context = cel::Context::default();
+            context
+                .add_variable(
+                    "request",
+                    serde_json::json!({"userInfo": {"username": user, "groups": groups}}),
+                )
+                .unwrap();
+            programs.iter().filter(|p| p.execute(&context).unwrap() == cel::Value::Bool(true)).count()
+        };
+        for i in (0..10_000).step_by(397).chain([0, 9_999]) {
+            assert_eq!(matched(&username(i), &[]), 1, "{}", username(i));
+            assert_eq!(matched(&username(i), &["agents"]), 1, "{} in the agents group", username(i));
+        }
+        assert_eq!(matched("system:serviceaccount:team-ns:anyone", &[]), 1);
+        assert_eq!(matched("alice", &["agents"]), 1);
+        assert_eq!(matched("alice", &["people"]), 0);
+        assert_eq!(matched("system:serviceaccount:reg-0000:agent-10", &[]), 0);
+        // A part coming or going is the caches moving, not someone else's change.
+        let fewer = desired(&settings(), b"CA", &AgentSet::default(), &keys());
+        let changed = differences(&fewer, &desired(&settings(), b"CA", &many, &keys()));
+        assert!(changed.iter().all(|d| d.from_caches), "{changed:?}");
+        let mut renamed = fewer.clone();
+        renamed.webhooks.as_mut().unwrap()[1].name = "agents-2.agentguard.io".into();
+        assert!(differences(&renamed, &fewer).iter().any(|d| d.field == "webhooks" && !d.from_caches));
+        // Below the limit, one condition as ever.
+        assert_eq!(agent_conditions(&set()), vec![agent_condition(&set())]);
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTGUARD_MAX_STALENESS", default_value = "60s", value_parser = parse_staleness)]
     pub max_staleness: Duration,
     /// Requests that may be making API calls at once (records, churn charges, blast radius,
-    /// registration); one that waits longer than a second for its turn is refused (503).
+    /// registration); one that waits longer than a second for its turn is refused (503). Four
+    /// times as many agents' requests may be under way at once; the next is refused at once.
     #[arg(long, env = "AGENTGUARD_MAX_INFLIGHT_API_REQUESTS", default_value_t = crate::request::actions::DEFAULT_API_SLOTS as u32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_inflight_api_requests: u32,
 }

@@ -201,16 +201,36 @@ pub struct AppState {
 /// flood of agents' changes queues here instead of piling calls onto the API server, and is
 /// refused quickly rather than at the API server's timeout. Decisions from the caches alone
 /// (held, denied, allowed without a record) never wait for a slot.
+///
+/// Agents' requests under way at once, waiting for a slot or not, are bounded too
+/// ([`ApiSlots::enter`]): past [`UNDER_WAY_PER_SLOT`] times the slots, the next is refused
+/// before its body is even read, so a flood that outruns the CPU costs little per request
+/// past the bound and those already in are answered within the API server's timeout.
 #[derive(Clone)]
 pub struct ApiSlots {
     slots: Arc<tokio::sync::Semaphore>,
+    under_way: Arc<tokio::sync::Semaphore>,
     pub limit: usize,
     pub wait: std::time::Duration,
 }
 
+/// Agents' requests that may be under way at once, per API-call slot.
+pub const UNDER_WAY_PER_SLOT: usize = 4;
+
 impl ApiSlots {
     pub fn new(limit: usize, wait: std::time::Duration) -> Self {
-        Self { slots: Arc::new(tokio::sync::Semaphore::new(limit.max(1))), limit: limit.max(1), wait }
+        let limit = limit.max(1);
+        Self {
+            slots: Arc::new(tokio::sync::Semaphore::new(limit)),
+            under_way: Arc::new(tokio::sync::Semaphore::new(limit * UNDER_WAY_PER_SLOT)),
+            limit,
+            wait,
+        }
+    }
+
+    /// Room for one more agent's request under way, or None: it is refused at once.
+    pub fn enter(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.under_way.clone().try_acquire_owned().ok()
     }
 
     /// Slots taken now.

@@ -137,6 +137,25 @@ async fn validate(
 ) -> Response {
     let started = Instant::now();
     let caller_timeout = caller_timeout(query.as_deref());
+    // Agents' requests past the bound are refused before anything else is spent on them (an
+    // error status: failurePolicy Fail refuses them). Approvals and label writes are not bounded.
+    let _under_way = match route {
+        Route::Agents => match state.api_slots.enter() {
+            Some(permit) => Some(permit),
+            None => {
+                state.metrics.busy_refusals.inc();
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "agentguard is busy: {} agents' requests are under way already; retry",
+                        state.api_slots.limit * actions::UNDER_WAY_PER_SLOT
+                    ),
+                )
+                    .into_response();
+            }
+        },
+        _ => None,
+    };
     // Not the API server, or not an AdmissionReview: say so before reading what was sent.
     if !is_json(&headers) {
         let got = match headers.get(header::CONTENT_TYPE) {

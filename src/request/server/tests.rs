@@ -865,6 +865,28 @@ async fn when_every_api_slot_is_taken_requests_needing_one_are_refused_quickly_a
     assert!(text.contains("agentguard_busy_refusals_total 1"), "{text}");
     assert!(text.contains("agentguard_api_requests_in_flight 1"), "{text}");
     drop(slot);
-    let (_, text) = get(admin_router(st), "/metrics").await;
+    let (_, text) = get(admin_router(st.clone()), "/metrics").await;
     assert!(text.contains("agentguard_api_requests_in_flight 0"), "{text}");
+
+    // As many agents' requests under way as the bound allows: the next is refused at once, with
+    // an error status; an approval is not bounded.
+    let under_way: Vec<_> =
+        (0..crate::request::actions::UNDER_WAY_PER_SLOT).map(|_| st.api_slots.enter().unwrap()).collect();
+    let started = std::time::Instant::now();
+    let (status, _) =
+        post_to(st.clone(), "/validate/agents", fixture("01-agent-deletes-deployment.json").to_string())
+            .await;
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _) =
+        post_to(st.clone(), "/validate/approvals", fixture("01-agent-deletes-deployment.json").to_string())
+            .await;
+    assert_eq!(status, StatusCode::OK);
+    drop(under_way);
+    let (_, body) =
+        post_to(st.clone(), "/validate/agents", fixture("01-agent-deletes-deployment.json").to_string())
+            .await;
+    assert!(body["response"]["status"]["message"].as_str().unwrap().contains("requires approval"), "{body}");
+    let (_, text) = get(admin_router(st), "/metrics").await;
+    assert!(text.contains("agentguard_busy_refusals_total 2"), "{text}");
 }
