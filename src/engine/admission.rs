@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::engine::policy::{
@@ -450,16 +450,12 @@ pub fn unavailable(uid: &str, message: &str) -> Value {
 }
 
 fn envelope(response: Value) -> Value {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Review {
-        api_version: &'static str,
-        kind: &'static str,
-        response: Value,
-    }
-    // Serialising a struct of strings and a Value cannot fail.
-    serde_json::to_value(Review { api_version: API_VERSION, kind: "AdmissionReview", response })
-        .expect("AdmissionReview serialises")
+    // Built in place: serialising a struct holding the response would copy it.
+    let mut review = serde_json::Map::with_capacity(3);
+    review.insert("apiVersion".into(), API_VERSION.into());
+    review.insert("kind".into(), "AdmissionReview".into());
+    review.insert("response".into(), response);
+    Value::Object(review)
 }
 
 #[cfg(test)]
