@@ -29,10 +29,6 @@ use axum::body::Bytes;
 use axum::http::header;
 use axum::response::IntoResponse;
 
-/// The allocator the `agentguard` binary uses (see `src/main.rs`), for both servers.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

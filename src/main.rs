@@ -1,11 +1,6 @@
 //! The `agentguard` binary: install the TLS crypto provider, parse arguments, run. Started as
 //! `kubectl-agentguard`, it is the same program as a kubectl plugin.
 
-/// mimalloc: the request path allocates and frees many small values per request (the decoded
-/// objects, the answer, the log line), which glibc's allocator serves more slowly under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     // Both rustls users (webhook server, Kubernetes client) need one process-wide provider.
