@@ -48,6 +48,8 @@ pub struct Change {
     pub digest: [u8; 32],
     /// Collecting stopped past [`REVIEWABLE_BYTES`]: more may follow the entries kept.
     pub cut_short: bool,
+    /// Bytes of the entries' full rendering, one line each ([`Change::full`]).
+    bytes: usize,
 }
 
 impl Change {
@@ -74,7 +76,7 @@ impl Change {
         walk.visit(&mut String::new(), Some(old), Some(new), 0);
         let cut_short = walk.bytes > REVIEWABLE_BYTES;
         let digest = digest(&walk.fields, cut_short);
-        Self { fields: walk.fields, digest, cut_short }
+        Self { fields: walk.fields, digest, cut_short, bytes: walk.bytes }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -90,8 +92,8 @@ impl Change {
     /// Bytes of the full rendering, when it is within [`REVIEWABLE_BYTES`]; `Err` with the size
     /// when it is not (the size of the entries kept, when the change was cut short).
     pub fn reviewable(&self) -> Result<usize, usize> {
-        let size: usize = self.full().iter().map(|l| l.len() + 1).sum();
-        if size <= REVIEWABLE_BYTES && !self.cut_short { Ok(size) } else { Err(size) }
+        // Counted while the change was collected: cut short exactly when past the limit.
+        if self.cut_short { Err(self.bytes) } else { Ok(self.bytes) }
     }
 
     /// Every entry, one per line, values in full (Secret values stay redacted).
