@@ -744,24 +744,32 @@ fn agentguard_answers_before_the_api_server_gives_up() {
     assert_eq!(deadline(Duration::from_secs(1)), ms(500));
 }
 
-#[tokio::test]
-async fn a_hung_api_call_is_refused_within_the_callers_timeout() {
-    use std::time::Duration;
-    struct Hangs;
-    impl crate::cluster::ownership::Lookup for Hangs {
-        fn collateral<'a>(
-            &'a self,
-            _: &'a crate::engine::admission::AdmissionRequest,
-            _: &'a PolicySet,
-        ) -> BoxFuture<'a, anyhow::Result<Vec<crate::engine::policy::Collateral>>> {
-            Box::pin(futures::future::pending())
-        }
+/// A blast-radius lookup that never answers (an API server that does not).
+struct Hangs;
+
+impl crate::cluster::ownership::Lookup for Hangs {
+    fn collateral<'a>(
+        &'a self,
+        _: &'a crate::engine::admission::AdmissionRequest,
+        _: &'a PolicySet,
+    ) -> BoxFuture<'a, anyhow::Result<Vec<crate::engine::policy::Collateral>>> {
+        Box::pin(futures::future::pending())
     }
+}
+
+/// The ready state at the fixed time, with a lookup that never answers.
+fn with_hanging_lookup() -> Arc<AppState> {
     let base = state(true);
     let mut st = AppState::new(base.cluster.clone(), base.config.clone(), Arc::new(Metrics::default()));
     st.clock = at_fixed_time;
     st.ownership = Some(Arc::new(Hangs));
-    let st = Arc::new(st);
+    Arc::new(st)
+}
+
+#[tokio::test]
+async fn a_hung_api_call_is_refused_within_the_callers_timeout() {
+    use std::time::Duration;
+    let st = with_hanging_lookup();
     let started = std::time::Instant::now();
     let (status, body) = post_to(
         st.clone(),
@@ -783,21 +791,7 @@ async fn a_hung_api_call_is_refused_within_the_callers_timeout() {
 #[tokio::test]
 async fn a_delete_a_deny_policy_refuses_is_answered_without_looking_up_its_blast_radius() {
     use std::time::Duration;
-    struct Hangs;
-    impl crate::cluster::ownership::Lookup for Hangs {
-        fn collateral<'a>(
-            &'a self,
-            _: &'a crate::engine::admission::AdmissionRequest,
-            _: &'a PolicySet,
-        ) -> BoxFuture<'a, anyhow::Result<Vec<crate::engine::policy::Collateral>>> {
-            Box::pin(futures::future::pending())
-        }
-    }
-    let base = state(true);
-    let mut st = AppState::new(base.cluster.clone(), base.config.clone(), Arc::new(Metrics::default()));
-    st.clock = at_fixed_time;
-    st.ownership = Some(Arc::new(Hangs));
-    let st = Arc::new(st);
+    let st = with_hanging_lookup();
     // Denied whatever it takes along: no lookup, so the lookup that never answers is not waited for.
     let started = std::time::Instant::now();
     let (_, body) = post_to(
