@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use cluster::{Binaries, ControlPlane};
+use cluster::ControlPlane;
 use world::{Launch, must};
 
 const NAMESPACE: &str = "bench";
@@ -239,19 +239,7 @@ struct Sample {
 
 fn main() -> Result<()> {
     let settings = Settings::from_env()?;
-    let bins = Binaries::from_env()?;
-    let plane = ControlPlane::start(&bins)?;
-    eprintln!("control plane ready in {:.1}s at {}", plane.startup.as_secs_f64(), plane.url);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    must(plane.kubectl(
-        &plane.admin,
-        &["apply", "-f", &root.join("charts/agentguard/crds/crds.yaml").to_string_lossy()],
-    ))?;
-    must(plane.kubectl(
-        &plane.admin,
-        &["wait", "--for", "condition=established", "--timeout=60s", "--all", "crd"],
-    ))?;
-    must(plane.kubectl(&plane.admin, &["create", "namespace", "agentguard-system"]))?;
+    let plane = world::plane_with_crds()?;
     must(plane.kubectl_stdin(&plane.admin, &["apply", "-f", "-"], Some(&objects())))?;
 
     // The API server speaks HTTP/1.1 to a webhook behind a Service (as the chart installs it),

@@ -15,12 +15,11 @@ mod cluster;
 #[path = "e2e/world.rs"]
 mod world;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 
-use cluster::{Binaries, ControlPlane};
+use cluster::ControlPlane;
 use world::{must, start_agentguard};
 
 const NAMESPACES: usize = 2_000;
@@ -95,18 +94,7 @@ fn main() -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         return registration(&counts);
     }
-    let bins = Binaries::from_env()?;
-    let plane = ControlPlane::start(&bins)?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    must(plane.kubectl(
-        &plane.admin,
-        &["apply", "-f", &root.join("charts/agentguard/crds/crds.yaml").to_string_lossy()],
-    ))?;
-    must(plane.kubectl(
-        &plane.admin,
-        &["wait", "--for", "condition=established", "--timeout=60s", "--all", "crd"],
-    ))?;
-    must(plane.kubectl(&plane.admin, &["create", "namespace", "agentguard-system"]))?;
+    let plane = world::plane_with_crds()?;
     let agentguard = start_agentguard(&plane, "agentguard", true)?;
     let pid = agentguard.pid();
     let empty = settled_rss(pid)?;
@@ -270,18 +258,7 @@ fn match_condition_seconds(plane: &ControlPlane) -> Result<(f64, f64)> {
 /// while it runs, as an operator would. Where the list no longer fits the API server, says
 /// what the API server answered and what became of the Nth agent.
 fn registration(counts: &[usize]) -> Result<()> {
-    let bins = Binaries::from_env()?;
-    let plane = ControlPlane::start(&bins)?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    must(plane.kubectl(
-        &plane.admin,
-        &["apply", "-f", &root.join("charts/agentguard/crds/crds.yaml").to_string_lossy()],
-    ))?;
-    must(plane.kubectl(
-        &plane.admin,
-        &["wait", "--for", "condition=established", "--timeout=60s", "--all", "crd"],
-    ))?;
-    must(plane.kubectl(&plane.admin, &["create", "namespace", "agentguard-system"]))?;
+    let plane = world::plane_with_crds()?;
     // Every agent's delete of the probe ConfigMap is held; the agents may delete ConfigMaps there.
     let setup = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {PROBE_NS}}}\n---\n\

@@ -124,34 +124,32 @@ pub fn http_ok(url: &str) -> bool {
     http_get(url).is_ok_and(|(status, _)| status.split(' ').nth(1) == Some("200"))
 }
 
+/// A control plane with agentguard's CRDs established and its own namespace (churn counts,
+/// records and session counts live there): where every harness starts.
+pub fn plane_with_crds() -> Result<ControlPlane> {
+    let bins = Binaries::from_env()?;
+    let plane = ControlPlane::start(&bins)?;
+    eprintln!("control plane ready in {:.1}s at {}", plane.startup.as_secs_f64(), plane.url);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    must(plane.kubectl(
+        &plane.admin,
+        &["apply", "-f", &root.join("charts/agentguard/crds/crds.yaml").to_string_lossy()],
+    ))?;
+    // Every CRD the chart ships: a list of names would fall behind the generator.
+    must(plane.kubectl(
+        &plane.admin,
+        &["wait", "--for", "condition=established", "--timeout=60s", "--all", "crd"],
+    ))?;
+    must(plane.kubectl(&plane.admin, &["create", "namespace", "agentguard-system"]))?;
+    Ok(plane)
+}
+
 impl World {
     pub fn start() -> Result<Self> {
-        let bins = Binaries::from_env()?;
-        let plane = ControlPlane::start(&bins)?;
-        eprintln!("control plane ready in {:.1}s at {}", plane.startup.as_secs_f64(), plane.url);
+        let plane = plane_with_crds()?;
         let admin = plane.admin.clone();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-
-        must(plane.kubectl(
-            &admin,
-            &["apply", "-f", &root.join("charts/agentguard/crds/crds.yaml").to_string_lossy()],
-        ))?;
-        must(plane.kubectl(
-            &admin,
-            &[
-                "wait",
-                "--for",
-                "condition=established",
-                "--timeout=60s",
-                // Every CRD the chart ships: a list of names would fall behind the generator.
-                "--all",
-                "crd",
-            ],
-        ))?;
         for args in [
             vec!["create", "namespace", "agents"],
-            // agentguard's own: churn counts live there.
-            vec!["create", "namespace", "agentguard-system"],
             vec!["create", "serviceaccount", "coder", "-n", "agents"],
             vec!["label", "serviceaccount", "coder", "-n", "agents", "agentguard.io/agent=true"],
             vec!["create", "serviceaccount", "editor", "-n", "agents"],
