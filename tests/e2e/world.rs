@@ -327,7 +327,8 @@ pub struct Launch {
     /// More `serve` flags.
     pub args: Vec<String>,
     /// Run this agentguard binary instead of the one cargo built with the test (a release build
-    /// under a dev-profile harness: the API-server benchmark).
+    /// under a dev-profile harness: the API-server benchmark). Without it, `AGENTGUARD_BIN`
+    /// (the flood's `--release`), else cargo's.
     pub binary: Option<PathBuf>,
 }
 
@@ -370,7 +371,11 @@ fn try_start_agentguard(plane: &ControlPlane, name: &'static str, launch: &Launc
     let dir = plane.dir.path();
     let (webhook_port, admin_port) = (free_port(), free_port());
     let webhook = format!("https://127.0.0.1:{webhook_port}/validate");
-    let binary = launch.binary.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agentguard")));
+    let binary = launch
+        .binary
+        .clone()
+        .or_else(|| std::env::var_os("AGENTGUARD_BIN").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_agentguard")));
     let mut cmd = Command::new(binary);
     cmd.env("KUBECONFIG", launch.kubeconfig.as_ref().unwrap_or(&plane.admin))
         .arg("serve")

@@ -106,6 +106,23 @@ fn is_json(headers: &HeaderMap) -> bool {
     essence.eq_ignore_ascii_case("application/json")
 }
 
+/// Reads and drops a refused request's body (up to the largest body accepted, for at most a
+/// second) without keeping it, so that the connection it came on stays usable: over HTTP/1.1,
+/// the API server's, a body left unread ends the connection, and each refusal of a flood would
+/// cost the API server a new TLS handshake with the replica that is already too busy.
+async fn discard(mut body: Body) {
+    let mut left = MAX_BODY_BYTES;
+    let read = async {
+        while let Some(Ok(frame)) = body.frame().await {
+            left = left.saturating_sub(frame.data_ref().map_or(0, |d| d.len()));
+            if left == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+}
+
 /// How long the API server waits for this call: the `timeout` it appends to the webhook's URL
 /// (`?timeout=5s`, from the configuration's `timeoutSeconds`), or the chart's 5 s without one.
 fn caller_timeout(query: Option<&str>) -> Duration {
@@ -138,12 +155,14 @@ async fn validate(
     let started = Instant::now();
     let caller_timeout = caller_timeout(query.as_deref());
     // Agents' requests past the bound are refused before anything else is spent on them (an
-    // error status: failurePolicy Fail refuses them). Approvals and label writes are not bounded.
+    // error status: failurePolicy Fail refuses them); their bodies are read only to be dropped.
+    // Approvals and label writes are not bounded.
     let _under_way = match route {
         Route::Agents => match state.api_slots.enter() {
             Some(permit) => Some(permit),
             None => {
                 state.metrics.busy_refusals.inc();
+                discard(body).await;
                 return (
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!(

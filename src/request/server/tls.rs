@@ -1156,12 +1156,18 @@ mod tests {
     /// A server answering the real webhook routes over the demo world, and a TLS client
     /// configuration trusting it.
     async fn webhook_server() -> (Server, Arc<rustls::ClientConfig>) {
+        webhook_server_of(crate::request::server::tests::state(true)).await
+    }
+
+    async fn webhook_server_of(
+        state: Arc<crate::request::actions::AppState>,
+    ) -> (Server, Arc<rustls::ClientConfig>) {
         let dir = tempfile::tempdir().unwrap();
         let files = files_in(dir.path());
         let ca = Ca::new("ca");
         write_leaf(&files, &ca.issue());
         let resolver = CertResolver::load(&files).unwrap();
-        let app = crate::request::server::webhook_router(crate::request::server::tests::state(true));
+        let app = crate::request::server::webhook_router(state);
         let server = start(&resolver, app, Duration::from_secs(1)).await;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap()).unwrap();
@@ -1215,6 +1221,69 @@ mod tests {
         let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
         assert_eq!(answer["response"]["allowed"], false, "{answer}");
+    }
+
+    /// Busy refusals come before the review is read. Over HTTP/2 a stream answered with its
+    /// body unread is reset, and past 1,024 such resets on one connection the server would end
+    /// it (`ENHANCE_YOUR_CALM`), taking every review under way on it along; over HTTP/1.1 the
+    /// connection would be closed after each one. Neither may happen: a flood is refused, not
+    /// turned into reconnections.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn busy_refusals_keep_the_connection() {
+        use axum::body::Bytes;
+        use http_body_util::{BodyExt, StreamBody};
+        use hyper::body::Frame;
+        let state = crate::request::server::tests::state(true);
+        let _all_under_way: Vec<_> = std::iter::from_fn(|| state.api_slots.enter()).collect();
+        let (server, config) = webhook_server_of(state).await;
+        let review = Bytes::from(
+            crate::request::server::tests::fixture("01-agent-deletes-deployment.json").to_string(),
+        );
+        // The head first and the body a little later, as a large review arrives: the refusal is
+        // made while the body is still on its way.
+        let request = |uri: &str| {
+            let review = review.clone();
+            let body = StreamBody::new(futures::stream::once(Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok::<_, std::convert::Infallible>(Frame::data(review))
+            })));
+            axum::http::Request::post(uri)
+                .header("host", "localhost")
+                .header("content-type", "application/json")
+                .body(body)
+                .unwrap()
+        };
+        let tls = connect(server.addr, &config, b"h2").await;
+        let (h2, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(connection);
+        for round in 0..11 {
+            let refusals = (0..100).map(|_| {
+                let mut h2 = h2.clone();
+                let request = request("https://localhost/validate/agents");
+                async move {
+                    let response = h2.send_request(request).await?;
+                    let status = response.status();
+                    response.into_body().collect().await?;
+                    Ok::<_, hyper::Error>(status)
+                }
+            });
+            for (i, refusal) in futures::future::join_all(refusals).await.into_iter().enumerate() {
+                let status = refusal.unwrap_or_else(|e| panic!("HTTP/2 refusal {}: {e}", round * 100 + i));
+                assert_eq!(status, axum::http::StatusCode::SERVICE_UNAVAILABLE);
+            }
+        }
+        let tls = connect(server.addr, &config, b"http/1.1").await;
+        let (mut h1, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        let connection = tokio::spawn(connection);
+        for i in 0..3 {
+            let response = h1.send_request(request("/validate/agents")).await;
+            let response = response.unwrap_or_else(|e| panic!("HTTP/1.1 refusal {i}: {e}"));
+            assert_eq!(response.status(), axum::http::StatusCode::SERVICE_UNAVAILABLE);
+            response.into_body().collect().await.unwrap();
+        }
+        assert!(!connection.is_finished(), "the HTTP/1.1 connection was closed");
+        server.shutdown().await;
     }
 
     #[tokio::test]
