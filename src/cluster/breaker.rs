@@ -119,6 +119,15 @@ pub fn spend(tally: &Tally, budget: &ChurnBudget, n: usize) -> (usize, Tally) {
     (admitted, Tally { count, window_start: tally.window_start })
 }
 
+/// A pause before attempt `attempt + 1` at a Lease another replica wrote first: a random part of
+/// 5 ms per attempt so far (the clock's nanoseconds are random enough to part two replicas).
+fn backoff(attempt: usize) -> std::time::Duration {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let ceiling = 5_000 * (attempt as u64 + 1);
+    std::time::Duration::from_micros(u64::from(nanos) % ceiling)
+}
+
 /// One request's charge of one Lease, waiting for the Lease's writer.
 struct Waiter {
     agent: String,
@@ -299,7 +308,7 @@ impl Shared {
         };
         let budget = &first.budget;
         let agent = batch.last().map_or(first.agent.as_str(), |w| w.agent.as_str());
-        for _ in 0..ATTEMPTS {
+        for attempt in 0..ATTEMPTS {
             let remembered = last.is_some();
             let lease = match last.take() {
                 Some(lease) => Some(lease),
@@ -334,8 +343,13 @@ impl Shared {
             };
             match written {
                 Ok(lease) => return (Ok((admitted, next)), Some(lease)),
-                // Another replica counted first, created it, or a human deleted it: read again.
-                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => continue,
+                // Another replica counted first, created it, or a human deleted it: read again,
+                // after a pause of up to a few milliseconds per attempt so that replicas that
+                // collided do not collide again.
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => {
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
                 Err(e) => return (Err(e).with_context(|| format!("writing lease {name}")), None),
             }
         }

@@ -351,6 +351,8 @@ pub async fn keep_checked(client: kube::Client, settings: Settings, every: Durat
 
 /// Records listed per page by the retention pass.
 const RETENTION_PAGE: u32 = 100;
+/// Expired records the retention pass deletes at once.
+const RETENTION_DELETES: usize = 8;
 
 /// A page of records as retention reads it: names and ages, nothing else. The metadata list
 /// the API server sends also carries each record's managedFields (about 1.5 KB a record);
@@ -393,12 +395,22 @@ async fn retain(client: &kube::Client, api: &Api<AgentChange>, settings: &Settin
             None => break,
         }
     }
-    for name in expired(&metas, Timestamp::now(), settings.retention, settings.max_records) {
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => tracing::info!(record = %name, "audit record expired"),
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e).context("deleting an expired record"),
-        }
+    // A few deletes at once: after a flood, one at a time trimmed about 60 records a second.
+    use futures::StreamExt;
+    let deletes =
+        futures::stream::iter(expired(&metas, Timestamp::now(), settings.retention, settings.max_records))
+            .map(|name| async move {
+                match api.delete(&name, &DeleteParams::default()).await {
+                    Ok(_) => tracing::info!(record = %name, "audit record expired"),
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e).context("deleting an expired record"),
+                }
+                Ok(())
+            })
+            .buffer_unordered(RETENTION_DELETES);
+    futures::pin_mut!(deletes);
+    while let Some(deleted) = deletes.next().await {
+        deleted?;
     }
     Ok(())
 }
