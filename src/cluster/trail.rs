@@ -327,26 +327,35 @@ const RETENTION_EVERY: Duration = Duration::from_secs(300);
 
 /// Checks new records every `every` and applies retention every few minutes, on every replica
 /// (the writes are idempotent, so replicas need no coordination). A record is checked once it
-/// is `settle` old, so the change it describes has had time to land.
+/// is `settle` old, so the change it describes has had time to land. Checking and retention run
+/// side by side: after a flood, a replica's first check of thousands of records took minutes,
+/// and retention must not wait for it.
 pub async fn keep_checked(client: kube::Client, settings: Settings, every: Duration, settle: Duration) {
     let api: Api<AgentChange> = Api::namespaced(client.clone(), &settings.namespace);
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut retained_at: Option<tokio::time::Instant> = None;
-    loop {
-        tick.tick().await;
-        if let Err(e) = check_pass(&client, &api, settle).await {
-            tracing::warn!(error = format!("{e:#}"), "cannot check the audit trail");
-        }
-        if retained_at.is_none_or(|at| at.elapsed() >= RETENTION_EVERY) {
-            match retain(&client, &api, &settings).await {
-                Ok(()) => retained_at = Some(tokio::time::Instant::now()),
-                Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "cannot apply the audit trail's retention")
-                }
+    let checking = async {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = check_pass(&client, &api, settle).await {
+                tracing::warn!(error = format!("{e:#}"), "cannot check the audit trail");
             }
         }
-    }
+    };
+    let retaining = async {
+        loop {
+            // A pass that failed is tried again at the next check's pace, not in five minutes.
+            let wait = match retain(&client, &api, &settings).await {
+                Ok(()) => RETENTION_EVERY,
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "cannot apply the audit trail's retention");
+                    every
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    };
+    tokio::join!(checking, retaining);
 }
 
 /// Records listed per page by the retention pass.
@@ -418,8 +427,30 @@ async fn retain(client: &kube::Client, api: &Api<AgentChange>, settings: &Settin
 async fn check_pass(client: &kube::Client, api: &Api<AgentChange>, settle: Duration) -> Result<()> {
     let now = Timestamp::now();
     let settle = jiff::SignedDuration::try_from(settle).unwrap_or_default();
-    let pending = api.list(&ListParams::default().labels(&format!("{OUTCOME_LABEL}=pending"))).await?;
-    for record in pending.items {
+    // A page at a time: after a flood thousands of records are pending, each with its objects.
+    let mut params = ListParams::default().labels(&format!("{OUTCOME_LABEL}=pending")).limit(CHECK_PAGE);
+    loop {
+        let page = api.list(&params).await?;
+        let next = page.metadata.continue_.clone().filter(|c| !c.is_empty());
+        check_page(client, api, page.items, now, settle).await?;
+        match next {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Pending records listed per page by a check pass.
+const CHECK_PAGE: u32 = 100;
+
+async fn check_page(
+    client: &kube::Client,
+    api: &Api<AgentChange>,
+    records: Vec<AgentChange>,
+    now: Timestamp,
+    settle: jiff::SignedDuration,
+) -> Result<()> {
+    for record in records {
         let Some(name) = record.metadata.name.clone() else { continue };
         let created = record.metadata.creation_timestamp.as_ref().map(|t| t.0).unwrap_or(now);
         if now - settle < created {
