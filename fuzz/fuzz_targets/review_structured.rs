@@ -258,16 +258,11 @@ struct Review {
     dry_run: Option<bool>,
     options: Option<Word>,
     drop: Option<u8>,
-    /// 255 gives the values ten times the room (up to about a megabyte of JSON): one input in
-    /// 256 is that large, so the rest keep the executions per second up.
-    size: u8,
 }
 
 impl Review {
-    fn build(&self) -> Value {
-        // Up to about 32 KB of JSON (a large Deployment), or about a MB (as large as the largest
-        // objects the API server stores), yet many reviews a second.
-        let mut budget = if self.size == u8::MAX { 20_000 } else { 2_000 };
+    /// The review, its objects' values within `budget` (about 16 bytes a unit).
+    fn build(&self, mut budget: usize) -> Value {
         let operation = match &self.operation {
             Operation::Create => "CREATE",
             Operation::Update => "UPDATE",
@@ -322,7 +317,20 @@ impl Review {
     }
 }
 
-libfuzzer_sys::fuzz_target!(|review: Review| {
-    let body = serde_json::to_vec(&review.build()).expect("serialises");
+/// Room for the objects' values: about 8 KB of JSON (a large Deployment), or, for one input in
+/// 64, about a megabyte (as large as the largest objects the API server stores). Which one is
+/// drawn from the whole input, not from a field the fuzzer could keep while it mutates, so the
+/// megabyte reviews stay one in 64 however the corpus grows, and the rest keep the executions
+/// per second up.
+fn budget(input: &[u8]) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    input.hash(&mut hasher);
+    if hasher.finish() % 64 == 0 { 20_000 } else { 500 }
+}
+
+libfuzzer_sys::fuzz_target!(|input: &[u8]| {
+    let Ok(review) = Review::arbitrary_take_rest(Unstructured::new(input)) else { return };
+    let body = serde_json::to_vec(&review.build(budget(input))).expect("serialises");
     agentguard_fuzz::request_path(&body);
 });
