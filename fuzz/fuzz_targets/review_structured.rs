@@ -188,6 +188,12 @@ impl Json {
 
 impl Object {
     fn build(&self, budget: &mut usize) -> Value {
+        // Its metadata costs its size too: unbudgeted, an object copied by `Wide` inside `Wide`
+        // grew reviews to tens of megabytes from a kilobyte of input.
+        let words = self.labels.iter().chain(&self.annotations).flat_map(|(k, v)| [k, v]);
+        let words = words.chain(&self.finalizers).chain(&self.owners).chain([&self.name, &self.kind]);
+        let cost: usize = words.map(|w| 1 + w.0.len() / 16).sum();
+        *budget = budget.saturating_sub(cost);
         let pairs = |kv: &[(Word, Word)]| -> Map<String, Value> {
             kv.iter().map(|(k, v)| (k.0.clone(), json!(v.0))).collect()
         };
