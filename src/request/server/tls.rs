@@ -1223,11 +1223,10 @@ mod tests {
         assert_eq!(answer["response"]["allowed"], false, "{answer}");
     }
 
-    /// Busy refusals come before the review is read. Over HTTP/2 a stream answered with its
-    /// body unread is reset, and past 1,024 such resets on one connection the server would end
-    /// it (`ENHANCE_YOUR_CALM`), taking every review under way on it along; over HTTP/1.1 the
-    /// connection would be closed after each one. Neither may happen: a flood is refused, not
-    /// turned into reconnections.
+    /// Busy refusals come before the review is decoded. Over HTTP/1.1 (the API server's), a
+    /// refusal answered with its body unread closed the connection (this test's third request
+    /// failed); over HTTP/2 many refusals must not end the connection either. A flood is
+    /// refused, not turned into reconnections.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn busy_refusals_keep_the_connection() {
         use axum::body::Bytes;
